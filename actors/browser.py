@@ -1,0 +1,362 @@
+"""BrowserActor: one self-launched Chromium, one page running onnxruntime-web, behind a Ray actor.
+
+Guarantees:
+- The browser dies with the actor's process (PR_SET_PDEATHSIG), and everything it writes lives in
+  one temp folder owned by the actor and removed by ``close`` (or, after a hard kill, by the next
+  actor's start-up sweep, which checks that the owning PID is gone).
+- Inputs reach the page only as ``evaluate`` arguments; tensors cross as base64; model bytes are
+  fetched by the page from the actor's loopback server, never sent through Playwright messages.
+- A browser that crashes, disconnects or hangs is detected from real signals (page ``crash``,
+  browser ``disconnected``, process exit, time budgets) and every later call raises
+  ``BrowserFailure`` with that category, so the actor is never a silent zombie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from playwright.async_api import Browser, CDPSession, Page, Playwright, async_playwright
+from playwright.async_api import Error as PlaywrightError
+
+from actors import chromium
+from actors.constants import (
+    DEFAULT_NUM_THREADS,
+    HEALTH_TIMEOUT,
+    LOAD_MODEL_TIMEOUT,
+    PAGE_READY_WAIT,
+    RUN_TIMEOUT,
+)
+from actors.errors import BrowserFailure, FailureCategory, InputError
+from actors.page_server import PageServer
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = "webpool-browser-"
+_TEMP_RE = re.compile(rf"^{TEMP_PREFIX}(\d+)-")
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """A numpy array as the page's tensor spec: dtype, dims and base64 of the raw bytes."""
+    array = np.ascontiguousarray(array)
+    dtype = "bool" if array.dtype == np.bool_ else str(array.dtype)
+    return {"dtype": dtype, "dims": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decode_tensor(spec: dict[str, Any]) -> np.ndarray:
+    dtype = np.bool_ if spec["dtype"] == "bool" else np.dtype(spec["dtype"])
+    return np.frombuffer(base64.b64decode(spec["b64"]), dtype=dtype).reshape(spec["dims"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temp_dirs(root: Path | None = None) -> list[Path]:
+    """Remove temp folders of browser actors whose process is gone (e.g. after SIGKILL)."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for path in root.glob(f"{TEMP_PREFIX}*"):
+        match = _TEMP_RE.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class BrowserCore:
+    """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor."""
+
+    def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS):
+        self.browser_id = browser_id
+        self.requested_type = browser_type
+        self.num_threads = num_threads
+        self.exe: chromium.BrowserExecutable | None = None
+        self.temp_dir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.server: PageServer | None = None
+        self.pw: Playwright | None = None
+        self.browser: Browser | None = None
+        self.page: Page | None = None
+        self.page_cdp: CDPSession | None = None     # opened before any hang: terminateExecution works
+        self.capabilities: dict[str, Any] = {}
+        self.failure: tuple[FailureCategory, str] | None = None
+        self.blocked_requests: list[str] = []
+        self._closing = False
+
+    # ----- life cycle -------------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        sweep_stale_temp_dirs()
+        self.exe = chromium.resolve_browser(self.requested_type)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+        os.chmod(self.temp_dir, 0o700)
+        # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
+        os.environ["TMPDIR"] = str(self.temp_dir)
+        t0 = time.perf_counter()
+        self.server = PageServer()
+        await self.server.start()
+        self.proc, port = await chromium.launch(self.exe, self.temp_dir / "profile")
+        self.pw = await async_playwright().start()
+        self.browser = await self.pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
+        self.browser.on("disconnected", self._on_disconnected)
+        await self._open_page()
+        ms = (time.perf_counter() - t0) * 1000
+        log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
+        return self.info() | {"start_ms": ms}
+
+    async def _open_page(self) -> None:
+        assert self.browser is not None and self.server is not None
+        context = self.browser.contexts[0]
+        self.page = context.pages[0] if context.pages else await context.new_page()
+        self.page.on("crash", self._on_crash)
+        await self.page.route("**/*", self._route)
+        self.page_cdp = await context.new_cdp_session(self.page)
+        await self.page.goto(self.server.base_url + "index.html", timeout=PAGE_READY_WAIT * 1000)
+        await self.page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
+        self.capabilities = await self.page.evaluate(
+            "(opts) => window.webpool.init(opts)", {"numThreads": self.num_threads}
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "browser_id": self.browser_id,
+            "browser_type": self.exe.browser_type if self.exe else self.requested_type,
+            "executable": self.exe.path if self.exe else None,
+            "pid": self.proc.pid if self.proc else None,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "backends": list(self.capabilities.get("backends", [])),
+            "detail": self.capabilities.get("detail", {}),
+        }
+
+    async def close(self) -> None:
+        """Stop the browser and remove every file it wrote. Safe to call twice."""
+        self._closing = True
+        if self.pw is not None:
+            try:
+                if self.browser is not None:
+                    await self.browser.close()     # CDP-connected: only disconnects
+            except PlaywrightError:
+                pass
+            await self.pw.stop()
+            self.pw = None
+        if self.proc is not None:
+            chromium.terminate(self.proc)
+        if self.server is not None:
+            await self.server.stop()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+    # ----- failure signals ----------------------------------------------------------------------
+    def _on_crash(self, _page: Page) -> None:
+        self._fail(FailureCategory.CRASH, "page crashed")
+
+    def _on_disconnected(self, _browser: Browser) -> None:
+        if self._closing:
+            return
+        if self.proc is not None and self.proc.poll() is not None:
+            self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
+        else:
+            self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost")
+
+    def _fail(self, category: FailureCategory, detail: str) -> None:
+        if self.failure is None:
+            self.failure = (category, detail)
+            log.warning("browser failed", extra={"browser_id": self.browser_id, "category": category.value,
+                                                 "detail": detail})
+
+    async def _route(self, route) -> None:
+        url = route.request.url
+        if self.server is not None and url.startswith(self.server.base_url):
+            await route.continue_()
+        else:
+            # Isolation: the page may reach only its own served origin.
+            self.blocked_requests.append(url[:200])
+            await route.abort("blockedbyclient")
+
+    def _check(self) -> None:
+        if self.failure is None and self.proc is not None and self.proc.poll() is not None:
+            self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
+        if self.failure is not None:
+            raise BrowserFailure(self.browser_id, *self.failure)
+
+    async def _evaluate(self, expression: str, arg: Any, timeout: float) -> Any:
+        """Evaluate with a time budget, turning real failure signals into BrowserFailure."""
+        self._check()
+        assert self.page is not None
+        try:
+            return await asyncio.wait_for(self.page.evaluate(expression, arg), timeout)
+        except asyncio.TimeoutError:
+            await self._terminate_script()
+            raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
+                                 f"no answer within {timeout:.1f} s") from None
+        except PlaywrightError as exc:
+            # A crash/disconnect event may trail the failed call by a few ms; give it the chance to land.
+            for _ in range(20):
+                if self.failure is not None or (self.proc is not None and self.proc.poll() is not None):
+                    break
+                await asyncio.sleep(0.01)
+            self._check()
+            raise _page_error(exc) from None
+
+    async def _terminate_script(self) -> None:
+        if self.page_cdp is not None:
+            try:
+                await asyncio.wait_for(self.page_cdp.send("Runtime.terminateExecution"), 2.0)
+            except (PlaywrightError, asyncio.TimeoutError):
+                pass
+
+    # ----- models -------------------------------------------------------------------------------
+    async def load_model(self, key: str, model_bytes: np.ndarray, sha256: str, backend: str = "wasm") -> dict:
+        """Create a session for ``model_bytes`` (verified against ``sha256``) on ``backend``."""
+        view = memoryview(model_bytes).cast("B")
+        digest = hashlib.sha256(view).hexdigest()
+        if digest != sha256:
+            raise InputError("model_bytes", f"model {key}: sha256 {digest[:16]}… does not match expected "
+                             f"{sha256[:16]}…")
+        backends = self.capabilities.get("backends", [])
+        if backend not in backends:
+            raise InputError("backend", f"{backend!r} is not available in browser {self.browser_id} "
+                             f"(has {', '.join(backends)})")
+        assert self.server is not None
+        url = self.server.put_blob(key, view)
+        try:
+            result = await self._evaluate("([k, u, b]) => window.webpool.load(k, u, b)", [key, url, backend],
+                                          LOAD_MODEL_TIMEOUT)
+        finally:
+            self.server.drop_blob(url)
+        return result | {"backend": backend, "sha256": sha256}
+
+    async def run(self, key: str, feeds: dict[str, np.ndarray], fetch: list[str] | None = None,
+                  state: str | None = None, state_pairs: list[tuple[str, str]] | None = None,
+                  initial_state: dict[str, np.ndarray] | None = None,
+                  timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+        """Run one step of model ``key``; returns {"outputs": {name: array}, "ms": in-page time}."""
+        opts = {
+            "fetch": fetch,
+            "state": state,
+            "statePairs": [list(p) for p in state_pairs or []],
+            "initialState": {k: encode_tensor(v) for k, v in (initial_state or {}).items()},
+        }
+        encoded = {name: encode_tensor(v) for name, v in feeds.items()}
+        result = await self._evaluate("([k, f, o]) => window.webpool.run(k, f, o)", [key, encoded, opts], timeout)
+        return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
+
+    async def drop_state(self, state: str) -> bool:
+        return await self._evaluate("(s) => window.webpool.dropState(s)", state, HEALTH_TIMEOUT)
+
+    async def unload_model(self, key: str) -> bool:
+        return await self._evaluate("(k) => window.webpool.unload(k)", key, LOAD_MODEL_TIMEOUT)
+
+    # ----- health -------------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        """Loaded models, states, PIDs and memory of this browser; raises BrowserFailure if it is gone."""
+        page = await self._evaluate("() => window.webpool.health()", None, HEALTH_TIMEOUT)
+        pids = await self.process_ids()
+        return {
+            **self.info(),
+            "models": page["models"],
+            "model_backends": page["backends"],
+            "states": page["states"],
+            "js_heap_bytes": page["jsHeapBytes"],
+            "gpu_device_lost": page["gpuDeviceLost"],
+            "pids": pids,
+            "memory_bytes": sum(_rss_bytes(pid) for pid in pids.values()),
+            "blocked_requests": len(self.blocked_requests),
+            "temp_dir": str(self.temp_dir),
+        }
+
+    async def process_ids(self) -> dict[str, int]:
+        """PIDs of the browser, renderer(s) and GPU process, from CDP SystemInfo.getProcessInfo."""
+        assert self.browser is not None and self.proc is not None
+        session = await self.browser.new_browser_cdp_session()
+        try:
+            info = await session.send("SystemInfo.getProcessInfo")
+        finally:
+            await session.detach()
+        pids: dict[str, int] = {"browser": self.proc.pid}
+        for i, proc in enumerate(info["processInfo"]):
+            if proc["type"] != "browser":
+                pids[f"{proc['type']}:{i}"] = int(proc["id"])
+        return pids
+
+
+FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect")
+
+
+async def inject_fault(core: BrowserCore, kind: str) -> dict[str, Any]:
+    """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
+
+    crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
+    hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on).
+    """
+    if kind not in FAULTS:
+        raise InputError("kind", f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
+    assert core.page is not None and core.browser is not None and core.proc is not None
+    pids = await core.process_ids() if kind.startswith("kill_") else {}
+    if kind == "crash_page":
+        session = await core.page.context.new_cdp_session(core.page)
+        # The send never resolves once the page is gone: fire and forget.
+        asyncio.ensure_future(session.send("Page.crash")).add_done_callback(lambda f: f.exception())
+    elif kind == "kill_browser":
+        os.kill(core.proc.pid, signal.SIGKILL)
+    elif kind in ("kill_renderer", "kill_gpu"):
+        wanted = "renderer" if kind == "kill_renderer" else "GPU"
+        victims = [pid for name, pid in pids.items() if name.split(":")[0] == wanted]
+        if not victims:
+            raise InputError("kind", f"browser {core.browser_id} has no {wanted} process to kill")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    elif kind == "hang":
+        asyncio.ensure_future(core.page.evaluate("() => { while (true) {} }")).add_done_callback(
+            lambda f: f.exception())
+    elif kind == "disconnect":
+        core._closing = True      # our own disconnect is not a failure signal...
+        await core.browser.close()
+        core._closing = False
+        core._fail(FailureCategory.CONNECTION, "CDP connection dropped (injected)")
+    return {"fault": kind, "browser_id": core.browser_id, "pids": pids}
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _page_error(exc: PlaywrightError) -> Exception:
+    """An error thrown by the runtime in a live page: the request was bad, not the browser."""
+    message = str(exc).split("\n")[0].removeprefix("Error: ").removeprefix("Page.evaluate: ")
+    return InputError("inputs", message)
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class BrowserActor(BrowserCore):
+    """Ray actor around BrowserCore. Methods are async; Ray runs them on the actor's event loop."""
+
+    async def ping(self) -> str:
+        return self.browser_id
+
+    async def inject_fault(self, kind: str) -> dict[str, Any]:
+        return await inject_fault(self, kind)

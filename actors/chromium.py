@@ -1,0 +1,155 @@
+"""Finding and launching a Chromium-family browser that webpool drives over CDP.
+
+We launch the browser ourselves (not ``playwright.launch``) so that it outlives a dropped CDP
+connection: that is what makes *reconnect* a real recovery. Its life is still tied to the actor's
+process: Linux sends it SIGKILL when the launching process dies (``PR_SET_PDEATHSIG``), so a killed
+actor never leaves an orphan browser behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import glob
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.constants import BROWSER_TYPE_FALLBACK, DEVTOOLS_PORT_WAIT
+
+log = logging.getLogger(__name__)
+
+# Candidate executables per browser type, in order of preference. Firefox is detected but cannot be
+# driven: webpool needs CDP (connect_over_cdp, Runtime.terminateExecution), which Firefox lacks.
+_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "chromium": ("chromium", "chromium-browser"),
+    "chrome": ("google-chrome", "google-chrome-stable", "chrome"),
+    "edge": ("microsoft-edge", "microsoft-edge-stable"),
+}
+SUPPORTED_TYPES = tuple(_CANDIDATES)
+
+
+class BrowserNotFoundError(RuntimeError):
+    """No usable browser executable of the requested type (or its fallbacks) is installed."""
+
+
+@dataclass(frozen=True)
+class BrowserExecutable:
+    browser_type: str
+    path: str
+
+
+def _playwright_chromium() -> str | None:
+    root = os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or str(Path.home() / ".cache" / "ms-playwright")
+    found = sorted(glob.glob(f"{root}/chromium-*/chrome-linux*/chrome"))
+    return found[-1] if found else None
+
+
+def find_executable(browser_type: str) -> BrowserExecutable | None:
+    """The installed executable of ``browser_type``, or None. ``WEBPOOL_CHROMIUM`` overrides chromium."""
+    if browser_type not in _CANDIDATES:
+        return None
+    if browser_type == "chromium":
+        override = os.environ.get("WEBPOOL_CHROMIUM")
+        if override:
+            return BrowserExecutable("chromium", override) if os.access(override, os.X_OK) else None
+    for name in _CANDIDATES[browser_type]:
+        path = shutil.which(name)
+        if path:
+            return BrowserExecutable(browser_type, path)
+    if browser_type == "chromium":
+        path = _playwright_chromium()
+        if path:
+            return BrowserExecutable("chromium", path)
+    return None
+
+
+def resolve_browser(preferred: str) -> BrowserExecutable:
+    """The preferred browser type if installed, else the first installed one along the fallback order."""
+    order = [preferred, *[t for t in BROWSER_TYPE_FALLBACK if t != preferred]]
+    for browser_type in order:
+        exe = find_executable(browser_type)
+        if exe is not None:
+            if browser_type != preferred:
+                log.warning("browser type %s is not available; using %s (%s)", preferred, browser_type, exe.path)
+            return exe
+    raise BrowserNotFoundError(
+        f"no browser found for {preferred!r} (tried {', '.join(order)}); install one with "
+        "`apt-get install chromium` (as root) or `playwright install chromium`, or set WEBPOOL_CHROMIUM"
+    )
+
+
+def chromium_flags(user_data_dir: Path) -> list[str]:
+    flags = [
+        "--headless",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={user_data_dir}",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--disable-extensions",
+        "--disable-dev-shm-usage",
+        "--mute-audio",
+        "--enable-unsafe-webgpu",
+        "--enable-features=WebMachineLearningNeuralNetwork",
+    ]
+    if os.geteuid() == 0:
+        # Chromium refuses to start its sandbox as root; as a normal user the sandbox stays on.
+        flags.append("--no-sandbox")
+    return flags
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subprocess.Popen, int]:
+    """Start the browser; returns the process and its DevTools port (read from DevToolsActivePort).
+
+    Must be called from a thread that lives as long as the browser should (the actor's event loop
+    thread): PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
+    """
+    port_file = user_data_dir / "DevToolsActivePort"
+    proc = subprocess.Popen(
+        [exe.path, *chromium_flags(user_data_dir), "about:blank"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+    deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{exe.path} exited with code {proc.returncode} during start-up")
+        try:
+            first_line = port_file.read_text().splitlines()[0]
+            return proc, int(first_line)
+        except (FileNotFoundError, IndexError, ValueError):
+            await asyncio.sleep(0.01)
+    terminate(proc)
+    raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
+
+
+def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """Stop the browser process: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)

@@ -1,0 +1,191 @@
+// webpool in-page runtime: creates onnxruntime-web sessions from model bytes served by the
+// browser actor's loopback server, and runs them on tensors that cross as base64.
+//
+// Everything the actor sends arrives as evaluate() *arguments* (data), never as JavaScript source.
+// Tensors cross as {dtype, dims, b64}; large bodies (model bytes) are fetched over same-origin HTTP,
+// never through the Playwright protocol (it is quadratic in message size).
+import * as ort from "./ort/ort.min.mjs";
+
+const BASE = new URL(".", import.meta.url).href;
+const DTYPES = {
+  float32: Float32Array,
+  int64: BigInt64Array,
+  int32: Int32Array,
+  uint8: Uint8Array,
+  bool: Uint8Array,
+};
+
+const sessions = new Map();   // model key -> {session, backend, inputNames, outputNames, queue}
+const states = new Map();     // state id -> {model key, tensors: Map(inputName -> ort.Tensor)}
+let capabilities = null;
+let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the device lost
+
+function b64ToBytes(b64) {
+  if (Uint8Array.fromBase64) return Uint8Array.fromBase64(b64);
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function bytesToB64(bytes) {
+  if (bytes.toBase64) return bytes.toBase64();
+  let bin = "";
+  const step = 0x8000;
+  for (let i = 0; i < bytes.length; i += step) {
+    bin += String.fromCharCode.apply(null, bytes.subarray(i, i + step));
+  }
+  return btoa(bin);
+}
+
+function toTensor(name, spec) {
+  const Ctor = DTYPES[spec.dtype];
+  if (!Ctor) throw new TypeError(`input ${name}: unsupported dtype ${spec.dtype}`);
+  const bytes = b64ToBytes(spec.b64);
+  const count = spec.dims.reduce((a, b) => a * b, 1);
+  if (bytes.byteLength !== count * Ctor.BYTES_PER_ELEMENT) {
+    throw new RangeError(`input ${name}: ${bytes.byteLength} bytes do not fit dims ${spec.dims} of ${spec.dtype}`);
+  }
+  // Copy into an aligned buffer: base64 output is not guaranteed to be aligned for 8-byte types.
+  const data = new Ctor(count);
+  new Uint8Array(data.buffer).set(bytes);
+  return new ort.Tensor(spec.dtype, data, spec.dims);
+}
+
+function fromTensor(tensor) {
+  const data = tensor.data;
+  const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  return { dtype: tensor.type, dims: Array.from(tensor.dims), b64: bytesToB64(bytes) };
+}
+
+async function probeCapabilities() {
+  const caps = ["wasm"];
+  const detail = { crossOriginIsolated: self.crossOriginIsolated, userAgent: navigator.userAgent };
+  if (navigator.gpu) {
+    try {
+      const adapter = await navigator.gpu.requestAdapter();
+      if (adapter) {
+        caps.push("webgpu");
+        const info = adapter.info || {};
+        detail.webgpu = { vendor: info.vendor || "", architecture: info.architecture || "", description: info.description || "" };
+      }
+    } catch (e) {
+      detail.webgpuError = String(e);
+    }
+  }
+  if (navigator.ml && navigator.ml.createContext) {
+    try {
+      await navigator.ml.createContext();
+      caps.push("webnn");
+    } catch (e) {
+      detail.webnnError = String(e);
+    }
+  }
+  return { backends: caps, detail };
+}
+
+export async function init(options) {
+  ort.env.wasm.wasmPaths = BASE + "ort/";
+  ort.env.wasm.numThreads = options.numThreads;
+  ort.env.logLevel = "error";
+  capabilities = await probeCapabilities();
+  return capabilities;
+}
+
+export async function load(key, url, backend) {
+  if (sessions.has(key)) throw new Error(`model ${key} is already loaded`);
+  if (!capabilities.backends.includes(backend)) {
+    throw new Error(`backend ${backend} is not available in this browser (has ${capabilities.backends})`);
+  }
+  const t0 = performance.now();
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`fetching model ${key}: HTTP ${response.status}`);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  const t1 = performance.now();
+  const session = await ort.InferenceSession.create(bytes, {
+    executionProviders: [backend],
+    graphOptimizationLevel: "all",
+  });
+  if (backend === "webgpu" && ort.env.webgpu.device && !gpuDeviceLost) {
+    ort.env.webgpu.device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
+  }
+  sessions.set(key, {
+    session, backend,
+    inputNames: session.inputNames, outputNames: session.outputNames,
+    queue: Promise.resolve(),
+  });
+  return { fetchMs: t1 - t0, createMs: performance.now() - t1, bytes: bytes.byteLength,
+           inputNames: session.inputNames, outputNames: session.outputNames };
+}
+
+// Run one step of a model. `feeds` maps input names to tensors; `opts.state` names a per-request state
+// (e.g. a generation's KV cache) kept in the page: inputs listed in `opts.statePairs` ([output, input])
+// are taken from the state (or from `opts.initialState` on the first step) and refreshed from the
+// outputs after the run, so the cache never crosses the page boundary.
+export function run(key, feeds, opts) {
+  const entry = sessions.get(key);
+  if (!entry) return Promise.reject(new Error(`model ${key} is not loaded`));
+  // One run at a time per session: onnxruntime-web sessions are not reentrant.
+  const result = entry.queue.then(() => runNow(entry, key, feeds, opts));
+  entry.queue = result.catch(() => undefined);
+  return result;
+}
+
+async function runNow(entry, key, feeds, opts) {
+  const t0 = performance.now();
+  const inputs = {};
+  for (const [name, spec] of Object.entries(feeds)) inputs[name] = toTensor(name, spec);
+  let state = null;
+  if (opts.state) {
+    state = states.get(opts.state);
+    if (!state) {
+      state = { key, tensors: new Map() };
+      for (const [name, spec] of Object.entries(opts.initialState || {})) state.tensors.set(name, toTensor(name, spec));
+      states.set(opts.state, state);
+    } else if (state.key !== key) {
+      throw new Error(`state ${opts.state} belongs to model ${state.key}, not ${key}`);
+    }
+    for (const [name, tensor] of state.tensors) inputs[name] = tensor;
+  }
+  const outputs = await entry.session.run(inputs);
+  if (state) {
+    for (const [outName, inName] of opts.statePairs) {
+      const old = state.tensors.get(inName);
+      state.tensors.set(inName, outputs[outName]);
+      if (old && old.dispose) old.dispose();
+    }
+  }
+  const fetched = {};
+  for (const name of opts.fetch || entry.outputNames) fetched[name] = fromTensor(outputs[name]);
+  return { outputs: fetched, ms: performance.now() - t0 };
+}
+
+export function dropState(id) {
+  const state = states.get(id);
+  if (!state) return false;
+  for (const tensor of state.tensors.values()) if (tensor.dispose) tensor.dispose();
+  states.delete(id);
+  return true;
+}
+
+export async function unload(key) {
+  const entry = sessions.get(key);
+  if (!entry) return false;
+  for (const [id, state] of states) if (state.key === key) dropState(id);
+  await entry.queue;
+  await entry.session.release();
+  sessions.delete(key);
+  return true;
+}
+
+export function health() {
+  const mem = performance.memory || {};
+  return {
+    models: Array.from(sessions.keys()),
+    backends: Object.fromEntries(Array.from(sessions, ([k, v]) => [k, v.backend])),
+    states: Array.from(states.keys()),
+    jsHeapBytes: mem.usedJSHeapSize || 0,
+    gpuDeviceLost,
+    capabilities,
+  };
+}

@@ -1,0 +1,93 @@
+"""The loopback HTTP server that each browser actor owns.
+
+It serves, under an unguessable path prefix on 127.0.0.1, the worker page, the in-page runtime, the
+onnxruntime-web files and model bytes held in memory. Everything is same-origin with the page, and
+every response carries COOP/COEP/CORP so the page is cross-origin isolated (threaded wasm works).
+Model bytes come from the Ray object store as a read-only buffer and are served without copying.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+from aiohttp import web
+
+from actors.constants import ORT_WEB_DIST, ORT_WEB_FILES, PAGE_DIR
+
+log = logging.getLogger(__name__)
+
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+
+
+class PageServer:
+    """Serves one browser's page and its models; bound to 127.0.0.1 on an ephemeral port."""
+
+    def __init__(self) -> None:
+        self.prefix = "/" + secrets.token_urlsafe(18)
+        self._blobs: dict[str, memoryview] = {}
+        self._static: dict[str, Path] = {
+            "index.html": PAGE_DIR / "index.html",
+            "runtime.js": PAGE_DIR / "runtime.js",
+            **{f"ort/{name}": ORT_WEB_DIST / name for name in ORT_WEB_FILES},
+        }
+        missing = [str(p) for p in self._static.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"webpool runtime files missing: {', '.join(missing)} (run `npm ci` in the repository root)"
+            )
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}{self.prefix}/"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(self.prefix + "/{path:.+}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self._blobs.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def put_blob(self, name: str, data: memoryview) -> str:
+        """Make ``data`` fetchable by the page; returns its URL. The view is kept until ``drop_blob``."""
+        key = secrets.token_urlsafe(12)
+        self._blobs[f"blobs/{key}"] = data
+        return f"{self.base_url}blobs/{key}"
+
+    def drop_blob(self, url: str) -> None:
+        self._blobs.pop(url.removeprefix(self.base_url), None)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        if path in self._static:
+            file = self._static[path]
+            return web.FileResponse(
+                file, headers={**ISOLATION_HEADERS, "Content-Type": CONTENT_TYPES[file.suffix]}
+            )
+        blob = self._blobs.get(path)
+        if blob is not None:
+            return web.Response(body=blob, headers={**ISOLATION_HEADERS, "Content-Type": "application/octet-stream"})
+        log.warning("page server: refused unknown path", extra={"path": path})
+        return web.Response(status=404, headers=ISOLATION_HEADERS)
