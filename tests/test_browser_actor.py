@@ -1,0 +1,140 @@
+"""BrowserActor on real Ray and real Chromium: models run in the page and match numpy references."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from actors.browser import BrowserActor, BrowserFailure
+from sharding.coordinator import ShardStage, generate_tokens
+from sharding.models import llama, minilm
+from sharding.models.errors import InputError
+from sharding.models.registry import artifacts
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+
+
+def _pids_alive(pids) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] != "Z":   # zombies are dead, just not reaped yet
+                    alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return alive
+
+
+@pytest.fixture(scope="module")
+def browser(ray_local):
+    handle = BrowserActor.remote("test-browser", "chromium", 1)
+    info = ray.get(handle.start.remote())
+    yield handle, info
+    health = ray.get(handle.health.remote())
+    temp = health["temp_dir"]
+    ray.get(handle.close.remote())
+    ray.kill(handle)
+    # Nothing left behind: no browser process, no temp folder.
+    assert _pids_alive(health["pids"].values()) == []
+    assert not os.path.exists(temp)
+
+
+def _load(handle, art, backend="wasm"):
+    data = np.fromfile(art.path, np.uint8)
+    return ray.get(handle.load_model.remote(art.key, ray.put(data), art.sha256, backend))
+
+
+def test_capabilities_reported(browser):
+    _, info = browser
+    assert "wasm" in info["backends"]
+    assert info["detail"]["crossOriginIsolated"] is True
+    assert info["pid"] > 0
+
+
+def test_minilm_matches_numpy_reference(browser):
+    handle, _ = browser
+    [art] = artifacts("all-minilm-l6-v2")
+    _load(handle, art)
+    feeds = minilm.tokenize(SENTENCES)
+    out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
+    ref = minilm.reference_embed(SENTENCES)
+    assert out.shape == (3, minilm.EMBED_DIM)
+    assert np.abs(out - ref).max() <= 1e-4
+    cosine = float(out[0] @ out[1])
+    assert cosine == pytest.approx(0.7553, abs=0.002)
+
+
+def test_bad_input_is_a_typed_error_and_the_browser_keeps_serving(browser):
+    handle, _ = browser
+    [art] = artifacts("all-minilm-l6-v2")
+    feeds = minilm.tokenize(SENTENCES[:1])
+    with pytest.raises(InputError, match="not loaded"):
+        ray.get(handle.run.remote("no-such-model", feeds))
+    bad = dict(feeds, input_ids=feeds["input_ids"].astype(np.float32))     # wrong dtype
+    with pytest.raises(InputError):
+        ray.get(handle.run.remote(art.key, bad, fetch=["embedding"]))
+    # JavaScript-looking input is data, not code.
+    with pytest.raises(InputError, match="not loaded"):
+        ray.get(handle.run.remote('"); window.close(); //', feeds))
+    with pytest.raises(InputError, match="sha256"):
+        ray.get(handle.load_model.remote("tampered", ray.put(np.zeros(10, np.uint8)), art.sha256))
+    out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
+    assert np.abs(out - minilm.reference_embed(SENTENCES[:1])).max() <= 1e-4
+
+
+def test_tiny_llama_in_page_equals_cpu_onnxruntime(browser):
+    handle, _ = browser
+    model = llama.tiny_llama(seed=0)
+    prompt = model.encode("hello webpool")
+    [art] = artifacts("tiny-llama")
+    _load(handle, art)
+    stage = ShardStage("test-browser", handle, art)
+
+    result = asyncio.run(generate_tokens([stage], "s1", prompt, 12, eos_id=None))
+    shard = llama.build_shards(model, [(0, model.config.n_layers)])
+    expected = llama.ort_greedy_generate(shard, prompt, 12)
+    assert result["token_ids"] == expected[:12]
+    ray.get(handle.drop_state.remote("s1"))
+
+
+def test_webgpu_agrees_with_wasm_where_available(browser):
+    """Where the browser reports WebGPU (here SwiftShader, a software adapter), the same models agree."""
+    handle, info = browser
+    if "webgpu" not in info["backends"]:
+        pytest.skip(f"no WebGPU adapter in this browser: {info['detail'].get('webgpuError', 'none reported')}")
+    [art] = artifacts("all-minilm-l6-v2")
+    ray.get(handle.load_model.remote(art.key + "#webgpu", ray.put(np.fromfile(art.path, np.uint8)), art.sha256,
+                                     "webgpu"))
+    feeds = minilm.tokenize(SENTENCES[:2])
+    out = ray.get(handle.run.remote(art.key + "#webgpu", feeds, fetch=["embedding"]))["outputs"]["embedding"]
+    assert np.abs(out - minilm.reference_embed(SENTENCES[:2])).max() <= 1e-3
+    ray.get(handle.unload_model.remote(art.key + "#webgpu"))
+
+    model = llama.tiny_llama(seed=0)
+    [tiny] = artifacts("tiny-llama")
+    tiny_gpu = ShardStage("test-browser", handle, tiny.__class__(tiny.model, "webgpu", tiny.path, tiny.sha256,
+                                                                    tiny.meta))
+    ray.get(handle.load_model.remote(tiny_gpu.artifact.key, ray.put(np.fromfile(tiny.path, np.uint8)),
+                                     tiny.sha256, "webgpu"))
+    prompt = model.encode("hello webpool")
+    result = asyncio.run(generate_tokens([tiny_gpu], "s-gpu", prompt, 8, eos_id=None))
+    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]), prompt, 8)
+    assert result["token_ids"] == expected[:8]
+    ray.get(handle.unload_model.remote(tiny_gpu.artifact.key))
+
+
+def test_crashed_page_is_detected_not_a_zombie(ray_local):
+    handle = BrowserActor.remote("crash-browser", "chromium", 1)
+    ray.get(handle.start.remote())
+    ray.get(handle.inject_fault.remote("crash_page"))
+    with pytest.raises(BrowserFailure) as err:
+        ray.get(handle.health.remote())
+    assert err.value.category.value == "crash"
+    ray.get(handle.close.remote())
+    ray.kill(handle)

@@ -1,0 +1,136 @@
+"""ResourcePool end to end on real Ray and real Chromium: results checked against CPU references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import ray
+
+from events.state import browsers_alive, open_operations
+from sharding.models import llama, minilm
+from sharding.models.errors import InputError
+from sharding.models.registry import ModelNotFoundError
+from webpool import ResourcePool
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse."]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tmp_path_factory):
+    handle = ResourcePool.options(name="webpool-test", lifetime="detached").remote(
+        max_connections=2, event_log=str(tmp_path_factory.mktemp("pool-events")))
+    yield handle
+    health = ray.get(handle.health.remote())
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+    # After shutdown: no browser process and no temp folder of any browser is left.
+    for report in health.values():
+        assert not [p for p in report["pids"].values() if _alive(p)], report["pids"]
+        assert not os.path.exists(report["temp_dir"])
+
+
+def test_infer_single_and_batch_match_reference(pool):
+    one = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
+    assert one["embedding"].shape == (minilm.EMBED_DIM,)
+    batch = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": SENTENCES}))
+    ref = minilm.reference_embed(SENTENCES)
+    assert np.abs(batch["embedding"] - ref).max() <= 1e-4
+    assert np.abs(one["embedding"] - ref[0]).max() <= 1e-4
+    assert float(batch["embedding"][0] @ batch["embedding"][1]) == pytest.approx(0.7553, abs=0.002)
+    assert batch["backend"] in ("wasm", "webgpu")
+
+
+def test_concurrent_requests_all_correct(pool):
+    texts = [f"sentence number {i} about browsers" for i in range(12)]
+    outs = ray.get([pool.infer.remote("all-minilm-l6-v2", {"text": t}) for t in texts])
+    ref = minilm.reference_embed(texts)
+    for out, r in zip(outs, ref, strict=True):
+        assert np.abs(out["embedding"] - r).max() <= 1e-4
+
+
+def test_generate_tiny_llama_equals_cpu_onnxruntime(pool):
+    model = llama.tiny_llama(seed=0)
+    out = ray.get(pool.generate.remote("tiny-llama", "hello pool", max_new_tokens=16))
+    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+                                         out["prompt_token_ids"], 16)
+    assert out["token_ids"] == expected
+
+
+@pytest.mark.slow
+def test_generate_smollm2_equals_cpu_onnxruntime(pool):
+    prompt = "The capital of France is"
+    out = ray.get(pool.generate.remote("smollm2-135m", prompt, max_new_tokens=16))
+    model = llama.load_smollm2()
+    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+                                         out["prompt_token_ids"], 16)
+    assert out["token_ids"] == expected
+    assert len(out["token_ids"]) == 16 or out["token_ids"][-1] == model.config.eos_id
+    assert "Paris" in out["text"]
+
+
+BAD_REQUESTS = [
+    ("infer", ("no-such-model", {"text": "x"}), ModelNotFoundError, "model_name"),
+    ("infer", (42, {"text": "x"}), ModelNotFoundError, "model_name"),
+    ("infer", ("all-minilm-l6-v2", {"txt": "x"}), InputError, "inputs"),
+    ("infer", ("all-minilm-l6-v2", {"text": 3}), InputError, "inputs.text"),
+    ("infer", ("all-minilm-l6-v2", {"text": ""}), InputError, "inputs.text"),
+    ("infer", ("all-minilm-l6-v2", {"text": "x" * 20_001}), InputError, "inputs.text"),
+    ("infer", ("all-minilm-l6-v2", {"texts": []}), InputError, "inputs.texts"),
+    ("infer", ("all-minilm-l6-v2", "not a dict"), InputError, "inputs"),
+    ("infer", ("tiny-llama", {"text": "x"}), InputError, "model_name"),
+    ("generate", ("all-minilm-l6-v2", "x"), InputError, "model_name"),
+    ("generate", ("tiny-llama", ""), InputError, "prompt"),
+    ("generate", ("tiny-llama", "hi", 0), InputError, "max_new_tokens"),
+    ("generate", ("tiny-llama", "hi", 4, 0), InputError, "shards"),
+    ("generate", ("tiny-llama", "hi " * 400, 8), InputError, "prompt"),   # longer than the context
+]
+
+
+@pytest.mark.parametrize(("method", "args", "error", "field"), BAD_REQUESTS)
+def test_bad_input_gets_typed_error_and_pool_keeps_serving(pool, method, args, error, field):
+    with pytest.raises(error) as info:
+        ray.get(getattr(pool, method).remote(*args))
+    assert info.value.field == field
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
+    assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES[:1])[0]).max() <= 1e-4
+
+
+def test_javascript_looking_input_is_plain_data(pool):
+    text = '"); process.exit(1); //'
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": text}))
+    assert np.abs(out["embedding"] - minilm.reference_embed([text])[0]).max() <= 1e-4
+
+
+def test_every_operation_ends_and_state_is_the_log_projection(pool):
+    state = ray.get(pool.get_state.remote())
+    assert open_operations(state) == []
+    ops = state.metrics
+    assert ops.get("operations_started", 0) == ops.get("operations_completed", 0) + ops.get("operations_failed", 0)
+    assert 1 <= len(browsers_alive(state)) <= 2
+
+
+def test_detached_pool_is_found_by_another_driver(pool, ray_local):
+    address = ray.get_runtime_context().gcs_address
+    script = textwrap.dedent(f"""
+        import ray, numpy as np
+        ray.init(address="{address}", namespace="webpool-tests", log_to_driver=False)
+        pool = ray.get_actor("webpool-test")
+        out = ray.get(pool.infer.remote("all-minilm-l6-v2", {{"text": "from another driver"}}))
+        print("DIM", out["embedding"].shape[0])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=os.environ.copy())
+    assert "DIM 384" in done.stdout, done.stderr[-2000:]
