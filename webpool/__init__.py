@@ -8,28 +8,39 @@ The public face. Implementation lives in ``actors/`` (Ray actors), ``events/`` (
     ray.init()
     pool = ResourcePool.remote(max_connections=2)
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "Example input"}))
+
+Names are imported on first use, so ``import webpool`` (and the CLI) does not import Ray: Ray reads
+its environment (e.g. ``RAY_AUTH_MODE``) when it is first imported.
 """
 
-from actors.browser import BrowserActor
-from actors.errors import BrowserFailure, NoBrowserAvailableError, PoolBusyError, WebpoolError
-from actors.pool import ResourcePool
-from events.schema import FailureCategory
-from sharding.models.errors import InputError
-from sharding.models.registry import SPECS as MODELS
-from sharding.models.registry import ModelNotFoundError
+from __future__ import annotations
 
-BrowserFailureCategory = FailureCategory
+import importlib
+from typing import Any
 
-__all__ = [
-    "MODELS",
-    "BrowserActor",
-    "BrowserFailure",
-    "BrowserFailureCategory",
-    "FailureCategory",
-    "InputError",
-    "ModelNotFoundError",
-    "NoBrowserAvailableError",
-    "PoolBusyError",
-    "ResourcePool",
-    "WebpoolError",
-]
+_EXPORTS = {
+    "ResourcePool": "actors.pool",
+    "BrowserActor": "actors.browser",
+    "BrowserFailure": "actors.errors",
+    "NoBrowserAvailableError": "actors.errors",
+    "PoolBusyError": "actors.errors",
+    "WebpoolError": "actors.errors",
+    "FailureCategory": "events.schema",
+    "InputError": "sharding.models.errors",
+    "ModelNotFoundError": "sharding.models.registry",
+}
+_ALIASES = {"BrowserFailureCategory": ("events.schema", "FailureCategory"), "MODELS": ("sharding.models.registry", "SPECS")}
+
+__all__ = sorted([*_EXPORTS, *_ALIASES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name], name
+    elif name in _ALIASES:
+        module, attr = _ALIASES[name]
+    else:
+        raise AttributeError(f"module 'webpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value

@@ -22,11 +22,12 @@ console = Console(stderr=False)
 
 
 def _start_local_ray(temp: Path):
-    import ray
-
     # Local embedded Ray with token auth and a token of this run (nothing written to ~/.ray).
+    # Ray reads these when it is first imported, so they are set before the import.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    import ray
+
     ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=False, namespace="webpool")
     return ray
 
