@@ -32,7 +32,7 @@ import ray
 from playwright.async_api import Browser, CDPSession, Page, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from actors import chromium
+from actors import chromium, reaper
 from actors.constants import (
     DEFAULT_NUM_THREADS,
     HEALTH_TIMEOUT,
@@ -109,6 +109,7 @@ class BrowserCore:
         self.exe = chromium.resolve_browser(self.requested_type)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
         os.chmod(self.temp_dir, 0o700)
+        reaper.start(os.getpid(), self.temp_dir)
         # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
         os.environ["TMPDIR"] = str(self.temp_dir)
         t0 = time.perf_counter()

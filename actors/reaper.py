@@ -1,0 +1,56 @@
+"""Removes a browser actor's temp folder once the actor's process is gone, however it died.
+
+Started by the actor as a small daemon (double fork, own session): Ray kills a worker's children
+when the worker exits, and ``ray.shutdown()`` SIGKILLs workers without running any handler, so
+only a process that is no longer the worker's child can clean up after it. It waits on a pidfd
+for the actor to exit, gives the browser (killed by PR_SET_PDEATHSIG at that moment) a moment to
+let go of its files, then deletes the folder. A clean ``close`` removes the folder first; the
+reaper then finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def start(actor_pid: int, folder: Path) -> None:
+    """Start the reaper daemon for ``folder``; returns once it is detached."""
+    subprocess.run(
+        [sys.executable, "-m", "actors.reaper", str(actor_pid), str(folder)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent), check=True, timeout=30,
+    )
+
+
+def wait_for_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    pid, folder = int(argv[0]), Path(argv[1])
+    if os.fork() != 0:           # the first process returns at once; the daemon lives on
+        return 0
+    wait_for_exit(pid)
+    for _ in range(50):                    # the browser may still be writing for a few ms
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return 0
+        time.sleep(0.1)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
