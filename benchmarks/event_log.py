@@ -1,0 +1,320 @@
+"""Event log speed: appends per fsync policy, appends through the StateLog actor, replay from disk,
+and StateLog restart time on a 1M-event log with and without a snapshot.
+
+Events are a realistic mix (operation start/complete pairs, tokens, health reports, sessions), built
+before timing starts; construction is timed separately. Targets from the issue are reported next to
+each number, met or not; nothing here asserts them.
+
+Prints a table and writes ``results/event_log.json``. Run: ``python -m benchmarks.event_log [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from events.schema import (
+    BrowserHealthReported,
+    BrowserLaunched,
+    Event,
+    ModelLoaded,
+    OperationCompleted,
+    OperationStarted,
+    SessionClosed,
+    SessionOpened,
+    TokensAppended,
+)
+from events.state import replay
+from events.store import EventStore
+
+RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
+TARGETS = {"batched_append_events_per_s": 200_000, "replay_events_per_s": 1_000_000, "restart_with_snapshot_s": 1.0}
+
+
+def event_stream(n: int) -> Iterator[Event]:
+    """n events shaped like a busy pool: 4 browsers, op pairs, generation tokens, health reports."""
+    browsers = [f"b{i}" for i in range(4)]
+    made = 0
+    for b in browsers:
+        for e in (BrowserLaunched(b, "chromium", ("wasm", "webgpu"), 1000, "node-1", False),
+                  ModelLoaded(b, "all-minilm-l6-v2", None, "ab" * 32, "wasm", 812.0)):
+            if made < n:
+                yield e
+                made += 1
+    op = session = token = 0
+    while made < n:
+        b = browsers[op % 4]
+        cycle: list[Event] = [
+            OperationStarted(f"op-{op:09d}", "all-minilm-l6-v2", b, "infer", "9f86d081884c7d65"),
+            OperationCompleted(f"op-{op:09d}", 7.25, {"batch": 1, "backend": "wasm"}),
+        ]
+        if op % 4 == 0:
+            if token % 64 == 0:
+                if token:
+                    cycle.append(SessionClosed(f"s-{session}", "max_new_tokens"))
+                session += 1
+                cycle.append(SessionOpened(f"s-{session}", "smollm2-135m", {"shards": 3}))
+            cycle.append(TokensAppended(f"s-{session}", (token % 49152,)))
+            token += 1
+        if op % 16 == 0:
+            cycle.append(BrowserHealthReported(b, 812.5, ("all-minilm-l6-v2",)))
+        op += 1
+        for e in cycle:
+            if made < n:
+                yield e
+                made += 1
+
+
+def chunks(n: int, size: int) -> list[list[Event]]:
+    out, cur = [], []
+    for e in event_stream(n):
+        cur.append(e)
+        if len(cur) == size:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def rate(n: int, seconds: float) -> dict[str, float]:
+    return {"events": n, "seconds": round(seconds, 4), "events_per_s": round(n / seconds, 1)}
+
+
+def bench_append(base: Path, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    n_batched = 50_000 if quick else 300_000
+    single = {"always": 300 if quick else 2_000, "interval": 3_000 if quick else 20_000,
+              "never": 3_000 if quick else 20_000}
+    t0 = time.perf_counter()
+    batches = chunks(n_batched, 1000)
+    out["construct_events_per_s"] = round(n_batched / (time.perf_counter() - t0), 1)
+    for policy in ("always", "interval", "never"):
+        for compression in (None, "zstd") if policy == "never" else (None,):
+            d = Path(tempfile.mkdtemp(dir=base))
+            with EventStore.open(d, fsync=policy, compression=compression) as store:
+                t0 = time.perf_counter()
+                for b in batches:
+                    store.append(b)
+                dt = time.perf_counter() - t0
+            key = f"batched_1000_{policy}" + (f"_{compression}" if compression else "")
+            out[key] = rate(n_batched, dt)
+            shutil.rmtree(d)
+        d = Path(tempfile.mkdtemp(dir=base))
+        events = [e for b in batches for e in b][: single[policy]]
+        lat = []
+        with EventStore.open(d, fsync=policy) as store:
+            t0 = time.perf_counter()
+            for e in events:
+                t1 = time.perf_counter()
+                store.append([e])
+                lat.append(time.perf_counter() - t1)
+            dt = time.perf_counter() - t0
+        out[f"single_{policy}"] = {**rate(len(events), dt), "median_ms": round(statistics.median(lat) * 1e3, 4),
+                                   "p99_ms": round(sorted(lat)[int(len(lat) * 0.99)] * 1e3, 4)}
+        shutil.rmtree(d)
+    return out
+
+
+def bench_replay(log_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with EventStore.open(log_dir, fsync="never") as store:
+        n = store.last_seq
+        t0 = time.perf_counter()
+        table = store.read_arrow()
+        out["arrow_scan_checked"] = rate(table.num_rows, time.perf_counter() - t0)
+        out["bytes_on_disk"] = sum(f.stat().st_size for f in (log_dir / "segments").iterdir())
+        del table
+        t0 = time.perf_counter()
+        count = sum(1 for _ in store.read())
+        out["decode"] = rate(count, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        state = replay(store.read())
+        out["decode_and_apply"] = rate(n, time.perf_counter() - t0)
+        out["final_state"] = {"open_operations": len(state.operations), "sessions": len(state.sessions),
+                              "browsers": len(state.browsers)}
+    return out
+
+
+def _ray_auth_env() -> None:
+    """Token auth with a throwaway token, as the tests do, so nothing is written to ~/.ray. Ray reads
+    these when it is first imported, so this runs before any import of ray."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+
+
+def _ray_up() -> str:
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="wpray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    return temp
+
+
+def bench_actor_append(base: Path, quick: bool) -> dict[str, Any]:
+    import ray
+
+    from actors.state_log import StateLog, new_batch_id
+
+    out: dict[str, Any] = {}
+    d = Path(tempfile.mkdtemp(dir=base))
+    log = StateLog.remote(str(d), fsync="interval", snapshot_every=None)
+    ray.get(log.last_seq.remote())
+    events = [e for b in chunks(2_000 if quick else 10_000, 1000) for e in b]
+    lat = []
+    t0 = time.perf_counter()
+    for e in events[: 500 if quick else 2000]:
+        t1 = time.perf_counter()
+        ray.get(log.append.remote(e))
+        lat.append(time.perf_counter() - t1)
+    out["single_interval"] = {**rate(len(lat), time.perf_counter() - t0),
+                              "median_ms": round(statistics.median(lat) * 1e3, 3)}
+    batches = chunks(20_000 if quick else 200_000, 1000)
+    t0 = time.perf_counter()
+    for b in batches:
+        ray.get(log.append_batch.remote(b, new_batch_id()))
+    out["batched_1000_interval"] = rate(sum(len(b) for b in batches), time.perf_counter() - t0)
+    ray.kill(log, no_restart=True)
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def bench_restart(log_dir: Path, snapshot: bool) -> dict[str, Any]:
+    """In-process open time, actor start to first answer, and kill -9 to first answer again."""
+    import ray
+
+    from actors.state_log import StateLog
+
+    if snapshot:
+        with EventStore.open(log_dir, fsync="always") as store:
+            store.write_snapshot(store.last_seq, store.project())
+    else:
+        for f in (log_dir / "snapshots").iterdir():
+            f.unlink()
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    with EventStore.open(log_dir, snapshot_every=10_000) as store:
+        out["in_process_open_s"] = round(time.perf_counter() - t0, 3)
+        out["events"] = store.last_seq
+    t0 = time.perf_counter()
+    log = StateLog.remote(str(log_dir), snapshot_every=10_000)
+    info = ray.get(log.info.remote())
+    out["actor_start_to_first_answer_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    os.kill(info["pid"], signal.SIGKILL)
+    info2 = ray.get(log.info.remote(), timeout=600)
+    out["actor_kill9_to_first_answer_s"] = round(time.perf_counter() - t0, 3)
+    out["actor_store_open_s"] = round(info2["open_s"], 3)
+    assert info2["pid"] != info["pid"] and info2["last_seq"] >= info["last_seq"]
+    ray.kill(log, no_restart=True)
+    time.sleep(0.5)  # let the killed process release the store's lock before the next open
+    return out
+
+
+def run(quick: bool, workdir: Path | None) -> dict[str, Any]:
+    _ray_auth_env()
+    import ray
+
+    base = Path(tempfile.mkdtemp(prefix="webpool-eventlog-", dir=workdir))
+    results: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "workdir": str(base)},
+        "targets": TARGETS,
+    }
+    temp = None
+    try:
+        results["append_in_process"] = bench_append(base, quick)
+        n_log = 100_000 if quick else 1_000_000
+        log_dir = base / "log"
+        t0 = time.perf_counter()
+        with EventStore.open(log_dir, fsync="never") as store:
+            for b in chunks(n_log, 1000):
+                store.append(b)
+        results["log_build_s"] = round(time.perf_counter() - t0, 2)
+        results["replay"] = bench_replay(log_dir)
+        temp = _ray_up()
+        results["append_through_actor"] = bench_actor_append(base, quick)
+        results["restart_without_snapshot"] = bench_restart(log_dir, snapshot=False)
+        results["restart_with_snapshot"] = bench_restart(log_dir, snapshot=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+    a, r = results["append_in_process"], results["replay"]
+    results["targets_met"] = {
+        "batched_append_events_per_s": a["batched_1000_interval"]["events_per_s"]
+        >= TARGETS["batched_append_events_per_s"],
+        "replay_events_per_s": r["decode_and_apply"]["events_per_s"] >= TARGETS["replay_events_per_s"],
+        "restart_with_snapshot_s": results["restart_with_snapshot"]["actor_store_open_s"]
+        <= TARGETS["restart_with_snapshot_s"],
+    }
+    return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"webpool event log ({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    for col in ("measure", "result", "target"):
+        t.add_column(col)
+    a = r["append_in_process"]
+    for policy in ("always", "interval", "never"):
+        t.add_row(f"append batched x1000, fsync={policy}", f"{a[f'batched_1000_{policy}']['events_per_s']:,.0f} ev/s",
+                  ">= 200,000 ev/s" if policy == "interval" else "")
+    t.add_row("append batched x1000, fsync=never, zstd",
+              f"{a['batched_1000_never_zstd']['events_per_s']:,.0f} ev/s", "")
+    for policy in ("always", "interval", "never"):
+        s = a[f"single_{policy}"]
+        t.add_row(f"append single, fsync={policy}", f"{s['events_per_s']:,.0f} ev/s (median {s['median_ms']} ms)", "")
+    act = r["append_through_actor"]
+    t.add_row("append through actor, single", f"{act['single_interval']['events_per_s']:,.0f} ev/s "
+              f"(median {act['single_interval']['median_ms']} ms)", "")
+    t.add_row("append through actor, batched x1000", f"{act['batched_1000_interval']['events_per_s']:,.0f} ev/s", "")
+    rp = r["replay"]
+    t.add_row("read from disk, Arrow + checksums", f"{rp['arrow_scan_checked']['events_per_s']:,.0f} ev/s", "")
+    t.add_row("read + decode to events", f"{rp['decode']['events_per_s']:,.0f} ev/s", "")
+    t.add_row("replay (read + decode + apply)", f"{rp['decode_and_apply']['events_per_s']:,.0f} ev/s",
+              ">= 1,000,000 ev/s")
+    for key, label in (("restart_without_snapshot", "no snapshot"), ("restart_with_snapshot", "snapshot")):
+        x = r[key]
+        t.add_row(f"StateLog restart, {x['events']:,} events, {label}",
+                  f"open {x['actor_store_open_s']} s; kill -9 -> served {x['actor_kill9_to_first_answer_s']} s",
+                  "<= 1 s" if key == "restart_with_snapshot" else "")
+    Console(width=120).print(t)
+    print("targets met:", r["targets_met"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (100k-event log)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the logs are written (default: temp dir)")
+    args = parser.parse_args(argv)
+    r = run(args.quick, args.workdir)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("event_log-quick.json" if args.quick else "event_log.json")
+    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2))
+    print_table(r)
+    print(f"wrote {out}")
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Event kinds of the pool: one frozen dataclass per kind, validated when built.
+
+Every event has a class-level ``KIND`` (its name in the log) and a ``subject`` (the browser id, op id,
+recovery id or session id it is about; "" for pool-wide events), which the store keeps as a column so
+reads can filter by it without decoding payloads.
+
+Field rules, checked in ``__post_init__`` so a bad event never reaches the log:
+- ``str`` fields must be str; the subject field must be non-empty.
+- Numbers must be finite and >= 0 (every number here is an id, count, size or duration); ``int``
+  fields reject bool and must fit in int64; ``float`` fields accept int and store float.
+- ``tuple[...]`` fields accept any list/tuple and store a tuple (so events stay hashable-ish and
+  compare equal after a JSON round trip).
+- ``dict`` fields must be JSON data with str keys; they are copied with tuples turned into lists,
+  so the stored value equals what decoding gives back.
+- ``FailureCategory`` fields accept the enum or its string value.
+
+Bump ``SCHEMA_VERSION`` when a kind's fields change; the store writes it into every segment and
+refuses to open data written by a newer version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, ClassVar, Union
+
+from events.errors import InvalidEventError
+
+SCHEMA_VERSION = 1
+
+_INT64_MAX = 2**63 - 1
+
+
+class FailureCategory(str, Enum):
+    """Why a browser or operation failed; each comes from a real signal (see DESIGN.md)."""
+
+    CONNECTION = "connection"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    MEMORY = "memory"
+    DEVICE_LOST = "device_lost"
+    UNKNOWN = "unknown"
+
+
+class Event:
+    """Base of all event kinds. Subclasses are made with ``@event_kind`` and are frozen dataclasses."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+    # Name of the field that ``subject`` returns; None for pool-wide events.
+    SUBJECT_FIELD: ClassVar[str | None]
+    _CHECKS: ClassVar[tuple[tuple[str, Callable[[Any], Any]], ...]]
+    _FIELDS: ClassVar[frozenset[str]]
+    _NAMES: ClassVar[tuple[str, ...]]
+    # Conversions JSON needs undone (list -> tuple, str -> enum), for building from trusted payloads.
+    _COERCE: ClassVar[tuple[tuple[str, Callable[[Any], Any]], ...]]
+
+    def __post_init__(self) -> None:
+        for name, check in self._CHECKS:
+            value = getattr(self, name)
+            try:
+                fixed = check(value)
+            except InvalidEventError as exc:
+                raise InvalidEventError(f"{self.KIND}.{name}: {exc}") from None
+            if fixed is not value:
+                object.__setattr__(self, name, fixed)
+        if self.SUBJECT_FIELD is not None and not getattr(self, self.SUBJECT_FIELD):
+            raise InvalidEventError(f"{self.KIND}.{self.SUBJECT_FIELD}: must be a non-empty string")
+
+    @property
+    def subject(self) -> str:
+        return "" if self.SUBJECT_FIELD is None else getattr(self, self.SUBJECT_FIELD)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Events cross Ray by pickle; field values in a tuple pickle about twice as fast as the
+        # dataclass default, and need no re-validation (they were validated when built).
+        return _rebuild, (type(self), tuple(getattr(self, n) for n in self._NAMES))
+
+
+def _rebuild(cls: type[Event], values: tuple[Any, ...]) -> Event:
+    event = object.__new__(cls)
+    for name, value in zip(cls._NAMES, values, strict=True):
+        object.__setattr__(event, name, value)
+    return event
+
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+# --- field checkers: each returns the (possibly normalised) value or raises InvalidEventError ---
+
+
+def _check_str(v: Any) -> str:
+    if type(v) is not str:
+        raise InvalidEventError(f"expected str, got {type(v).__name__}")
+    return v
+
+
+def _check_int(v: Any) -> int:
+    if type(v) is not int:
+        raise InvalidEventError(f"expected int, got {type(v).__name__}")
+    if v < 0 or v > _INT64_MAX:
+        raise InvalidEventError(f"{v} is outside 0..2**63-1")
+    return v
+
+
+def _check_float(v: Any) -> float:
+    t = type(v)
+    if t is not float:
+        if t is not int:
+            raise InvalidEventError(f"expected a number, got {t.__name__}")
+        v = float(v)
+    if not (0.0 <= v < math.inf):  # also false for NaN
+        raise InvalidEventError(f"{v} is not a finite number >= 0")
+    return v
+
+
+def _check_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise InvalidEventError(f"expected bool, got {type(v).__name__}")
+    return v
+
+
+def _check_category(v: Any) -> FailureCategory:
+    if type(v) is FailureCategory:
+        return v
+    try:
+        return FailureCategory(v)
+    except ValueError:
+        allowed = ", ".join(c.value for c in FailureCategory)
+        raise InvalidEventError(f"{v!r} is not a failure category ({allowed})") from None
+
+
+def _json_value(v: Any, depth: int) -> Any:
+    if depth > 32:
+        raise InvalidEventError("JSON value nested deeper than 32 levels")
+    t = type(v)
+    if v is None or t is str or t is bool:
+        return v
+    if t is int:
+        if not -_INT64_MAX - 1 <= v <= _INT64_MAX:
+            raise InvalidEventError(f"integer {v} does not fit in int64")
+        return v
+    if t is float:
+        if not math.isfinite(v):
+            raise InvalidEventError(f"{v} is not finite (JSON cannot carry it)")
+        return v
+    if t is list or t is tuple:
+        return [_json_value(x, depth + 1) for x in v]
+    if t is dict:
+        out = {}
+        for k, x in v.items():
+            if type(k) is not str:
+                raise InvalidEventError(f"dict key {k!r} is not a str")
+            out[k] = _json_value(x, depth + 1)
+        return out
+    raise InvalidEventError(f"{t.__name__} is not JSON data")
+
+
+def _check_dict(v: Any) -> dict:
+    if type(v) is not dict:
+        raise InvalidEventError(f"expected dict, got {type(v).__name__}")
+    return _json_value(v, 0)
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def run(v: Any) -> Any:
+        return None if v is None else check(v)
+
+    return run
+
+
+def _tuple_of(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def run(v: Any) -> tuple:
+        if type(v) is not tuple and type(v) is not list:
+            raise InvalidEventError(f"expected a tuple or list, got {type(v).__name__}")
+        out = tuple(check(x) for x in v)
+        # Keep the caller's tuple object when nothing changed (saves an allocation per event).
+        return v if type(v) is tuple and all(a is b for a, b in zip(out, v, strict=True)) else out
+
+    return run
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    str: _check_str,
+    int: _check_int,
+    float: _check_float,
+    bool: _check_bool,
+    dict: _check_dict,
+    FailureCategory: _check_category,
+}
+
+
+def _checker_for(hint: Any) -> Callable[[Any], Any]:
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is dict:
+        return _check_dict
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _tuple_of(_checker_for(args[0]))
+    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        return _optional(_checker_for(inner))
+    raise TypeError(f"unsupported event field type {hint!r}")
+
+
+def _coercer_for(hint: Any) -> Callable[[Any], Any] | None:
+    if hint is FailureCategory:
+        return FailureCategory
+    if typing.get_origin(hint) is tuple:
+        return tuple
+    if typing.get_origin(hint) in (Union, types.UnionType) and FailureCategory in typing.get_args(hint):
+        return lambda v: None if v is None else FailureCategory(v)
+    return None
+
+
+def event_kind(subject: str | None) -> Callable[[type], type[Event]]:
+    """Class decorator: frozen slotted dataclass, field checkers, registration under its class name."""
+
+    def wrap(cls: type) -> type[Event]:
+        dc = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        hints = typing.get_type_hints(dc)
+        names = [f.name for f in dataclasses.fields(dc)]
+        if subject is not None and subject not in names:
+            raise TypeError(f"{cls.__name__}: subject field {subject!r} is not a field")
+        dc.KIND = cls.__name__
+        dc.SUBJECT_FIELD = subject
+        dc._CHECKS = tuple((n, _checker_for(hints[n])) for n in names)
+        dc._FIELDS = frozenset(names)
+        dc._NAMES = tuple(names)
+        dc._COERCE = tuple(c for c in ((n, _coercer_for(hints[n])) for n in names) if c[1] is not None)
+        if dc.KIND in EVENT_TYPES:
+            raise TypeError(f"event kind {dc.KIND} defined twice")
+        EVENT_TYPES[dc.KIND] = dc
+        return dc
+
+    return wrap
+
+
+# --- browsers ---
+
+
+@event_kind("browser_id")
+class BrowserLaunched(Event):
+    browser_id: str
+    browser_type: str
+    backend_caps: tuple[str, ...]
+    pid: int | None
+    node_id: str
+    standby: bool
+
+
+@event_kind("browser_id")
+class BrowserConnected(Event):
+    browser_id: str
+
+
+@event_kind("browser_id")
+class BrowserDisconnected(Event):
+    browser_id: str
+    reason: str
+
+
+@event_kind("browser_id")
+class BrowserFailed(Event):
+    browser_id: str
+    category: FailureCategory
+    error: str
+
+
+@event_kind("browser_id")
+class BrowserRetired(Event):
+    browser_id: str
+    reason: str
+
+
+@event_kind("browser_id")
+class BrowserHealthReported(Event):
+    browser_id: str
+    memory_mb: float
+    loaded: tuple[str, ...]
+
+
+# --- models ---
+
+
+@event_kind("browser_id")
+class ModelLoaded(Event):
+    browser_id: str
+    model: str
+    shard: str | None
+    sha256: str
+    backend: str
+    load_ms: float
+
+
+@event_kind("browser_id")
+class ModelUnloaded(Event):
+    browser_id: str
+    model: str
+    shard: str | None
+
+
+# --- operations ---
+
+
+@event_kind("op_id")
+class OperationStarted(Event):
+    op_id: str
+    model: str
+    browser_id: str
+    kind: str
+    input_digest: str
+
+
+@event_kind("op_id")
+class OperationCompleted(Event):
+    op_id: str
+    duration_ms: float
+    metrics: dict
+
+
+@event_kind("op_id")
+class OperationFailed(Event):
+    op_id: str
+    category: FailureCategory
+    error: str
+
+
+# --- recovery ---
+
+
+@event_kind("recovery_id")
+class RecoveryStarted(Event):
+    recovery_id: str
+    browser_id: str
+    strategy: str
+    attempt: int
+    category: FailureCategory
+
+
+@event_kind("recovery_id")
+class RecoveryStepFinished(Event):
+    recovery_id: str
+    step: str
+    success: bool
+    duration_ms: float
+    error: str | None
+
+
+@event_kind("recovery_id")
+class RecoveryCompleted(Event):
+    recovery_id: str
+    browser_id: str
+    success: bool
+    replacement: str | None
+    duration_ms: float
+
+
+# --- sessions (sharded generation) ---
+
+
+@event_kind("session_id")
+class SessionOpened(Event):
+    session_id: str
+    model: str
+    plan: dict
+
+
+@event_kind("session_id")
+class TokensAppended(Event):
+    session_id: str
+    token_ids: tuple[int, ...]
+
+
+@event_kind("session_id")
+class SessionClosed(Event):
+    session_id: str
+    reason: str
+
+
+# --- the log itself ---
+
+
+@event_kind(None)
+class SnapshotWritten(Event):
+    snapshot_seq: int
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event as the log holds it: ``seq`` (contiguous from 1, set by the store) and ``ts`` (unix s)."""
+
+    seq: int
+    ts: float
+    event: Event
+
+    @property
+    def kind(self) -> str:
+        return self.event.KIND
+
+    @property
+    def subject(self) -> str:
+        return self.event.subject
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return Recorded, (self.seq, self.ts, self.event)
+
+
+__all__ = [
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "BrowserConnected",
+    "BrowserDisconnected",
+    "BrowserFailed",
+    "BrowserHealthReported",
+    "BrowserLaunched",
+    "BrowserRetired",
+    "Event",
+    "FailureCategory",
+    "ModelLoaded",
+    "ModelUnloaded",
+    "OperationCompleted",
+    "OperationFailed",
+    "OperationStarted",
+    "Recorded",
+    "RecoveryCompleted",
+    "RecoveryStarted",
+    "RecoveryStepFinished",
+    "SessionClosed",
+    "SessionOpened",
+    "SnapshotWritten",
+    "TokensAppended",
+    "event_kind",
+]

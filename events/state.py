@@ -1,0 +1,543 @@
+"""Projections of the event log: the pool's state as a pure fold over recorded events.
+
+``apply(state, rec)`` returns a new ``PoolState`` and never mutates its input. ``replay(records)``
+folds many records with the same handlers but copies each map at most once for the whole run (a
+copy-on-write draft), which is what makes replaying a long log fast while keeping one definition of
+what each event means.
+
+Semantics worth knowing (the pool relies on them):
+- Records must come in seq order with no gap: ``SequenceGapError`` otherwise.
+- An event about something the state does not know (a ModelLoaded for an unknown browser, an
+  OperationCompleted for an op that is not open, a second OperationStarted for an open op, ...) changes
+  nothing but the counter ``metrics["anomaly.<Kind>"]``; events are facts, so the fold never raises
+  on them, and the anomaly counters make such drift visible.
+- BrowserFailed keeps the browser's models in the projection: that is what recovery replays onto a
+  replacement. BrowserLaunched (a fresh process, possibly reusing an id) and BrowserRetired drop them.
+- Operations, recoveries and sessions are kept while open; closed ones only count in ``metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from events.errors import SequenceGapError, SnapshotError
+from events.schema import (
+    BrowserConnected,
+    BrowserDisconnected,
+    BrowserFailed,
+    BrowserHealthReported,
+    BrowserLaunched,
+    BrowserRetired,
+    FailureCategory,
+    ModelLoaded,
+    ModelUnloaded,
+    OperationCompleted,
+    OperationFailed,
+    OperationStarted,
+    Recorded,
+    RecoveryCompleted,
+    RecoveryStarted,
+    RecoveryStepFinished,
+    SessionClosed,
+    SessionOpened,
+    SnapshotWritten,
+    TokensAppended,
+)
+
+# Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
+STATE_VERSION = 1
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+ALIVE_STATUSES = frozenset({"launched", "connected", "disconnected"})
+
+
+@_frozen
+class BrowserState:
+    browser_id: str
+    browser_type: str
+    backend_caps: tuple[str, ...]
+    pid: int | None
+    node_id: str
+    standby: bool
+    status: str  # launched | connected | disconnected | failed | retired
+    launched_seq: int
+    status_reason: str | None = None
+    failures: int = 0
+    last_failure: FailureCategory | None = None
+    last_error: str | None = None
+
+
+ModelKey = tuple[str, str, "str | None"]  # (browser_id, model, shard)
+
+
+@_frozen
+class ModelState:
+    browser_id: str
+    model: str
+    shard: str | None
+    sha256: str
+    backend: str
+    load_ms: float
+    loaded_seq: int
+
+
+@_frozen
+class OperationState:
+    op_id: str
+    model: str
+    browser_id: str
+    kind: str
+    input_digest: str
+    started_seq: int
+    started_ts: float
+
+
+@_frozen
+class ResourceState:
+    """What a browser last reported about itself (health)."""
+
+    browser_id: str
+    memory_mb: float
+    reported_models: tuple[str, ...]
+    reported_seq: int
+    reported_ts: float
+
+
+@_frozen
+class RecoveryStep:
+    step: str
+    success: bool
+    duration_ms: float
+    error: str | None
+
+
+@_frozen
+class RecoveryState:
+    recovery_id: str
+    browser_id: str
+    strategy: str
+    attempt: int
+    category: FailureCategory
+    started_seq: int
+    started_ts: float
+    steps: tuple[RecoveryStep, ...] = ()
+
+
+@_frozen
+class SessionState:
+    session_id: str
+    model: str
+    plan: dict
+    tokens: tuple[int, ...]
+    opened_seq: int
+
+
+_MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "metrics")
+
+
+@_frozen
+class PoolState:
+    """Everything the pool knows, as of ``last_seq``. Maps are never mutated once in a PoolState."""
+
+    last_seq: int = 0
+    last_ts: float = 0.0
+    browsers: Mapping[str, BrowserState] = dataclasses.field(default_factory=dict)
+    models: Mapping[ModelKey, ModelState] = dataclasses.field(default_factory=dict)
+    operations: Mapping[str, OperationState] = dataclasses.field(default_factory=dict)
+    resources: Mapping[str, ResourceState] = dataclasses.field(default_factory=dict)
+    recoveries: Mapping[str, RecoveryState] = dataclasses.field(default_factory=dict)
+    sessions: Mapping[str, SessionState] = dataclasses.field(default_factory=dict)
+    metrics: Mapping[str, int | float] = dataclasses.field(default_factory=dict)
+
+
+class _Draft:
+    """A PoolState being built: each map is copied on its first write, then written in place."""
+
+    __slots__ = ("last_seq", "last_ts", "maps", "owned")
+
+    def __init__(self, state: PoolState) -> None:
+        self.last_seq = state.last_seq
+        self.last_ts = state.last_ts
+        self.maps: dict[str, Mapping[Any, Any]] = {n: getattr(state, n) for n in _MAPS}
+        self.owned: set[str] = set()
+
+    def w(self, name: str) -> dict:
+        m = self.maps[name]
+        if name not in self.owned:
+            m = dict(m)
+            self.maps[name] = m
+            self.owned.add(name)
+        return m  # type: ignore[return-value]
+
+    def r(self, name: str) -> Mapping[Any, Any]:
+        return self.maps[name]
+
+    def count(self, key: str, by: int | float = 1) -> None:
+        m = self.w("metrics")
+        m[key] = m.get(key, 0) + by
+
+    def anomaly(self, rec: Recorded) -> None:
+        self.count("anomaly." + rec.event.KIND)
+
+    def freeze(self) -> PoolState:
+        # The draft hands its copies to the new state; callers drop the draft afterwards.
+        self.owned = set()
+        return PoolState(last_seq=self.last_seq, last_ts=self.last_ts, **self.maps)
+
+
+# --- handlers: (draft, record, event) -> None ---
+
+
+def _browser_launched(d: _Draft, rec: Recorded, e: BrowserLaunched) -> None:
+    old = d.r("browsers").get(e.browser_id)
+    d.w("browsers")[e.browser_id] = BrowserState(
+        browser_id=e.browser_id,
+        browser_type=e.browser_type,
+        backend_caps=e.backend_caps,
+        pid=e.pid,
+        node_id=e.node_id,
+        standby=e.standby,
+        status="launched",
+        launched_seq=rec.seq,
+        failures=old.failures if old else 0,
+        last_failure=old.last_failure if old else None,
+        last_error=old.last_error if old else None,
+    )
+    if old is not None:
+        _drop_browser_models(d, e.browser_id)
+        if e.browser_id in d.r("resources"):
+            del d.w("resources")[e.browser_id]
+    d.count("browsers_launched")
+
+
+def _drop_browser_models(d: _Draft, browser_id: str) -> None:
+    keys = [k for k in d.r("models") if k[0] == browser_id]
+    if keys:
+        models = d.w("models")
+        for k in keys:
+            del models[k]
+
+
+def _set_status(d: _Draft, rec: Recorded, browser_id: str, status: str, reason: str | None) -> BrowserState | None:
+    b = d.r("browsers").get(browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return None
+    nb = dataclasses.replace(b, status=status, status_reason=reason)
+    d.w("browsers")[browser_id] = nb
+    return nb
+
+
+def _browser_connected(d: _Draft, rec: Recorded, e: BrowserConnected) -> None:
+    _set_status(d, rec, e.browser_id, "connected", None)
+
+
+def _browser_disconnected(d: _Draft, rec: Recorded, e: BrowserDisconnected) -> None:
+    _set_status(d, rec, e.browser_id, "disconnected", e.reason)
+
+
+def _browser_failed(d: _Draft, rec: Recorded, e: BrowserFailed) -> None:
+    b = d.r("browsers").get(e.browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return
+    d.w("browsers")[e.browser_id] = dataclasses.replace(
+        b, status="failed", status_reason=e.category.value, failures=b.failures + 1,
+        last_failure=e.category, last_error=e.error,
+    )
+    d.count("browser_failures")
+    d.count("browser_failures." + e.category.value)
+
+
+def _browser_retired(d: _Draft, rec: Recorded, e: BrowserRetired) -> None:
+    if _set_status(d, rec, e.browser_id, "retired", e.reason) is None:
+        return
+    _drop_browser_models(d, e.browser_id)
+    if e.browser_id in d.r("resources"):
+        del d.w("resources")[e.browser_id]
+    d.count("browsers_retired")
+
+
+def _browser_health(d: _Draft, rec: Recorded, e: BrowserHealthReported) -> None:
+    if e.browser_id not in d.r("browsers"):
+        d.anomaly(rec)
+        return
+    d.w("resources")[e.browser_id] = ResourceState(
+        browser_id=e.browser_id, memory_mb=e.memory_mb, reported_models=e.loaded,
+        reported_seq=rec.seq, reported_ts=rec.ts,
+    )
+
+
+def _model_loaded(d: _Draft, rec: Recorded, e: ModelLoaded) -> None:
+    if e.browser_id not in d.r("browsers"):
+        d.anomaly(rec)
+        return
+    d.w("models")[(e.browser_id, e.model, e.shard)] = ModelState(
+        browser_id=e.browser_id, model=e.model, shard=e.shard, sha256=e.sha256,
+        backend=e.backend, load_ms=e.load_ms, loaded_seq=rec.seq,
+    )
+    d.count("models_loaded")
+
+
+def _model_unloaded(d: _Draft, rec: Recorded, e: ModelUnloaded) -> None:
+    key = (e.browser_id, e.model, e.shard)
+    if key not in d.r("models"):
+        d.anomaly(rec)
+        return
+    del d.w("models")[key]
+    d.count("models_unloaded")
+
+
+def _op_started(d: _Draft, rec: Recorded, e: OperationStarted) -> None:
+    if e.op_id in d.r("operations"):
+        d.anomaly(rec)
+        return
+    d.w("operations")[e.op_id] = OperationState(
+        op_id=e.op_id, model=e.model, browser_id=e.browser_id, kind=e.kind,
+        input_digest=e.input_digest, started_seq=rec.seq, started_ts=rec.ts,
+    )
+    d.count("operations_started")
+
+
+def _op_completed(d: _Draft, rec: Recorded, e: OperationCompleted) -> None:
+    if e.op_id not in d.r("operations"):
+        d.anomaly(rec)
+        return
+    del d.w("operations")[e.op_id]
+    d.count("operations_completed")
+    d.count("operation_ms_total", e.duration_ms)
+
+
+def _op_failed(d: _Draft, rec: Recorded, e: OperationFailed) -> None:
+    if e.op_id not in d.r("operations"):
+        d.anomaly(rec)
+        return
+    del d.w("operations")[e.op_id]
+    d.count("operations_failed")
+    d.count("operations_failed." + e.category.value)
+
+
+def _recovery_started(d: _Draft, rec: Recorded, e: RecoveryStarted) -> None:
+    if e.recovery_id in d.r("recoveries"):
+        d.anomaly(rec)
+        return
+    d.w("recoveries")[e.recovery_id] = RecoveryState(
+        recovery_id=e.recovery_id, browser_id=e.browser_id, strategy=e.strategy, attempt=e.attempt,
+        category=e.category, started_seq=rec.seq, started_ts=rec.ts,
+    )
+    d.count("recovery_attempts")
+
+
+def _recovery_step(d: _Draft, rec: Recorded, e: RecoveryStepFinished) -> None:
+    r = d.r("recoveries").get(e.recovery_id)
+    if r is None:
+        d.anomaly(rec)
+        return
+    step = RecoveryStep(step=e.step, success=e.success, duration_ms=e.duration_ms, error=e.error)
+    d.w("recoveries")[e.recovery_id] = dataclasses.replace(r, steps=(*r.steps, step))
+
+
+def _recovery_completed(d: _Draft, rec: Recorded, e: RecoveryCompleted) -> None:
+    if e.recovery_id not in d.r("recoveries"):
+        d.anomaly(rec)
+        return
+    del d.w("recoveries")[e.recovery_id]
+    d.count("recovery_successes" if e.success else "recovery_failures")
+    d.count("recovery_ms_total", e.duration_ms)
+
+
+def _session_opened(d: _Draft, rec: Recorded, e: SessionOpened) -> None:
+    if e.session_id in d.r("sessions"):
+        d.anomaly(rec)
+        return
+    d.w("sessions")[e.session_id] = SessionState(
+        session_id=e.session_id, model=e.model, plan=e.plan, tokens=(), opened_seq=rec.seq
+    )
+    d.count("sessions_opened")
+
+
+def _tokens_appended(d: _Draft, rec: Recorded, e: TokensAppended) -> None:
+    s = d.r("sessions").get(e.session_id)
+    if s is None:
+        d.anomaly(rec)
+        return
+    d.w("sessions")[e.session_id] = dataclasses.replace(s, tokens=s.tokens + e.token_ids)
+    d.count("tokens_appended", len(e.token_ids))
+
+
+def _session_closed(d: _Draft, rec: Recorded, e: SessionClosed) -> None:
+    if e.session_id not in d.r("sessions"):
+        d.anomaly(rec)
+        return
+    del d.w("sessions")[e.session_id]
+    d.count("sessions_closed")
+
+
+def _snapshot_written(d: _Draft, rec: Recorded, e: SnapshotWritten) -> None:
+    m = d.w("metrics")
+    m["snapshots"] = m.get("snapshots", 0) + 1
+    m["last_snapshot_seq"] = e.snapshot_seq
+
+
+_HANDLERS: dict[type, Any] = {
+    BrowserLaunched: _browser_launched,
+    BrowserConnected: _browser_connected,
+    BrowserDisconnected: _browser_disconnected,
+    BrowserFailed: _browser_failed,
+    BrowserRetired: _browser_retired,
+    BrowserHealthReported: _browser_health,
+    ModelLoaded: _model_loaded,
+    ModelUnloaded: _model_unloaded,
+    OperationStarted: _op_started,
+    OperationCompleted: _op_completed,
+    OperationFailed: _op_failed,
+    RecoveryStarted: _recovery_started,
+    RecoveryStepFinished: _recovery_step,
+    RecoveryCompleted: _recovery_completed,
+    SessionOpened: _session_opened,
+    TokensAppended: _tokens_appended,
+    SessionClosed: _session_closed,
+    SnapshotWritten: _snapshot_written,
+}
+
+
+def _step(d: _Draft, rec: Recorded) -> None:
+    if rec.seq != d.last_seq + 1:
+        raise SequenceGapError(f"record seq {rec.seq} does not follow state seq {d.last_seq}")
+    _HANDLERS[type(rec.event)](d, rec, rec.event)
+    d.last_seq = rec.seq
+    d.last_ts = rec.ts
+
+
+def apply(state: PoolState, rec: Recorded) -> PoolState:
+    """The state after ``rec``. ``rec.seq`` must be ``state.last_seq + 1``."""
+    d = _Draft(state)
+    _step(d, rec)
+    return d.freeze()
+
+
+def replay(records: Iterable[Recorded], state: PoolState | None = None) -> PoolState:
+    """Fold ``records`` (in seq order, starting at ``state.last_seq + 1``) onto ``state`` (default: empty)."""
+    d = _Draft(state if state is not None else PoolState())
+    for rec in records:
+        _step(d, rec)
+    return d.freeze()
+
+
+# --- queries the pool uses ---
+
+
+def browsers_alive(state: PoolState) -> list[BrowserState]:
+    """Browsers neither failed nor retired (launched, connected, or disconnected but reconnectable), by id."""
+    return sorted((b for b in state.browsers.values() if b.status in ALIVE_STATUSES), key=lambda b: b.browser_id)
+
+
+def models_on(state: PoolState, browser_id: str) -> list[ModelState]:
+    """Models the log says ``browser_id`` holds (also after it failed, until it is retired or relaunched)."""
+    found = [m for k, m in state.models.items() if k[0] == browser_id]
+    return sorted(found, key=lambda m: (m.model, m.shard or ""))
+
+
+def open_operations(state: PoolState) -> list[OperationState]:
+    """Operations started and neither completed nor failed, oldest first."""
+    return sorted(state.operations.values(), key=lambda o: o.started_seq)
+
+
+def recovery_statistics(state: PoolState) -> dict[str, int | float]:
+    """The seed's ``get_recovery_statistics()`` keys. success_rate = successes / attempts (0.0 if none)."""
+    m = state.metrics
+    attempts = int(m.get("recovery_attempts", 0))
+    successes = int(m.get("recovery_successes", 0))
+    return {
+        "recovery_attempts": attempts,
+        "recovery_successes": successes,
+        "recovery_failures": int(m.get("recovery_failures", 0)),
+        "success_rate": successes / attempts if attempts else 0.0,
+        "active_browsers": sum(1 for b in state.browsers.values() if b.status in ALIVE_STATUSES),
+        "total_browsers": len(state.browsers),
+    }
+
+
+# --- snapshot serialisation (orjson) ---
+
+
+def state_to_json(state: PoolState) -> bytes:
+    """The state as JSON bytes; maps become lists of their values (keys are fields of the values)."""
+    doc = {
+        "state_version": STATE_VERSION,
+        "last_seq": state.last_seq,
+        "last_ts": state.last_ts,
+        "metrics": dict(state.metrics),
+        **{n: list(getattr(state, n).values()) for n in _MAPS if n != "metrics"},
+    }
+    return orjson.dumps(doc)
+
+
+def _opt_category(v: str | None) -> FailureCategory | None:
+    return None if v is None else FailureCategory(v)
+
+
+def state_from_json(data: bytes) -> PoolState:
+    """Inverse of ``state_to_json``. Raises SnapshotError for another state version or a bad document."""
+    try:
+        doc = orjson.loads(data)
+        if doc.get("state_version") != STATE_VERSION:
+            raise SnapshotError(f"snapshot state version {doc.get('state_version')!r}, expected {STATE_VERSION}")
+        browsers = {}
+        for b in doc["browsers"]:
+            b["backend_caps"] = tuple(b["backend_caps"])
+            b["last_failure"] = _opt_category(b["last_failure"])
+            browsers[b["browser_id"]] = BrowserState(**b)
+        models = {}
+        for m in doc["models"]:
+            models[(m["browser_id"], m["model"], m["shard"])] = ModelState(**m)
+        operations = {o["op_id"]: OperationState(**o) for o in doc["operations"]}
+        resources = {}
+        for r in doc["resources"]:
+            r["reported_models"] = tuple(r["reported_models"])
+            resources[r["browser_id"]] = ResourceState(**r)
+        recoveries = {}
+        for r in doc["recoveries"]:
+            r["category"] = FailureCategory(r["category"])
+            r["steps"] = tuple(RecoveryStep(**s) for s in r["steps"])
+            recoveries[r["recovery_id"]] = RecoveryState(**r)
+        sessions = {}
+        for s in doc["sessions"]:
+            s["tokens"] = tuple(s["tokens"])
+            sessions[s["session_id"]] = SessionState(**s)
+        return PoolState(
+            last_seq=doc["last_seq"], last_ts=doc["last_ts"], browsers=browsers, models=models,
+            operations=operations, resources=resources, recoveries=recoveries, sessions=sessions,
+            metrics=doc["metrics"],
+        )
+    except SnapshotError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SnapshotError(f"snapshot document is malformed: {exc!r}") from None
+
+
+__all__ = [
+    "ALIVE_STATUSES",
+    "STATE_VERSION",
+    "BrowserState",
+    "ModelState",
+    "OperationState",
+    "PoolState",
+    "RecoveryState",
+    "RecoveryStep",
+    "ResourceState",
+    "SessionState",
+    "apply",
+    "browsers_alive",
+    "models_on",
+    "open_operations",
+    "recovery_statistics",
+    "replay",
+    "state_from_json",
+    "state_to_json",
+]

@@ -1,0 +1,1092 @@
+"""Append-only event store: Arrow IPC stream segments, group commit, snapshots, torn-tail repair.
+
+Layout under the store's location::
+
+    meta.json                         {"format": "webpool.events", "schema_version": N}
+    LOCK                              (local disk only) flock held by the one writer
+    segments/<first seq, 20 digits>.arrows   Arrow IPC streams: seq, ts, kind, subject, payload
+    snapshots/<seq, 20 digits>.snap          one-row Arrow IPC stream holding state JSON
+    archive/<first>-<last>.parquet           (optional) events removed by compaction
+
+Each ``append`` is one record batch (one group commit): it is written with one write call, then made
+durable by the fsync policy before ``append`` returns: ``always`` fsyncs every batch, ``interval``
+fsyncs at most every ``fsync_interval_s`` (a background thread covers the quiet periods), ``never``
+leaves it to the OS. Every policy survives the death of the process (the bytes are in the OS before the
+ack); only ``always`` also survives a power loss.
+
+Every batch carries a CRC32 of its columns and an optional client batch id in its custom metadata.
+On open, the newest segment is checked batch by batch; anything after the last whole, valid batch (a
+torn write, garbage) is cut off with a warning. Older segments are sealed; a bad one found later
+raises ``CorruptSegmentError`` instead of being silently shortened. Writes always go to a new segment
+after open, so a segment file is only ever appended by the process that created it.
+
+A non-local ``pyarrow.fs`` filesystem works the same way, with two limits: there is no fsync (a
+flush is all pyarrow offers) and object stores publish a file only when it is closed, so there
+durability comes at segment roll. The segment being written is also kept in memory, so reads see
+it on every backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+
+from events.codec import decode, encode
+from events.errors import (
+    BatchConflictError,
+    CompactedRangeError,
+    CorruptSegmentError,
+    InvalidEventError,
+    SchemaVersionError,
+    SnapshotError,
+    StoreClosedError,
+    StoreConfigError,
+    StoreLockedError,
+)
+from events.schema import SCHEMA_VERSION, Event, Recorded, SnapshotWritten
+from events.state import STATE_VERSION, PoolState, replay, state_from_json, state_to_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "webpool.events"
+FSYNC_POLICIES = ("always", "interval", "never")
+COMPRESSIONS = (None, "zstd", "lz4")
+_VERSION_KEY = b"webpool.schema_version"
+_SEG_SUFFIX = ".arrows"
+_SNAP_SUFFIX = ".snap"
+
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("ts", pa.float64()),
+        ("kind", pa.string()),
+        ("subject", pa.string()),
+        ("payload", pa.binary()),
+    ],
+    metadata={_VERSION_KEY: str(SCHEMA_VERSION).encode(), b"webpool.format": FORMAT.encode()},
+)
+_SNAPSHOT_SCHEMA = pa.schema([("state", pa.binary())])
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    seq: int
+    state: PoolState
+    path: str
+
+
+# --- checksums -------------------------------------------------------------------------------
+
+
+def _column_crc(col: pa.Array, crc: int) -> int:
+    """CRC of the logical bytes of a null-free int64/float64/string/binary column with offset 0."""
+    n = len(col)
+    bufs = col.buffers()
+    if len(bufs) == 2:  # fixed width, 8 bytes a value here
+        return zlib.crc32(memoryview(bufs[1])[: n * 8], crc)
+    offsets = memoryview(bufs[1])
+    crc = zlib.crc32(offsets[: (n + 1) * 4], crc)
+    start, end = struct.unpack_from("<i", offsets, 0)[0], struct.unpack_from("<i", offsets, n * 4)[0]
+    data = bufs[2]
+    if data is None:
+        return crc
+    return zlib.crc32(memoryview(data)[start:end], crc)
+
+
+def _batch_crc(batch: pa.RecordBatch, batch_id: str) -> int:
+    """CRC of every column and of the batch id (so a damaged id cannot pass as another one)."""
+    crc = zlib.crc32(batch_id.encode())
+    for col in batch.columns:
+        crc = _column_crc(col, crc)
+    return crc
+
+
+def _content_crc(batch: pa.RecordBatch) -> int:
+    """CRC of what a client sent (kinds + payloads), to recognise a retried batch id."""
+    return _column_crc(batch.column(4), _column_crc(batch.column(2), 0))
+
+
+def _check_batch(batch: pa.RecordBatch, meta: Any, expected_first: int) -> tuple[str | None, str]:
+    """(why this batch is not a valid next batch or None, its client batch id)."""
+    try:
+        want = int((meta or {})[b"crc32"])
+        batch_id = (meta.get(b"batch_id") or b"").decode()
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return "missing or unreadable batch metadata", ""
+    return _check_batch_body(batch, want, batch_id, expected_first), batch_id
+
+
+def _check_batch_body(batch: pa.RecordBatch, want: int, batch_id: str, expected_first: int) -> str | None:
+    if batch.num_rows == 0:
+        return "empty batch"
+    if batch.schema.names != SEGMENT_SCHEMA.names:
+        return "wrong columns"
+    for col in batch.columns:
+        if col.null_count or col.offset:
+            return "unexpected nulls/offset"
+    try:
+        batch.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        return f"invalid batch: {exc}"
+    seq = batch.column(0)
+    first, last = seq[0].as_py(), seq[-1].as_py()
+    if first != expected_first or last != expected_first + batch.num_rows - 1:
+        return f"seq {first}..{last} where {expected_first}.. was expected"
+    if want != _batch_crc(batch, batch_id):
+        return "checksum mismatch"
+    return None
+
+
+def _stream_version(schema: pa.Schema, what: str) -> int:
+    meta = schema.metadata or {}
+    if _VERSION_KEY not in meta:
+        raise CorruptSegmentError(f"{what}: schema has no {_VERSION_KEY.decode()}")
+    version = int(meta[_VERSION_KEY])
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(f"{what} was written by schema version {version}; this code reads <= {SCHEMA_VERSION}")
+    return version
+
+
+# --- storage backends ------------------------------------------------------------------------
+
+
+class _LocalFile:
+    """An owner-only file written with os.write, so fsync is real."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(self.fd, 0o600)  # O_TRUNC of an existing placeholder keeps its old mode
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _LocalBackend:
+    """Local directory: owner-only modes, fsync of files and directories, an flock writer lock."""
+
+    local = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock_fd: int | None = None
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def makedirs(self, rel: str) -> None:
+        path = self.root / rel if rel else self.root
+        missing = []
+        while not path.is_dir():
+            missing.append(path)
+            path = path.parent
+        for p in reversed(missing):  # every folder we create, parents included, is owner-only
+            p.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(p, 0o700)  # mkdir's mode is masked by the umask
+
+    def listdir(self, rel: str) -> list[tuple[str, int]]:
+        with os.scandir(self.root / rel) as it:
+            return [(e.name, e.stat().st_size) for e in it if e.is_file()]
+
+    def size(self, rel: str) -> int:
+        return (self.root / rel).stat().st_size
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def open_read(self, rel: str) -> pa.NativeFile:
+        return pa.memory_map(str(self.root / rel))
+
+    def create(self, rel: str) -> _LocalFile:
+        return _LocalFile(self.root / rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        tmp = self.root / (rel + ".tmp")
+        f = _LocalFile(tmp)
+        try:
+            f.write(data)
+            f.sync()
+        finally:
+            f.close()
+        os.replace(tmp, self.root / rel)
+        self.sync_dir(str(Path(rel).parent))
+
+    def truncate(self, rel: str, size: int) -> None:
+        fd = os.open(self.root / rel, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+    def sync_dir(self, rel: str) -> None:
+        fd = os.open(self.root / rel if rel not in ("", ".") else self.root, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def lock(self, timeout_s: float) -> None:
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A restarted writer can race the last moments of the one it replaces: retry briefly.
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreLockedError(f"{self.root} is locked by another writer") from None
+                time.sleep(0.05)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+
+class _ArrowFile:
+    def __init__(self, stream: pa.NativeFile) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.stream.flush()
+
+    def sync(self) -> None:
+        self.stream.flush()  # pyarrow.fs has no fsync
+
+    def truncate(self, size: int) -> None:
+        raise OSError("cannot truncate a pyarrow.fs output stream")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class _ArrowBackend:
+    """Any pyarrow.fs filesystem. No locking, no fsync (see module docstring)."""
+
+    local = False
+
+    def __init__(self, fs: pafs.FileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def describe(self) -> str:
+        return f"{self.fs.type_name}:{self.root}"
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.create_dir(self._p(rel), recursive=True)
+
+    def listdir(self, rel: str) -> list[tuple[str, int]]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self._p(rel), allow_not_found=True))
+        return [(i.base_name, i.size or 0) for i in infos if i.type == pafs.FileType.File]
+
+    def size(self, rel: str) -> int:
+        return self.fs.get_file_info(self._p(rel)).size or 0
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
+
+    def open_read(self, rel: str) -> pa.NativeFile:
+        return self.fs.open_input_file(self._p(rel))
+
+    def create(self, rel: str) -> _ArrowFile:
+        return _ArrowFile(self.fs.open_output_stream(self._p(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_file(self._p(rel)) as f:
+            return f.read()
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        with self.fs.open_output_stream(self._p(rel + ".tmp")) as f:
+            f.write(data)
+        self.fs.move(self._p(rel + ".tmp"), self._p(rel))
+
+    def truncate(self, rel: str, size: int) -> None:
+        with self.fs.open_input_file(self._p(rel)) as f:
+            keep = f.read(size)
+        self.write_atomic(rel, keep)
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self._p(rel))
+        except FileNotFoundError:
+            pass
+
+    def sync_dir(self, rel: str) -> None:
+        pass
+
+    def lock(self, timeout_s: float) -> None:
+        pass
+
+    def unlock(self) -> None:
+        pass
+
+
+_Backend = _LocalBackend | _ArrowBackend
+
+
+def _backend_for(location: str | Path, filesystem: pafs.FileSystem | None) -> _Backend:
+    if filesystem is not None:
+        return _ArrowBackend(filesystem, str(location))
+    if isinstance(location, Path) or "://" not in location:
+        return _LocalBackend(Path(location).absolute())
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise StoreConfigError(f"cannot open event store location {location!r}: {exc}") from None
+    return _ArrowBackend(fs, path)
+
+
+# --- IPC framing -------------------------------------------------------------------------------
+
+
+class _Collector:
+    """Sink for the IPC writer: gathers one batch's pieces so they reach the file in one write."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+@dataclasses.dataclass
+class _ScanResult:
+    rows: int = 0  # valid rows from the file's first seq on
+    good_offset: int = 0  # byte offset after the last valid batch (or after EOS)
+    sealed: bool = False  # an end-of-stream marker was read
+    problem: str | None = None  # why scanning stopped early, if it did
+    batches: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list)  # id, first, n, crc
+
+
+def _scan_stream(source: pa.NativeFile, first_seq: int, what: str) -> _ScanResult:
+    """Walk a segment batch by batch, checking each, and report where its valid prefix ends."""
+    res = _ScanResult()
+    if source.size() == 0:
+        return res
+    try:
+        reader = ipc.open_stream(source)
+    except Exception as exc:  # fuzzed bytes raise many kinds; none may escape repair
+        res.problem = f"unreadable stream header: {exc}"
+        return res
+    if not reader.schema.equals(SEGMENT_SCHEMA, check_metadata=False):
+        res.problem = "segment schema does not match"
+        return res
+    try:
+        _stream_version(reader.schema, what)
+    except CorruptSegmentError as exc:
+        res.problem = str(exc)
+        return res
+    expected = first_seq
+    while True:
+        try:
+            batch, meta = reader.read_next_batch_with_custom_metadata()
+        except StopIteration:
+            res.sealed = True
+            res.good_offset = source.tell()
+            return res
+        except Exception as exc:  # torn or fuzzed tail
+            res.problem = f"unreadable batch after seq {expected - 1}: {exc}"
+            return res
+        problem, batch_id = _check_batch(batch, meta, expected)
+        if problem is not None:
+            res.problem = f"batch after seq {expected - 1}: {problem}"
+            return res
+        res.batches.append((batch_id, expected, batch.num_rows, _content_crc(batch)))
+        expected += batch.num_rows
+        res.rows += batch.num_rows
+        res.good_offset = source.tell()
+
+
+def _seg_name(first_seq: int) -> str:
+    return f"segments/{first_seq:020d}{_SEG_SUFFIX}"
+
+
+def _snap_name(seq: int) -> str:
+    return f"snapshots/{seq:020d}{_SNAP_SUFFIX}"
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class EventStore:
+    """One writer's handle on an event log. Thread-safe; use ``EventStore.open``."""
+
+    def __init__(self, backend: _Backend, *, fsync: str, fsync_interval_s: float, segment_bytes: int,
+                 snapshot_every: int | None, keep_snapshots: int, compression: str | None,
+                 dedup_window: int) -> None:
+        self._b = backend
+        self._fsync = fsync
+        self._fsync_interval_s = fsync_interval_s
+        self._segment_bytes = segment_bytes
+        self._snapshot_every = snapshot_every
+        self._keep_snapshots = keep_snapshots
+        self._options = ipc.IpcWriteOptions(compression=compression)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._segments: list[int] = []  # first seq of each segment, ascending
+        self._last_seq = 0
+        # The segment being written: file, IPC writer, its collector, its size, and its batches in memory.
+        self._file: _LocalFile | _ArrowFile | None = None
+        self._writer: ipc.RecordBatchStreamWriter | None = None
+        self._collector = _Collector()
+        self._active_first = 0
+        self._active_bytes = 0
+        self._active_batches: list[pa.RecordBatch] = []
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._dedup: collections.OrderedDict[str, tuple[int, int, int]] = collections.OrderedDict()
+        self._dedup_window = dedup_window
+        self._state: PoolState | None = None
+        self._last_snapshot_seq = 0
+        self._tail_scan = _ScanResult()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    # -- opening --
+
+    @classmethod
+    def open(
+        cls,
+        location: str | Path,
+        fsync: str = "interval",
+        segment_bytes: int = 64 << 20,
+        snapshot_every: int | None = None,
+        compression: str | None = None,
+        *,
+        filesystem: pafs.FileSystem | None = None,
+        fsync_interval_s: float = 0.2,
+        keep_snapshots: int = 2,
+        dedup_window: int = 4096,
+        lock_timeout_s: float = 10.0,
+    ) -> EventStore:
+        """Open (creating if needed) the log at ``location``: a local path, or a pyarrow.fs URI
+        (``file:///...``, ``s3://...``, ``mock:///...``), or a path inside ``filesystem``.
+
+        ``snapshot_every=N`` makes the store keep the projected ``PoolState`` current and write a
+        snapshot after every N events. ``dedup_window`` batch ids are remembered (across restarts)
+        so a retried ``append(..., batch_id=...)`` is recorded once.
+        """
+        if fsync not in FSYNC_POLICIES:
+            raise StoreConfigError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        if compression not in COMPRESSIONS:
+            raise StoreConfigError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        if type(segment_bytes) is not int or segment_bytes < 4096:
+            raise StoreConfigError(f"segment_bytes must be an int >= 4096, got {segment_bytes!r}")
+        if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
+            raise StoreConfigError(f"snapshot_every must be None or an int >= 1, got {snapshot_every!r}")
+        if type(keep_snapshots) is not int or keep_snapshots < 1:
+            raise StoreConfigError(f"keep_snapshots must be an int >= 1, got {keep_snapshots!r}")
+        if type(dedup_window) is not int or dedup_window < 0:
+            raise StoreConfigError(f"dedup_window must be an int >= 0, got {dedup_window!r}")
+        if not fsync_interval_s > 0:
+            raise StoreConfigError(f"fsync_interval_s must be > 0, got {fsync_interval_s!r}")
+        if not isinstance(location, str | Path) or not str(location):
+            raise StoreConfigError(f"location must be a non-empty str or Path, got {location!r}")
+        backend = _backend_for(location, filesystem)
+        store = cls(backend, fsync=fsync, fsync_interval_s=fsync_interval_s, segment_bytes=segment_bytes,
+                    snapshot_every=snapshot_every, keep_snapshots=keep_snapshots, compression=compression,
+                    dedup_window=dedup_window)
+        backend.makedirs("")
+        backend.lock(lock_timeout_s)
+        try:
+            store._load()
+        except BaseException:
+            backend.unlock()
+            raise
+        if fsync == "interval":
+            store._flusher = threading.Thread(target=store._flush_loop, name="eventstore-fsync", daemon=True)
+            store._flusher.start()
+        return store
+
+    def _load(self) -> None:
+        b = self._b
+        b.makedirs("segments")
+        b.makedirs("snapshots")
+        self._check_meta()
+        names = sorted(self._segment_files())
+        self._segments = [first for first, _ in names]
+        self._recover_tail()
+        self._load_dedup()
+        snaps = self._snapshot_seqs()
+        self._last_snapshot_seq = max((s for s in snaps if s <= self._last_seq), default=0)
+        if self._snapshot_every is not None:
+            self._state = self.project()
+
+    def _check_meta(self) -> None:
+        b = self._b
+        if b.exists("meta.json"):
+            try:
+                meta = orjson.loads(b.read_bytes("meta.json"))
+                version = int(meta["schema_version"])
+                fmt = meta["format"]
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise CorruptSegmentError(f"{b.describe()}/meta.json is unreadable: {exc!r}") from None
+            if fmt != FORMAT:
+                raise StoreConfigError(f"{b.describe()} holds {fmt!r}, not an event store")
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{b.describe()} was written by schema version {version}; this code reads <= {SCHEMA_VERSION}")
+            if version == SCHEMA_VERSION:
+                return
+        b.write_atomic("meta.json", orjson.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION}))
+
+    def _segment_files(self) -> list[tuple[int, int]]:
+        out = []
+        for name, size in self._b.listdir("segments"):
+            if name.endswith(".tmp"):
+                self._b.remove(f"segments/{name}")  # a rewrite that died before its rename
+                continue
+            stem = name[: -len(_SEG_SUFFIX)] if name.endswith(_SEG_SUFFIX) else ""
+            if len(stem) != 20 or not stem.isdigit():
+                log.warning("ignoring unexpected file segments/%s in %s", name, self._b.describe())
+                continue
+            out.append((int(stem), size))
+        return out
+
+    def _recover_tail(self) -> None:
+        """Find last_seq from the newest segment, cutting a torn or corrupt tail back to whole batches."""
+        while self._segments:
+            first = self._segments[-1]
+            rel = _seg_name(first)
+            size = self._b.size(rel)
+            with self._b.open_read(rel) as src:
+                res = _scan_stream(src, first, rel)
+            if res.rows == 0 and len(self._segments) > 1:
+                # Nothing valid here: drop the file and let the previous segment define the end.
+                if size:
+                    log.warning("event log %s: removing %s (%s; %d bytes, no whole batch)",
+                                self._b.describe(), rel, res.problem, size)
+                self._b.remove(rel)
+                self._segments.pop()
+                continue
+            if res.good_offset < size:
+                log.warning(
+                    "event log %s: cut %s from %d to %d bytes (%s); kept %d events up to seq %d",
+                    self._b.describe(), rel, size, res.good_offset, res.problem or "data after end of stream",
+                    res.rows, first + res.rows - 1,
+                )
+                # A zero-length file stays as a placeholder whose name carries the next seq.
+                self._b.truncate(rel, res.good_offset)
+            self._last_seq = first + res.rows - 1
+            self._tail_scan = res
+            return
+        self._last_seq = 0
+        self._tail_scan = _ScanResult()
+
+    def _load_dedup(self) -> None:
+        """Remember the newest ``dedup_window`` batch ids, reading older segments only as needed."""
+        found: list[tuple[str, int, int, int]] = list(self._tail_scan.batches)
+        for first in reversed(self._segments[:-1]):
+            if sum(1 for x in found if x[0]) >= self._dedup_window:
+                break
+            older = []
+            try:
+                for batch, bid, _ in self._read_segment_batches(first):
+                    older.append((bid, batch.column(0)[0].as_py(), batch.num_rows, _content_crc(batch)))
+            except CorruptSegmentError as exc:
+                # Dedup is best effort across a damaged sealed segment; reads of it will still fail loudly.
+                log.warning("event log %s: batch ids before seq %d not loaded: %s", self._b.describe(),
+                            first, exc)
+                break
+            found = older + found
+        for bid, first, n, crc in found:
+            if bid:
+                self._remember(bid, first, n, crc)
+
+    def _remember(self, batch_id: str, first: int, n: int, crc: int) -> None:
+        self._dedup[batch_id] = (first, n, crc)
+        self._dedup.move_to_end(batch_id)
+        while len(self._dedup) > self._dedup_window:
+            self._dedup.popitem(last=False)
+
+    # -- properties --
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def first_seq(self) -> int:
+        """Oldest seq still readable (compaction moves it forward)."""
+        with self._lock:
+            return self._segments[0] if self._segments else self._last_seq + 1
+
+    @property
+    def location(self) -> str:
+        return self._b.describe()
+
+    # -- appending --
+
+    def append(self, events: Sequence[Event], batch_id: str | None = None) -> list[Recorded]:
+        """Record ``events`` as one batch; returns them with their seq, once durable under the policy.
+
+        With a ``batch_id`` seen before (within ``dedup_window`` batches, also across restarts), nothing
+        is written and the original records are returned; a different batch under the same id raises
+        ``BatchConflictError``.
+        """
+        if batch_id is not None and (type(batch_id) is not str or not batch_id):
+            raise InvalidEventError(f"batch_id must be a non-empty str or None, got {batch_id!r}")
+        events = list(events)
+        payloads = [encode(e) for e in events]  # also rejects non-events
+        with self._lock:
+            self._check_open()
+            if not events:
+                return []
+            kinds = [e.KIND for e in events]
+            if batch_id is not None and batch_id in self._dedup:
+                return self._replayed_batch(batch_id, kinds, payloads)
+            recs = self._append_locked(events, kinds, payloads, batch_id)
+            if self._state is not None:
+                self._state = replay(recs, self._state)
+                if self._last_seq - self._last_snapshot_seq >= self._snapshot_every:
+                    try:
+                        self._write_snapshot_locked(self._state)
+                    except Exception:
+                        # The batch is recorded; failing its append now would invite a duplicate retry.
+                        # A snapshot only shortens restarts, so log loudly and try again later.
+                        log.exception("event log %s: automatic snapshot at seq %d failed",
+                                      self._b.describe(), self._state.last_seq)
+                        self._last_snapshot_seq = self._last_seq
+            return recs
+
+    def _replayed_batch(self, batch_id: str, kinds: list[str], payloads: list[bytes]) -> list[Recorded]:
+        first, n, crc = self._dedup[batch_id]
+        probe = pa.record_batch([pa.array(kinds, pa.string()), pa.array(payloads, pa.binary())],
+                                names=["kind", "payload"])
+        if n != len(kinds) or _column_crc(probe.column(1), _column_crc(probe.column(0), 0)) != crc:
+            raise BatchConflictError(f"batch id {batch_id!r} was used for a different batch (seq {first}..)")
+        log.info("batch %s already recorded at seq %d..%d; not written again", batch_id, first, first + n - 1)
+        return list(self.read(first, first + n - 1))
+
+    def _append_locked(self, events: list[Event], kinds: list[str], payloads: list[bytes],
+                       batch_id: str | None) -> list[Recorded]:
+        n = len(events)
+        first = self._last_seq + 1
+        ts = time.time()
+        subjects = [e.subject for e in events]
+        batch = pa.record_batch(
+            [
+                pa.array(np.arange(first, first + n, dtype=np.int64)),
+                pa.array(np.full(n, ts, dtype=np.float64)),
+                pa.array(kinds, pa.string()),
+                pa.array(subjects, pa.string()),
+                pa.array(payloads, pa.binary()),
+            ],
+            schema=SEGMENT_SCHEMA,
+        )
+        meta = {"crc32": str(_batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
+        if self._writer is None:
+            self._start_segment(first)
+        before = self._active_bytes
+        try:
+            self._writer.write_batch(batch, custom_metadata=meta)
+            data = self._collector.take()
+            self._file.write(data)
+            if self._fsync == "always":
+                self._file.sync()
+                self._last_sync = time.monotonic()
+            elif self._fsync == "interval":
+                self._dirty = True
+                if time.monotonic() - self._last_sync >= self._fsync_interval_s:
+                    self._sync_locked()
+        except BaseException:
+            self._abandon_segment(before)
+            raise
+        self._active_bytes += len(data)
+        self._active_batches.append(batch)
+        self._last_seq = first + n - 1
+        if batch_id is not None:
+            self._remember(batch_id, first, n, _content_crc(batch))
+        if self._active_bytes >= self._segment_bytes:
+            self._seal_segment()
+        return [Recorded(first + i, ts, e) for i, e in enumerate(events)]
+
+    def _start_segment(self, first: int) -> None:
+        self._file = self._b.create(_seg_name(first))
+        self._collector = _Collector()
+        self._writer = ipc.new_stream(pa.PythonFile(self._collector, mode="w"), SEGMENT_SCHEMA,
+                                      options=self._options)
+        self._active_first = first
+        self._active_bytes = 0
+        self._active_batches = []
+        if not self._segments or self._segments[-1] != first:
+            self._segments.append(first)
+        if self._fsync != "never":
+            self._b.sync_dir("segments")
+
+    def _seal_segment(self) -> None:
+        """Close the segment being written (end-of-stream marker, fsync); the next append starts one."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.write(self._collector.take())
+        if self._fsync != "never":
+            self._file.sync()
+        self._file.close()
+        self._writer = self._file = None
+        self._active_batches = []
+        self._dirty = False
+
+    def _abandon_segment(self, good_bytes: int) -> None:
+        """A write failed part-way: cut the segment back to its last whole batch and seal it there."""
+        log.error("event log %s: write failed; cutting %s back to %d bytes",
+                  self._b.describe(), _seg_name(self._active_first), good_bytes)
+        try:
+            self._file.truncate(good_bytes)
+        except OSError:
+            log.exception("could not truncate; the torn tail will be repaired on the next open")
+        try:
+            self._file.close()
+        except OSError:
+            log.exception("closing the failed segment")
+        self._writer = self._file = None
+        self._active_batches = []
+        self._collector = _Collector()
+
+    def _sync_locked(self) -> None:
+        if self._file is not None and self._dirty:
+            self._file.sync()
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def sync(self) -> None:
+        """Make everything appended so far durable now, whatever the policy."""
+        with self._lock:
+            self._check_open()
+            if self._file is not None:
+                self._file.sync()
+            self._dirty = False
+            self._last_sync = time.monotonic()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self._fsync_interval_s):
+            with self._lock:
+                if self._closed:
+                    return
+                if self._dirty:
+                    try:
+                        self._sync_locked()
+                    except OSError:
+                        log.exception("background fsync of the event log failed")
+
+    # -- reading --
+
+    def read(self, start_seq: int = 1, end_seq: int | None = None, kinds: Iterable[str] | None = None,
+             subject: str | None = None) -> Iterator[Recorded]:
+        """Records with start_seq <= seq <= end_seq (default: up to last_seq now), optionally only of
+        ``kinds`` and/or about ``subject``, in seq order. Raises CompactedRangeError for removed seqs."""
+        for batch, version in self._batches(start_seq, end_seq, kinds, subject):
+            seqs = batch.column(0).to_pylist()
+            tss = batch.column(1).to_pylist()
+            ks = batch.column(2).to_pylist()
+            payloads = batch.column(4).to_pylist()
+            for seq, ts, kind, payload in zip(seqs, tss, ks, payloads, strict=True):
+                yield Recorded(seq, ts, decode(kind, payload, version, trusted=True))
+
+    def read_arrow(self, start_seq: int = 1, end_seq: int | None = None, kinds: Iterable[str] | None = None,
+                   subject: str | None = None) -> pa.Table:
+        """The same selection as ``read``, as an Arrow table with payloads still encoded."""
+        batches = [b for b, _ in self._batches(start_seq, end_seq, kinds, subject)]
+        return pa.Table.from_batches(batches, schema=SEGMENT_SCHEMA)
+
+    def tail(self, n: int = 100) -> list[Recorded]:
+        """The newest ``n`` records still in the log."""
+        last = self._last_seq
+        return list(self.read(max(self.first_seq, last - n + 1), last))
+
+    def _batches(self, start_seq: int, end_seq: int | None, kinds: Iterable[str] | None,
+                 subject: str | None) -> Iterator[tuple[pa.RecordBatch, int]]:
+        if type(start_seq) is not int or start_seq < 1:
+            raise ValueError(f"start_seq must be an int >= 1, got {start_seq!r}")
+        kind_set = None if kinds is None else pa.array(sorted(set(kinds)), pa.string())
+        with self._lock:
+            self._check_open()
+            last = self._last_seq if end_seq is None else min(end_seq, self._last_seq)
+            first_available = self._segments[0] if self._segments else self._last_seq + 1
+            if start_seq < first_available and start_seq <= last:
+                raise CompactedRangeError(f"seq {start_seq}.. was compacted away; the log starts at {first_available}")
+            segments = list(self._segments)
+            active_first = self._active_first if self._writer is not None else None
+            active = list(self._active_batches)
+        if start_seq > last:
+            return
+        for i, first in enumerate(segments):
+            seg_end = segments[i + 1] - 1 if i + 1 < len(segments) else last
+            if seg_end < start_seq or first > last:
+                continue
+            if first == active_first:
+                source: Iterable[tuple[pa.RecordBatch, str, int]] = ((b, "", SCHEMA_VERSION) for b in active)
+            else:
+                source = self._read_segment_batches(first)
+            for batch, _meta, version in source:
+                b_first = batch.column(0)[0].as_py()
+                b_last = b_first + batch.num_rows - 1
+                if b_last < start_seq:
+                    continue
+                if b_first > last:
+                    break
+                sel = _select(batch, start_seq, last, b_first, b_last, kind_set, subject)
+                if sel.num_rows:
+                    yield sel, version
+
+    def _read_segment_batches(self, first: int) -> Iterator[tuple[pa.RecordBatch, str, int]]:
+        """(batch, batch id, schema version) of a stored segment, each checked; a bad one raises
+        CorruptSegmentError."""
+        rel = _seg_name(first)
+        try:
+            src = self._b.open_read(rel)
+        except FileNotFoundError:
+            raise CompactedRangeError(f"{rel} was removed while reading") from None
+        with src:
+            if src.size() == 0:
+                return
+            try:
+                reader = ipc.open_stream(src)
+            except Exception as exc:
+                raise CorruptSegmentError(f"{self._b.describe()}/{rel}: unreadable header: {exc}") from None
+            version = _stream_version(reader.schema, rel)
+            expected = first
+            while True:
+                try:
+                    batch, meta = reader.read_next_batch_with_custom_metadata()
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    raise CorruptSegmentError(
+                        f"{self._b.describe()}/{rel}: unreadable batch after seq {expected - 1}: {exc}") from None
+                problem, batch_id = _check_batch(batch, meta, expected)
+                if problem is not None:
+                    raise CorruptSegmentError(f"{self._b.describe()}/{rel}: batch after seq {expected - 1}: {problem}")
+                expected += batch.num_rows
+                yield batch, batch_id, version
+
+    # -- snapshots --
+
+    def write_snapshot(self, seq: int, state: PoolState) -> str:
+        """Store ``state`` (the projection as of ``seq``) and record a SnapshotWritten event.
+        Returns the snapshot's path relative to the store."""
+        with self._lock:
+            self._check_open()
+            if not isinstance(state, PoolState):
+                raise SnapshotError(f"state must be a PoolState, got {type(state).__name__}")
+            if state.last_seq != seq or not 0 < seq <= self._last_seq:
+                raise SnapshotError(
+                    f"cannot snapshot at seq {seq}: state is at {state.last_seq}, log at {self._last_seq}")
+            return self._write_snapshot_locked(state)
+
+    def _write_snapshot_locked(self, state: PoolState) -> str:
+        seq = state.last_seq
+        batch = pa.record_batch([pa.array([state_to_json(state)], pa.binary())], schema=_SNAPSHOT_SCHEMA)
+        schema = _SNAPSHOT_SCHEMA.with_metadata({
+            _VERSION_KEY: str(SCHEMA_VERSION).encode(),
+            b"webpool.state_version": str(STATE_VERSION).encode(),
+            b"webpool.seq": str(seq).encode(),
+        })
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, schema, options=self._options) as w:
+            w.write_batch(batch, custom_metadata={"crc32": str(_column_crc(batch.column(0), 0))})
+        rel = _snap_name(seq)
+        self._b.write_atomic(rel, sink.getvalue().to_pybytes())
+        self._last_snapshot_seq = seq
+        self._prune_snapshots()
+        marker = SnapshotWritten(snapshot_seq=seq, path=rel)
+        recs = self._append_locked([marker], [marker.KIND], [encode(marker)], None)
+        if self._state is not None:
+            self._state = replay(recs, self._state)
+        log.info("event log %s: snapshot at seq %d (%s)", self._b.describe(), seq, rel)
+        return rel
+
+    def _snapshot_seqs(self) -> list[int]:
+        out = []
+        for name, _ in self._b.listdir("snapshots"):
+            stem = name[: -len(_SNAP_SUFFIX)] if name.endswith(_SNAP_SUFFIX) else ""
+            if len(stem) == 20 and stem.isdigit():
+                out.append(int(stem))
+            elif name.endswith(".tmp"):
+                self._b.remove(f"snapshots/{name}")
+        return sorted(out)
+
+    def _prune_snapshots(self) -> None:
+        seqs = self._snapshot_seqs()
+        for seq in seqs[: -self._keep_snapshots]:
+            self._b.remove(_snap_name(seq))
+
+    def _read_snapshot(self, seq: int) -> PoolState:
+        rel = _snap_name(seq)
+        try:
+            with self._b.open_read(rel) as src:
+                reader = ipc.open_stream(src)
+                meta = reader.schema.metadata or {}
+                _stream_version(reader.schema, rel)
+                if int(meta.get(b"webpool.state_version", b"0")) != STATE_VERSION:
+                    raise SnapshotError(f"{rel}: state version {meta.get(b'webpool.state_version')!r}, "
+                                        f"this code uses {STATE_VERSION}")
+                batch, bmeta = reader.read_next_batch_with_custom_metadata()
+                col = batch.column(0)
+                if len(col) != 1 or int(bmeta[b"crc32"]) != _column_crc(col, 0):
+                    raise SnapshotError(f"{rel}: checksum mismatch")
+                state = state_from_json(col[0].as_py())
+        except (SnapshotError, SchemaVersionError):
+            raise
+        except Exception as exc:  # any damage makes this snapshot unusable, not the log
+            raise SnapshotError(f"{rel}: unreadable: {exc!r}") from None
+        if state.last_seq != seq:
+            raise SnapshotError(f"{rel}: holds state at seq {state.last_seq}")
+        return state
+
+    def latest_snapshot(self) -> Snapshot | None:
+        """The newest readable snapshot not beyond last_seq (a damaged one is skipped with a warning)."""
+        with self._lock:
+            self._check_open()
+            seqs = [s for s in self._snapshot_seqs() if s <= self._last_seq]
+        for seq in reversed(seqs):
+            try:
+                return Snapshot(seq, self._read_snapshot(seq), _snap_name(seq))
+            except (SnapshotError, SchemaVersionError) as exc:
+                log.warning("event log %s: skipping snapshot %d: %s", self._b.describe(), seq, exc)
+        return None
+
+    def project(self) -> PoolState:
+        """The state at last_seq from the newest usable snapshot plus the events after it."""
+        last = self._last_seq
+        snap = self.latest_snapshot()
+        if snap is None:
+            return replay(self.read(1, last))
+        return replay(self.read(snap.seq + 1, last), snap.state)
+
+    def state(self) -> PoolState:
+        """The projected state now: kept current when snapshot_every is set, else computed."""
+        with self._lock:
+            if self._state is not None:
+                return self._state
+        return self.project()
+
+    # -- compaction --
+
+    def compact(self, archive: bool = False) -> dict[str, int]:
+        """Remove sealed segments wholly behind the oldest kept snapshot (optionally archiving them
+        to Parquet first). The newest segment is never removed."""
+        with self._lock:
+            self._check_open()
+            snaps = [s for s in self._snapshot_seqs() if s <= self._last_seq]
+            removed = 0
+            if snaps:
+                horizon = snaps[0]
+                while len(self._segments) > 1 and self._segments[1] - 1 <= horizon:
+                    first, end = self._segments[0], self._segments[1] - 1
+                    if archive:
+                        self._archive(first, end)
+                    self._b.remove(_seg_name(first))
+                    self._segments.pop(0)
+                    removed += 1
+                if removed:
+                    self._b.sync_dir("segments")
+                    log.info("event log %s: compacted %d segments; log starts at seq %d",
+                             self._b.describe(), removed, self._segments[0])
+            return {"removed_segments": removed, "first_seq": self.first_seq, "last_seq": self._last_seq}
+
+    def _archive(self, first: int, end: int) -> None:
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_batches([b for b, _, _ in self._read_segment_batches(first)], schema=SEGMENT_SCHEMA)
+        self._b.makedirs("archive")
+        rel = f"archive/{first:020d}-{end:020d}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self._b.write_atomic(rel, sink.getvalue().to_pybytes())
+
+    # -- closing --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"event store {self._b.describe()} is closed")
+
+    def close(self) -> None:
+        """Seal the segment being written, make it durable, and release the writer lock."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            try:
+                self._seal_segment()
+            finally:
+                self._b.unlock()
+        if self._flusher is not None:
+            self._flusher.join(timeout=5)
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _select(batch: pa.RecordBatch, start: int, end: int, b_first: int, b_last: int,
+            kind_set: pa.Array | None, subject: str | None) -> pa.RecordBatch:
+    if b_first < start or b_last > end:
+        batch = batch.slice(max(0, start - b_first), min(b_last, end) - max(b_first, start) + 1)
+    mask = None
+    if kind_set is not None:
+        mask = pc.is_in(batch.column(2), value_set=kind_set)
+    if subject is not None:
+        m = pc.equal(batch.column(3), pa.scalar(subject, pa.string()))
+        mask = m if mask is None else pc.and_(mask, m)
+    return batch if mask is None else batch.filter(mask)
+
+
+__all__ = ["COMPRESSIONS", "FSYNC_POLICIES", "SEGMENT_SCHEMA", "EventStore", "Snapshot"]

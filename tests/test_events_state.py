@@ -1,0 +1,381 @@
+"""Projections: one test per event kind's apply, the queries, and the replay properties."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from events.errors import SequenceGapError, SnapshotError
+from events.schema import (
+    EVENT_TYPES,
+    BrowserConnected,
+    BrowserDisconnected,
+    BrowserFailed,
+    BrowserHealthReported,
+    BrowserLaunched,
+    BrowserRetired,
+    FailureCategory,
+    ModelLoaded,
+    ModelUnloaded,
+    OperationCompleted,
+    OperationFailed,
+    OperationStarted,
+    Recorded,
+    RecoveryCompleted,
+    RecoveryStarted,
+    RecoveryStepFinished,
+    SessionClosed,
+    SessionOpened,
+    SnapshotWritten,
+    TokensAppended,
+)
+from events.state import (
+    BrowserState,
+    ModelState,
+    OperationState,
+    PoolState,
+    RecoveryStep,
+    ResourceState,
+    SessionState,
+    apply,
+    browsers_alive,
+    models_on,
+    open_operations,
+    recovery_statistics,
+    replay,
+    state_from_json,
+    state_to_json,
+)
+from events.store import EventStore
+
+
+def records(*events, start: int = 1) -> list[Recorded]:
+    return [Recorded(start + i, 1000.0 + start + i, e) for i, e in enumerate(events)]
+
+
+def run(*events) -> PoolState:
+    return replay(records(*events))
+
+
+def launched(bid: str = "b1", standby: bool = False) -> BrowserLaunched:
+    return BrowserLaunched(bid, "chromium", ("wasm", "webgpu"), 4242, "node-1", standby)
+
+
+# --- one test per kind ---
+
+
+def test_browser_launched():
+    s = run(launched())
+    assert s.browsers == {"b1": BrowserState("b1", "chromium", ("wasm", "webgpu"), 4242, "node-1", False,
+                                             status="launched", launched_seq=1)}
+    assert s.metrics == {"browsers_launched": 1} and s.last_seq == 1 and s.last_ts == 1001.0
+
+
+def test_browser_launched_again_is_a_fresh_process_holding_nothing():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 5.0), BrowserHealthReported("b1", 300.0, ("m",)),
+            BrowserFailed("b1", FailureCategory.CRASH, "gone"), launched())
+    assert s.browsers["b1"].status == "launched" and s.browsers["b1"].failures == 1
+    assert s.browsers["b1"].launched_seq == 5
+    assert models_on(s, "b1") == [] and s.resources == {}
+
+
+def test_browser_connected():
+    assert run(launched(), BrowserConnected("b1")).browsers["b1"].status == "connected"
+
+
+def test_browser_disconnected():
+    b = run(launched(), BrowserConnected("b1"), BrowserDisconnected("b1", "cdp closed")).browsers["b1"]
+    assert (b.status, b.status_reason) == ("disconnected", "cdp closed")
+
+
+def test_browser_failed_keeps_models_for_recovery():
+    s = run(launched(), ModelLoaded("b1", "m", "0-9", "h", "wasm", 5.0),
+            BrowserFailed("b1", FailureCategory.DEVICE_LOST, "device lost"))
+    b = s.browsers["b1"]
+    assert (b.status, b.failures, b.last_failure, b.last_error) == ("failed", 1, FailureCategory.DEVICE_LOST,
+                                                                    "device lost")
+    assert [m.model for m in models_on(s, "b1")] == ["m"]
+    assert s.metrics["browser_failures"] == 1 and s.metrics["browser_failures.device_lost"] == 1
+
+
+def test_browser_retired_drops_models_and_resources():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 5.0), BrowserHealthReported("b1", 1.0, ()),
+            BrowserRetired("b1", "replaced"))
+    assert s.browsers["b1"].status == "retired" and s.browsers["b1"].status_reason == "replaced"
+    assert s.models == {} and s.resources == {} and s.metrics["browsers_retired"] == 1
+
+
+def test_browser_health_reported():
+    s = run(launched(), BrowserHealthReported("b1", 812.5, ("m1", "m2")))
+    assert s.resources == {"b1": ResourceState("b1", 812.5, ("m1", "m2"), reported_seq=2, reported_ts=1002.0)}
+
+
+def test_model_loaded():
+    s = run(launched(), ModelLoaded("b1", "smollm2", "10-19", "abc", "wasm", 4100.0))
+    assert s.models == {("b1", "smollm2", "10-19"): ModelState("b1", "smollm2", "10-19", "abc", "wasm", 4100.0, 2)}
+    assert s.metrics["models_loaded"] == 1
+
+
+def test_model_unloaded():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 1.0), ModelLoaded("b1", "n", None, "h", "wasm", 1.0),
+            ModelUnloaded("b1", "m", None))
+    assert list(s.models) == [("b1", "n", None)] and s.metrics["models_unloaded"] == 1
+
+
+def test_operation_started():
+    s = run(launched(), OperationStarted("op1", "m", "b1", "infer", "sha:1"))
+    assert s.operations == {"op1": OperationState("op1", "m", "b1", "infer", "sha:1", 2, 1002.0)}
+    assert s.metrics["operations_started"] == 1
+
+
+def test_operation_completed():
+    s = run(OperationStarted("op1", "m", "b1", "infer", "d"), OperationCompleted("op1", 12.5, {"tokens": 3}),
+            OperationStarted("op2", "m", "b1", "infer", "d"), OperationCompleted("op2", 7.5, {}))
+    assert s.operations == {}
+    assert s.metrics["operations_completed"] == 2 and s.metrics["operation_ms_total"] == 20.0
+
+
+def test_operation_failed():
+    s = run(OperationStarted("op1", "m", "b1", "infer", "d"), OperationFailed("op1", FailureCategory.TIMEOUT, "slow"))
+    assert s.operations == {}
+    assert s.metrics["operations_failed"] == 1 and s.metrics["operations_failed.timeout"] == 1
+
+
+def test_recovery_started():
+    s = run(RecoveryStarted("r1", "b1", "progressive", 1, FailureCategory.CRASH))
+    assert s.recoveries["r1"].strategy == "progressive" and s.recoveries["r1"].steps == ()
+    assert s.metrics["recovery_attempts"] == 1
+
+
+def test_recovery_step_finished():
+    s = run(RecoveryStarted("r1", "b1", "progressive", 1, FailureCategory.CRASH),
+            RecoveryStepFinished("r1", "reconnect", False, 40.0, "refused"),
+            RecoveryStepFinished("r1", "restart", True, 900.0, None))
+    assert s.recoveries["r1"].steps == (RecoveryStep("reconnect", False, 40.0, "refused"),
+                                        RecoveryStep("restart", True, 900.0, None))
+
+
+def test_recovery_completed():
+    s = run(RecoveryStarted("r1", "b1", "failover", 1, FailureCategory.CRASH),
+            RecoveryCompleted("r1", "b1", True, "b2", 1200.0),
+            RecoveryStarted("r2", "b2", "restart", 1, FailureCategory.MEMORY),
+            RecoveryCompleted("r2", "b2", False, None, 300.0))
+    assert s.recoveries == {}
+    assert (s.metrics["recovery_successes"], s.metrics["recovery_failures"], s.metrics["recovery_ms_total"]) == (
+        1, 1, 1500.0)
+
+
+def test_session_opened():
+    s = run(SessionOpened("s1", "smollm2", {"shards": [[0, 10], [10, 20], [20, 30]]}))
+    assert s.sessions == {"s1": SessionState("s1", "smollm2", {"shards": [[0, 10], [10, 20], [20, 30]]}, (), 1)}
+
+
+def test_tokens_appended():
+    s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1, 2, 3)), TokensAppended("s1", (4,)))
+    assert s.sessions["s1"].tokens == (1, 2, 3, 4) and s.metrics["tokens_appended"] == 4
+
+
+def test_session_closed():
+    s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1,)), SessionClosed("s1", "eos"))
+    assert s.sessions == {} and s.metrics["sessions_closed"] == 1
+
+
+def test_snapshot_written():
+    s = run(launched(), SnapshotWritten(1, "snapshots/1.snap"))
+    assert s.metrics["snapshots"] == 1 and s.metrics["last_snapshot_seq"] == 1
+
+
+def test_every_kind_has_a_test_above():
+    tested = {name for name in globals() if name.startswith("test_")}
+    for kind in EVENT_TYPES:
+        snake = "".join("_" + c.lower() if c.isupper() else c for c in kind).lstrip("_")
+        assert any(t == f"test_{snake}" or t.startswith(f"test_{snake}_") for t in tested), kind
+
+
+# --- anomalies, order, purity ---
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        BrowserConnected("ghost"), BrowserDisconnected("ghost", "x"), BrowserFailed("ghost", FailureCategory.CRASH, ""),
+        BrowserRetired("ghost", "x"), BrowserHealthReported("ghost", 1.0, ()),
+        ModelLoaded("ghost", "m", None, "h", "wasm", 1.0), ModelUnloaded("b1", "never-loaded", None),
+        OperationCompleted("ghost", 1.0, {}), OperationFailed("ghost", FailureCategory.CRASH, ""),
+        RecoveryStepFinished("ghost", "s", True, 1.0, None), RecoveryCompleted("ghost", "b", True, None, 1.0),
+        TokensAppended("ghost", (1,)), SessionClosed("ghost", "x"),
+    ],
+)
+def test_events_about_unknown_subjects_only_count_an_anomaly(event):
+    before = run(launched())
+    after = apply(before, Recorded(2, 5.0, event))
+    assert after.metrics == {**before.metrics, f"anomaly.{event.KIND}": 1}
+    assert (after.browsers, after.models, after.operations, after.sessions) == (
+        before.browsers, before.models, before.operations, before.sessions)
+
+
+def test_duplicate_starts_are_anomalies_not_overwrites():
+    s = run(OperationStarted("op1", "m", "b1", "infer", "d1"), OperationStarted("op1", "m", "b2", "infer", "d2"),
+            SessionOpened("s", "m", {}), SessionOpened("s", "other", {}),
+            RecoveryStarted("r", "b1", "restart", 1, FailureCategory.CRASH),
+            RecoveryStarted("r", "b1", "failover", 2, FailureCategory.CRASH))
+    assert s.operations["op1"].browser_id == "b1" and s.sessions["s"].model == "m"
+    assert s.recoveries["r"].strategy == "restart"
+    assert {k: v for k, v in s.metrics.items() if k.startswith("anomaly.")} == {
+        "anomaly.OperationStarted": 1, "anomaly.SessionOpened": 1, "anomaly.RecoveryStarted": 1}
+
+
+def test_records_must_follow_without_gap_or_repeat():
+    s = run(launched())
+    with pytest.raises(SequenceGapError, match="seq 3"):
+        apply(s, Recorded(3, 1.0, BrowserConnected("b1")))
+    with pytest.raises(SequenceGapError, match="seq 1"):
+        apply(s, Recorded(1, 1.0, BrowserConnected("b1")))
+    with pytest.raises(SequenceGapError):
+        replay(records(launched(), start=5))
+
+
+def test_apply_leaves_its_input_untouched():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 1.0), OperationStarted("op", "m", "b1", "i", "d"))
+    frozen = state_to_json(s)
+    s2 = apply(s, Recorded(4, 9.0, OperationCompleted("op", 1.0, {})))
+    s3 = apply(s2, Recorded(5, 9.5, BrowserRetired("b1", "done")))
+    assert state_to_json(s) == frozen
+    assert s.operations and s.models and not s3.models and s2.models is s.models  # untouched maps are shared
+
+
+# --- queries ---
+
+
+def test_queries():
+    s = run(launched("b1"), launched("b2", standby=True), launched("b3"), BrowserConnected("b1"),
+            BrowserFailed("b3", FailureCategory.CRASH, "x"), launched("b4"), BrowserRetired("b4", "idle"),
+            ModelLoaded("b1", "m2", None, "h", "wasm", 1.0), ModelLoaded("b1", "m1", "1", "h", "wasm", 1.0),
+            ModelLoaded("b2", "m1", None, "h", "wasm", 1.0),
+            OperationStarted("late", "m", "b1", "i", "d"), OperationStarted("early", "m", "b1", "i", "d"),
+            OperationCompleted("late", 1.0, {}), OperationStarted("later", "m", "b2", "i", "d"),
+            RecoveryStarted("r1", "b3", "restart", 1, FailureCategory.CRASH),
+            RecoveryCompleted("r1", "b3", True, "b5", 5),
+            RecoveryStarted("r2", "b3", "restart", 2, FailureCategory.CRASH),
+            RecoveryCompleted("r2", "b3", False, None, 5),
+            RecoveryStarted("r3", "b3", "restart", 3, FailureCategory.CRASH))
+    assert [b.browser_id for b in browsers_alive(s)] == ["b1", "b2"]
+    assert [(m.model, m.shard) for m in models_on(s, "b1")] == [("m1", "1"), ("m2", None)]
+    assert models_on(s, "nobody") == []
+    assert [o.op_id for o in open_operations(s)] == ["early", "later"]
+    assert recovery_statistics(s) == {"recovery_attempts": 3, "recovery_successes": 1, "recovery_failures": 1,
+                                      "success_rate": 1 / 3, "active_browsers": 2, "total_browsers": 4}
+    assert recovery_statistics(PoolState())["success_rate"] == 0.0
+
+
+# --- snapshot serialisation ---
+
+
+def test_state_json_rejects_other_versions_and_garbage():
+    doc = state_to_json(run(launched())).replace(b'"state_version":1', b'"state_version":2')
+    with pytest.raises(SnapshotError, match="version"):
+        state_from_json(doc)
+    for bad in (b"", b"[]", b'{"state_version": 1}', b"\xff\x00"):
+        with pytest.raises(SnapshotError):
+            state_from_json(bad)
+
+
+# --- properties over random event sequences ---
+
+BROWSERS = st.sampled_from(["b1", "b2", "b3"])
+OPS = st.sampled_from(["o1", "o2", "o3", "o4"])
+RECOVERIES = st.sampled_from(["r1", "r2"])
+SESSIONS = st.sampled_from(["s1", "s2"])
+MODELS = st.sampled_from(["minilm", "smollm2"])
+SHARDS = st.sampled_from([None, "0-9", "10-19"])
+CATS = st.sampled_from(FailureCategory)
+TEXT = st.text(max_size=6)
+MS = st.floats(0, 1e5, allow_nan=False)
+SMALL_JSON = st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.floats(-1e3, 1e3) | st.text(max_size=3),
+                             max_size=3)
+
+pool_events = st.one_of(
+    st.builds(BrowserLaunched, BROWSERS, st.sampled_from(["chromium", "edge"]), st.lists(TEXT, max_size=2).map(tuple),
+              st.none() | st.integers(1, 99999), TEXT, st.booleans()),
+    st.builds(BrowserConnected, BROWSERS),
+    st.builds(BrowserDisconnected, BROWSERS, TEXT),
+    st.builds(BrowserFailed, BROWSERS, CATS, TEXT),
+    st.builds(BrowserRetired, BROWSERS, TEXT),
+    st.builds(BrowserHealthReported, BROWSERS, MS, st.lists(MODELS, max_size=2).map(tuple)),
+    st.builds(ModelLoaded, BROWSERS, MODELS, SHARDS, TEXT, st.sampled_from(["wasm", "webgpu"]), MS),
+    st.builds(ModelUnloaded, BROWSERS, MODELS, SHARDS),
+    st.builds(OperationStarted, OPS, MODELS, BROWSERS, st.sampled_from(["infer", "generate"]), TEXT),
+    st.builds(OperationCompleted, OPS, MS, SMALL_JSON),
+    st.builds(OperationFailed, OPS, CATS, TEXT),
+    st.builds(RecoveryStarted, RECOVERIES, BROWSERS, st.sampled_from(["reconnect", "restart", "failover"]),
+              st.integers(1, 3), CATS),
+    st.builds(RecoveryStepFinished, RECOVERIES, TEXT, st.booleans(), MS, st.none() | TEXT),
+    st.builds(RecoveryCompleted, RECOVERIES, BROWSERS, st.booleans(), st.none() | BROWSERS, MS),
+    st.builds(SessionOpened, SESSIONS, MODELS, SMALL_JSON),
+    st.builds(TokensAppended, SESSIONS, st.lists(st.integers(0, 49151), max_size=4).map(tuple)),
+    st.builds(SessionClosed, SESSIONS, TEXT),
+    st.builds(SnapshotWritten, st.integers(0, 100), TEXT),
+)
+
+
+@st.composite
+def logs(draw) -> list[Recorded]:
+    events = draw(st.lists(pool_events, max_size=80))
+    gaps = draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(events), max_size=len(events)))
+    ts, out = 1.7e9, []
+    for i, (e, gap) in enumerate(zip(events, gaps, strict=True)):
+        ts += gap
+        out.append(Recorded(i + 1, ts, e))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(logs(), st.data())
+def test_replay_all_equals_snapshot_plus_tail(recs, data):
+    full = replay(recs)
+    cut = data.draw(st.integers(0, len(recs)), label="snapshot at")
+    snapshot = state_from_json(state_to_json(replay(recs[:cut])))
+    assert snapshot == replay(recs[:cut])
+    assert replay(recs[cut:], snapshot) == full
+    assert functools.reduce(apply, recs, PoolState()) == full  # one apply at a time = the batched fold
+    assert state_from_json(state_to_json(full)) == full
+    assert full.last_seq == len(recs)
+
+
+def _is_store_marker(rec: Recorded) -> bool:
+    e = rec.event
+    return isinstance(e, SnapshotWritten) and e.path == f"snapshots/{e.snapshot_seq:020d}.snap"
+
+
+@settings(max_examples=30, deadline=None)
+@given(logs(), st.data())
+def test_store_snapshot_plus_tail_equals_full_replay(recs, data):
+    """The same property through real snapshot files: write in random batches, snapshot at a random
+    point, reopen, and the projection equals replaying every stored event."""
+    events = [r.event for r in recs]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(events)), max_size=6), label="batch cuts"))
+    snap_after = data.draw(st.integers(0, len(cuts)), label="snapshot after batch")
+    root = Path(tempfile.mkdtemp())
+    try:
+        with EventStore.open(root, fsync="never") as store:
+            bounds = [0, *cuts, len(events)]
+            for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+                store.append(events[a:b])
+                if i == snap_after and store.last_seq:
+                    store.write_snapshot(store.last_seq, replay(store.read()))
+        with EventStore.open(root, fsync="never", snapshot_every=1000) as store:
+            stored = list(store.read())
+            assert [r.event for r in stored if not _is_store_marker(r)] == events
+            assert store.state() == replay(stored)
+            snap = store.latest_snapshot()
+            if snap is not None:
+                assert replay(store.read(snap.seq + 1), snap.state) == replay(stored)
+    finally:
+        shutil.rmtree(root)

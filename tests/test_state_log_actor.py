@@ -1,0 +1,193 @@
+"""The StateLog actor on a real local Ray: serving, long-poll subscribe, idempotent retries, kill -9."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.state_log import get_or_create_state_log, new_batch_id
+from events.errors import StoreConfigError
+from events.schema import (
+    BrowserConnected,
+    BrowserLaunched,
+    ModelLoaded,
+    OperationCompleted,
+    OperationStarted,
+)
+from events.state import models_on, open_operations, replay
+from events.store import EventStore
+
+NAMESPACE = "webpool-tests-statelog"
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    """A real local Ray; reuses one a session fixture already started (one Ray per process)."""
+    if ray.is_initialized():
+        yield
+        return
+    # Auth: Ray 2.60 turns token auth on for local clusters and would write ~/.ray/auth_token.
+    # tests/conftest.py sets RAY_AUTH_MODE=token with a throwaway RAY_AUTH_TOKEN at import time, which
+    # is when it must happen: Ray reads them when first imported, so setting them here is too late.
+    assert os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN"), \
+        "tests/conftest.py should set RAY_AUTH_MODE/RAY_AUTH_TOKEN before ray is imported"
+    temp = tempfile.mkdtemp(prefix="wpray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def state_log(ray_up, tmp_path):
+    made = []
+
+    def make(**options):
+        name = f"statelog-{uuid.uuid4().hex[:8]}"
+        handle = get_or_create_state_log(name, tmp_path / "log", namespace=NAMESPACE, **options)
+        made.append(handle)
+        return handle
+
+    yield make
+    for h in made:
+        ray.kill(h, no_restart=True)
+
+
+def wait_until_released(path: Path, timeout: float = 20.0) -> EventStore:
+    """Open the store once the killed actor's process has let go of its lock."""
+    return EventStore.open(path, fsync="never", lock_timeout_s=timeout)
+
+
+def test_append_read_state_snapshot_and_recent(state_log, tmp_path):
+    log = state_log(fsync="always", snapshot_every=None)
+    rec = ray.get(log.append.remote(BrowserLaunched("b1", "chromium", ("wasm",), 1, "n", False)))
+    assert rec.seq == 1
+    recs = ray.get(log.append_batch.remote([BrowserConnected("b1"),
+                                            ModelLoaded("b1", "minilm", None, "ab", "wasm", 10.0)]))
+    assert [r.seq for r in recs] == [2, 3] and ray.get(log.last_seq.remote()) == 3
+    assert ray.get(log.read.remote()) == [rec, *recs]
+    assert ray.get(log.read.remote(2, 3, ["ModelLoaded"])) == recs[1:]
+    assert ray.get(log.read.remote(1, None, None, "b1", 2)) == [rec, recs[0]]
+    state = ray.get(log.state.remote())
+    assert state == replay([rec, *recs]) and [m.model for m in models_on(state, "b1")] == ["minilm"]
+    assert ray.get(log.snapshot.remote()) == 3
+    entries = ray.get(log.recent.remote(2))
+    assert [e["action"] for e in entries] == ["ModelLoaded", "SnapshotWritten"]
+    assert entries[0]["data"]["model"] == "minilm" and entries[0]["timestamp"] == recs[1].ts
+
+
+def test_subscribe_is_a_long_poll_from_a_seq(state_log):
+    log = state_log()
+    ray.get(log.append.remote(BrowserLaunched("b1", "chromium", ("wasm",), 1, "n", False)))
+    t0 = time.monotonic()
+    assert ray.get(log.subscribe.remote(2, 0.3)) == []  # nothing new: returns at the timeout
+    assert 0.25 < time.monotonic() - t0 < 5
+    pending = log.subscribe.remote(2, 30.0)
+    time.sleep(0.3)
+    ready, _ = ray.wait([pending], timeout=0)
+    assert not ready  # still waiting
+    t1 = time.monotonic()
+    ray.get(log.append_batch.remote([BrowserConnected("b1"), BrowserConnected("b1")]))
+    got = ray.get(pending, timeout=10)
+    assert time.monotonic() - t1 < 5 and [r.seq for r in got] == [2, 3]
+    assert ray.get(log.wait_for.remote(3, 0.1)) == 3
+
+
+def test_a_retried_append_with_its_batch_id_is_recorded_once(state_log):
+    log = state_log()
+    batch = [OperationStarted("op1", "m", "b1", "infer", "d"), OperationCompleted("op1", 3.0, {})]
+    bid = new_batch_id()
+    first = ray.get(log.append_batch.remote(batch, bid))
+    again = ray.get(log.append_batch.remote(batch, bid))
+    assert again == first and ray.get(log.last_seq.remote()) == 2
+
+
+def test_get_or_create_finds_the_named_actor_and_checks_its_location(ray_up, tmp_path):
+    name = f"statelog-{uuid.uuid4().hex[:8]}"
+    a = get_or_create_state_log(name, tmp_path / "log", namespace=NAMESPACE)
+    try:
+        b = get_or_create_state_log(name, tmp_path / "log", namespace=NAMESPACE)
+        assert ray.get(a.info.remote())["pid"] == ray.get(b.info.remote())["pid"]
+        with pytest.raises(StoreConfigError, match="already serves"):
+            get_or_create_state_log(name, tmp_path / "elsewhere", namespace=NAMESPACE)
+    finally:
+        ray.kill(a, no_restart=True)
+
+
+def test_kill_9_while_a_writer_appends_loses_no_acknowledged_event(state_log, tmp_path):
+    log = state_log(fsync="always", snapshot_every=25)
+    acked: list = []  # (events, records) in acknowledgement order
+    errors: list = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                events = [OperationStarted(f"op{i}", "minilm", "b1", "infer", f"d{i}"),
+                          OperationCompleted(f"op{i}", 1.0, {"i": i})]
+                recs = ray.get(log.append_batch.remote(events, f"writer-{i}"), timeout=60)
+                acked.append((events, recs))
+                i += 1
+        except Exception as exc:  # surfaced by the assertions below
+            errors.append(exc)
+
+    def wait_acked(n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(acked) < n and not errors:
+            assert time.monotonic() < deadline, f"only {len(acked)} of {n} appends acknowledged"
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    pids, restarts = [], []
+    try:
+        for target in (40, 120):
+            wait_acked(target)
+            info = ray.get(log.info.remote())
+            pids.append(info["pid"])
+            seq_at_kill = info["last_seq"]
+            t_kill = time.monotonic()
+            os.kill(info["pid"], signal.SIGKILL)
+            wait_acked(len(acked) + 1)
+            restarts.append(time.monotonic() - t_kill)
+            after = ray.get(log.info.remote())
+            assert after["pid"] != info["pid"] and after["restarted"]
+            assert after["last_seq"] >= seq_at_kill  # the sequence continues, it does not restart
+        wait_acked(len(acked) + 40)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    print(f"\nkill -9 x2: restarts served again after {[round(r, 2) for r in restarts]} s; "
+          f"{len(acked)} batches acknowledged")
+
+    def check(records: list) -> None:
+        assert [r.seq for r in records] == list(range(1, len(records) + 1))  # no gap, no duplicate
+        by_seq = {r.seq: r for r in records}
+        for _events, recs in acked:  # every acknowledged record is there, at the seq it was given
+            for r in recs:
+                assert by_seq[r.seq] == r
+        mine = [r.event for r in records if r.kind in ("OperationStarted", "OperationCompleted")]
+        assert mine == [e for events, _ in acked for e in events]  # in order, each exactly once
+        state = replay(records)
+        assert open_operations(state) == [] and not any(k.startswith("anomaly.") for k in state.metrics)
+        assert state.metrics["operations_completed"] == len(acked)
+
+    served = ray.get(log.read.remote())
+    check(served)
+    assert ray.get(log.state.remote()) == replay(served)
+    ray.kill(log, no_restart=True)
+    with wait_until_released(tmp_path / "log") as store:  # and it is all on disk
+        on_disk = list(store.read())
+    assert on_disk == served
+    check(on_disk)
