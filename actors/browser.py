@@ -86,10 +86,12 @@ def sweep_stale_temp_dirs(root: Path | None = None) -> list[Path]:
 class BrowserCore:
     """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor."""
 
-    def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS):
+    def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
+                 memory_limit_mb: int | None = None):
         self.browser_id = browser_id
         self.requested_type = browser_type
         self.num_threads = num_threads
+        self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
         self.temp_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
@@ -102,6 +104,9 @@ class BrowserCore:
         self.failure: tuple[FailureCategory, str] | None = None
         self.blocked_requests: list[str] = []
         self._closing = False
+        self.generation = 0                           # browser processes started by this actor
+        self.port = 0
+        self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
 
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -115,27 +120,89 @@ class BrowserCore:
         t0 = time.perf_counter()
         self.server = PageServer()
         await self.server.start()
-        self.proc, port = await chromium.launch(self.exe, self.temp_dir / "profile")
         self.pw = await async_playwright().start()
-        self.browser = await self.pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
-        self.browser.on("disconnected", self._on_disconnected)
-        await self._open_page()
+        await self._launch_browser()
         ms = (time.perf_counter() - t0) * 1000
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
         return self.info() | {"start_ms": ms}
+
+    async def _launch_browser(self) -> None:
+        """A new Chromium process with a fresh profile, connected, with the runtime page open."""
+        assert self.exe is not None and self.temp_dir is not None
+        self.generation += 1
+        self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
+        await self._connect()
+        await self._open_page()
+
+    async def _connect(self) -> None:
+        assert self.pw is not None
+        self.browser = await self.pw.chromium.connect_over_cdp(f"http://127.0.0.1:{self.port}")
+        self.browser.on("disconnected", self._on_disconnected)
 
     async def _open_page(self) -> None:
         assert self.browser is not None and self.server is not None
         context = self.browser.contexts[0]
         self.page = context.pages[0] if context.pages else await context.new_page()
-        self.page.on("crash", self._on_crash)
-        await self.page.route("**/*", self._route)
-        self.page_cdp = await context.new_cdp_session(self.page)
+        await self._attach_page()
         await self.page.goto(self.server.base_url + "index.html", timeout=PAGE_READY_WAIT * 1000)
         await self.page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
         self.capabilities = await self.page.evaluate(
             "(opts) => window.webpool.init(opts)", {"numThreads": self.num_threads}
         )
+
+    async def _attach_page(self) -> None:
+        assert self.page is not None
+        self.page.on("crash", self._on_crash)
+        await self.page.route("**/*", self._route)
+        self.page_cdp = await self.page.context.new_cdp_session(self.page)
+
+    # ----- recovery in place ----------------------------------------------------------------------
+    async def reconnect(self) -> dict[str, Any]:
+        """Re-attach to the same, still running browser and page: page state (models) is kept.
+
+        Fails with BrowserFailure if the browser process or the page is gone (nothing to reconnect to).
+        """
+        t0 = time.perf_counter()
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "browser process is gone; cannot reconnect")
+        if self.failure is not None and self.failure[0] is FailureCategory.CRASH:
+            raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "page crashed; cannot reconnect")
+        if self.failure is not None and self.failure[0] is FailureCategory.TIMEOUT:
+            await self._terminate_script()
+        if self.browser is not None and self.browser.is_connected():
+            self._closing = True
+            try:
+                await self.browser.close()         # CDP-connected: only disconnects
+            except PlaywrightError:
+                pass
+            self._closing = False
+        self.failure = None
+        await self._connect()
+        assert self.browser is not None and self.server is not None
+        ours = [p for p in self.browser.contexts[0].pages if p.url.startswith(self.server.base_url)]
+        if not ours:
+            raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "runtime page is gone; cannot reconnect")
+        self.page = ours[0]
+        await self._attach_page()
+        page = await self._evaluate("() => window.webpool.health()", None, HEALTH_TIMEOUT)
+        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
+
+    async def restart(self) -> dict[str, Any]:
+        """Replace the browser process (the old one is killed); its models must be loaded again."""
+        t0 = time.perf_counter()
+        self._closing = True
+        if self.browser is not None:
+            try:
+                await asyncio.wait_for(self.browser.close(), 2.0)
+            except (PlaywrightError, asyncio.TimeoutError):
+                pass
+        if self.proc is not None:
+            chromium.terminate(self.proc, grace=0.5)
+        self._closing = False
+        self.failure = None
+        self.corrupt_outputs = False
+        await self._launch_browser()
+        return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -217,7 +284,7 @@ class BrowserCore:
                     break
                 await asyncio.sleep(0.01)
             self._check()
-            raise _page_error(exc) from None
+            raise _page_error(self.browser_id, exc) from None
 
     async def _terminate_script(self) -> None:
         if self.page_cdp is not None:
@@ -273,6 +340,14 @@ class BrowserCore:
         """Loaded models, states, PIDs and memory of this browser; raises BrowserFailure if it is gone."""
         page = await self._evaluate("() => window.webpool.health()", None, HEALTH_TIMEOUT)
         pids = await self.process_ids()
+        memory = sum(_pss_bytes(pid) for pid in pids.values())
+        if self.memory_limit_bytes and memory > self.memory_limit_bytes:
+            self._fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
+                                               f"{self.memory_limit_bytes >> 20} MiB")
+            self._check()
+        if page["gpuDeviceLost"]:
+            self._fail(FailureCategory.DEVICE_LOST, f"WebGPU device lost: {page['gpuDeviceLost']}")
+            self._check()
         return {
             **self.info(),
             "models": page["models"],
@@ -281,7 +356,8 @@ class BrowserCore:
             "js_heap_bytes": page["jsHeapBytes"],
             "gpu_device_lost": page["gpuDeviceLost"],
             "pids": pids,
-            "memory_bytes": sum(_rss_bytes(pid) for pid in pids.values()),
+            "memory_bytes": memory,
+            "memory_limit_bytes": self.memory_limit_bytes,
             "blocked_requests": len(self.blocked_requests),
             "temp_dir": str(self.temp_dir),
         }
@@ -301,14 +377,17 @@ class BrowserCore:
         return pids
 
 
-FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect")
+FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
+          "corrupt_output")
 
 
-async def inject_fault(core: BrowserCore, kind: str) -> dict[str, Any]:
+async def inject_fault(core: BrowserCore, kind: str, mb: int = 256) -> dict[str, Any]:
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
-    hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on).
+    hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on);
+    exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
+    corrupt_output: the page returns wrong numbers from then on (a dissenter for voting).
     """
     if kind not in FAULTS:
         raise InputError("kind", f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
@@ -330,6 +409,10 @@ async def inject_fault(core: BrowserCore, kind: str) -> dict[str, Any]:
     elif kind == "hang":
         asyncio.ensure_future(core.page.evaluate("() => { while (true) {} }")).add_done_callback(
             lambda f: f.exception())
+    elif kind == "exhaust_memory":
+        await core.page.evaluate("(mb) => window.webpool.allocateBallast(mb)", int(mb))
+    elif kind == "corrupt_output":
+        await core.page.evaluate("() => window.webpool.setCorrupt(true)")
     elif kind == "disconnect":
         core._closing = True      # our own disconnect is not a failure signal...
         await core.browser.close()
@@ -338,18 +421,31 @@ async def inject_fault(core: BrowserCore, kind: str) -> dict[str, Any]:
     return {"fault": kind, "browser_id": core.browser_id, "pids": pids}
 
 
-def _rss_bytes(pid: int) -> int:
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes that map them."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
-def _page_error(exc: PlaywrightError) -> Exception:
-    """An error thrown by the runtime in a live page: the request was bad, not the browser."""
-    message = str(exc).split("\n")[0].removeprefix("Error: ").removeprefix("Page.evaluate: ")
-    return InputError("inputs", message)
+def _page_error(browser_id: str, exc: PlaywrightError) -> Exception:
+    """Classify an error thrown by the runtime in a live page, by the JavaScript error's class.
+
+    DeviceLostError -> DEVICE_LOST; a RangeError from an allocation -> MEMORY (the page could not get
+    memory); anything else means the request was bad, not the browser.
+    """
+    message = str(exc).split("\n")[0].removeprefix("Page.evaluate: ")
+    name, _, rest = message.partition(": ")
+    if name == "DeviceLostError":
+        return BrowserFailure(browser_id, FailureCategory.DEVICE_LOST, rest)
+    if (name == "RangeError" and "alloc" in rest.lower()) or "out of memory" in message.lower():
+        return BrowserFailure(browser_id, FailureCategory.MEMORY, message)
+    return InputError("inputs", rest if name == "Error" else message)
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)
@@ -359,5 +455,5 @@ class BrowserActor(BrowserCore):
     async def ping(self) -> str:
         return self.browser_id
 
-    async def inject_fault(self, kind: str) -> dict[str, Any]:
-        return await inject_fault(self, kind)
+    async def inject_fault(self, kind: str, mb: int = 256) -> dict[str, Any]:
+        return await inject_fault(self, kind, mb)

@@ -1,11 +1,13 @@
-"""ResourcePool: the front door. Places models on browsers, runs requests, records every change.
+"""ResourcePool: the front door. Places models on browsers, runs requests, recovers from failures.
 
 Guarantees:
 - The pool's view of browsers, models and operations is the projection of the event log
   (``events.state``); it changes only by applying events the StateLog has acknowledged.
 - Every OperationStarted is followed by exactly one OperationCompleted or OperationFailed.
-- A request returns a correct result or raises a typed error (InputError for bad input,
-  BrowserFailure / NoBrowserAvailableError otherwise); a bad request never reaches a browser.
+- A request returns a correct result or raises a typed error: InputError for bad input (it never
+  reaches a browser), BrowserFailure at level none, NoBrowserAvailableError when recovery is
+  exhausted. At levels >= low a failed browser is recovered (actors/recovery.py) and the request
+  runs again, at most ``max_recovery_attempts`` times, with backoff.
 - Browsers are the pool's children: ``shutdown`` closes them and removes their files.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -24,11 +27,13 @@ import ray
 from actors import placement, validation
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
-from actors.constants import DEFAULT_MAX_CONNECTIONS, DEFAULT_NUM_THREADS
-from actors.errors import BrowserFailure, FailureCategory
+from actors.constants import DEFAULT_MAX_CONNECTIONS, DEFAULT_NUM_THREADS, HEALTH_TIMEOUT, RUN_TIMEOUT
+from actors.errors import BrowserFailure, NoBrowserAvailableError
+from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
+from actors.voting import NoMajorityError, vote_embeddings, vote_tokens
 from events import schema as ev
-from events.state import PoolState, apply, browsers_alive, models_on
+from events.state import BrowserState, PoolState, apply, browsers_alive, models_on, recovery_statistics
 from sharding import coordinator
 from sharding.models import minilm
 from sharding.models.cache import cache_dir
@@ -38,7 +43,8 @@ from sharding.plan import even_layer_ranges
 log = logging.getLogger(__name__)
 
 TASK_FAMILIES = ("text_embedding", "text_generation")
-RECORD_GAP_WAIT = 5.0   # seconds before a gap in acknowledged seqs is read back from the log
+RECORD_GAP_WAIT = 5.0     # seconds before a gap in acknowledged seqs is read back from the log
+HEALTH_INTERVAL = 2.0     # seconds between health checks of every browser (levels >= medium)
 
 
 def _digest(*parts: Any) -> str:
@@ -53,27 +59,38 @@ class PoolCore:
                  browser_preferences: dict[str, str] | None = None,
                  fault_tolerance: dict[str, Any] | None = None,
                  backend: str = "auto", num_threads: int = DEFAULT_NUM_THREADS,
-                 event_log: str | None = None, name: str | None = None) -> None:
+                 event_log: str | None = None, name: str | None = None,
+                 request_timeout: float = RUN_TIMEOUT, memory_limit_mb: int | None = None,
+                 health_interval: float = HEALTH_INTERVAL) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
         self.max_connections = max_connections
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
-        self.fault_tolerance = dict(fault_tolerance or {"level": "none"})
+        self.ft = FaultToleranceConfig.from_options(fault_tolerance)
         self.backend = backend
         self.num_threads = num_threads
+        self.request_timeout = request_timeout
+        self.memory_limit_mb = memory_limit_mb
+        self.health_interval = health_interval
         self.name = name or f"webpool-{uuid.uuid4().hex[:8]}"
         self.event_log_location = event_log
         self.state = PoolState()
+        self.recovery = RecoveryExecutor(self)
         self._log: Any = None
-        self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle (I/O, not state)
-        self._backend_of: dict[str, str] = {}           # browser_id -> backend chosen for it
+        # I/O handles and caches of derived data; none of this is pool state (that is the projection).
+        self._handles: dict[str, Any] = {}               # browser_id -> BrowserActor handle
+        self._backend_of: dict[str, str] = {}            # browser_id -> backend chosen for it
         self._model_refs: dict[str, ray.ObjectRef] = {}  # sha256 -> model bytes in the object store
         self._artifacts: dict[tuple, list[ModelArtifact]] = {}
+        self._artifact_by_key: dict[str, ModelArtifact] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._resolved_types: dict[str, str] = {}
         self._in_flight: dict[str, int] = {}
-        self._pending: dict[int, Any] = {}              # acknowledged records not yet applied (out of order)
+        self._pending: dict[int, Any] = {}               # acknowledged records not yet applied (out of order)
         self._applied = asyncio.Condition()
+        self._background: set[asyncio.Future] = set()
+        self._standby_task: asyncio.Future | None = None
+        self._closed = False
 
     # ----- events -------------------------------------------------------------------------------
     async def _ensure_log(self) -> None:
@@ -89,9 +106,13 @@ class PoolCore:
             self._log = handle
             # Browsers recorded by an earlier incarnation of this pool died with it (they are its
             # children): say so in the log rather than pretend they are still there.
-            stale = self._live_ids()
+            stale = [b.browser_id for b in self.state.browsers.values() if b.status not in ("retired", "quarantined")]
             if stale:
                 await self._record(*(ev.BrowserRetired(b, "pool restarted") for b in stale))
+            if self.ft.level in (FaultToleranceLevel.MEDIUM, FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL):
+                self._spawn(self._health_loop())
+            if self.ft.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL):
+                self._spawn(self._checkpoint_loop())
 
     async def _record(self, *events: ev.Event) -> None:
         """Append events; returns once they (and every earlier event) are applied to ``self.state``.
@@ -111,8 +132,7 @@ class PoolCore:
                 try:
                     await asyncio.wait_for(self._applied.wait(), RECORD_GAP_WAIT)
                 except asyncio.TimeoutError:
-                    missing = await self._log.read.remote(self.state.last_seq + 1, target)
-                    for rec in missing:
+                    for rec in await self._log.read.remote(self.state.last_seq + 1, target):
                         self._pending.setdefault(rec.seq, rec)
                 self._apply_pending()
 
@@ -127,6 +147,12 @@ class PoolCore:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
     # ----- browsers -----------------------------------------------------------------------------
     def _browser_type(self, task: str) -> str:
         preferred = self.browser_preferences.get(task, "chromium")
@@ -134,22 +160,53 @@ class PoolCore:
             self._resolved_types[preferred] = resolve_browser(preferred).browser_type
         return self._resolved_types[preferred]
 
-    async def _launch(self, browser_type: str) -> str:
-        browser_id = f"browser-{uuid.uuid4().hex[:8]}"
-        handle = BrowserActor.options(name=None).remote(browser_id, browser_type, self.num_threads)
+    async def _new_actor(self, browser_id: str, browser_type: str) -> tuple[Any, dict[str, Any]]:
+        handle = BrowserActor.options(name=None).remote(browser_id, browser_type, self.num_threads,
+                                                        self.memory_limit_mb)
         try:
             info = await handle.start.remote()
         except Exception:
             ray.kill(handle)
             raise
+        return handle, info
+
+    async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
         self._backend_of[browser_id] = placement.choose_backend(info["backends"], info["detail"], self.backend)
         await self._record(ev.BrowserLaunched(
             browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
-            pid=info["pid"], node_id=info["node_id"] or "", standby=False))
+            pid=info["pid"], node_id=info["node_id"] or "", standby=standby))
         log.info("browser launched", extra={"browser_id": browser_id, "backend": self._backend_of[browser_id],
-                                            "start_ms": round(info["start_ms"])})
+                                            "standby": standby, "start_ms": round(info["start_ms"])})
+
+    async def _launch(self, browser_type: str, standby: bool = False) -> str:
+        browser_id = f"browser-{uuid.uuid4().hex[:8]}"
+        handle, info = await self._new_actor(browser_id, browser_type)
+        await self._record_launch(browser_id, handle, info, standby)
         return browser_id
+
+    async def _stop_actor(self, browser_id: str) -> None:
+        handle = self._handles.pop(browser_id, None)
+        if handle is None:
+            return
+        try:
+            await asyncio.wait_for(handle.close.remote(), 10)
+        except Exception as exc:  # a dead browser has nothing left to close
+            log.info("closing browser failed", extra={"browser_id": browser_id, "error": str(exc)})
+        ray.kill(handle)
+
+    async def _retire(self, browser_id: str, reason: str) -> None:
+        state = self.state.browsers.get(browser_id)
+        if state is not None and state.status not in ("retired", "quarantined"):
+            await self._record(ev.BrowserRetired(browser_id=browser_id, reason=reason))
+        self._spawn(self._stop_actor(browser_id))
+
+    async def _quarantine(self, browser_id: str, reason: str) -> None:
+        await self._record(ev.BrowserQuarantined(browser_id=browser_id, reason=reason))
+        self._spawn(self._stop_actor(browser_id))
+
+    def _alive_states(self) -> list[BrowserState]:
+        return browsers_alive(self.state)
 
     def _live_ids(self) -> list[str]:
         return [b.browser_id for b in browsers_alive(self.state)]
@@ -157,11 +214,16 @@ class PoolCore:
     def _keys_on(self, browser_id: str) -> frozenset[str]:
         return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(self.state, browser_id))
 
+    def _artifacts_on(self, browser_id: str) -> list[ModelArtifact]:
+        """What the log says ``browser_id`` held: the work a replacement must take over."""
+        return [self._artifact_by_key[k] for k in sorted(self._keys_on(browser_id)) if k in self._artifact_by_key]
+
     def _views(self) -> list[placement.BrowserView]:
+        """Browsers that take traffic: alive and not standby."""
         return [
             placement.BrowserView(b.browser_id, b.browser_type, self._keys_on(b.browser_id),
                                   self._in_flight.get(b.browser_id, 0))
-            for b in browsers_alive(self.state)
+            for b in browsers_alive(self.state) if not b.standby
         ]
 
     async def _model_ref(self, art: ModelArtifact) -> ray.ObjectRef:
@@ -174,7 +236,11 @@ class PoolCore:
         """A live browser holding ``art``: found, or made so by loading it (launching if allowed)."""
         async with self._lock("placement"):
             browser_type = self._browser_type(task)
-            decision = placement.place(art.key, self._views(), self.max_connections, browser_type, avoid)
+            views = self._views()
+            if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
+                raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
+                                              f"(max_connections={self.max_connections})")
+            decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
             browser_id = decision.browser_id
             if decision.action == "launch":
                 browser_id = await self._launch(browser_type)
@@ -194,26 +260,63 @@ class PoolCore:
         try:
             await self._handles[browser_id].load_model.remote(art.key, await self._model_ref(art), art.sha256,
                                                               backend)
-        except BrowserFailure as exc:
-            await self._browser_failed(browser_id, exc.category, str(exc))
-            raise
+        except (BrowserFailure, ray.exceptions.RayActorError) as exc:
+            failure = classify(exc, browser_id)
+            await self._browser_failed(failure)
+            raise failure from None
         await self._record(ev.ModelLoaded(browser_id=browser_id, model=art.model, shard=art.shard, sha256=art.sha256,
                                           backend=backend, load_ms=(time.perf_counter() - t0) * 1000))
+        if self.ft.standby_browsers and self.ft.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL):
+            self._replenish_standby()
 
-    async def _browser_failed(self, browser_id: str, category: FailureCategory, error: str) -> None:
-        if browser_id in set(self._live_ids()):
-            await self._record(ev.BrowserFailed(browser_id=browser_id, category=category.value, error=error[:500]))
+    async def _browser_failed(self, failure: BrowserFailure) -> None:
+        state = self.state.browsers.get(failure.browser_id)
+        if state is not None and state.status in ("launched", "connected", "disconnected"):
+            await self._record(ev.BrowserFailed(browser_id=failure.browser_id, category=failure.category.value,
+                                                error=failure.detail[:500]))
 
     async def _artifacts_for(self, model: str, ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
         key = (model, tuple(ranges or ()))
         async with self._lock(f"build:{key}"):
             if key not in self._artifacts:
-                self._artifacts[key] = await asyncio.to_thread(artifacts, model, ranges)
+                arts = await asyncio.to_thread(artifacts, model, ranges)
+                self._artifact_by_key.update({a.key: a for a in arts})
+                self._artifacts[key] = arts
         return self._artifacts[key]
 
+    # ----- standby browsers (level high and up) -------------------------------------------------
+    def _replenish_standby(self) -> None:
+        if self._closed or (self._standby_task is not None and not self._standby_task.done()):
+            return
+        self._standby_task = self._spawn(self._ensure_standby())
+
+    async def _ensure_standby(self) -> None:
+        """Keep ``standby_browsers`` warm spares holding every model that serves traffic now."""
+        try:
+            while not self._closed:
+                hot = {k for b in self._views() for k in self._keys_on(b.browser_id)}
+                spares = [b for b in self._alive_states() if b.standby]
+                if len(spares) < self.ft.standby_browsers:
+                    await self._launch(self._browser_type("text_embedding"), standby=True)
+                    continue
+                missing = [(b.browser_id, k) for b in spares for k in sorted(hot - self._keys_on(b.browser_id))]
+                if not missing:
+                    return
+                for browser_id, key in missing:
+                    async with self._lock(f"load:{browser_id}:{key}"):
+                        if key not in self._keys_on(browser_id):
+                            await self._load(browser_id, self._artifact_by_key[key])
+        except Exception as exc:
+            log.warning("standby replenishment failed", extra={"error": str(exc)})
+
     # ----- operations ---------------------------------------------------------------------------
-    async def _run_op(self, browser_id: str, model: str, kind: str, digest: str, call) -> Any:
-        """Run ``call()`` on a browser as one recorded operation (started -> completed | failed)."""
+    async def _run_op(self, browser_id: str, model: str, kind: str, digest: str,
+                      call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run ``call()`` on a browser as one recorded operation (started -> completed | failed).
+
+        Any browser-side failure is classified, recorded (OperationFailed, BrowserFailed) and raised
+        as BrowserFailure.
+        """
         op_id = uuid.uuid4().hex
         await self._record(ev.OperationStarted(op_id=op_id, model=model, browser_id=browser_id, kind=kind,
                                                input_digest=digest))
@@ -221,19 +324,16 @@ class PoolCore:
         t0 = time.perf_counter()
         try:
             result = await call()
-        except BrowserFailure as exc:
-            await self._record(ev.OperationFailed(op_id=op_id, category=exc.category.value, error=str(exc)[:500]))
-            await self._browser_failed(browser_id, exc.category, str(exc))
-            raise
-        except ray.exceptions.RayActorError as exc:
-            # The actor process itself is gone (killed, node lost).
-            await self._record(ev.OperationFailed(op_id=op_id, category=FailureCategory.CRASH.value,
-                                                  error=str(exc)[:500]))
-            await self._browser_failed(browser_id, FailureCategory.CRASH, "browser actor died")
-            raise BrowserFailure(browser_id, FailureCategory.CRASH, "browser actor died") from exc
+        except (BrowserFailure, ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            failure = classify(exc, browser_id)
+            await self._record(ev.OperationFailed(op_id=op_id, category=failure.category.value,
+                                                  error=str(failure)[:500]))
+            await self._browser_failed(failure)
+            raise failure from None
         except BaseException as exc:
-            await self._record(ev.OperationFailed(op_id=op_id, category=FailureCategory.UNKNOWN.value,
-                                                  error=f"{type(exc).__name__}: {exc}"[:500]))
+            cause = getattr(exc, "cause", None) or exc
+            await self._record(ev.OperationFailed(op_id=op_id, category="unknown",
+                                                  error=f"{type(cause).__name__}: {cause}"[:500]))
             raise
         finally:
             self._in_flight[browser_id] -= 1
@@ -243,22 +343,88 @@ class PoolCore:
         result.setdefault("metrics", {})["duration_ms"] = duration_ms
         return result
 
+    async def _with_recovery(self, attempt: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run ``attempt``; on a browser failure recover that browser and try again (levels >= low)."""
+        failures: list[BrowserFailure] = []
+        while True:
+            try:
+                result = await attempt()
+            except BrowserFailure as failure:
+                if not self.ft.recovers:
+                    raise
+                failures.append(failure)
+                if len(failures) > self.ft.max_recovery_attempts:
+                    raise NoBrowserAvailableError(
+                        f"request failed {len(failures)} times; recovery exhausted "
+                        f"(max_recovery_attempts={self.ft.max_recovery_attempts}); last: {failure}") from failure
+                outcome = await self.recovery.recover(failure)
+                if not outcome["success"]:
+                    log.warning("recovery failed", extra={"browser_id": failure.browser_id,
+                                                         "error": outcome["error"]})
+                await asyncio.sleep(self.ft.backoff_s * 2 ** (len(failures) - 1))
+                continue
+            if failures:
+                result["recovered"] = True
+                result["original_error"] = str(failures[0])
+                result["recovery_attempts"] = len(failures)
+            return result
+
     async def infer(self, model_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Embed ``{"text": str}`` (one vector) or ``{"texts": [str, ...]}`` (a matrix)."""
         spec, request = validation.embedding_request(model_name, inputs)
         feeds = minilm.tokenize(request.texts)
         await self._ensure_log()
         [art] = await self._artifacts_for(spec.name)
-        browser_id = await self._place(art, spec.task)
-        handle = self._handles[browser_id]
+        digest = _digest(*feeds.values())
 
-        async def call() -> dict[str, Any]:
-            out = await handle.run.remote(art.key, feeds, fetch=["embedding"])
-            emb = out["outputs"]["embedding"]
-            return {"embedding": emb[0] if request.single else emb, "metrics": {"page_ms": out["ms"]}}
+        async def on(browser_id: str) -> dict[str, Any]:
+            handle = self._handles[browser_id]
 
-        result = await self._run_op(browser_id, spec.name, "infer", _digest(*feeds.values()), call)
-        return result | {"model": spec.name, "browser_id": browser_id, "backend": self._backend_of[browser_id]}
+            async def call() -> dict[str, Any]:
+                out = await handle.run.remote(art.key, feeds, fetch=["embedding"], timeout=self.request_timeout)
+                emb = out["outputs"]["embedding"]
+                return {"embedding": emb[0] if request.single else emb, "metrics": {"page_ms": out["ms"]}}
+
+            result = await self._run_op(browser_id, spec.name, "infer", digest, call)
+            return result | {"model": spec.name, "browser_id": browser_id, "backend": self._backend_of[browser_id]}
+
+        async def attempt() -> dict[str, Any]:
+            if self.ft.level is FaultToleranceLevel.CRITICAL:
+                return await self._voted(art, spec.task, on, lambda answers: vote_embeddings(
+                    {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine))
+            return await on(await self._place(art, spec.task))
+
+        return await self._with_recovery(attempt)
+
+    async def _voted(self, art: ModelArtifact, task: str, on: Callable[[str], Awaitable[dict[str, Any]]],
+                     vote: Callable[[dict[str, dict[str, Any]]], Any]) -> dict[str, Any]:
+        """Level critical: run on k distinct browsers, answer by majority, quarantine dissenters."""
+        k = max(1, min(self.ft.vote_k, self.max_connections))
+        chosen: list[str] = []
+        for _ in range(k):
+            try:
+                chosen.append(await self._place(art, task, avoid=frozenset(chosen)))
+            except NoBrowserAvailableError:
+                break
+        outcomes = await asyncio.gather(*(on(b) for b in chosen), return_exceptions=True)
+        answers = {b: o for b, o in zip(chosen, outcomes, strict=True) if not isinstance(o, BaseException)}
+        failures = [o for o in outcomes if isinstance(o, BrowserFailure)]
+        if not answers:
+            raise failures[0] if failures else NoBrowserAvailableError("no browser answered")
+        try:
+            result = vote(answers)
+        except NoMajorityError:
+            if failures:
+                raise failures[0] from None   # recover the failed browser, then vote again
+            raise
+        for dissenter in result.dissenting:
+            log.warning("browser outvoted", extra={"browser_id": dissenter, "agreeing": result.agreeing})
+            await self._quarantine(dissenter, f"outvoted by {', '.join(result.agreeing)}")
+        for failure in failures:
+            self._spawn(self.recovery.recover(failure))
+        winner = answers[result.agreeing[0]]
+        return winner | {"votes": {"agreeing": list(result.agreeing), "dissenting": list(result.dissenting),
+                                   "failed": [f.browser_id for f in failures]}}
 
     async def generate(self, model_name: str, prompt: str, max_new_tokens: int = 16, shards: int = 1,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> dict[str, Any]:
@@ -272,14 +438,31 @@ class PoolCore:
         await self._ensure_log()
         ranges = even_layer_ranges(model.config.n_layers, req.shards)
         arts = await self._artifacts_for(spec.name, ranges if req.shards > 1 else None)
-        used: set[str] = set()
-        stages = []
-        for art in arts:
-            browser_id = await self._place(art, spec.task, avoid=frozenset(used))
-            used.add(browser_id)
-            stages.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
+
+        async def on(avoid: frozenset[str] = frozenset()) -> dict[str, Any]:
+            used: set[str] = set(avoid)
+            stages = []
+            for art in arts:
+                browser_id = await self._place(art, spec.task, avoid=frozenset(used))
+                used.add(browser_id)
+                stages.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
+            return await self._generate_on(spec.name, stages, prompt_ids, req, model.config.eos_id)
+
+        async def attempt() -> dict[str, Any]:
+            if self.ft.level is FaultToleranceLevel.CRITICAL and req.shards == 1 and req.temperature == 0:
+                return await self._voted(arts[0], spec.task, lambda b: on(frozenset(self._live_ids()) - {b}),
+                                         lambda answers: vote_tokens(
+                                             {b: r["token_ids"] for b, r in answers.items()}))
+            return await on()
+
+        result = await self._with_recovery(attempt)
+        return result | {"model": spec.name, "text": model.decode(result["token_ids"]),
+                         "prompt_token_ids": prompt_ids}
+
+    async def _generate_on(self, model: str, stages: list[coordinator.ShardStage], prompt_ids: list[int],
+                           req: validation.GenerationRequest, eos_id: int | None) -> dict[str, Any]:
         session_id = uuid.uuid4().hex
-        await self._record(ev.SessionOpened(session_id=session_id, model=spec.name, plan={
+        await self._record(ev.SessionOpened(session_id=session_id, model=model, plan={
             "shards": [{"browser_id": s.browser_id, "artifact": s.artifact.key,
                         "layers": s.artifact.meta["layer_range"]} for s in stages],
             "prompt_ids": prompt_ids, "max_new_tokens": req.max_new_tokens,
@@ -290,40 +473,80 @@ class PoolCore:
 
         async def call() -> dict[str, Any]:
             return await coordinator.generate_tokens(
-                stages, session_id, prompt_ids, req.max_new_tokens, model.config.eos_id,
-                req.temperature, req.top_p, req.seed, on_token)
+                stages, session_id, prompt_ids, req.max_new_tokens, eos_id, req.temperature, req.top_p, req.seed,
+                on_token, timeout=self.request_timeout)
 
-        # One operation per request, recorded against the first shard's browser.
+        reason = "failed"
         try:
-            result = await self._run_op(stages[0].browser_id, spec.name, "generate",
-                                        _digest(prompt_ids, req), call)
+            # One operation per request, recorded against the first shard's browser.
+            result = await self._run_op(stages[0].browser_id, model, "generate", _digest(prompt_ids, req), call)
+            reason = "done"
         finally:
-            await self._record(ev.SessionClosed(session_id=session_id, reason="done"))
-            await asyncio.gather(*(s.handle.drop_state.remote(session_id) for s in stages),
-                                 return_exceptions=True)
-        return result | {"model": spec.name, "text": model.decode(result["token_ids"]),
-                         "prompt_token_ids": prompt_ids, "session_id": session_id,
+            await self._record(ev.SessionClosed(session_id=session_id, reason=reason))
+            for s in stages:
+                self._spawn(s.handle.drop_state.remote(session_id))
+        return result | {"session_id": session_id, "browser_id": stages[0].browser_id,
                          "browser_ids": [s.browser_id for s in stages]}
 
-    # ----- inspection and shutdown --------------------------------------------------------------
-    async def health(self) -> dict[str, Any]:
-        """Each live browser's own report (models, PIDs, memory), failures recorded as events."""
-        await self._ensure_log()
-        reports: dict[str, Any] = {}
-        for browser_id in self._live_ids():
+    # ----- health, checkpoints, explicit recovery -------------------------------------------------
+    async def _check_browser(self, browser_id: str) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(self._handles[browser_id].health.remote(), HEALTH_TIMEOUT * 2)
+        except (BrowserFailure, ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            failure = classify(exc, browser_id)
+            await self._browser_failed(failure)
+            if self.ft.recovers and not self._closed:
+                self._spawn(self.recovery.recover(failure))
+            return {"error": str(failure), "category": failure.category.value}
+
+    async def _health_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.health_interval)
+            for browser_id in self._live_ids():
+                if browser_id in self._handles and not self._closed:
+                    await self._check_browser(browser_id)
+
+    async def _checkpoint_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.ft.checkpoint_interval)
             try:
-                reports[browser_id] = await self._handles[browser_id].health.remote()
-            except BrowserFailure as exc:
-                await self._browser_failed(browser_id, exc.category, str(exc))
-                reports[browser_id] = {"error": str(exc)}
-            except ray.exceptions.RayActorError as exc:
-                await self._browser_failed(browser_id, FailureCategory.CRASH, "browser actor died")
-                reports[browser_id] = {"error": str(exc)}
-        return reports
+                await self._log.snapshot.remote()
+            except Exception as exc:
+                log.warning("checkpoint failed", extra={"error": str(exc)})
+
+    async def health(self) -> dict[str, Any]:
+        """Each live browser's own report (models, PIDs, memory); failures are recorded (and recovered)."""
+        await self._ensure_log()
+        ids = [b for b in self._live_ids() if b in self._handles]
+        reports = await asyncio.gather(*(self._check_browser(b) for b in ids))
+        return dict(zip(ids, reports, strict=True))
+
+    async def recover_browser(self, browser_id: str, category: str = "unknown", detail: str = "reported") -> dict:
+        """Recover a browser a caller saw fail (the guide's handle_browser_failure)."""
+        await self._ensure_log()
+        failure = BrowserFailure(browser_id, category, detail)
+        await self._browser_failed(failure)
+        return await self.recovery.recover(failure)
+
+    async def inject_fault(self, browser_id: str, kind: str, **options: Any) -> dict[str, Any]:
+        """Make a real fault happen in a browser (tests, benchmarks, the CLI). ``kill_actor`` kills its process."""
+        handle = self._handles[browser_id]
+        if kind == "kill_actor":
+            ray.kill(handle, no_restart=True)
+            return {"fault": kind, "browser_id": browser_id}
+        return await handle.inject_fault.remote(kind, **options)
 
     async def get_state(self) -> PoolState:
         await self._ensure_log()
         return self.state
+
+    async def get_recovery_statistics(self) -> dict[str, Any]:
+        await self._ensure_log()
+        return recovery_statistics(self.state)
+
+    async def recent_events(self, n: int = 100) -> list[dict[str, Any]]:
+        await self._ensure_log()
+        return await self._log.recent.remote(n)
 
     async def browser_handle(self, browser_id: str) -> Any:
         """The actor handle of a browser (tests and fault injection use it)."""
@@ -331,17 +554,16 @@ class PoolCore:
 
     async def shutdown(self) -> None:
         """Close every browser (removing its files) and retire it in the log."""
+        self._closed = True
+        for task in list(self._background):
+            task.cancel()
         if self._log is None:
             return
-        for browser_id, handle in list(self._handles.items()):
-            try:
-                await asyncio.wait_for(handle.close.remote(), 15)
-            except Exception as exc:  # a dead browser has nothing left to close
-                log.warning("closing browser failed", extra={"browser_id": browser_id, "error": str(exc)})
-            ray.kill(handle)
-            if browser_id in set(self._live_ids()):
+        for browser_id in list(self._handles):
+            state = self.state.browsers.get(browser_id)
+            if state is not None and state.status not in ("retired", "quarantined"):
                 await self._record(ev.BrowserRetired(browser_id=browser_id, reason="pool shutdown"))
-        self._handles.clear()
+            await self._stop_actor(browser_id)
         self._model_refs.clear()
 
 

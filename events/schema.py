@@ -281,6 +281,22 @@ class BrowserRetired(Event):
 
 
 @event_kind("browser_id")
+class BrowserRoleChanged(Event):
+    """A standby browser promoted to serve traffic (standby=False), or a live one kept as a spare."""
+
+    browser_id: str
+    standby: bool
+
+
+@event_kind("browser_id")
+class BrowserQuarantined(Event):
+    """A browser taken out of service because its answers disagreed with the others' (voting)."""
+
+    browser_id: str
+    reason: str
+
+
+@event_kind("browser_id")
 class BrowserHealthReported(Event):
     browser_id: str
     memory_mb: float
@@ -422,7 +438,9 @@ __all__ = [
     "BrowserFailed",
     "BrowserHealthReported",
     "BrowserLaunched",
+    "BrowserQuarantined",
     "BrowserRetired",
+    "BrowserRoleChanged",
     "Event",
     "FailureCategory",
     "ModelLoaded",

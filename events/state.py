@@ -31,7 +31,9 @@ from events.schema import (
     BrowserFailed,
     BrowserHealthReported,
     BrowserLaunched,
+    BrowserQuarantined,
     BrowserRetired,
+    BrowserRoleChanged,
     FailureCategory,
     ModelLoaded,
     ModelUnloaded,
@@ -64,7 +66,7 @@ class BrowserState:
     pid: int | None
     node_id: str
     standby: bool
-    status: str  # launched | connected | disconnected | failed | retired
+    status: str  # launched | connected | disconnected | failed | retired | quarantined
     launched_seq: int
     status_reason: str | None = None
     failures: int = 0
@@ -263,6 +265,24 @@ def _browser_retired(d: _Draft, rec: Recorded, e: BrowserRetired) -> None:
     d.count("browsers_retired")
 
 
+def _browser_role_changed(d: _Draft, rec: Recorded, e: BrowserRoleChanged) -> None:
+    b = d.r("browsers").get(e.browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return
+    d.w("browsers")[e.browser_id] = dataclasses.replace(b, standby=e.standby)
+    d.count("browsers_promoted" if not e.standby else "browsers_demoted")
+
+
+def _browser_quarantined(d: _Draft, rec: Recorded, e: BrowserQuarantined) -> None:
+    if _set_status(d, rec, e.browser_id, "quarantined", e.reason) is None:
+        return
+    _drop_browser_models(d, e.browser_id)
+    if e.browser_id in d.r("resources"):
+        del d.w("resources")[e.browser_id]
+    d.count("browsers_quarantined")
+
+
 def _browser_health(d: _Draft, rec: Recorded, e: BrowserHealthReported) -> None:
     if e.browser_id not in d.r("browsers"):
         d.anomaly(rec)
@@ -390,6 +410,8 @@ _HANDLERS: dict[type, Any] = {
     BrowserDisconnected: _browser_disconnected,
     BrowserFailed: _browser_failed,
     BrowserRetired: _browser_retired,
+    BrowserRoleChanged: _browser_role_changed,
+    BrowserQuarantined: _browser_quarantined,
     BrowserHealthReported: _browser_health,
     ModelLoaded: _model_loaded,
     ModelUnloaded: _model_unloaded,

@@ -39,7 +39,7 @@ class ShardStage:
 
 
 async def forward(stages: list[ShardStage], session_id: str, token_ids: list[int],
-                  fresh: bool) -> tuple[np.ndarray, np.ndarray, float]:
+                  fresh: bool, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray, float]:
     """Run ``token_ids`` through all shards (extending each shard's cache); returns top-K and page ms."""
     x: dict[str, np.ndarray] = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
     page_ms = 0.0
@@ -50,6 +50,7 @@ async def forward(stages: list[ShardStage], session_id: str, token_ids: list[int
             state=session_id,
             state_pairs=[tuple(p) for p in stage.artifact.meta["state"]],
             initial_state=stage.initial_state() if fresh else None,
+            timeout=timeout,
         )
         page_ms += result["ms"]
         if not stage.last:
@@ -61,14 +62,15 @@ async def forward(stages: list[ShardStage], session_id: str, token_ids: list[int
 async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids: list[int], max_new_tokens: int,
                           eos_id: int | None, temperature: float = 0.0, top_p: float = 1.0,
                           seed: int | None = None,
-                          on_token: Callable[[int], Awaitable[None]] | None = None) -> dict[str, Any]:
+                          on_token: Callable[[int], Awaitable[None]] | None = None,
+                          timeout: float = 60.0) -> dict[str, Any]:
     """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; stops after ``eos_id``."""
     import time
 
     rng = np.random.default_rng(seed) if temperature > 0 else None
     new_ids: list[int] = []
     t0 = time.perf_counter()
-    values, indices, page_ms = await forward(stages, session_id, prompt_ids, fresh=True)
+    values, indices, page_ms = await forward(stages, session_id, prompt_ids, fresh=True, timeout=timeout)
     prefill_ms = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     while True:
@@ -78,7 +80,7 @@ async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids:
             await on_token(token)
         if token == eos_id or len(new_ids) >= max_new_tokens:
             break
-        values, indices, ms = await forward(stages, session_id, [token], fresh=False)
+        values, indices, ms = await forward(stages, session_id, [token], fresh=False, timeout=timeout)
         page_ms += ms
     decode_s = time.perf_counter() - t1
     decode_steps = len(new_ids) - 1

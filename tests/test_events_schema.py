@@ -41,6 +41,8 @@ CONTRACT = {
     "BrowserDisconnected": ("browser_id", "reason"),
     "BrowserFailed": ("browser_id", "category", "error"),
     "BrowserRetired": ("browser_id", "reason"),
+    "BrowserRoleChanged": ("browser_id", "standby"),
+    "BrowserQuarantined": ("browser_id", "reason"),
     "BrowserHealthReported": ("browser_id", "memory_mb", "loaded"),
     "ModelLoaded": ("browser_id", "model", "shard", "sha256", "backend", "load_ms"),
     "ModelUnloaded": ("browser_id", "model", "shard"),

@@ -20,7 +20,9 @@ from events.schema import (
     BrowserFailed,
     BrowserHealthReported,
     BrowserLaunched,
+    BrowserQuarantined,
     BrowserRetired,
+    BrowserRoleChanged,
     FailureCategory,
     ModelLoaded,
     ModelUnloaded,
@@ -110,6 +112,18 @@ def test_browser_retired_drops_models_and_resources():
             BrowserRetired("b1", "replaced"))
     assert s.browsers["b1"].status == "retired" and s.browsers["b1"].status_reason == "replaced"
     assert s.models == {} and s.resources == {} and s.metrics["browsers_retired"] == 1
+
+
+def test_browser_role_changed_promotes_a_standby_keeping_its_models():
+    s = run(launched(standby=True), ModelLoaded("b1", "m", None, "h", "wasm", 5.0), BrowserRoleChanged("b1", False))
+    assert s.browsers["b1"].standby is False and s.browsers["b1"].status == "launched"
+    assert [m.model for m in models_on(s, "b1")] == ["m"] and s.metrics["browsers_promoted"] == 1
+
+
+def test_browser_quarantined_takes_it_out_of_service():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 5.0), BrowserQuarantined("b1", "outvoted"))
+    assert s.browsers["b1"].status == "quarantined" and s.browsers["b1"].status_reason == "outvoted"
+    assert browsers_alive(s) == [] and s.models == {} and s.metrics["browsers_quarantined"] == 1
 
 
 def test_browser_health_reported():
@@ -308,6 +322,8 @@ pool_events = st.one_of(
     st.builds(BrowserDisconnected, BROWSERS, TEXT),
     st.builds(BrowserFailed, BROWSERS, CATS, TEXT),
     st.builds(BrowserRetired, BROWSERS, TEXT),
+    st.builds(BrowserRoleChanged, BROWSERS, st.booleans()),
+    st.builds(BrowserQuarantined, BROWSERS, TEXT),
     st.builds(BrowserHealthReported, BROWSERS, MS, st.lists(MODELS, max_size=2).map(tuple)),
     st.builds(ModelLoaded, BROWSERS, MODELS, SHARDS, TEXT, st.sampled_from(["wasm", "webgpu"]), MS),
     st.builds(ModelUnloaded, BROWSERS, MODELS, SHARDS),

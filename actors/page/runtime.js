@@ -19,6 +19,7 @@ const sessions = new Map();   // model key -> {session, backend, inputNames, out
 const states = new Map();     // state id -> {model key, tensors: Map(inputName -> ort.Tensor)}
 let capabilities = null;
 let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the device lost
+const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
 
 function b64ToBytes(b64) {
   if (Uint8Array.fromBase64) return Uint8Array.fromBase64(b64);
@@ -102,20 +103,28 @@ export async function load(key, url, backend) {
   if (!response.ok) throw new Error(`fetching model ${key}: HTTP ${response.status}`);
   const bytes = new Uint8Array(await response.arrayBuffer());
   const t1 = performance.now();
+  const session = await createSession(key, bytes, backend);
+  return { fetchMs: t1 - t0, createMs: performance.now() - t1, bytes: bytes.byteLength,
+           inputNames: session.inputNames, outputNames: session.outputNames };
+}
+
+async function createSession(key, bytes, backend) {
   const session = await ort.InferenceSession.create(bytes, {
     executionProviders: [backend],
     graphOptimizationLevel: "all",
   });
-  if (backend === "webgpu" && ort.env.webgpu.device && !gpuDeviceLost) {
-    ort.env.webgpu.device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
+  if (backend === "webgpu" && ort.env.webgpu.device) {
+    const device = await ort.env.webgpu.device;
+    device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
   }
   sessions.set(key, {
     session, backend,
+    // A WebGPU session keeps its bytes so it can be recreated on a new device after device loss.
+    bytes: backend === "webgpu" ? bytes : null,
     inputNames: session.inputNames, outputNames: session.outputNames,
     queue: Promise.resolve(),
   });
-  return { fetchMs: t1 - t0, createMs: performance.now() - t1, bytes: bytes.byteLength,
-           inputNames: session.inputNames, outputNames: session.outputNames };
+  return session;
 }
 
 // Run one step of a model. `feeds` maps input names to tensors; `opts.state` names a per-request state
@@ -125,6 +134,11 @@ export async function load(key, url, backend) {
 export function run(key, feeds, opts) {
   const entry = sessions.get(key);
   if (!entry) return Promise.reject(new Error(`model ${key} is not loaded`));
+  if (entry.backend === "webgpu" && gpuDeviceLost) {
+    const err = new Error(`WebGPU device lost (${gpuDeviceLost.reason}): ${gpuDeviceLost.message}`);
+    err.name = "DeviceLostError";
+    return Promise.reject(err);
+  }
   // One run at a time per session: onnxruntime-web sessions are not reentrant.
   const result = entry.queue.then(() => runNow(entry, key, feeds, opts));
   entry.queue = result.catch(() => undefined);
@@ -156,8 +170,42 @@ async function runNow(entry, key, feeds, opts) {
     }
   }
   const fetched = {};
-  for (const name of opts.fetch || entry.outputNames) fetched[name] = fromTensor(outputs[name]);
+  for (const name of opts.fetch || entry.outputNames) {
+    if (faults.corrupt && outputs[name].type === "float32") corrupt(outputs[name].data);
+    fetched[name] = fromTensor(outputs[name]);
+  }
   return { outputs: fetched, ms: performance.now() - t0 };
+}
+
+// Fault injection: make this browser return wrong numbers (a dissenter for voting tests).
+function corrupt(data) {
+  for (let i = 0; i < data.length; i++) data[i] = data[i] * -0.5 + 0.01 * ((i * 7919) % 13);
+}
+
+export function setCorrupt(on) {
+  faults.corrupt = Boolean(on);
+  return faults.corrupt;
+}
+
+// Fault injection: hold `mb` MiB of touched memory (real resident pages), as a leak would.
+export function allocateBallast(mb) {
+  for (let i = 0; i < mb; i++) faults.ballast.push(new Uint8Array(1 << 20).fill(1 + (i % 250)));
+  return faults.ballast.length;
+}
+
+// After WebGPU device loss: a new device, then every webgpu session created again from its bytes.
+export async function reinitDevice() {
+  const lost = gpuDeviceLost;
+  gpuDeviceLost = null;
+  const recreated = [];
+  for (const [key, entry] of sessions) {
+    if (entry.backend !== "webgpu") continue;
+    await entry.session.release().catch(() => undefined);
+    sessions.delete(key);
+    await createSession(key, entry.bytes, "webgpu");
+    recreated.push(key);
+  }
+  return { lost, recreated };
 }
 
 export function dropState(id) {

@@ -1,0 +1,54 @@
+"""Voting over redundant runs (fault-tolerance level critical). Pure functions.
+
+An answer wins when a strict majority of browsers agree on it; browsers that disagree with the
+winner are dissenters (the pool quarantines them). No majority -> no answer (an error), because
+picking one of several disagreeing answers would be a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Vote:
+    winner: Any                       # the agreed answer (an arbitrary agreeing browser's copy)
+    agreeing: tuple[str, ...]
+    dissenting: tuple[str, ...]
+
+
+class NoMajorityError(RuntimeError):
+    """Redundant runs disagreed and no answer has a majority."""
+
+
+def _majority(answers: dict[str, Any], agree) -> Vote:
+    ids = sorted(answers)
+    best: list[str] = []
+    for candidate in ids:
+        group = [b for b in ids if agree(answers[candidate], answers[b])]
+        if len(group) > len(best):
+            best = group
+    if len(best) * 2 <= len(ids):
+        raise NoMajorityError(f"no majority among {len(ids)} answers (largest agreeing group: {best})")
+    return Vote(answers[best[0]], tuple(best), tuple(b for b in ids if b not in best))
+
+
+def vote_embeddings(answers: dict[str, np.ndarray], min_cosine: float = 0.999) -> Vote:
+    """Embeddings agree when every row's cosine similarity is at least ``min_cosine``."""
+
+    def agree(a: np.ndarray, b: np.ndarray) -> bool:
+        a2, b2 = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+        if a2.shape != b2.shape:
+            return False
+        cos = (a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1) + 1e-30)
+        return bool((cos >= min_cosine).all())
+
+    return _majority(answers, agree)
+
+
+def vote_tokens(answers: dict[str, list[int]]) -> Vote:
+    """Greedy generations agree when their token ids are identical."""
+    return _majority(answers, lambda a, b: list(a) == list(b))
