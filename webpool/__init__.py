@@ -28,8 +28,20 @@ _EXPORTS = {
     "FailureCategory": "events.schema",
     "InputError": "sharding.models.errors",
     "ModelNotFoundError": "sharding.models.registry",
+    "FaultToleranceLevel": "actors.recovery",
+    "RecoveryStrategy": "actors.recovery",
+    "PerformanceHistoryTracker": "events.history",
+    "ModelShardingAnalyzer": "sharding.analyzer",
+    "ShardRunRecord": "sharding.analyzer",
+    "plan_layers": "sharding.plan",
+    "BrowserBudget": "sharding.plan",
+    "ShardPlan": "sharding.plan",
+    "PlanError": "sharding.plan",
 }
-_ALIASES = {"BrowserFailureCategory": ("events.schema", "FailureCategory"), "MODELS": ("sharding.models.registry", "SPECS")}
+_ALIASES = {
+    "BrowserFailureCategory": ("events.schema", "FailureCategory"),
+    "MODELS": ("sharding.models.registry", "SPECS"),
+}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES])
 
