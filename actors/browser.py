@@ -241,10 +241,17 @@ class BrowserCore:
     def _on_disconnected(self, _browser: Browser) -> None:
         if self._closing:
             return
-        if self.proc is not None and self.proc.poll() is not None:
-            self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
-        else:
-            self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost")
+        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect())
+
+    async def _classify_disconnect(self) -> None:
+        # The kernel closes a killed browser's socket before its process becomes waitable: wait
+        # briefly for the exit, so a dead browser is a CRASH and a live one a lost CONNECTION.
+        for _ in range(25):
+            if self.proc is not None and self.proc.poll() is not None:
+                self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
+                return
+            await asyncio.sleep(0.01)
+        self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost")
 
     def _fail(self, category: FailureCategory, detail: str) -> None:
         if self.failure is None:
@@ -271,19 +278,25 @@ class BrowserCore:
         """Evaluate with a time budget, turning real failure signals into BrowserFailure."""
         self._check()
         assert self.page is not None
+        page = self.page
         try:
-            return await asyncio.wait_for(self.page.evaluate(expression, arg), timeout)
+            return await asyncio.wait_for(page.evaluate(expression, arg), timeout)
         except asyncio.TimeoutError:
             await self._terminate_script()
             raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
                                  f"no answer within {timeout:.1f} s") from None
         except PlaywrightError as exc:
             # A crash/disconnect event may trail the failed call by a few ms; give it the chance to land.
-            for _ in range(20):
+            for _ in range(30):
                 if self.failure is not None or (self.proc is not None and self.proc.poll() is not None):
                     break
                 await asyncio.sleep(0.01)
             self._check()
+            if page is not self.page or page.is_closed() or self.browser is None or not self.browser.is_connected():
+                # The connection this call ran on was closed under it (a reconnect or restart by
+                # recovery): the call's fate is unknown, which is a connection failure, not bad input.
+                raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION,
+                                     "connection was replaced during the call") from None
             raise _page_error(self.browser_id, exc) from None
 
     async def _terminate_script(self) -> None:

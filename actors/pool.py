@@ -14,6 +14,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -28,8 +29,8 @@ from actors import placement, validation
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import DEFAULT_MAX_CONNECTIONS, DEFAULT_NUM_THREADS, HEALTH_TIMEOUT, RUN_TIMEOUT
-from actors.errors import BrowserFailure, NoBrowserAvailableError
-from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, classify
+from actors.errors import BrowserFailure, InputError, NoBrowserAvailableError
+from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
 from actors.voting import NoMajorityError, vote_embeddings, vote_tokens
 from events import schema as ev
@@ -37,7 +38,7 @@ from events.state import BrowserState, PoolState, apply, browsers_alive, models_
 from sharding import coordinator
 from sharding.models import minilm
 from sharding.models.cache import cache_dir
-from sharding.models.registry import ModelArtifact, artifact_key, artifacts, llama_model
+from sharding.models.registry import ModelArtifact, artifact_key, artifacts, get_spec, llama_model
 from sharding.plan import even_layer_ranges
 
 log = logging.getLogger(__name__)
@@ -521,12 +522,39 @@ class PoolCore:
         reports = await asyncio.gather(*(self._check_browser(b) for b in ids))
         return dict(zip(ids, reports, strict=True))
 
-    async def recover_browser(self, browser_id: str, category: str = "unknown", detail: str = "reported") -> dict:
-        """Recover a browser a caller saw fail (the guide's handle_browser_failure)."""
+    async def recover_browser(self, browser_id: str, category: str = "unknown", detail: str = "reported",
+                              strategy: str | None = None) -> dict:
+        """Recover a browser a caller saw fail (the guide's handle_browser_failure).
+
+        ``strategy`` (reconnect | restart | failover | progressive | parallel) overrides the pool's
+        configured one for this recovery; an explicit strategy is a request to recover, so it runs even
+        when the pool's own level is none or low (as at medium).
+        """
         await self._ensure_log()
+        if browser_id not in self.state.browsers:
+            raise InputError("browser_id", f"unknown browser {browser_id!r}")
+        config = self.ft
+        if strategy is not None:
+            try:
+                chosen = RecoveryStrategy(strategy)
+            except ValueError:
+                raise InputError("strategy", f"must be one of {[v.value for v in RecoveryStrategy]}") from None
+            level = config.level if config.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL) \
+                else FaultToleranceLevel.MEDIUM
+            config = dataclasses.replace(config, level=level, recovery_strategy=chosen)
         failure = BrowserFailure(browser_id, category, detail)
         await self._browser_failed(failure)
-        return await self.recovery.recover(failure)
+        return await self.recovery.recover(failure, config)
+
+    async def place(self, model_name: str) -> dict[str, Any]:
+        """A live browser holding ``model_name`` (whole, unsharded), loading it (launching a browser if
+        allowed) as a request would: the guide's get_browser_for_model."""
+        spec = get_spec(model_name)
+        await self._ensure_log()
+        [art] = await self._artifacts_for(spec.name)
+        browser_id = await self._place(art, spec.task)
+        return {"browser_id": browser_id, "browser_type": self.state.browsers[browser_id].browser_type,
+                "backend": self._backend_of[browser_id]}
 
     async def inject_fault(self, browser_id: str, kind: str, **options: Any) -> dict[str, Any]:
         """Make a real fault happen in a browser (tests, benchmarks, the CLI). ``kill_actor`` kills its process."""

@@ -166,7 +166,7 @@ class RecoveryExecutor:
         self.pool = pool
         self._running: dict[str, asyncio.Task] = {}
 
-    async def recover(self, failure: BrowserFailure) -> dict[str, Any]:
+    async def recover(self, failure: BrowserFailure, config: FaultToleranceConfig | None = None) -> dict[str, Any]:
         """Recover ``failure.browser_id`` once, however many requests saw it fail at the same time.
 
         Returns the guide's result dict: success, browser_id, recovery_browser (the browser now
@@ -175,14 +175,13 @@ class RecoveryExecutor:
         browser_id = failure.browser_id
         task = self._running.get(browser_id)
         if task is None:
-            task = asyncio.ensure_future(self._recover(failure))
+            task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft))
             self._running[browser_id] = task
             task.add_done_callback(lambda _t: self._running.pop(browser_id, None))
         return await asyncio.shield(task)
 
-    async def _recover(self, failure: BrowserFailure) -> dict[str, Any]:
+    async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig) -> dict[str, Any]:
         pool = self.pool
-        config = pool.ft
         browser_id = failure.browser_id
         state = pool.state.browsers.get(browser_id)
         if state is None or state.status in ("retired", "quarantined"):

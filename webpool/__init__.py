@@ -37,6 +37,11 @@ _EXPORTS = {
     "BrowserBudget": "sharding.plan",
     "ShardPlan": "sharding.plan",
     "PlanError": "sharding.plan",
+    "ResourcePoolBridgeIntegration": "actors.bridge",
+    "ResourcePoolRecoveryManager": "actors.bridge",
+    "run_with_recovery": "actors.bridge",
+    "BrowserStateManager": "actors.bridge",
+    "BridgeNotReadyError": "actors.bridge",
 }
 _ALIASES = {
     "BrowserFailureCategory": ("events.schema", "FailureCategory"),
