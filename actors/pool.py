@@ -472,10 +472,27 @@ class PoolCore:
         async def on_token(token: int) -> None:
             await self._record(ev.TokensAppended(session_id=session_id, token_ids=(token,)))
 
+        async def recover_stage(i: int, stage: coordinator.ShardStage, exc: BaseException) -> coordinator.ShardStage:
+            """A shard's browser failed mid-generation: recover it, or place its shard elsewhere."""
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, InputError) or not self.ft.recovers:
+                raise exc
+            failure = classify(exc, stage.browser_id)
+            await self._browser_failed(failure)
+            outcome = await self.recovery.recover(failure)
+            serving = outcome["recovery_browser"]
+            others = frozenset(s.browser_id for j, s in enumerate(stages) if j != i)
+            if serving not in self._live_ids() or stage.artifact.key not in self._keys_on(serving):
+                serving = await self._place(stage.artifact, "text_generation", avoid=others)
+            return coordinator.ShardStage(serving, self._handles[serving], stage.artifact)
+
+        async def run_replay(stage: coordinator.ShardStage, replay: Callable[[], Awaitable[dict[str, Any]]]):
+            return await self._run_op(stage.browser_id, model, "replay", session_id, replay)
+
         async def call() -> dict[str, Any]:
             return await coordinator.generate_tokens(
                 stages, session_id, prompt_ids, req.max_new_tokens, eos_id, req.temperature, req.top_p, req.seed,
-                on_token, timeout=self.request_timeout)
+                on_token, timeout=self.request_timeout, recover=recover_stage, run_replay=run_replay)
 
         reason = "failed"
         try:
@@ -486,8 +503,7 @@ class PoolCore:
             await self._record(ev.SessionClosed(session_id=session_id, reason=reason))
             for s in stages:
                 self._spawn(s.handle.drop_state.remote(session_id))
-        return result | {"session_id": session_id, "browser_id": stages[0].browser_id,
-                         "browser_ids": [s.browser_id for s in stages]}
+        return result | {"session_id": session_id, "browser_id": stages[0].browser_id}
 
     # ----- health, checkpoints, explicit recovery -------------------------------------------------
     async def _check_browser(self, browser_id: str) -> dict[str, Any]:

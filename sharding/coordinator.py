@@ -8,6 +8,7 @@ what lets a replacement shard rebuild its cache by re-running the token prefix.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,39 +39,107 @@ class ShardStage:
         return {past: np.zeros(shape, np.float32) for _present, past in self.artifact.meta["state"]}
 
 
-async def forward(stages: list[ShardStage], session_id: str, token_ids: list[int],
-                  fresh: bool, timeout: float = 60.0) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run ``token_ids`` through all shards (extending each shard's cache); returns top-K and page ms."""
-    x: dict[str, np.ndarray] = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
-    page_ms = 0.0
-    for stage in stages:
+RecoverStage = Callable[[int, ShardStage, BaseException], Awaitable[ShardStage]]
+# Runs a replay call as the caller sees fit (the pool records it as an operation).
+RunReplay = Callable[[ShardStage, Callable[[], Awaitable[dict[str, Any]]]], Awaitable[dict[str, Any]]]
+
+
+class ShardChain:
+    """The shards of one generation session, with the input history that can rebuild any of them.
+
+    Like Petals' client, the chain keeps every input each shard has received (token ids for the
+    first, hidden states for the others). When a shard's browser fails, ``recover`` supplies a
+    replacement stage holding the same artifact; the chain re-runs that shard's input history on it
+    in one call, rebuilding its KV cache, then goes on. The other shards are not touched.
+    """
+
+    def __init__(self, stages: list[ShardStage], session_id: str, timeout: float = 60.0,
+                 recover: RecoverStage | None = None, run_replay: RunReplay | None = None,
+                 max_replacements: int = 3) -> None:
+        self.stages = list(stages)
+        self.session_id = session_id
+        self.timeout = timeout
+        self.recover = recover
+        self.run_replay = run_replay
+        self.max_replacements = max_replacements
+        self.history: list[list[np.ndarray]] = [[] for _ in stages]
+        self.replays: list[dict[str, Any]] = []
+        self.page_ms = 0.0
+
+    async def _run(self, i: int, x: dict[str, np.ndarray], fresh: bool) -> dict[str, Any]:
+        stage = self.stages[i]
         result = await stage.handle.run.remote(
             stage.artifact.key, x,
             fetch=["topk_values", "topk_indices"] if stage.last else ["hidden_out"],
-            state=session_id,
+            state=self.session_id,
             state_pairs=[tuple(p) for p in stage.artifact.meta["state"]],
             initial_state=stage.initial_state() if fresh else None,
-            timeout=timeout,
+            timeout=self.timeout,
         )
-        page_ms += result["ms"]
-        if not stage.last:
-            x = {"hidden_in": result["outputs"]["hidden_out"]}
-    out = result["outputs"]
-    return out["topk_values"][0], out["topk_indices"][0], page_ms
+        self.page_ms += result["ms"]
+        return result["outputs"]
+
+    async def _step_stage(self, i: int, x: dict[str, np.ndarray]) -> dict[str, Any]:
+        replacements = 0
+        while True:
+            fresh = not self.history[i]
+            try:
+                out = await self._run(i, x, fresh)
+                self.history[i].append(next(iter(x.values())))
+                return out
+            except Exception as exc:
+                if self.recover is None or replacements >= self.max_replacements:
+                    raise
+                replacements += 1
+                failed = self.stages[i]
+                self.stages[i] = await self.recover(i, failed, exc)
+                await self._replay(i, failed)
+
+    async def _replay(self, i: int, failed: ShardStage) -> None:
+        """Rebuild shard ``i``'s cache on its replacement from the inputs it has seen so far."""
+        if not self.history[i]:
+            return
+        t0 = time.perf_counter()
+        stage = self.stages[i]
+        name = "input_ids" if stage.first else "hidden_in"
+        prefix = np.concatenate(self.history[i], axis=1)
+        info = {"shard": i, "failed_browser": failed.browser_id, "replacement": stage.browser_id,
+                "prefix_tokens": int(prefix.shape[1])}
+
+        async def call() -> dict[str, Any]:
+            await stage.handle.drop_state.remote(self.session_id)
+            await self._run(i, {name: prefix}, fresh=True)
+            return {"metrics": dict(info)}
+
+        await (self.run_replay(stage, call) if self.run_replay else call())
+        self.replays.append(info | {"ms": (time.perf_counter() - t0) * 1000})
+
+    async def forward(self, token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``token_ids`` through all shards (extending each cache); returns the top-K of the last position."""
+        x: dict[str, np.ndarray] = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
+        for i, stage in enumerate(self.stages):
+            out = await self._step_stage(i, x)
+            if not stage.last:
+                x = {"hidden_in": out["hidden_out"]}
+        return out["topk_values"][0], out["topk_indices"][0]
 
 
 async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids: list[int], max_new_tokens: int,
                           eos_id: int | None, temperature: float = 0.0, top_p: float = 1.0,
                           seed: int | None = None,
                           on_token: Callable[[int], Awaitable[None]] | None = None,
-                          timeout: float = 60.0) -> dict[str, Any]:
-    """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; stops after ``eos_id``."""
-    import time
+                          timeout: float = 60.0, recover: RecoverStage | None = None,
+                          run_replay: RunReplay | None = None) -> dict[str, Any]:
+    """Prefill ``prompt_ids`` then decode up to ``max_new_tokens``; stops after ``eos_id``.
 
+    With ``recover``, a shard whose browser fails mid-generation is replaced and its cache rebuilt
+    from the chain's input history, so the output is what it would have been without the failure.
+    """
+    chain = ShardChain(stages, session_id, timeout, recover, run_replay)
     rng = np.random.default_rng(seed) if temperature > 0 else None
     new_ids: list[int] = []
     t0 = time.perf_counter()
-    values, indices, page_ms = await forward(stages, session_id, prompt_ids, fresh=True, timeout=timeout)
+    values, indices = await chain.forward(prompt_ids)
     prefill_ms = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     while True:
@@ -80,17 +149,20 @@ async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids:
             await on_token(token)
         if token == eos_id or len(new_ids) >= max_new_tokens:
             break
-        values, indices, ms = await forward(stages, session_id, [token], fresh=False, timeout=timeout)
-        page_ms += ms
+        values, indices = await chain.forward([token])
     decode_s = time.perf_counter() - t1
     decode_steps = len(new_ids) - 1
     return {
         "token_ids": new_ids,
+        "browser_ids": [s.browser_id for s in chain.stages],
+        "replays": chain.replays,
         "metrics": {
             "prefill_ms": prefill_ms,
             "decode_ms_per_token": decode_s * 1000 / decode_steps if decode_steps else None,
             "decode_tokens_per_s": decode_steps / decode_s if decode_steps and decode_s > 0 else None,
-            "page_ms": page_ms,
-            "shards": len(stages),
+            "page_ms": chain.page_ms,
+            "shards": len(chain.stages),
+            "tokens": len(new_ids),
+            "replays": len(chain.replays),
         },
     }
