@@ -6,6 +6,7 @@ Nothing invalid reaches a browser: a bad request costs the caller an error and n
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,43 @@ class EmbeddingRequest:
     single: bool          # the caller passed {"text": ...} and gets one vector back
 
 
+SEED_LIMIT = 2**63          # seeds are recorded in events as int64
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """The caller's value for an error message: bounded in size, never failing (huge ints, deep nesting)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"<int of {len(hex(value)) * 4} bits>"
+    try:
+        return _short.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
 def _check_text(field: str, text: Any) -> str:
     if not isinstance(text, str):
         raise InputError(field, f"must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise InputError(field, "must not be empty")
     if len(text) > MAX_TEXT_CHARS:
         raise InputError(field, f"is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    if not text.strip():
+        raise InputError(field, "must not be empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(field, f"is not valid Unicode text (lone surrogate at index {exc.start})") from None
     return text
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def embedding_request(model_name: Any, inputs: Any) -> tuple[ModelSpec, EmbeddingRequest]:
@@ -47,7 +77,7 @@ def embedding_request(model_name: Any, inputs: Any) -> tuple[ModelSpec, Embeddin
             raise InputError("inputs.texts", f"has {len(texts)} texts; the limit is {MAX_BATCH}")
         return spec, EmbeddingRequest([_check_text(f"inputs.texts[{i}]", t) for i, t in enumerate(texts)],
                                       single=False)
-    raise InputError("inputs", f'needs exactly one of the keys "text" or "texts", got {sorted(map(str, keys))}')
+    raise InputError("inputs", f'needs exactly one of the keys "text" or "texts", got {show(sorted(keys, key=show))}')
 
 
 @dataclass(frozen=True)
@@ -66,16 +96,21 @@ def generation_request(model_name: Any, prompt: Any, max_new_tokens: Any, shards
     if spec.task != "text_generation":
         raise InputError("model_name", f"{spec.name} is a {spec.task} model; call infer() for it")
     _check_text("prompt", prompt)
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS):
-        raise InputError("max_new_tokens", f"must be an int in 1..{MAX_NEW_TOKENS}, got {max_new_tokens!r}")
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise InputError("shards", f"must be a positive int, got {shards!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise InputError("temperature", f"must be a finite number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InputError("top_p", f"must be in (0, 1], got {top_p!r}")
-    if temperature > 0 and not (isinstance(seed, int) and not isinstance(seed, bool)):
+    if not _is_int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError("max_new_tokens", f"must be an int in 1..{MAX_NEW_TOKENS}, got {show(max_new_tokens)}")
+    if not _is_int(shards) or shards < 1:
+        raise InputError("shards", f"must be a positive int, got {show(shards)}")
+    try:
+        finite_temperature = _is_number(temperature) and math.isfinite(float(temperature))
+    except OverflowError:
+        finite_temperature = False
+    if not finite_temperature or temperature < 0:
+        raise InputError("temperature", f"must be a finite number >= 0, got {show(temperature)}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise InputError("top_p", f"must be in (0, 1], got {show(top_p)}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
+        raise InputError("seed", f"must be an int in [0, 2**63), got {show(seed)}")
+    if temperature > 0 and seed is None:
         raise InputError("seed", "sampling with temperature > 0 needs an int seed (so results are reproducible)")
     return spec, GenerationRequest(prompt, max_new_tokens, shards, float(temperature), float(top_p), seed)
 

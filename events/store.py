@@ -158,7 +158,12 @@ def _stream_version(schema: pa.Schema, what: str) -> int:
     meta = schema.metadata or {}
     if _VERSION_KEY not in meta:
         raise CorruptSegmentError(f"{what}: schema has no {_VERSION_KEY.decode()}")
-    version = int(meta[_VERSION_KEY])
+    try:
+        version = int(meta[_VERSION_KEY])
+    except ValueError:
+        raise CorruptSegmentError(f"{what}: unreadable {_VERSION_KEY.decode()} {meta[_VERSION_KEY][:20]!r}") from None
+    if version < 1:
+        raise CorruptSegmentError(f"{what}: impossible {_VERSION_KEY.decode()} {version}")
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(f"{what} was written by schema version {version}; this code reads <= {SCHEMA_VERSION}")
     return version

@@ -142,6 +142,10 @@ def _validate_texts(texts: object) -> list[str]:
             raise InputError(f"texts[{i}]", f"expected str, got {type(text).__name__}")
         if not text.strip():
             raise InputError(f"texts[{i}]", "empty or whitespace-only text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"texts[{i}]", f"not valid Unicode (lone surrogate at index {exc.start})") from None
     return list(texts)
 
 

@@ -60,7 +60,9 @@ SPECS: dict[str, ModelSpec] = {
 
 class ModelNotFoundError(InputError):
     def __init__(self, model: object) -> None:
-        super().__init__("model_name", f"unknown model {model!r}; known models: {', '.join(SPECS)}")
+        from actors.validation import show
+
+        super().__init__("model_name", f"unknown model {show(model)}; known models: {', '.join(SPECS)}")
         self.model = model
 
     def __reduce__(self) -> tuple:
