@@ -44,59 +44,127 @@ def _start_local_ray(temp: Path):
     return ray
 
 
+def _wait_until(predicate, timeout: float, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("the demo waited too long for the pool")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Embedded Ray, real browsers, MiniLM embeddings and SmolLM2 text checked against CPU references."""
+    """Embedded Ray, real browsers, real models checked against CPU references, real faults recovered."""
     import numpy as np
 
-    from events.state import browsers_alive
-    from sharding.models import minilm
+    from sharding.models import llama, minilm
 
     temp = Path(tempfile.mkdtemp(prefix="wpdemo-", dir="/tmp"))
-    with console.status("starting Ray") as status:
-        ray = _start_local_ray(temp / "ray")
-        from webpool import ResourcePool
+    ray = _start_local_ray(temp / "ray")
+    from events.state import open_operations, recovery_statistics
+    from webpool import ResourcePool
 
-        pool = ResourcePool.remote(max_connections=args.browsers, event_log=str(temp / "events"))
-        try:
+    pool = ResourcePool.remote(max_connections=args.browsers, event_log=str(temp / "events"), request_timeout=30.0,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
+    try:
+        with console.status("") as status:
+            # 1. Embeddings in a browser, checked against the numpy reference.
             sentences = ["A man is eating food.", "A man is eating a piece of bread.",
                          "The girl is carrying a baby.", "A man is riding a horse."]
             status.update("launching a browser and loading all-MiniLM-L6-v2 (first run builds the ONNX file)")
             t0 = time.perf_counter()
-            first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": sentences[0]}))
-            cold_s = time.perf_counter() - t0
-            status.update("embedding sentences")
             out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": sentences}))
+            cold_s = time.perf_counter() - t0
             ref = minilm.reference_embed(sentences)
             err = float(np.abs(out["embedding"] - ref).max())
-            table = Table(title=f"all-MiniLM-L6-v2 in {first['browser_id']} ({first['backend']})")
+            table = Table(title=f"1. all-MiniLM-L6-v2 in {out['browser_id']} ({out['backend']})")
             table.add_column("sentence")
             table.add_column("cosine to #1", justify="right")
-            for s, e in zip(sentences, out["embedding"], strict=True):
-                table.add_row(s, f"{float(e @ out['embedding'][0]):.4f}")
+            for text, e in zip(sentences, out["embedding"], strict=True):
+                table.add_row(text, f"{float(e @ out['embedding'][0]):.4f}")
             console.print(table)
-            console.print(f"max |browser - numpy reference| = {err:.2e} (tolerance 1e-4); cold start {cold_s:.1f} s; "
-                          f"batch of 4 in {out['metrics']['duration_ms']:.0f} ms")
+            console.print(f"   max |browser - numpy reference| = {err:.1e} (tolerance 1e-4); first request "
+                          f"{cold_s:.1f} s including browser start and model load")
             if err > 1e-4:
                 raise RuntimeError(f"browser embeddings differ from the reference by {err:.2e}")
 
-            status.update(f"SmolLM2-135M: building/loading ({args.shards} shard(s)) and generating")
+            # 2. A real fault while a request is in flight: the browser process is killed.
+            status.update("killing the browser process while a request is in flight")
+            batch = [f"{s} (variant {i})" for i in range(12) for s in sentences]
+            ref_batch = minilm.reference_embed(batch)
+            pending = pool.infer.remote("all-minilm-l6-v2", {"texts": batch})
+            _wait_until(lambda: open_operations(ray.get(pool.get_state.remote())), 60)
+            t_fault = time.perf_counter()
+            ray.get(pool.inject_fault.remote(out["browser_id"], "kill_browser"))
+            recovered = ray.get(pending)
+            ttr_ms = (time.perf_counter() - t_fault) * 1000
+            if not recovered.get("recovered"):   # the run finished before the kill: the next request meets it
+                recovered = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": batch}))
+            err = float(np.abs(recovered["embedding"] - ref_batch).max())
+            events = ray.get(pool.recent_events.remote(60))
+            timeline = Table(title="2. browser process killed mid-request: what the event log recorded")
+            for col in ("+ms", "event", "subject", "detail"):
+                timeline.add_column(col)
+            shown = ("BrowserFailed", "RecoveryStarted", "RecoveryStepFinished", "RecoveryCompleted",
+                     "BrowserLaunched", "ModelLoaded", "OperationFailed")
+            picked = [e for e in events if e["action"] in shown and e["timestamp"] >= events[0]["timestamp"]]
+            first_ts = next((e["timestamp"] for e in picked if e["action"] == "BrowserFailed"), None)
+            for e in picked:
+                if first_ts is None or e["timestamp"] < first_ts:
+                    continue
+                data = e["data"]
+                detail = data.get("category") or data.get("step") or data.get("strategy") or data.get("model") or ""
+                if e["action"] == "RecoveryStepFinished":
+                    detail = f"{data['step']} {'ok' if data['success'] else 'failed'} in {data['duration_ms']:.0f} ms"
+                timeline.add_row(f"{(e['timestamp'] - first_ts) * 1000:.0f}", e["action"], e["subject"], str(detail))
+            console.print(timeline)
+            console.print(f"   {len(batch)} embeddings returned {ttr_ms:.0f} ms after the kill, max error "
+                          f"{err:.1e}; recovered: {bool(recovered.get('recovered'))}")
+            if err > 1e-4:
+                raise RuntimeError(f"embeddings after recovery differ from the reference by {err:.2e}")
+
+            # 3. SmolLM2 split over browsers; one shard's browser is killed mid-generation.
             prompt = "The capital of France is"
-            t0 = time.perf_counter()
-            gen = ray.get(pool.generate.remote("smollm2-135m", prompt, max_new_tokens=args.tokens,
-                                               shards=args.shards))
-            gen_s = time.perf_counter() - t0
+            status.update("SmolLM2-135M: CPU onnxruntime reference")
+            model = llama.load_smollm2()
+            expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+                                                 model.encode(prompt), args.tokens)
+            status.update(f"SmolLM2-135M over {args.shards} browsers; a shard's browser is killed mid-generation")
+            pending = pool.generate.remote("smollm2-135m", prompt, max_new_tokens=args.tokens, shards=args.shards)
+            victim: list[str] = []
+
+            def some_tokens() -> bool:
+                state = ray.get(pool.get_state.remote())
+                for session in state.sessions.values():
+                    if len(session.tokens) >= 4:
+                        victim.append(session.plan["shards"][-1]["browser_id"])
+                        return True
+                return False
+
+            _wait_until(some_tokens, 300, 0.02)
+            ray.get(pool.inject_fault.remote(victim[0], "kill_browser"))
+            gen = ray.get(pending)
+            same = gen["token_ids"] == expected
+            console.print(f"[bold]3. {prompt}[/bold]{gen['text']}")
             m = gen["metrics"]
-            console.print(f"[bold]{prompt}[/bold]{gen['text']}")
-            console.print(f"{len(gen['token_ids'])} tokens over {m['shards']} browser(s) {gen['browser_ids']}: "
-                          f"prefill {m['prefill_ms']:.0f} ms, decode {m['decode_tokens_per_s'] or 0:.1f} tokens/s "
-                          f"(request {gen_s:.1f} s including load)")
-            state = ray.get(pool.get_state.remote())
-            console.print(f"event log: {state.last_seq} events, {len(browsers_alive(state))} live browser(s)")
-        finally:
+            console.print(f"   {len(gen['token_ids'])} tokens over browsers {gen['browser_ids']}; shard browser "
+                          f"{victim[0]} killed after 4 tokens, {m['replays']} shard rebuilt by prefix replay; "
+                          f"identical to CPU onnxruntime: {same}; decode {m['decode_tokens_per_s'] or 0:.1f} tokens/s")
+            if not same:
+                raise RuntimeError("sharded generation differs from the CPU reference")
+
+            stats = recovery_statistics(ray.get(pool.get_state.remote()))
+            summary = Table(title="recovery statistics (from the event log)")
+            summary.add_column("statistic")
+            summary.add_column("value", justify="right")
+            for key, value in stats.items():
+                summary.add_row(key, f"{value:.0%}" if key == "success_rate" else str(value))
+            console.print(summary)
             status.update("shutting down")
-            ray.get(pool.shutdown.remote())
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     return 0
 
 
@@ -501,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the demo on an embedded local Ray")
-    demo.add_argument("--browsers", type=int, default=2)
-    demo.add_argument("--shards", type=int, default=1)
+    demo.add_argument("--browsers", type=int, default=3)
+    demo.add_argument("--shards", type=int, default=2)
     demo.add_argument("--tokens", type=int, default=16)
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("doctor", help="check browser, runtime files, models and Ray").set_defaults(func=cmd_doctor)
