@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import platform
-import secrets
 import shutil
 import tempfile
 import time
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from webpool.localray import configure_auth_env, start_local_ray
 
 RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 
@@ -59,21 +60,25 @@ async def floor_minilm(n: int, text: str) -> list[float]:
 
 
 def native_decode(model_name: str, prompt: str, tokens: int) -> dict[str, Any]:
+    """Greedy decode with CPU onnxruntime on the same ONNX, 1 thread, timing prefill and each step."""
     from sharding.models import llama
     from sharding.models.registry import llama_model
 
     model = llama_model(model_name)
-    shards = llama.build_shards(model, [(0, model.config.n_layers)])
+    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]), threads=1)
     ids = model.encode(prompt)
-    llama.ort_greedy_generate(shards, ids, 2, threads=1)        # warm
+    chain.greedy(ids, 2)                                              # warm
+    chain.reset()
     t0 = time.perf_counter()
-    out = llama.ort_greedy_generate(shards, ids, 1, threads=1)
+    _, indices = chain.step(ids)
     prefill_ms = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    out = llama.ort_greedy_generate(shards, ids, tokens, threads=1)
-    total = time.perf_counter() - t0
-    decode_s = total - prefill_ms / 1000
-    return {"token_ids": out, "prefill_ms": prefill_ms, "decode_tokens_per_s": (len(out) - 1) / decode_s}
+    out, steps = [int(indices[0])], []
+    while len(out) < tokens and out[-1] != model.config.eos_id:
+        t0 = time.perf_counter()
+        _, indices = chain.step([out[-1]])
+        steps.append(time.perf_counter() - t0)
+        out.append(int(indices[0]))
+    return {"token_ids": out, "prefill_ms": prefill_ms, "decode_tokens_per_s": len(steps) / sum(steps)}
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -93,9 +98,7 @@ def run(quick: bool) -> dict[str, Any]:
     floor = asyncio.run(floor_minilm(n, text))
 
     temp = Path(tempfile.mkdtemp(prefix="wpbench-", dir="/tmp"))
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    ray.init(include_dashboard=False, _temp_dir=str(temp / "ray"), log_to_driver=False)
+    start_local_ray(temp / "ray")
     try:
         pool = ResourcePool.remote(max_connections=1, event_log=str(temp / "events"))
         for _ in range(3):
@@ -148,6 +151,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    configure_auth_env()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI): 20 requests, tiny llama")
     args = parser.parse_args(argv)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Ray 2.60 turns token authentication on for local clusters and would write ~/.ray/auth_token:
-# tests use token auth with a throwaway token of their own instead.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+from webpool.localray import configure_auth_env
+
+# Token auth with a throwaway token (nothing written to ~/.ray); must precede any import of ray.
+configure_auth_env()
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 

@@ -12,7 +12,6 @@ import datetime
 import logging
 import os
 import re
-import secrets
 import shutil
 import sys
 import tempfile
@@ -25,23 +24,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from webpool.localray import configure_auth_env, start_local_ray
+
 if TYPE_CHECKING:
     from events.schema import Recorded
     from events.state import PoolState
     from events.store import EventStore
 
 console = Console(stderr=False)
-
-
-def _start_local_ray(temp: Path):
-    # Local embedded Ray with token auth and a token of this run (nothing written to ~/.ray).
-    # Ray reads these when it is first imported, so they are set before the import.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    import ray
-
-    ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=False, namespace="webpool")
-    return ray
 
 
 def _wait_until(predicate, timeout: float, interval: float = 0.01) -> None:
@@ -60,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sharding.models import llama, minilm
 
     temp = Path(tempfile.mkdtemp(prefix="wpdemo-", dir="/tmp"))
-    ray = _start_local_ray(temp / "ray")
+    ray = start_local_ray(temp / "ray", namespace="webpool")
     from events.state import open_operations, recovery_statistics
     from webpool import ResourcePool
 
@@ -565,6 +555,7 @@ def _add_log_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_auth_env()
     parser = argparse.ArgumentParser(prog="webpool", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
