@@ -154,6 +154,7 @@ class BrowserCore:
         assert self.page is not None
         self.page.on("crash", self._on_crash)
         await self.page.route("**/*", self._route)
+        await self.page.route_web_socket(lambda _url: True, self._route_web_socket)
         self.page_cdp = await self.page.context.new_cdp_session(self.page)
 
     # ----- recovery in place ----------------------------------------------------------------------
@@ -266,7 +267,17 @@ class BrowserCore:
         else:
             # Isolation: the page may reach only its own served origin.
             self.blocked_requests.append(url[:200])
-            await route.abort("blockedbyclient")
+            if route.request.is_navigation_request() and route.request.frame == self.page.main_frame:
+                # An aborted navigation would replace the runtime with an error page; a 204 answer
+                # makes the browser stay where it is.
+                await route.fulfill(status=204)
+            else:
+                await route.abort("blockedbyclient")
+
+    async def _route_web_socket(self, ws) -> None:
+        # The page has no reason to open a WebSocket: none is connected to any server.
+        self.blocked_requests.append(ws.url[:200])
+        await ws.close(code=1008, reason="blocked by webpool")
 
     def _check(self) -> None:
         if self.failure is None and self.proc is not None and self.proc.poll() is not None:
