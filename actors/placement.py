@@ -42,22 +42,30 @@ class Placement:
     browser_id: str | None      # None for launch
 
 
+# A browser holding the model takes a request while fewer than this many run on it; beyond that the
+# pool prefers to grow (up to max_connections), since one page runs one inference at a time.
+BUSY_THRESHOLD = 2
+
+
 def place(key: str, browsers: list[BrowserView], max_connections: int, browser_type: str,
           avoid: frozenset[str] = frozenset()) -> Placement:
     """Where to run artifact ``key``.
 
-    1. a browser of the wanted type that already holds it, least busy first;
+    1. a browser of the wanted type that already holds it and is not busy, least busy first;
     2. else a new browser, while the pool is below ``max_connections``;
-    3. else load it onto the least busy browser holding the fewest models.
+    3. else the least busy browser that holds it;
+    4. else load it onto the least busy browser holding the fewest models.
     ``avoid`` excludes browsers (e.g. ones already holding another shard of the same request).
     """
     candidates = [b for b in browsers if b.browser_id not in avoid]
     holding = [b for b in candidates if key in b.models and b.browser_type == browser_type]
-    if holding:
-        best = min(holding, key=lambda b: (b.in_flight, b.browser_id))
+    best = min(holding, key=lambda b: (b.in_flight, b.browser_id)) if holding else None
+    if best is not None and best.in_flight < BUSY_THRESHOLD:
         return Placement("use", best.browser_id)
     if len(browsers) < max_connections:
         return Placement("launch", None)
+    if best is not None:
+        return Placement("use", best.browser_id)
     if not candidates:
         candidates = browsers
     if not candidates:

@@ -34,8 +34,9 @@ def decode(kind: str, payload: bytes | bytearray | memoryview, version: int = SC
     confirmed since (the store's own segments): field names are still checked, values are not, which
     makes replay about twice as fast.
     """
-    if version > SCHEMA_VERSION or version < 1:
-        raise SchemaVersionError(f"payload has schema version {version}; this code reads 1..{SCHEMA_VERSION}")
+    if type(version) is not int or version > SCHEMA_VERSION or version < 1:
+        shown = version if type(version) is int and abs(version) < 10**30 else "out of range"
+        raise SchemaVersionError(f"payload has schema version {shown}; this code reads 1..{SCHEMA_VERSION}")
     cls = EVENT_TYPES.get(kind)
     if cls is None:
         raise UnknownEventKindError(f"unknown event kind {kind!r}")

@@ -94,6 +94,11 @@ EVENT_TYPES: dict[str, type[Event]] = {}
 # --- field checkers: each returns the (possibly normalised) value or raises InvalidEventError ---
 
 
+def _int_text(v: int) -> str:
+    """An int for an error message: huge ones by size (str() of > 4300 digits raises)."""
+    return str(v) if abs(v) < 10**30 else f"an int of {v.bit_length()} bits"
+
+
 def _check_str(v: Any) -> str:
     if type(v) is not str:
         raise InvalidEventError(f"expected str, got {type(v).__name__}")
@@ -104,7 +109,7 @@ def _check_int(v: Any) -> int:
     if type(v) is not int:
         raise InvalidEventError(f"expected int, got {type(v).__name__}")
     if v < 0 or v > _INT64_MAX:
-        raise InvalidEventError(f"{v} is outside 0..2**63-1")
+        raise InvalidEventError(f"{_int_text(v)} is outside 0..2**63-1")
     return v
 
 
@@ -113,7 +118,10 @@ def _check_float(v: Any) -> float:
     if t is not float:
         if t is not int:
             raise InvalidEventError(f"expected a number, got {t.__name__}")
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            raise InvalidEventError(f"{_int_text(v)} is too large for a float") from None
     if not (0.0 <= v < math.inf):  # also false for NaN
         raise InvalidEventError(f"{v} is not a finite number >= 0")
     return v
@@ -132,7 +140,11 @@ def _check_category(v: Any) -> FailureCategory:
         return FailureCategory(v)
     except ValueError:
         allowed = ", ".join(c.value for c in FailureCategory)
-        raise InvalidEventError(f"{v!r} is not a failure category ({allowed})") from None
+        try:
+            shown = _int_text(v) if type(v) is int else repr(v)[:80]
+        except (ValueError, RecursionError):   # a container holding a huge int, or nested too deep
+            shown = f"a {type(v).__name__}"
+        raise InvalidEventError(f"{shown} is not a failure category ({allowed})") from None
 
 
 def _json_value(v: Any, depth: int) -> Any:
@@ -143,7 +155,7 @@ def _json_value(v: Any, depth: int) -> Any:
         return v
     if t is int:
         if not -_INT64_MAX - 1 <= v <= _INT64_MAX:
-            raise InvalidEventError(f"integer {v} does not fit in int64")
+            raise InvalidEventError(f"integer {_int_text(v)} does not fit in int64")
         return v
     if t is float:
         if not math.isfinite(v):
