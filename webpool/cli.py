@@ -1,4 +1,4 @@
-"""The ``webpool`` command line: demo, doctor, log.
+"""The ``webpool`` command line: demo, doctor, log, status, analyze, bench.
 
 Errors print as one line with the fix; ``--debug`` shows the traceback.
 """
@@ -528,6 +528,304 @@ def cmd_log_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- status: a running pool, asked through Ray -------------------------------------------------------
+
+_FAILURE_KINDS = ("BrowserFailed", "OperationFailed")
+
+
+class PoolNotFoundError(RuntimeError):
+    """No Ray cluster to connect to, or no pool actor of that name in it."""
+
+
+def _start_hint(name: str, namespace: str) -> str:
+    return (f"start a pool from Python with `ray.init(namespace={namespace!r})` and "
+            f"`ResourcePool.options(name={name!r}, lifetime='detached').remote()` (see README), "
+            "or pass --address/--namespace/--name")
+
+
+def _unreachable(address: str) -> str | None:
+    """Why a ``host:port`` Ray address cannot be reached, or None. Ray itself keeps retrying an
+    unreachable address for minutes; one TCP connect says it at once."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None    # "auto", ray:// client addresses, ...: Ray resolves those
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _connect(address: str, namespace: str):
+    """Ray, connected to ``address``: an already initialised Ray is reused (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address not in ("auto", current):
+            raise PoolNotFoundError(f"this process is already connected to Ray at {current}, not {address}")
+        return ray, False
+    why = _unreachable(address)
+    if why is not None:
+        raise PoolNotFoundError(f"cannot connect to Ray at {address!r} ({why}): start Ray with `ray start --head` "
+                                "and pass the address it prints, then " + _start_hint("webpool", namespace))
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise PoolNotFoundError(f"cannot connect to Ray at {address!r} ({str(exc).splitlines()[0]}): start Ray "
+                                "with `ray start --head` (a cluster with token authentication also needs its token "
+                                "in RAY_AUTH_TOKEN), then " + _start_hint("webpool", namespace)) from None
+    return ray, True
+
+
+def status_document(state: PoolState, health: dict[str, dict], events: list[dict], stats: dict,
+                    pool: dict[str, str]) -> dict:
+    """What ``webpool status`` shows, as plain data (the --json output)."""
+    from events.state import models_on
+
+    browsers = []
+    for b in sorted(state.browsers.values(), key=lambda b: b.launched_seq):
+        browsers.append({
+            "browser_id": b.browser_id, "browser_type": b.browser_type, "status": b.status, "standby": b.standby,
+            "backend_caps": list(b.backend_caps), "failures": b.failures,
+            "last_failure": b.last_failure.value if b.last_failure else None,
+            "models": [{"model": m.model, "shard": m.shard, "backend": m.backend}
+                       for m in models_on(state, b.browser_id)],
+        })
+    reports = {}
+    for browser_id, report in sorted(health.items()):
+        if "error" in report:
+            reports[browser_id] = {"error": report["error"], "category": report.get("category")}
+        else:
+            reports[browser_id] = {"memory_mib": report["memory_bytes"] / 2**20, "pids": len(report["pids"]),
+                                   "blocked_requests": report["blocked_requests"],
+                                   "models": list(report["models"])}
+    failures = [{"seq": e["seq"], "timestamp": e["timestamp"], "kind": e["action"], "subject": e["subject"],
+                 "category": e["data"].get("category"), "error": e["data"].get("error")}
+                for e in events if e["action"] in _FAILURE_KINDS]
+    return {**pool, "last_seq": state.last_seq, "browsers": browsers, "health": reports,
+            "recent_failures": failures, "events_scanned": len(events), "recovery_statistics": stats}
+
+
+def _print_status(doc: dict) -> None:
+    console.print(Text(f"pool {doc['name']!r} (namespace {doc['namespace']!r}, Ray at {doc['address']}): "
+                       f"event log at seq {doc['last_seq']}"))
+    console.print(_table("browsers", ["browser", "type", "status", "standby", "backend caps", "failures", "models"],
+                         [[b["browser_id"], b["browser_type"], b["status"], b["standby"],
+                           ",".join(b["backend_caps"]), b["failures"],
+                           ", ".join(f"{m['model']}{'[' + m['shard'] + ']' if m['shard'] else ''} ({m['backend']})"
+                                     for m in b["models"]) or "-"]
+                          for b in doc["browsers"]], empty="no browsers yet"))
+    console.print(_table("health (live browsers, as they report now)",
+                         ["browser", "memory MiB", "processes", "blocked requests", "models / error"],
+                         [[bid, None, None, None, f"{h['category']}: {h['error']}"] if "error" in h else
+                          [bid, h["memory_mib"], h["pids"], h["blocked_requests"], ", ".join(h["models"]) or "-"]
+                          for bid, h in doc["health"].items()], empty="no live browsers"))
+    console.print(_table(f"recent failures (in the last {doc['events_scanned']} events)",
+                         ["seq", "time", "kind", "subject", "category", "error"],
+                         [[f["seq"], _entry_time(f["timestamp"]), f["kind"], f["subject"], f["category"],
+                           (f["error"] or "")[:_DATA_CHARS]] for f in doc["recent_failures"]]))
+    console.print(_table("recovery statistics", ["statistic", "value"],
+                         [[k, f"{v:.3f}" if isinstance(v, float) else v]
+                          for k, v in doc["recovery_statistics"].items()]))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Browsers, models, health, recent failures and recovery statistics of a running pool."""
+    import orjson
+
+    if args.events < 1:
+        raise ValueError(f"--events must be >= 1, got {args.events}")
+    ray, connected_here = _connect(args.address, args.namespace)
+    try:
+        try:
+            pool = ray.get_actor(args.name, namespace=args.namespace)
+        except ValueError:
+            named = sorted(f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True))
+            found = f"named actors there: {', '.join(named[:10])}" if named else "no named actors there"
+            raise PoolNotFoundError(f"no pool named {args.name!r} in namespace {args.namespace!r} ({found}); "
+                                    + _start_hint(args.name, args.namespace)) from None
+        # Health first: a browser found dead now is recorded before the state is read.
+        health = ray.get(pool.health.remote(), timeout=args.timeout)
+        state, events, stats = ray.get([pool.get_state.remote(), pool.recent_events.remote(args.events),
+                                        pool.get_recovery_statistics.remote()], timeout=args.timeout)
+        where = {"name": args.name, "namespace": args.namespace,
+                 "address": ray.get_runtime_context().gcs_address}
+        doc = status_document(state, health, events, stats, where)
+    finally:
+        if connected_here:
+            ray.shutdown()
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_status(doc)
+    return 0
+
+
+# --- analyze: performance history from the event log --------------------------------------------------
+
+_TREND_KEYS = ("entries_analyzed", "success_rate", "avg_duration_ms", "p50_duration_ms", "p95_duration_ms",
+               "min_duration_ms", "max_duration_ms", "trend_direction", "trend_magnitude", "improvement_rate")
+
+
+def _distinct(table, column: str) -> list[str]:
+    import pyarrow.compute as pc
+
+    return sorted(v for v in pc.unique(table.column(column)).to_pylist() if v is not None)
+
+
+def analysis_document(tracker, location: str, model: str | None, browser_type: str | None,
+                      window: float | None) -> dict:
+    """Trends per model and per browser type, the recommended browser type per model and the
+    recommendations, over the tracker's operations. The window ends at the newest operation in the log
+    (not at the wall clock), so an old log reads the same as it did when it was written."""
+    import pyarrow.compute as pc
+
+    from events.errors import EventError
+
+    table = tracker.table
+    if table.num_rows == 0:
+        raise EventError(f"no finished operations in the event log at {location}: nothing to analyse")
+    now = float(pc.max(table.column("ts")).as_py())
+    models, types = _distinct(table, "model"), _distinct(table, "browser_type")
+    for flag, value, known in (("--model", model, models), ("--browser-type", browser_type, types)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag} {value!r}: no operations of it in the log; there: {', '.join(known)}")
+    chosen_models = [model] if model else models
+    chosen_types = [browser_type] if browser_type else types
+    by_model = {m: tracker.analyze_performance_trends(model_name=m, browser_type=browser_type,
+                                                      time_window_seconds=window, now=now) for m in chosen_models}
+    by_type = {t: tracker.analyze_performance_trends(model_name=model, browser_type=t,
+                                                     time_window_seconds=window, now=now) for t in chosen_types}
+    recommended = {m: tracker.recommend_browser_type(m, time_window_seconds=window, now=now)
+                   for m in chosen_models}
+    recs = tracker.get_performance_recommendations(time_window_seconds=window, now=now)["recommendations"]
+    return {"location": location, "operations": table.num_rows, "now": now, "window_seconds": window,
+            "model": model, "browser_type": browser_type, "anomalies": dict(tracker.anomalies),
+            "by_model": by_model, "by_browser_type": by_type,
+            "recommended_browser_type": {m: {"browser_type": r["browser_type"], "reason": r["reason"]}
+                                         for m, r in recommended.items()},
+            "recommendations": recs}
+
+
+def plot_latency(table, path: Path, title: str) -> int:
+    """PNG of operation latency over time, one series per browser; failures as red crosses at the
+    bottom. Returns the number of operations plotted."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+    ts = table.column("ts").to_numpy()
+    t0 = float(ts.min())
+    fig = Figure(figsize=(10, 5), dpi=100)
+    ax = fig.add_subplot()
+    for browser_id in _distinct(table, "browser_id"):
+        rows = table.filter(pc.equal(table.column("browser_id"), browser_id))
+        x = rows.column("ts").to_numpy() - t0
+        y = rows.column("duration_ms").to_numpy(zero_copy_only=False).astype(float)
+        ok = ~np.isnan(y)
+        kind = rows.column("browser_type")[0].as_py()
+        ax.plot(x[ok], y[ok], marker=".", linewidth=0.8, label=f"{browser_id} ({kind})")
+        if (~ok).any():
+            ax.plot(x[~ok], np.zeros(int((~ok).sum())), "x", color="red", markersize=8, clip_on=False)
+    if int(pc.sum(pc.equal(table.column("status"), "failed")).as_py() or 0):
+        ax.plot([], [], "x", color="red", label="failed operation")
+    ax.set_xlabel(f"seconds since {_entry_time(t0)}")
+    ax.set_ylabel("duration (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return table.num_rows
+
+
+def _trend_rows(analyses: dict[str, dict]) -> list[list]:
+    rows = []
+    for key, a in analyses.items():
+        if "error" in a:
+            rows.append([key, 0, *([None] * (len(_TREND_KEYS) - 1))])
+            continue
+        rows.append([key, a["entries_analyzed"], f"{a['success_rate']:.0%}",
+                     *(a[k] for k in _TREND_KEYS[2:7]), a["trend_direction"],
+                     f"{a['trend_magnitude']:.0%}", f"{a['improvement_rate']:+.0%}"])
+    return rows
+
+
+def _print_analysis(doc: dict) -> None:
+    span = "the whole log" if doc["window_seconds"] is None else f"the last {doc['window_seconds']:g} s of the log"
+    filters = [f"{k} {doc[k]}" for k in ("model", "browser_type") if doc[k]]
+    console.print(Text(f"{doc['location']}: {doc['operations']} finished operations, analysed over {span} "
+                       f"(ending {_entry_time(doc['now'])})" + (f"; {', '.join(filters)}" if filters else "")))
+    cols = ["ops", "success", "avg ms", "p50 ms", "p95 ms", "min ms", "max ms", "trend", "magnitude", "improvement"]
+    console.print(_table("trends per model", ["model", *cols], _trend_rows(doc["by_model"])))
+    console.print(_table("trends per browser type (browser/backend)", ["browser type", *cols],
+                         _trend_rows(doc["by_browser_type"])))
+    console.print(_table("recommended browser type per model", ["model", "browser type", "why"],
+                         [[m, r["browser_type"] or "-", r["reason"]]
+                          for m, r in doc["recommended_browser_type"].items()]))
+    console.print(_table("recommendations", ["key", "description", "recommendation"],
+                         [[k, r["description"], r["recommendation"]] for k, r in doc["recommendations"].items()],
+                         empty="none: no degrading model, failure pattern or better browser type found"))
+    if doc["anomalies"]:
+        console.print(Text(f"history anomalies (e.g. operations whose start was compacted away): {doc['anomalies']}"))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Performance trends and recommendations from the event log (read from a private copy)."""
+    import orjson
+    import pyarrow.compute as pc
+
+    from events.history import PerformanceHistoryTracker
+
+    if args.window is not None and not args.window > 0:
+        raise ValueError(f"--window must be > 0 seconds, got {args.window}")
+    with _log_copy(args) as copy:
+        store = copy.open()
+        tracker = PerformanceHistoryTracker(max_entries=args.max_entries)
+        tracker.observe_many(store.read(store.first_seq))
+        doc = analysis_document(tracker, copy.location, args.model, args.browser_type, args.window)
+    if args.png:
+        table = tracker.table
+        mask = pc.greater_equal(table.column("ts"), doc["now"] - (args.window or float("inf")))
+        for column, value in (("model", args.model), ("browser_type", args.browser_type)):
+            if value:
+                mask = pc.and_(mask, pc.equal(table.column(column), value))
+        title = "latency per browser" + "".join(f", {v}" for v in (args.model, args.browser_type) if v)
+        doc["png"] = str(args.png)
+        doc["png_operations"] = plot_latency(table.filter(mask), Path(args.png), title)
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_analysis(doc)
+        if args.png:
+            console.print(Text(f"wrote {args.png} ({doc['png_operations']} operations plotted)"))
+    return 0
+
+
+# --- bench: the benchmark modules, run as they run alone ---------------------------------------------
+
+BENCHMARKS = {"inference": "benchmarks.inference", "event-log": "benchmarks.event_log",
+              "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``webpool bench NAME ARGS...`` = ``python -m benchmarks.<module> ARGS...``."""
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    argv0 = sys.argv[0]
+    sys.argv[0] = f"webpool bench {args.benchmark}"   # the benchmark's usage line names this command
+    try:
+        module.main(list(args.args))
+    finally:
+        sys.argv[0] = argv0
+    return 0
+
+
 def _add_log_parser(sub: argparse._SubParsersAction) -> None:
     log_parser = sub.add_parser("log", help="read the event log (tail, show, replay); never writes to it")
     log_sub = log_parser.add_subparsers(dest="log_command", required=True)
@@ -554,8 +852,43 @@ def _add_log_parser(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=cmd_log_replay)
 
 
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="browsers, models, health, recent failures and recovery statistics "
+                                      "of a running pool")
+    p.add_argument("--address", default="auto", help="Ray address (default: auto, the local cluster)")
+    p.add_argument("--namespace", default="webpool", help="Ray namespace of the pool actor (default: webpool)")
+    p.add_argument("--name", default="webpool", help="name of the pool actor (default: webpool)")
+    p.add_argument("--events", type=int, default=200, help="recent events scanned for failures (default 200)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the pool's answers")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.set_defaults(func=cmd_status)
+
+
+def _add_analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="performance trends and recommendations from the event log (PNG plot)")
+    p.add_argument("--dir", help="the log's folder or a pyarrow filesystem URI (file://, s3://, ...)")
+    p.add_argument("--name", help="pool name: reads $WEBPOOL_CACHE/events/NAME (the pool's default)")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--browser-type", dest="browser_type", help="only this browser type, e.g. chromium/wasm")
+    p.add_argument("--window", type=float, default=None,
+                   help="only the last S seconds of the log (default: all of it)")
+    p.add_argument("--max-entries", type=int, default=1_000_000, dest="max_entries",
+                   help="newest operations kept for the analysis (default 1,000,000)")
+    p.add_argument("--png", nargs="?", const="results/latency.png", default=None, metavar="FILE",
+                   help="write a plot of latency over time per browser (default FILE: results/latency.png)")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.set_defaults(func=cmd_analyze)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (results to results/*.json); "
+                                     "`webpool bench NAME --help` shows its options")
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (e.g. --quick)")
+    p.set_defaults(func=cmd_bench)
+
+
 def main(argv: list[str] | None = None) -> int:
-    configure_auth_env()
     parser = argparse.ArgumentParser(prog="webpool", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -566,7 +899,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("doctor", help="check browser, runtime files, models and Ray").set_defaults(func=cmd_doctor)
     _add_log_parser(sub)
+    _add_status_parser(sub)
+    _add_analyze_parser(sub)
+    _add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command != "status":
+        # status joins a cluster someone else started: Ray finds that cluster's token itself
+        # (RAY_AUTH_TOKEN, or ~/.ray/auth_token); a throwaway token would be refused there.
+        configure_auth_env()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
     try:
         return args.func(args)

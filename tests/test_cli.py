@@ -1,0 +1,197 @@
+"""`webpool status | analyze | bench | doctor` against real parts.
+
+status and analyze run against one real pool (a Chromium with all-MiniLM-L6-v2, answers checked
+against the numpy reference) that has met a real fault: its CDP connection was dropped and the pool
+reconnected. doctor runs on a machine made to lack the browser (PATH stripped, no Playwright build)
+and the onnxruntime-web files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from rich.console import Console
+
+from actors import constants
+from benchmarks import history as history_bench
+from sharding.models import minilm
+from webpool import ResourcePool, cli
+
+POOL = "webpool-cli-test"
+NAMESPACE = "webpool-tests"   # the ray_local fixture's namespace
+MODEL = "all-minilm-l6-v2"
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tmp_path_factory):
+    """A detached pool that served 5 requests, lost its CDP connection once and reconnected."""
+    events = tmp_path_factory.mktemp("cli-pool") / "events"
+    handle = ResourcePool.options(name=POOL, lifetime="detached").remote(
+        max_connections=1, event_log=str(events), fault_tolerance={"level": "low"})
+    ref = minilm.reference_embed(SENTENCES)
+    outs = [ray.get(handle.infer.remote(MODEL, {"texts": SENTENCES})) for _ in range(4)]
+    browser_id = outs[0]["browser_id"]
+    ray.get(handle.inject_fault.remote(browser_id, "disconnect"))
+    outs.append(ray.get(handle.infer.remote(MODEL, {"texts": SENTENCES})))
+    for out in outs:
+        assert np.abs(out["embedding"] - ref).max() <= 1e-4
+    assert outs[-1].get("recovered"), "the request after the dropped connection went through a recovery"
+    yield {"handle": handle, "events": events, "browser_id": browser_id, "backend": outs[0]["backend"],
+           "address": ray.get_runtime_context().gcs_address}
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """Rich prints to stdout at 80 columns when it is not a terminal: widen it so rows stay whole."""
+    monkeypatch.setattr(cli, "console", Console(width=200, color_system=None))
+
+
+def _row(text: str, first_cell: str) -> str:
+    """The table row whose first cell is ``first_cell``."""
+    rows = [line for line in text.splitlines() if line.lstrip("│ ").startswith(first_cell + " ")]
+    assert rows, f"no row {first_cell!r} in:\n{text}"
+    return rows[0]
+
+
+def _status_args(p: dict, *extra: str) -> list[str]:
+    return ["status", "--address", p["address"], "--namespace", NAMESPACE, "--name", POOL, *extra]
+
+
+def test_status_tables(pool, wide, capsys):
+    assert cli.main(_status_args(pool)) == 0
+    out = capsys.readouterr().out
+    browser = _row(out, pool["browser_id"])   # first match: the browsers table
+    assert "chromium" in browser and "wasm" in browser and f"{MODEL} ({pool['backend']})" in browser
+    failures = out.split("recent failures")[1].split("recovery statistics")[0]
+    assert any("BrowserFailed" in line and pool["browser_id"] in line and "connection" in line
+               for line in failures.splitlines()), failures
+    assert "OperationFailed" in failures
+    stats = out.split("recovery statistics")[1]
+    assert _row(stats, "recovery_attempts").split("│")[2].strip() == "1"
+    assert _row(stats, "recovery_successes").split("│")[2].strip() == "1"
+
+
+def test_status_json_matches_the_pool(pool, capsys):
+    assert cli.main(_status_args(pool, "--json")) == 0
+    doc = json.loads(capsys.readouterr().out)
+    state = ray.get(pool["handle"].get_state.remote())
+    assert doc["name"] == POOL and doc["last_seq"] >= 1 and doc["address"] == pool["address"]
+    [browser] = doc["browsers"]
+    assert browser["browser_id"] == pool["browser_id"] and browser["status"] in ("launched", "connected")
+    assert "wasm" in browser["backend_caps"] and [m["model"] for m in browser["models"]] == [MODEL]
+    health = doc["health"][pool["browser_id"]]
+    assert health["memory_mib"] > 100 and health["pids"] >= 2 and health["blocked_requests"] == 0
+    assert [m.split("/")[0] for m in health["models"]] == [MODEL]
+    kinds = {(f["kind"], f["category"]) for f in doc["recent_failures"]}
+    assert ("BrowserFailed", "connection") in kinds and ("OperationFailed", "connection") in kinds
+    assert doc["recovery_statistics"]["recovery_successes"] == 1
+    assert doc["recovery_statistics"]["total_browsers"] == len(state.browsers) == 1
+
+
+def test_status_without_that_pool_says_how_to_start_one(pool, wide, capsys):
+    assert cli.main(["status", "--address", pool["address"], "--namespace", NAMESPACE, "--name", "no-such"]) == 1
+    out = capsys.readouterr().out
+    assert "PoolNotFoundError" in out and "no pool named 'no-such'" in out and f"{NAMESPACE}/{POOL}" in out
+    assert "ResourcePool.options(name='no-such', lifetime='detached')" in out and "Traceback" not in out
+
+
+def test_status_from_another_process(pool):
+    """The user's path: a fresh process joins the running cluster (ray.init(address=...)) and finds the pool."""
+    done = subprocess.run([sys.executable, "-m", "webpool.cli", *_status_args(pool, "--json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    doc = json.loads(done.stdout)
+    assert [b["browser_id"] for b in doc["browsers"]] == [pool["browser_id"]]
+    assert doc["health"][pool["browser_id"]]["memory_mib"] > 100
+
+
+def test_status_without_ray_says_how_to_start_it():
+    with socket.socket() as s:         # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "webpool.cli", "status", "--address", f"127.0.0.1:{port}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "1000"})
+    assert done.returncode == 1
+    [line] = done.stdout.splitlines()   # one line
+    assert f"cannot connect to Ray at '127.0.0.1:{port}'" in line and "ray start --head" in line
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def _fingerprint(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_analyze_log_of_the_pool(pool, wide, capsys, tmp_path):
+    from matplotlib.image import imread
+
+    state = ray.get(pool["handle"].get_state.remote())
+    done, failed = state.metrics["operations_completed"], state.metrics.get("operations_failed", 0)
+    assert done >= 5 and failed >= 1
+    before = _fingerprint(pool["events"])
+    png = tmp_path / "plots" / "latency.png"
+    assert cli.main(["analyze", "--dir", str(pool["events"]), "--png", str(png), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    browser_type = f"chromium/{pool['backend']}"
+    for analysis in (doc["by_model"][MODEL], doc["by_browser_type"][browser_type]):
+        assert analysis["entries_analyzed"] == done + failed
+        assert analysis["success_rate"] == pytest.approx(done / (done + failed))
+        assert 0 < analysis["min_duration_ms"] <= analysis["p50_duration_ms"] <= analysis["max_duration_ms"]
+    assert doc["recommended_browser_type"][MODEL]["browser_type"] == browser_type
+    assert doc["png_operations"] == done + failed
+    image = imread(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[:2] == (500, 1000)
+    assert image[..., :3].std() > 0.05, "the plot has content"
+
+    assert cli.main(["analyze", "--dir", str(pool["events"]), "--model", MODEL]) == 0
+    text = capsys.readouterr().out
+    assert _row(text, MODEL).split("│")[2].strip() == str(done + failed)
+    assert browser_type in text and "recommended browser type per model" in text
+    assert _fingerprint(pool["events"]) == before, "analyze never writes the log"
+
+    assert cli.main(["analyze", "--dir", str(pool["events"]), "--model", "nope"]) == 1
+    assert f"--model 'nope': no operations of it in the log; there: {MODEL}" in capsys.readouterr().out
+
+
+def test_bench_runs_the_benchmark_module(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(history_bench, "RESULTS", tmp_path)
+    assert cli.main(["bench", "history", "--entries", "2000", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "history.json").read_text())
+    assert written["entries"] == 2000 and written["repeats"] == 1 and written["scenarios"]
+    assert f"wrote {tmp_path / 'history.json'}" in out and "2,000 entries" in out
+
+
+def test_doctor_names_a_missing_browser_and_the_fix(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "WEBPOOL_CHROMIUM": str(tmp_path / "no" / "chromium"),
+           "PLAYWRIGHT_BROWSERS_PATH": str(empty), "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "webpool.cli", "doctor"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    browser = _row(done.stdout, "browser")
+    assert "NO" in browser and "apt-get install chromium" in browser and "./dev setup" in browser
+    assert "yes" in _row(done.stdout, "onnxruntime-web"), "only the browser is missing"
+
+
+def test_doctor_names_missing_onnxruntime_web_and_npm_ci(monkeypatch, tmp_path, wide, capsys):
+    monkeypatch.setattr(constants, "ORT_WEB_DIST", tmp_path)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    ort = _row(out, "onnxruntime-web")
+    assert "NO" in ort and "npm ci" in ort
+    assert "yes" in _row(out, "browser"), "only the runtime files are missing"
