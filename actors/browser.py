@@ -173,8 +173,8 @@ class BrowserCore:
         if self.browser is not None and self.browser.is_connected():
             self._closing = True
             try:
-                await self.browser.close()         # CDP-connected: only disconnects
-            except PlaywrightError:
+                await asyncio.wait_for(self.browser.close(), 2.0)     # CDP-connected: only disconnects
+            except (PlaywrightError, asyncio.TimeoutError):
                 pass
             self._closing = False
         self.failure = None
@@ -389,11 +389,17 @@ class BrowserCore:
     async def process_ids(self) -> dict[str, int]:
         """PIDs of the browser, renderer(s) and GPU process, from CDP SystemInfo.getProcessInfo."""
         assert self.browser is not None and self.proc is not None
-        session = await self.browser.new_browser_cdp_session()
         try:
-            info = await session.send("SystemInfo.getProcessInfo")
-        finally:
-            await session.detach()
+            session = await self.browser.new_browser_cdp_session()
+            try:
+                info = await session.send("SystemInfo.getProcessInfo")
+            finally:
+                await session.detach()
+        except PlaywrightError:
+            await asyncio.sleep(0.3)          # let the crash/disconnect signal that explains it land
+            self._check()
+            raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION, "browser stopped answering CDP") \
+                from None
         pids: dict[str, int] = {"browser": self.proc.pid}
         for i, proc in enumerate(info["processInfo"]):
             if proc["type"] != "browser":

@@ -20,6 +20,10 @@ LOAD_MODEL_TIMEOUT = 180.0         # fetch + InferenceSession.create (SmolLM2 fp
 RUN_TIMEOUT = 60.0                 # one run() of a loaded model
 HEALTH_TIMEOUT = 5.0
 
+# Recovery: every step and every browser start has a deadline, so no request can wait forever.
+BROWSER_START_TIMEOUT = 90.0       # launch + connect + page (a loaded 2-core machine: ~1-10 s)
+RECOVERY_STEP_TIMEOUT = 240.0      # one reconnect / restart / failover, model reloads included
+
 # Pool.
 DEFAULT_MAX_CONNECTIONS = 4
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more

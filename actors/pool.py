@@ -28,7 +28,13 @@ import ray
 from actors import placement, validation
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
-from actors.constants import DEFAULT_MAX_CONNECTIONS, DEFAULT_NUM_THREADS, HEALTH_TIMEOUT, RUN_TIMEOUT
+from actors.constants import (
+    BROWSER_START_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_NUM_THREADS,
+    HEALTH_TIMEOUT,
+    RUN_TIMEOUT,
+)
 from actors.errors import BrowserFailure, InputError, NoBrowserAvailableError
 from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
@@ -165,7 +171,7 @@ class PoolCore:
         handle = BrowserActor.options(name=None).remote(browser_id, browser_type, self.num_threads,
                                                         self.memory_limit_mb)
         try:
-            info = await handle.start.remote()
+            info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
         except Exception:
             ray.kill(handle)
             raise
@@ -509,7 +515,7 @@ class PoolCore:
     async def _check_browser(self, browser_id: str) -> dict[str, Any]:
         try:
             return await asyncio.wait_for(self._handles[browser_id].health.remote(), HEALTH_TIMEOUT * 2)
-        except (BrowserFailure, ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+        except Exception as exc:    # whatever the browser answers instead of a health report is a failure
             failure = classify(exc, browser_id)
             await self._browser_failed(failure)
             if self.ft.recovers and not self._closed:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from actors.constants import RECOVERY_STEP_TIMEOUT
 from actors.errors import BrowserFailure, FailureCategory, InputError
 from events import schema as ev
 
@@ -203,10 +204,11 @@ class RecoveryExecutor:
             s0 = time.perf_counter()
             try:
                 if step == "parallel":
-                    serving, winner = await self._parallel(recovery_id, browser_id)
+                    serving, winner = await asyncio.wait_for(self._parallel(recovery_id, browser_id),
+                                                             RECOVERY_STEP_TIMEOUT)
                     step = f"parallel:{winner}"
                 else:
-                    serving = await self._step(step, browser_id)
+                    serving = await asyncio.wait_for(self._step(step, browser_id), RECOVERY_STEP_TIMEOUT)
                 ok, error = True, None
             except Exception as exc:   # a failed step is recorded and the plan goes on
                 ok, error = False, f"{type(exc).__name__}: {exc}"[:500]

@@ -1,0 +1,104 @@
+"""Chaos: 200+ requests over 4 browsers while a seeded random real fault strikes every 4-6 s.
+
+Every request must return the right embedding (numpy reference); the event log must have no gap
+and every started operation must end; afterwards no browser process or temp folder may remain.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from events.state import open_operations
+from sharding.models import minilm
+from webpool import ResourcePool
+
+FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_actor", "disconnect", "hang")
+REQUESTS = 208
+WAVE = 8
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_path):
+    rng = random.Random(20261128)
+    texts = [f"chaos sentence {i}: the pool keeps answering while browsers die" for i in range(16)]
+    reference = minilm.reference_embed(texts)
+    pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=5.0,
+                               health_interval=0.5,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "progressive",
+                                                "max_recovery_attempts": 5})
+    ray.get([pool.infer.remote("all-minilm-l6-v2", {"text": t}) for t in texts[:WAVE]])    # grow the pool
+
+    seen_pids: set[int] = set()
+    seen_dirs: set[str] = set()
+    injected: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def chaos() -> None:
+        while not stop.wait(rng.uniform(4.0, 6.0)):
+            health = ray.get(pool.health.remote())   # failures come back as reports, never as errors
+            alive = sorted(b for b, h in health.items() if "pids" in h)
+            for report in health.values():
+                seen_pids.update(report.get("pids", {}).values())
+                if "temp_dir" in report:
+                    seen_dirs.add(report["temp_dir"])
+            if not alive:
+                continue
+            victim, fault = rng.choice(alive), rng.choice(FAULTS)
+            try:
+                ray.get(pool.inject_fault.remote(victim, fault))
+                injected.append((victim, fault))
+            except Exception:   # the victim died a moment ago from the previous fault
+                pass
+
+    monkey = threading.Thread(target=chaos, daemon=True)
+    monkey.start()
+    wrong = []
+    try:
+        for start in range(0, REQUESTS, WAVE):
+            picks = [rng.randrange(len(texts)) for _ in range(WAVE)]
+            outs = ray.get([pool.infer.remote("all-minilm-l6-v2", {"text": texts[i]}) for i in picks], timeout=300)
+            wrong += [(start + j, float(np.abs(o["embedding"] - reference[i]).max()))
+                      for j, (i, o) in enumerate(zip(picks, outs, strict=True))
+                      if np.abs(o["embedding"] - reference[i]).max() > 1e-4]
+    finally:
+        stop.set()
+        monkey.join(30)
+    assert wrong == [], wrong
+    assert len(injected) >= 5, injected
+
+    state = ray.get(pool.get_state.remote())
+    events = ray.get(pool.recent_events.remote(state.last_seq))
+    assert [e["seq"] for e in events] == list(range(1, state.last_seq + 1)), "no event lost, none twice"
+    assert open_operations(state) == []
+    m = state.metrics
+    assert m["operations_started"] == m["operations_completed"] + m.get("operations_failed", 0)
+    assert m["operations_completed"] >= REQUESTS + WAVE
+    assert m.get("recovery_successes", 0) >= 1
+
+    final = ray.get(pool.health.remote())
+    for report in final.values():
+        seen_pids.update(report.get("pids", {}).values())
+        if "temp_dir" in report:
+            seen_dirs.add(report["temp_dir"])
+    ray.get(pool.shutdown.remote())
+    ray.kill(pool)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and ([p for p in seen_pids if _alive(p)] or
+                                           [d for d in seen_dirs if Path(d).exists()]):
+        time.sleep(0.2)
+    assert [p for p in seen_pids if _alive(p)] == [], "no orphan browser process"
+    assert [d for d in seen_dirs if os.path.exists(d)] == [], "no temp folder left"
