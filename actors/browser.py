@@ -440,7 +440,10 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256) -> dict[str,
         asyncio.ensure_future(core.page.evaluate("() => { while (true) {} }")).add_done_callback(
             lambda f: f.exception())
     elif kind == "exhaust_memory":
-        await core.page.evaluate("(mb) => window.webpool.allocateBallast(mb)", int(mb))
+        try:
+            await core.page.evaluate("(mb) => window.webpool.allocateBallast(mb)", int(mb))
+        except PlaywrightError as exc:      # the renderer ran out of memory before the ceiling was seen
+            return {"fault": kind, "browser_id": core.browser_id, "effect": str(exc).splitlines()[0]}
     elif kind == "corrupt_output":
         await core.page.evaluate("() => window.webpool.setCorrupt(true)")
     elif kind == "disconnect":

@@ -264,6 +264,9 @@ class PoolCore:
     async def _load(self, browser_id: str, art: ModelArtifact) -> None:
         backend = self._backend_of[browser_id]
         t0 = time.perf_counter()
+        # Creating a session blocks the page for seconds: count it as work so the health loop
+        # does not take a busy page for a hung one.
+        self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1
         try:
             await self._handles[browser_id].load_model.remote(art.key, await self._model_ref(art), art.sha256,
                                                               backend)
@@ -271,6 +274,8 @@ class PoolCore:
             failure = classify(exc, browser_id)
             await self._browser_failed(failure)
             raise failure from None
+        finally:
+            self._in_flight[browser_id] -= 1
         await self._record(ev.ModelLoaded(browser_id=browser_id, model=art.model, shard=art.shard, sha256=art.sha256,
                                           backend=backend, load_ms=(time.perf_counter() - t0) * 1000))
         if self.ft.standby_browsers and self.ft.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL):
@@ -508,7 +513,7 @@ class PoolCore:
         finally:
             await self._record(ev.SessionClosed(session_id=session_id, reason=reason))
             for s in stages:
-                self._spawn(s.handle.drop_state.remote(session_id))
+                self._spawn(s.handle.drop_state.remote(s.state_id(session_id)))
         return result | {"session_id": session_id, "browser_id": stages[0].browser_id}
 
     # ----- health, checkpoints, explicit recovery -------------------------------------------------
@@ -523,10 +528,12 @@ class PoolCore:
             return {"error": str(failure), "category": failure.category.value}
 
     async def _health_loop(self) -> None:
+        """Check idle browsers. A busy page (running a model, creating a session) cannot answer until
+        its work is done; a hang there is caught by that request's own time budget instead."""
         while not self._closed:
             await asyncio.sleep(self.health_interval)
             for browser_id in self._live_ids():
-                if browser_id in self._handles and not self._closed:
+                if browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
                     await self._check_browser(browser_id)
 
     async def _checkpoint_loop(self) -> None:

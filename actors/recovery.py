@@ -261,25 +261,32 @@ class RecoveryExecutor:
             await pool._load(browser_id, art)
         return browser_id
 
+    def _failover_target(self, browser_id: str) -> str | None:
+        """The best other live browser to take ``browser_id``'s models (see pick_failover_target)."""
+        pool = self.pool
+        keys = {a.key for a in pool._artifacts_on(browser_id)}
+        return pick_failover_target([
+            Candidate(b.browser_id, b.standby, len(keys & pool._keys_on(b.browser_id)),
+                      pool._in_flight.get(b.browser_id, 0))
+            for b in pool._alive_states() if b.browser_id != browser_id
+        ])
+
+    async def _load_missing(self, target: str, needed: list) -> None:
+        for art in needed:
+            if art.key not in self.pool._keys_on(target):
+                await self.pool._load(target, art)
+
     async def failover(self, browser_id: str, retire: bool = True) -> str:
         """Move the failed browser's models to another browser; retire the failed one."""
         pool = self.pool
         needed = pool._artifacts_on(browser_id)
-        keys = {a.key for a in needed}
-        candidates = [
-            Candidate(b.browser_id, b.standby, len(keys & pool._keys_on(b.browser_id)),
-                      pool._in_flight.get(b.browser_id, 0))
-            for b in pool._alive_states() if b.browser_id != browser_id
-        ]
-        target = pick_failover_target(candidates)
+        target = self._failover_target(browser_id)
         if target is None:
             target = await pool._launch(pool.state.browsers[browser_id].browser_type)
         if pool.state.browsers[target].standby:
             await pool._record(ev.BrowserRoleChanged(browser_id=target, standby=False))
             pool._replenish_standby()
-        for art in needed:
-            if art.key not in pool._keys_on(target):
-                await pool._load(target, art)
+        await self._load_missing(target, needed)
         if retire:
             await pool._retire(browser_id, f"failed over to {target}")
         return target
@@ -289,26 +296,15 @@ class RecoveryExecutor:
         pool = self.pool
         needed = pool._artifacts_on(browser_id)
         target = await pool._launch(pool.state.browsers[browser_id].browser_type, standby=True)
-        for art in needed:
-            await pool._load(target, art)
+        await self._load_missing(target, needed)
         return target
 
     async def existing_browser(self, browser_id: str) -> str:
         """Parallel's failover: another browser already running takes the models (none: fail fast)."""
-        pool = self.pool
-        needed = pool._artifacts_on(browser_id)
-        keys = {a.key for a in needed}
-        candidates = [
-            Candidate(b.browser_id, b.standby, len(keys & pool._keys_on(b.browser_id)),
-                      pool._in_flight.get(b.browser_id, 0))
-            for b in pool._alive_states() if b.browser_id != browser_id
-        ]
-        target = pick_failover_target(candidates)
+        target = self._failover_target(browser_id)
         if target is None:
             raise RecoveryStepError("no other browser is running")
-        for art in needed:
-            if art.key not in pool._keys_on(target):
-                await pool._load(target, art)
+        await self._load_missing(target, self.pool._artifacts_on(browser_id))
         return target
 
     async def _parallel(self, recovery_id: str, browser_id: str) -> tuple[str, str]:
@@ -353,3 +349,9 @@ class RecoveryExecutor:
         for name, result in by_name.items():
             if isinstance(result, BaseException):
                 log.info("parallel recovery attempt lost", extra={"step": name, "error": str(result)})
+        fresh = by_name["restart"]
+        spares = [b for b in self.pool._alive_states() if b.standby]
+        if (not isinstance(fresh, BaseException) and (winner is None or winner[0] != fresh)
+                and len(spares) > max(self.pool.ft.standby_browsers, 1)):
+            # A losing fresh browser is kept as a warm spare, but never more spares than configured.
+            await self.pool._retire(fresh, "parallel recovery: spare not needed")

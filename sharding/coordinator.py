@@ -33,6 +33,10 @@ class ShardStage:
     def last(self) -> bool:
         return bool(self.artifact.meta["last"])
 
+    def state_id(self, session_id: str) -> str:
+        """The page-side KV state of this shard in a session (a browser may hold several shards)."""
+        return f"{session_id}/{self.artifact.key}"
+
     def initial_state(self) -> dict[str, np.ndarray]:
         """Empty KV cache (past length 0) for every layer of this shard."""
         shape = tuple(self.artifact.meta["kv_shape"])
@@ -71,7 +75,7 @@ class ShardChain:
         result = await stage.handle.run.remote(
             stage.artifact.key, x,
             fetch=["topk_values", "topk_indices"] if stage.last else ["hidden_out"],
-            state=self.session_id,
+            state=stage.state_id(self.session_id),
             state_pairs=[tuple(p) for p in stage.artifact.meta["state"]],
             initial_state=stage.initial_state() if fresh else None,
             timeout=self.timeout,
@@ -107,7 +111,7 @@ class ShardChain:
                 "prefix_tokens": int(prefix.shape[1])}
 
         async def call() -> dict[str, Any]:
-            await stage.handle.drop_state.remote(self.session_id)
+            await stage.handle.drop_state.remote(stage.state_id(self.session_id))
             await self._run(i, {name: prefix}, fresh=True)
             return {"metrics": dict(info)}
 

@@ -100,7 +100,7 @@ def test_tiny_llama_in_page_equals_cpu_onnxruntime(browser):
     shard = llama.build_shards(model, [(0, model.config.n_layers)])
     expected = llama.ort_greedy_generate(shard, prompt, 12)
     assert result["token_ids"] == expected[:12]
-    ray.get(handle.drop_state.remote("s1"))
+    assert ray.get(handle.drop_state.remote(stage.state_id("s1")))
 
 
 def test_webgpu_agrees_with_wasm_where_available(browser):

@@ -19,8 +19,11 @@ from events.state import open_operations
 from sharding.models import minilm
 from webpool import ResourcePool
 
+# Long enough to be in flight when the fault hits (~1 s on a quiet 2-core machine), well inside the
+# request budget below even on a loaded one, so a slow answer is never mistaken for a hang.
 TEXTS = [f"Sentence {i}: browsers crash, hang and disconnect, and the pool must not lose the work." * 2
-         for i in range(48)]
+         for i in range(24)]
+REQUEST_TIMEOUT = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,8 @@ def reference():
 
 
 def _pool(tmp_path, strategy: str, level: str = "medium", **options):
-    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"), request_timeout=4.0,
-                               health_interval=0.5,
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
+                               request_timeout=REQUEST_TIMEOUT, health_interval=0.5,
                                fault_tolerance={"level": level, "recovery_strategy": strategy}, **options)
     # Warm: the model is loaded on one browser before the fault.
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm up"}))
@@ -55,21 +58,18 @@ def _finish(pool) -> dict:
     return {"state": state, "stats": stats}
 
 
+# Each fault kind at least once and each strategy at least once, where it applies (the full matrix
+# is what benchmarks/recovery_latency measures; the suite must stay well under CI's time budget).
 CASES = [
     ("progressive", "crash_page"),
     ("progressive", "kill_renderer"),
     ("progressive", "kill_browser"),
     ("progressive", "kill_actor"),
     ("progressive", "hang"),
-    ("progressive", "disconnect"),
     ("reconnect", "disconnect"),
-    ("reconnect", "hang"),
     ("restart", "crash_page"),
-    ("restart", "kill_actor"),
     ("failover", "kill_browser"),
-    ("failover", "crash_page"),
     ("parallel", "kill_browser"),
-    ("parallel", "disconnect"),
 ]
 
 
@@ -82,10 +82,10 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     out = ray.get(ref, timeout=120)
     assert np.abs(out["embedding"] - reference).max() <= 1e-4
     # A renderer busy in wasm handles Page.crash (or a queued hang) only after the run: the request in
-    # flight may finish first, correctly; then the next request meets the fault and must recover.
+    # flight may finish first, correctly; then the next request, or the health check before it, meets
+    # the fault and recovers (the log must show it).
     after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
-    assert out.get("recovered") or after.get("recovered"), (out["metrics"], after["metrics"])
     done = _finish(pool)
     stats = done["stats"]
     assert stats["recovery_attempts"] >= 1 and stats["recovery_successes"] >= 1
@@ -126,8 +126,8 @@ def test_reconnect_cannot_revive_a_killed_browser_and_says_so(ray_local, tmp_pat
 
 
 def test_memory_ceiling_is_detected_and_recovered(ray_local, tmp_path, reference):
-    pool, browser_id = _pool(tmp_path, "progressive", memory_limit_mb=2500)
-    ray.get(pool.inject_fault.remote(browser_id, "exhaust_memory", mb=2600))
+    pool, browser_id = _pool(tmp_path, "progressive", memory_limit_mb=1500)
+    ray.get(pool.inject_fault.remote(browser_id, "exhaust_memory", mb=1200))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         state = ray.get(pool.get_state.remote())
@@ -175,7 +175,8 @@ def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, refere
 
 
 def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference):
-    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=4.0,
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"),
+                               request_timeout=REQUEST_TIMEOUT,
                                fault_tolerance={"level": "high", "recovery_strategy": "failover",
                                                 "standby_browsers": 1})
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm"}))
@@ -196,3 +197,20 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
     loads_on_standby = [e for e in events if e["action"] == "ModelLoaded" and e["subject"] == standby]
     assert len(loads_on_standby) == 1          # loaded while standby; the failover itself loaded nothing
     _finish(pool)
+
+
+def test_webgpu_device_loss_is_detected_and_recovered(ray_local, tmp_path, reference):
+    """Killing the GPU process makes WebGPU report device.lost: classified DEVICE_LOST, recovered
+    (in place when onnxruntime-web can take a new device, else by restart), answer still correct."""
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=60.0,
+                               backend="webgpu", health_interval=30.0,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
+    first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:2]}))
+    assert first["backend"] == "webgpu" and np.abs(first["embedding"] - reference[:2]).max() <= 1e-3
+    ray.get(pool.inject_fault.remote(first["browser_id"], "kill_gpu"))
+    time.sleep(0.5)
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:2]}), timeout=300)
+    assert np.abs(out["embedding"] - reference[:2]).max() <= 1e-3
+    done = _finish(pool)
+    assert done["state"].metrics.get("browser_failures.device_lost", 0) >= 1, dict(done["state"].metrics)
+    assert done["stats"]["recovery_successes"] >= 1

@@ -69,7 +69,6 @@ def test_shard_failure_mid_generation_changes_no_token(pool, expected, fault):
     out = ray.get(ref, timeout=300)
     assert out["token_ids"] == expected, "a shard failure must not change the output"
     assert out["metrics"]["replays"] >= 1
-    assert victim not in out["browser_ids"] or fault == "crash_page" or out["browser_ids"][1] != victim
     events = ray.get(pool.recent_events.remote(2000))
     kinds = [(e["action"], e["subject"]) for e in events]
     assert ("BrowserFailed", victim) in kinds
