@@ -1,0 +1,159 @@
+"""The recovery-latency benchmark in its CI size, on real browsers, so it cannot rot.
+
+One quick run (kill_actor and disconnect x failover x level high, 2 trials; the Ray baseline; overhead
+at none and medium) and checks of the JSON it writes: its structure, that every answer was correct,
+and that the numbers are consistent with each other. No speed is asserted: the machine is shared.
+The pure event-log arithmetic is checked on its own first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from actors.errors import InputError
+from benchmarks import recovery_latency as rl
+from events import schema as ev
+from events.state import replay
+
+
+def _ev(seq: int, ts: float, action: str, **data) -> dict:
+    return {"seq": seq, "timestamp": ts, "action": action, "subject": data.get("browser_id", ""), "data": data}
+
+
+def test_trial_latencies_from_the_event_log():
+    events = [
+        _ev(9, 99.990, "RecoveryCompleted", recovery_id="old", browser_id="b1", success=True, replacement="b1",
+            duration_ms=1.0),                                   # before the failure: not its recovery
+        _ev(10, 100.020, "BrowserFailed", browser_id="b1", category="crash", error="x"),
+        _ev(12, 100.021, "BrowserFailed", browser_id="other", category="crash", error="x"),
+        _ev(13, 100.030, "RecoveryStarted", recovery_id="r1", browser_id="b1", strategy="failover", attempt=1,
+            category="crash"),
+        _ev(14, 100.100, "RecoveryStepFinished", recovery_id="r1", step="failover", success=True, duration_ms=70.0,
+            error=None),
+        _ev(15, 100.120, "RecoveryCompleted", recovery_id="r1", browser_id="b1", success=True, replacement="b2",
+            duration_ms=90.0),
+    ]
+    lat = rl.trial_latencies(events, "b1", fault_ts=100.0)
+    assert lat["detected"] and lat["category"] == "crash"
+    assert lat["detection_ms"] == pytest.approx(20.0, abs=1e-6)
+    assert lat["recovery_ms"] == pytest.approx(100.0, abs=1e-6)   # 100.020 -> 100.120, not the older recovery
+    assert lat["recovery_success"] is True and lat["replacement"] == "b2" and lat["winning_step"] == "failover"
+    assert rl.recovery_settled(events, "b1")
+    nothing = rl.trial_latencies([e for e in events if e["action"] != "BrowserFailed"], "b1", fault_ts=100.0)
+    assert not nothing["detected"] and nothing["detection_ms"] is None and nothing["recovery_ms"] is None
+
+
+def _state(*events: ev.Event):
+    return replay(ev.Recorded(i + 1, 100.0 + i, e) for i, e in enumerate(events))
+
+
+def test_pool_shape_between_trials():
+    """Steady: a serving browser and (level high) a warm standby, all holding the model; a browser left
+    failed means the next trial needs a fresh pool."""
+    def launched(b: str, standby: bool = False) -> ev.Event:
+        return ev.BrowserLaunched(browser_id=b, browser_type="chromium", backend_caps=("wasm",), pid=1, node_id="n",
+                                  standby=standby)
+
+    def loaded(b: str) -> ev.Event:
+        return ev.ModelLoaded(browser_id=b, model=rl.MODEL, shard=None, sha256="0" * 64, backend="wasm", load_ms=1.0)
+
+    serving = [launched("b1"), loaded("b1")]
+    assert rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=0) is None
+    assert "standby" in rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=1)
+    assert "hold no" in rl.pool_not_ready(_state(*serving, launched("s1", standby=True)), rl.MODEL, 1)
+    warm = _state(*serving, launched("s1", standby=True), loaded("s1"))
+    assert rl.pool_not_ready(warm, rl.MODEL, 1) is None and rl.pool_unfit(warm, 1) is None
+    failed = _state(*serving, launched("b2"), loaded("b2"),
+                    ev.BrowserFailed(browser_id="b1", category="crash", error="gone"))
+    assert rl.pool_not_ready(failed, rl.MODEL, 0) is None       # b2 serves...
+    assert "b1" in rl.pool_unfit(failed, 0)                     # ...but b1 was left failed, its actor alive
+    # Recovered in place three times (reconnect): one more failure would open its circuit breaker.
+    worn = _state(*serving, *[e for _ in range(rl.CIRCUIT_FAILURES) for e in (
+        ev.BrowserFailed(browser_id="b1", category="timeout", error="hang"), ev.BrowserConnected(browser_id="b1"))])
+    assert rl.pool_not_ready(worn, rl.MODEL, 0) is None and "circuit" in rl.pool_unfit(worn, 0)
+
+
+def test_summary_and_config_checks():
+    assert rl.summary([]) is None          # no samples is not a zero
+    s = rl.summary([1.0, 2.0, 3.0, 100.0])
+    assert s["median_ms"] == 2.5 and s["min_ms"] == 1.0 and s["max_ms"] == 100.0 and s["p95_ms"] > 50
+    with pytest.raises(InputError) as err:
+        rl.Config(faults=("kill_everything",))
+    assert err.value.field == "faults"
+    with pytest.raises(InputError):
+        rl.Config(trials=0)
+
+
+def _check_summary(s: dict | None) -> None:
+    if s is None:
+        return
+    assert s["n"] >= 1
+    assert all(math.isfinite(s[k]) for k in ("median_ms", "p95_ms", "min_ms", "max_ms"))
+    assert s["min_ms"] <= s["median_ms"] <= s["p95_ms"] <= s["max_ms"]
+
+
+def test_quick_run_writes_sane_results(ray_local, tmp_path):
+    rl.main(["--quick", "--out-dir", str(tmp_path)])
+    r = orjson.loads((tmp_path / "recovery_latency-quick.json").read_bytes())
+    assert (tmp_path / "recovery_latency-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cfg = rl.QUICK
+    assert r["benchmark"] == "recovery_latency" and r["quick"] is True and r["complete"] is True
+    assert not (tmp_path / "recovery_latency-quick.partial.json").exists()
+    assert r["config"]["trials"] == cfg.trials == 2
+    assert "multi-node" in r["not_measured"]["vanished_node"]
+    assert r["machine"]["cpus"] >= 1
+    assert all(p["error"] is None for p in r["pools"].values()), r["pools"]
+    assert r["baseline"]["errors"] == []
+
+    # One case per (fault, strategy, level), each with its trials, every answer correct.
+    assert {(c["fault"], c["strategy"], c["level"]) for c in r["cases"]} == {
+        (f, s, lv) for f in cfg.faults for s in cfg.strategies for lv in cfg.levels}
+    for case in r["cases"]:
+        summ = case["summary"]
+        assert summ["trials"] == len(case["trials"]) == cfg.trials, case["note"]
+        assert summ["all_answers_correct"], case
+        for key in ("detection", "recovery", "time_to_result", "steady_request"):
+            _check_summary(summ[key])
+        for t in case["trials"]:
+            assert t["outcome"] in ("recovered_in_flight", "recovered_next_request"), t
+            assert t["detected"] and t["recovery_success"] is True, t
+            # The fault's time is taken when the inject call returns: detection may precede it by the
+            # reply's trip back, a few ms, never by more.
+            assert -50 < t["detection_ms"] < 60_000
+            assert 0 <= t["recovery_ms"] < 120_000
+            # The answer comes after the recovery it waited for (two clocks: allow 50 ms).
+            assert t["time_to_result_ms"] + 50 >= t["detection_ms"] + t["recovery_ms"], t
+            assert t["trace"] and any("BrowserFailed" in line for line in t["trace"])
+
+    # The baseline: an actor kill is answered after Ray restarts it; a dropped CDP connection is a zombie.
+    base = r["baseline"]["faults"]
+    kill = base["kill_actor"]
+    assert kill["answered"] == len(kill["trials"]) >= 1 and kill["trials"][0]["restarted_pid_differs"]
+    _check_summary(kill["time_to_result"])
+    zombie = base["disconnect"]
+    assert zombie["answered"] == 0 and zombie["time_to_result"] is None
+    assert zombie["verdict"].startswith("never (zombie")
+    assert zombie["trials"][0]["waited_s"] >= cfg.zombie_wait_s - 0.1 and zombie["trials"][0]["errors"]
+
+    # Ratios to the baseline where it answered, its verdict where it did not.
+    by_fault = {c["fault"]: c for c in r["cases"]}
+    vs = by_fault["kill_actor"]["vs_baseline"]
+    assert vs["ratio_median"] == pytest.approx(
+        by_fault["kill_actor"]["summary"]["time_to_result"]["median_ms"] / kill["time_to_result"]["median_ms"])
+    assert by_fault["disconnect"]["vs_baseline"] == {"baseline": zombie["verdict"], "ratio_median": None}
+
+    # Overhead: every answer right, ratios against level none.
+    levels = r["overhead"]["levels"]
+    assert set(levels) == set(cfg.overhead_levels)
+    for x in levels.values():
+        assert x["wrong_answers"] == 0
+        for mode in ("sequential", "concurrent"):
+            assert x[mode]["requests_per_s"] > 0
+            _check_summary(x[mode]["latency"])
+    assert levels["none"]["vs_none"]["sequential"]["throughput"] == 1.0
+    assert levels["medium"]["vs_none"]["concurrent"]["throughput"] == pytest.approx(
+        levels["medium"]["concurrent"]["requests_per_s"] / levels["none"]["concurrent"]["requests_per_s"])
