@@ -168,8 +168,10 @@ class BrowserCore:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "browser process is gone; cannot reconnect")
         if self.failure is not None and self.failure[0] is FailureCategory.CRASH:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "page crashed; cannot reconnect")
-        if self.failure is not None and self.failure[0] is FailureCategory.TIMEOUT:
-            await self._terminate_script()
+        if self.failure is not None and self.failure[0] is FailureCategory.MEMORY:
+            # The page keeps what it allocated across a reconnect: it would fail its next health check.
+            raise BrowserFailure(self.browser_id, FailureCategory.MEMORY,
+                                 "over its memory ceiling; reconnecting frees nothing")
         if self.browser is not None and self.browser.is_connected():
             self._closing = True
             try:

@@ -282,10 +282,12 @@ class PoolCore:
             self._replenish_standby()
 
     async def _browser_failed(self, failure: BrowserFailure) -> None:
-        state = self.state.browsers.get(failure.browser_id)
-        if state is not None and state.status in ("launched", "connected", "disconnected"):
-            await self._record(ev.BrowserFailed(browser_id=failure.browser_id, category=failure.category.value,
-                                                error=failure.detail[:500]))
+        """Record a browser's failure once, however many requests and health checks saw it at once."""
+        async with self._lock(f"failed:{failure.browser_id}"):
+            state = self.state.browsers.get(failure.browser_id)
+            if state is not None and state.status in ("launched", "connected", "disconnected"):
+                await self._record(ev.BrowserFailed(browser_id=failure.browser_id,
+                                                    category=failure.category.value, error=failure.detail[:500]))
 
     async def _artifacts_for(self, model: str, ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
         key = (model, tuple(ranges or ()))

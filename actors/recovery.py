@@ -118,10 +118,13 @@ def classify(exc: BaseException, browser_id: str) -> BrowserFailure:
     return BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"{type(exc).__name__}: {exc}")
 
 
-def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_open: bool) -> list[str]:
+def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_open: bool,
+               warm_standby: bool = False) -> list[str]:
     """The ordered recovery steps for a failure. ``parallel`` is expressed as one step, "parallel".
 
     ``circuit_open``: the browser failed too often; do not try to revive it, move its work.
+    ``warm_standby``: a standby browser is up (level high): progressive escalates from reconnect to
+    failover onto it, which is cheaper than a restart, and restarts only if that fails.
     """
     if config.level is FaultToleranceLevel.NONE:
         return []
@@ -136,7 +139,7 @@ def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_
     if strategy in (RecoveryStrategy.PROGRESSIVE, RecoveryStrategy.COORDINATED):
         if category in (FailureCategory.CONNECTION, FailureCategory.TIMEOUT):
             steps.append("reconnect")
-        return [*steps, "restart", "failover"]
+        return [*steps, "failover", "restart"] if warm_standby else [*steps, "restart", "failover"]
     return [*steps, strategy.value]
 
 
@@ -190,7 +193,8 @@ class RecoveryExecutor:
             return {"success": True, "browser_id": browser_id, "recovery_browser": None, "strategy": "none",
                     "steps": [], "duration_ms": 0.0, "error": None}
         circuit_open = state.failures > config.max_recovery_attempts
-        steps = plan_steps(config, failure.category, circuit_open)
+        warm_standby = any(b.standby and b.browser_id != browser_id for b in pool._alive_states())
+        steps = plan_steps(config, failure.category, circuit_open, warm_standby)
         recovery_id = uuid.uuid4().hex[:12]
         attempt = state.failures
         strategy = config.recovery_strategy.value if config.level is not FaultToleranceLevel.LOW else "reconnect"
@@ -222,6 +226,10 @@ class RecoveryExecutor:
         success = serving is not None
         await pool._record(ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
                                                 replacement=serving, duration_ms=duration_ms))
+        if not success:
+            # Nothing revived it: a failed browser must not linger with a live actor and its processes.
+            # Its models stay known through the log; the next request places them elsewhere.
+            await pool._retire(browser_id, f"not recovered: {error}"[:500])
         return {"success": success, "browser_id": browser_id, "recovery_browser": serving, "strategy": strategy,
                 "steps": done, "duration_ms": duration_ms, "error": error}
 
@@ -271,6 +279,12 @@ class RecoveryExecutor:
             for b in pool._alive_states() if b.browser_id != browser_id
         ])
 
+    async def _promote(self, target: str) -> None:
+        """A standby taking over serves traffic from now on; another spare is warmed in its place."""
+        if self.pool.state.browsers[target].standby:
+            await self.pool._record(ev.BrowserRoleChanged(browser_id=target, standby=False))
+            self.pool._replenish_standby()
+
     async def _load_missing(self, target: str, needed: list) -> None:
         for art in needed:
             if art.key not in self.pool._keys_on(target):
@@ -283,9 +297,7 @@ class RecoveryExecutor:
         target = self._failover_target(browser_id)
         if target is None:
             target = await pool._launch(pool.state.browsers[browser_id].browser_type)
-        if pool.state.browsers[target].standby:
-            await pool._record(ev.BrowserRoleChanged(browser_id=target, standby=False))
-            pool._replenish_standby()
+        await self._promote(target)
         await self._load_missing(target, needed)
         if retire:
             await pool._retire(browser_id, f"failed over to {target}")
@@ -304,6 +316,7 @@ class RecoveryExecutor:
         target = self._failover_target(browser_id)
         if target is None:
             raise RecoveryStepError("no other browser is running")
+        await self._promote(target)
         await self._load_missing(target, self.pool._artifacts_on(browser_id))
         return target
 
@@ -336,7 +349,7 @@ class RecoveryExecutor:
             await settle
             raise RecoveryStepError("; ".join(errors) or "all parallel attempts failed")
         if winner[1] == "restart":
-            await self.pool._record(ev.BrowserRoleChanged(browser_id=winner[0], standby=False))
+            await self._promote(winner[0])
         return winner
 
     async def _settle_parallel(self, browser_id: str, tasks: dict, winner: tuple[str, str] | None) -> None:

@@ -69,7 +69,7 @@ class BrowserState:
     status: str  # launched | connected | disconnected | failed | retired | quarantined
     launched_seq: int
     status_reason: str | None = None
-    failures: int = 0
+    failures: int = 0           # consecutive: reset when the browser completes an operation
     last_failure: FailureCategory | None = None
     last_error: str | None = None
 
@@ -328,7 +328,11 @@ def _op_completed(d: _Draft, rec: Recorded, e: OperationCompleted) -> None:
     if e.op_id not in d.r("operations"):
         d.anomaly(rec)
         return
-    del d.w("operations")[e.op_id]
+    op = d.w("operations").pop(e.op_id)
+    # The circuit breaker counts consecutive failures: a browser that answers again starts afresh.
+    b = d.r("browsers").get(op.browser_id)
+    if b is not None and b.failures:
+        d.w("browsers")[op.browser_id] = dataclasses.replace(b, failures=0)
     d.count("operations_completed")
     d.count("operation_ms_total", e.duration_ms)
 

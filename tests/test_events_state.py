@@ -156,6 +156,17 @@ def test_operation_completed():
     assert s.metrics["operations_completed"] == 2 and s.metrics["operation_ms_total"] == 20.0
 
 
+def test_operation_completed_resets_the_consecutive_failure_count():
+    """The circuit breaker counts failures in a row: a browser that answers again starts afresh."""
+    failed_twice = run(launched(), BrowserFailed("b1", FailureCategory.TIMEOUT, "slow"), BrowserConnected("b1"),
+                       BrowserFailed("b1", FailureCategory.TIMEOUT, "slow"), BrowserConnected("b1"))
+    assert failed_twice.browsers["b1"].failures == 2
+    s = failed_twice
+    for i, e in enumerate((OperationStarted("op", "m", "b1", "infer", "d"), OperationCompleted("op", 1.0, {}))):
+        s = apply(s, Recorded(s.last_seq + 1, 2000.0 + i, e))
+    assert s.browsers["b1"].failures == 0 and s.browsers["b1"].last_failure is FailureCategory.TIMEOUT
+
+
 def test_operation_failed():
     s = run(OperationStarted("op1", "m", "b1", "infer", "d"), OperationFailed("op1", FailureCategory.TIMEOUT, "slow"))
     assert s.operations == {}

@@ -1,0 +1,94 @@
+"""The pure decisions of actors/recovery.py: options, classification, step plans, failover targets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from actors.errors import BrowserFailure, FailureCategory, InputError
+from actors.recovery import (
+    Candidate,
+    FaultToleranceConfig,
+    FaultToleranceLevel,
+    RecoveryStrategy,
+    classify,
+    pick_failover_target,
+    plan_steps,
+)
+
+C = FailureCategory
+
+
+def cfg(level: str, strategy: str = "progressive") -> FaultToleranceConfig:
+    return FaultToleranceConfig.from_options({"level": level, "recovery_strategy": strategy})
+
+
+def test_options_are_validated_by_name():
+    assert cfg("high", "parallel").recovery_strategy is RecoveryStrategy.PARALLEL
+    for options, field in (({"level": "extreme"}, "fault_tolerance.level"),
+                           ({"recovery_strategy": "pray"}, "fault_tolerance.recovery_strategy"),
+                           ({"vote_k": -1}, "fault_tolerance.vote_k"),
+                           ({"max_recovery_attempts": True}, "fault_tolerance.max_recovery_attempts"),
+                           ({"levle": "high"}, "fault_tolerance")):
+        with pytest.raises(InputError) as info:
+            FaultToleranceConfig.from_options(options)
+        assert info.value.field == field
+
+
+def test_classify_uses_the_signal_not_the_message():
+    crash = BrowserFailure("b1", C.CRASH, "page crashed")
+    assert classify(crash, "b1") is crash
+    assert classify(asyncio.TimeoutError(), "b1").category is C.TIMEOUT
+    assert classify(ray.exceptions.RayActorError(), "b1").category is C.CRASH
+    # Words in a message decide nothing.
+    assert classify(RuntimeError("timeout out of memory crash"), "b1").category is C.UNKNOWN
+
+
+@pytest.mark.parametrize("category", list(C))
+def test_none_and_low(category):
+    assert plan_steps(cfg("none"), category, circuit_open=False) == []
+    assert plan_steps(cfg("low"), category, circuit_open=False) == ["reconnect"]
+    assert plan_steps(cfg("low"), category, circuit_open=True) == []
+
+
+@pytest.mark.parametrize("strategy", ["reconnect", "restart", "failover"])
+def test_single_strategies_are_their_one_step(strategy):
+    assert plan_steps(cfg("medium", strategy), C.CRASH, circuit_open=False) == [strategy]
+
+
+def test_progressive_reconnects_only_where_something_is_left_to_reconnect_to():
+    p = cfg("medium")
+    assert plan_steps(p, C.CONNECTION, False) == ["reconnect", "restart", "failover"]
+    assert plan_steps(p, C.TIMEOUT, False) == ["reconnect", "restart", "failover"]
+    assert plan_steps(p, C.CRASH, False) == ["restart", "failover"]
+    assert plan_steps(p, C.MEMORY, False) == ["restart", "failover"]
+
+
+def test_progressive_with_a_warm_standby_fails_over_before_restarting():
+    p = cfg("high")
+    assert plan_steps(p, C.CRASH, False, warm_standby=True) == ["failover", "restart"]
+    assert plan_steps(p, C.CONNECTION, False, warm_standby=True) == ["reconnect", "failover", "restart"]
+
+
+def test_device_loss_is_first_recovered_in_place():
+    assert plan_steps(cfg("medium"), C.DEVICE_LOST, False) == ["reinit_device", "restart", "failover"]
+    assert plan_steps(cfg("medium", "parallel"), C.DEVICE_LOST, False) == ["reinit_device", "parallel"]
+
+
+@pytest.mark.parametrize("strategy", ["reconnect", "restart", "progressive", "parallel"])
+def test_an_open_circuit_moves_the_work(strategy):
+    assert plan_steps(cfg("high", strategy), C.CRASH, circuit_open=True) == ["failover"]
+
+
+def test_failover_target_prefers_what_holds_the_models_then_standby_then_idle():
+    assert pick_failover_target([]) is None
+    assert pick_failover_target([Candidate("live", False, 1, 0), Candidate("spare", True, 0, 0)]) == "live"
+    assert pick_failover_target([Candidate("live", False, 1, 0), Candidate("spare", True, 1, 0)]) == "spare"
+    assert pick_failover_target([Candidate("busy", False, 1, 3), Candidate("idle", False, 1, 0)]) == "idle"
+
+
+def test_levels_that_recover():
+    assert not cfg("none").recovers
+    assert all(cfg(level.value).recovers for level in FaultToleranceLevel if level is not FaultToleranceLevel.NONE)
