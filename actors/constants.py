@@ -26,6 +26,9 @@ RECOVERY_STEP_TIMEOUT = 240.0      # one reconnect / restart / failover, model r
 
 # Pool.
 DEFAULT_MAX_CONNECTIONS = 4
+# Requests admitted at once (running or waiting for a browser); one more gets PoolBusyError at once.
+# Below Ray's own limit on an async actor's concurrent calls (1000), so the bound is ours, not Ray's queue.
+DEFAULT_MAX_QUEUED_REQUESTS = 256
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
 

@@ -5,8 +5,9 @@ Guarantees:
   (``events.state``); it changes only by applying events the StateLog has acknowledged.
 - Every OperationStarted is followed by exactly one OperationCompleted or OperationFailed.
 - A request returns a correct result or raises a typed error: InputError for bad input (it never
-  reaches a browser), BrowserFailure at level none, NoBrowserAvailableError when recovery is
-  exhausted. At levels >= low a failed browser is recovered (actors/recovery.py) and the request
+  reaches a browser), PoolBusyError when ``max_queued_requests`` requests are already admitted (the
+  refusal is a RequestRejected event), BrowserFailure at level none, NoBrowserAvailableError when
+  recovery is exhausted. At levels >= low a failed browser is recovered (actors/recovery.py) and the request
   runs again, at most ``max_recovery_attempts`` times, with backoff.
 - Browsers are the pool's children: ``shutdown`` closes them and removes their files.
 """
@@ -14,12 +15,13 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -31,11 +33,12 @@ from actors.chromium import resolve_browser
 from actors.constants import (
     BROWSER_START_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_NUM_THREADS,
     HEALTH_TIMEOUT,
     RUN_TIMEOUT,
 )
-from actors.errors import BrowserFailure, InputError, NoBrowserAvailableError
+from actors.errors import BrowserFailure, InputError, NoBrowserAvailableError, PoolBusyError
 from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
 from actors.voting import NoMajorityError, vote_embeddings, vote_tokens
@@ -44,7 +47,7 @@ from events.state import BrowserState, PoolState, apply, browsers_alive, models_
 from sharding import coordinator
 from sharding.models import minilm
 from sharding.models.cache import cache_dir
-from sharding.models.registry import ModelArtifact, artifact_key, artifacts, get_spec, llama_model
+from sharding.models.registry import ModelArtifact, ModelSpec, artifact_key, artifacts, get_spec, llama_model
 from sharding.plan import even_layer_ranges
 
 log = logging.getLogger(__name__)
@@ -68,10 +71,14 @@ class PoolCore:
                  backend: str = "auto", num_threads: int = DEFAULT_NUM_THREADS,
                  event_log: str | None = None, name: str | None = None,
                  request_timeout: float = RUN_TIMEOUT, memory_limit_mb: int | None = None,
-                 health_interval: float = HEALTH_INTERVAL) -> None:
-        if not isinstance(max_connections, int) or max_connections < 1:
-            raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
+                 health_interval: float = HEALTH_INTERVAL,
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS) -> None:
+        for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(field, f"must be a positive int, got {validation.show(value)}")
         self.max_connections = max_connections
+        self.max_queued_requests = max_queued_requests
+        self._admitted = 0                               # requests inside infer/generate right now
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
         self.backend = backend
@@ -150,6 +157,25 @@ class PoolCore:
             advanced = True
         if advanced:
             self._applied.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _admission(self, model: str) -> AsyncIterator[None]:
+        """Admit a request, or refuse it with PoolBusyError when ``max_queued_requests`` are in.
+
+        The check and the count happen with no await between them, so the bound is exact.
+        """
+        if self._admitted >= self.max_queued_requests:
+            admitted = self._admitted
+            await self._ensure_log()
+            await self._record(ev.RequestRejected(model=model, reason="busy", admitted=admitted,
+                                                  limit=self.max_queued_requests))
+            raise PoolBusyError(f"pool busy: {admitted} requests in progress (max_queued_requests="
+                                f"{self.max_queued_requests}); retry later")
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -386,6 +412,10 @@ class PoolCore:
     async def infer(self, model_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Embed ``{"text": str}`` (one vector) or ``{"texts": [str, ...]}`` (a matrix)."""
         spec, request = validation.embedding_request(model_name, inputs)
+        async with self._admission(spec.name):
+            return await self._infer(spec, request)
+
+    async def _infer(self, spec: ModelSpec, request: validation.EmbeddingRequest) -> dict[str, Any]:
         feeds = minilm.tokenize(request.texts)
         await self._ensure_log()
         [art] = await self._artifacts_for(spec.name)
@@ -445,6 +475,10 @@ class PoolCore:
         """Generate text with a llama model split over ``shards`` browsers (greedy unless temperature > 0)."""
         spec, req = validation.generation_request(model_name, prompt, max_new_tokens, shards, temperature,
                                                   top_p, seed)
+        async with self._admission(spec.name):
+            return await self._generate(spec, req)
+
+    async def _generate(self, spec: ModelSpec, req: validation.GenerationRequest) -> dict[str, Any]:
         model = await asyncio.to_thread(llama_model, spec.name)
         prompt_ids = model.encode(req.prompt)
         validation.check_context(len(prompt_ids), req.max_new_tokens, model.config.max_context)
@@ -521,13 +555,21 @@ class PoolCore:
     # ----- health, checkpoints, explicit recovery -------------------------------------------------
     async def _check_browser(self, browser_id: str) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(self._handles[browser_id].health.remote(), HEALTH_TIMEOUT * 2)
+            report = await asyncio.wait_for(self._handles[browser_id].health.remote(), HEALTH_TIMEOUT * 2)
         except Exception as exc:    # whatever the browser answers instead of a health report is a failure
             failure = classify(exc, browser_id)
             await self._browser_failed(failure)
             if self.ft.recovers and not self._closed:
                 self._spawn(self.recovery.recover(failure))
             return {"error": str(failure), "category": failure.category.value}
+        async with self._lock(f"blocked:{browser_id}"):
+            state = self.state.browsers.get(browser_id)
+            new = report["blocked_requests"] - (state.blocked_requests if state is not None else 0)
+            if state is not None and new > 0:
+                log.warning("page attempted outside requests", extra={"browser_id": browser_id, "count": new})
+                await self._record(ev.PageRequestsBlocked(browser_id=browser_id, count=new,
+                                                          urls=tuple(report["blocked_urls"][-new:])))
+        return report
 
     async def _health_loop(self) -> None:
         """Check idle browsers. A busy page (running a model, creating a session) cannot answer until

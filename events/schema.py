@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Union
 
 from events.errors import InvalidEventError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2     # 2: PageRequestsBlocked, RequestRejected
 
 _INT64_MAX = 2**63 - 1
 
@@ -309,6 +309,26 @@ class BrowserQuarantined(Event):
 
 
 @event_kind("browser_id")
+class PageRequestsBlocked(Event):
+    """The page tried to reach something other than its own origin (fetch, WebSocket, navigation):
+    ``count`` new attempts since the last report, ``urls`` the latest of them (truncated)."""
+
+    browser_id: str
+    count: int
+    urls: tuple[str, ...]
+
+
+@event_kind("model")
+class RequestRejected(Event):
+    """A request turned away at the pool's door because ``admitted`` requests were already in (``limit``)."""
+
+    model: str
+    reason: str
+    admitted: int
+    limit: int
+
+
+@event_kind("browser_id")
 class BrowserHealthReported(Event):
     browser_id: str
     memory_mb: float
@@ -460,10 +480,12 @@ __all__ = [
     "OperationCompleted",
     "OperationFailed",
     "OperationStarted",
+    "PageRequestsBlocked",
     "Recorded",
     "RecoveryCompleted",
     "RecoveryStarted",
     "RecoveryStepFinished",
+    "RequestRejected",
     "SessionClosed",
     "SessionOpened",
     "SnapshotWritten",

@@ -40,10 +40,12 @@ from events.schema import (
     OperationCompleted,
     OperationFailed,
     OperationStarted,
+    PageRequestsBlocked,
     Recorded,
     RecoveryCompleted,
     RecoveryStarted,
     RecoveryStepFinished,
+    RequestRejected,
     SessionClosed,
     SessionOpened,
     SnapshotWritten,
@@ -70,6 +72,7 @@ class BrowserState:
     launched_seq: int
     status_reason: str | None = None
     failures: int = 0           # consecutive: reset when the browser completes an operation
+    blocked_requests: int = 0   # outside requests its page attempted (this browser process)
     last_failure: FailureCategory | None = None
     last_error: str | None = None
 
@@ -293,6 +296,20 @@ def _browser_health(d: _Draft, rec: Recorded, e: BrowserHealthReported) -> None:
     )
 
 
+def _page_requests_blocked(d: _Draft, rec: Recorded, e: PageRequestsBlocked) -> None:
+    b = d.r("browsers").get(e.browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return
+    d.w("browsers")[e.browser_id] = dataclasses.replace(b, blocked_requests=b.blocked_requests + e.count)
+    d.count("requests_blocked", e.count)
+
+
+def _request_rejected(d: _Draft, rec: Recorded, e: RequestRejected) -> None:
+    d.count("requests_rejected")
+    d.count("requests_rejected." + e.reason)
+
+
 def _model_loaded(d: _Draft, rec: Recorded, e: ModelLoaded) -> None:
     if e.browser_id not in d.r("browsers"):
         d.anomaly(rec)
@@ -417,6 +434,8 @@ _HANDLERS: dict[type, Any] = {
     BrowserRoleChanged: _browser_role_changed,
     BrowserQuarantined: _browser_quarantined,
     BrowserHealthReported: _browser_health,
+    PageRequestsBlocked: _page_requests_blocked,
+    RequestRejected: _request_rejected,
     ModelLoaded: _model_loaded,
     ModelUnloaded: _model_unloaded,
     OperationStarted: _op_started,

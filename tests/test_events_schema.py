@@ -56,11 +56,13 @@ CONTRACT = {
     "TokensAppended": ("session_id", "token_ids"),
     "SessionClosed": ("session_id", "reason"),
     "SnapshotWritten": ("snapshot_seq", "path"),
+    "PageRequestsBlocked": ("browser_id", "count", "urls"),
+    "RequestRejected": ("model", "reason", "admitted", "limit"),
 }
 
 SUBJECTS = {
     "Browser": "browser_id", "Model": "browser_id", "Operation": "op_id", "Recovery": "recovery_id",
-    "Session": "session_id", "Tokens": "session_id",
+    "Session": "session_id", "Tokens": "session_id", "Page": "browser_id", "Request": "model",
 }
 
 # --- strategies built from each kind's type hints ---

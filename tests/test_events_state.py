@@ -29,10 +29,12 @@ from events.schema import (
     OperationCompleted,
     OperationFailed,
     OperationStarted,
+    PageRequestsBlocked,
     Recorded,
     RecoveryCompleted,
     RecoveryStarted,
     RecoveryStepFinished,
+    RequestRejected,
     SessionClosed,
     SessionOpened,
     SnapshotWritten,
@@ -141,6 +143,19 @@ def test_model_unloaded():
     s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 1.0), ModelLoaded("b1", "n", None, "h", "wasm", 1.0),
             ModelUnloaded("b1", "m", None))
     assert list(s.models) == [("b1", "n", None)] and s.metrics["models_unloaded"] == 1
+
+
+def test_page_requests_blocked():
+    s = run(launched(), PageRequestsBlocked("b1", 2, ("http://a/", "ws://a/")), PageRequestsBlocked("b1", 1, ()))
+    assert s.browsers["b1"].blocked_requests == 3 and s.metrics["requests_blocked"] == 3
+    assert run(launched(), PageRequestsBlocked("b1", 2, ()), launched()).browsers["b1"].blocked_requests == 0
+    ghost = run(PageRequestsBlocked("ghost", 1, ()))
+    assert ghost.browsers == {} and ghost.metrics == {"anomaly.PageRequestsBlocked": 1}
+
+
+def test_request_rejected():
+    s = run(RequestRejected("m", "busy", 8, 8), RequestRejected("m", "busy", 8, 8))
+    assert s.metrics == {"requests_rejected": 2, "requests_rejected.busy": 2}
 
 
 def test_operation_started():

@@ -36,6 +36,7 @@ from events.errors import (
     StoreLockedError,
 )
 from events.schema import (
+    SCHEMA_VERSION,
     BrowserConnected,
     BrowserLaunched,
     FailureCategory,
@@ -246,16 +247,17 @@ def test_refuses_data_from_a_newer_schema_version(backend):
     with backend.open() as store:
         fill(store, workload(1))
     meta = backend.read("meta.json")
-    backend.write("meta.json", meta.replace(b'"schema_version":1', b'"schema_version":99'))
+    backend.write("meta.json", meta.replace(f'"schema_version":{SCHEMA_VERSION}'.encode(), b'"schema_version":99'))
     with pytest.raises(SchemaVersionError, match="99"):
         backend.open()
     backend.write("meta.json", meta)
-    newer = SEGMENT_SCHEMA.with_metadata({**SEGMENT_SCHEMA.metadata, b"webpool.schema_version": b"2"})
+    newer_version = str(SCHEMA_VERSION + 1).encode()
+    newer = SEGMENT_SCHEMA.with_metadata({**SEGMENT_SCHEMA.metadata, b"webpool.schema_version": newer_version})
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, newer):
         pass
     backend.write(f"segments/{10**6:020d}.arrows", sink.getvalue().to_pybytes())
-    with pytest.raises(SchemaVersionError, match="version 2"):
+    with pytest.raises(SchemaVersionError, match=f"version {SCHEMA_VERSION + 1}"):
         backend.open()
 
 

@@ -697,7 +697,7 @@ def test_a_damaged_version_in_the_tail_header_is_repaired(base_log, tmp_path, va
 def test_a_newer_schema_version_in_the_tail_is_refused(base_log, tmp_path):
     base = (base_log.root / base_log.last_segment).read_bytes()
     lo, hi = _version_value_span(base, base_log.header_end)
-    assert _reopen_damaged(base_log, base[:lo] + b"2" + base[hi:], tmp_path).refused_newer
+    assert _reopen_damaged(base_log, base[:lo] + str(SCHEMA_VERSION + 1).encode() + base[hi:], tmp_path).refused_newer
 
 
 @pytest.mark.parametrize("cut", ["each-batch-end", "mid-batch"])

@@ -1,0 +1,103 @@
+"""The pool's door on real Ray and Chromium: a flood beyond the queue bound gets clear "busy" errors
+while every admitted request is answered correctly and the log loses and duplicates nothing; a page
+that tries to send data out is blocked, and the attempt shows up in the log and the metrics."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import ray
+
+from actors.errors import InputError
+from actors.pool import PoolCore
+from events.state import browsers_alive
+from sharding.models import minilm
+from webpool import PoolBusyError, ResourcePool
+
+MODEL = "all-minilm-l6-v2"
+QUEUE_BOUND = 6
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tmp_path_factory):
+    handle = ResourcePool.remote(max_connections=1, max_queued_requests=QUEUE_BOUND,
+                                 event_log=str(tmp_path_factory.mktemp("admission-events")),
+                                 fault_tolerance={"level": "medium"})
+    ray.get(handle.infer.remote(MODEL, {"text": "warm up"}))
+    yield handle
+    ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+
+
+def _all_events(pool) -> list[dict]:
+    state = ray.get(pool.get_state.remote())
+    events = ray.get(pool.recent_events.remote(state.last_seq + 100))
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))     # from seq 1, no gap, no repeat
+    return events
+
+
+def test_a_flood_beyond_the_queue_bound_gets_busy_errors_and_loses_nothing(pool):
+    texts = [f"flood request {i}: a sentence to embed" for i in range(60)]
+    reference = minilm.reference_embed(texts)
+    seq0 = ray.get(pool.get_state.remote()).last_seq
+    refs = [pool.infer.remote(MODEL, {"text": t}) for t in texts]
+    answered, busy = [], []
+    for i, ref in enumerate(refs):
+        try:
+            out = ray.get(ref)
+        except PoolBusyError as exc:
+            assert "max_queued_requests=6" in str(exc)
+            busy.append(i)
+            continue
+        assert np.abs(out["embedding"] - reference[i]).max() <= 1e-4, i
+        answered.append(i)
+    assert busy, "60 requests at once on a bound of 6 were all admitted"
+    assert len(answered) >= QUEUE_BOUND
+    assert len(answered) + len(busy) == len(texts)
+
+    events = [e for e in _all_events(pool) if e["seq"] > seq0]
+    kinds = collections.Counter(e["action"] for e in events)
+    assert kinds["RequestRejected"] == len(busy)
+    assert all(e["data"]["admitted"] == QUEUE_BOUND == e["data"]["limit"]
+               for e in events if e["action"] == "RequestRejected")
+    started = [e["data"]["op_id"] for e in events if e["action"] == "OperationStarted"]
+    completed = [e["data"]["op_id"] for e in events if e["action"] == "OperationCompleted"]
+    assert len(started) == len(set(started)) == len(answered)        # one operation per admitted request
+    assert sorted(completed) == sorted(started)                       # each ended, once
+    state = ray.get(pool.get_state.remote())
+    assert state.operations == {} and state.metrics["requests_rejected.busy"] >= len(busy)
+    # Nothing was harmed: the same browser serves on.
+    assert len(browsers_alive(state)) == 1
+    out = ray.get(pool.infer.remote(MODEL, {"text": texts[0]}))
+    assert np.abs(out["embedding"] - reference[0]).max() <= 1e-4
+
+
+def test_a_page_trying_to_send_data_out_is_blocked_and_recorded(pool):
+    [browser] = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
+    url = "http://127.0.0.1:9/steal?data=secret"
+    fault = ray.get(pool.inject_fault.remote(browser, "exfiltrate", url=url))
+    assert fault["attempts"]["fetch"] == "blocked" and fault["attempts"]["websocket"] != "open"
+    report = ray.get(pool.health.remote())[browser]
+    assert report["blocked_requests"] >= 3          # the fetch, the WebSocket, the navigation
+    events = [e for e in _all_events(pool) if e["action"] == "PageRequestsBlocked"]
+    assert sum(e["data"]["count"] for e in events) == report["blocked_requests"]
+    assert any(u.startswith("http://127.0.0.1:9/steal") for e in events for u in e["data"]["urls"])
+    state = ray.get(pool.get_state.remote())
+    assert state.browsers[browser].blocked_requests == report["blocked_requests"]
+    assert state.metrics["requests_blocked"] == report["blocked_requests"]
+    # Reported once: the next health check adds no event.
+    ray.get(pool.health.remote())
+    assert len([e for e in _all_events(pool) if e["action"] == "PageRequestsBlocked"]) == len(events)
+    # The page is still ours and still serves.
+    out = ray.get(pool.infer.remote(MODEL, {"text": "still serving"}))
+    assert out["browser_id"] == browser
+    assert np.abs(out["embedding"] - minilm.reference_embed(["still serving"])[0]).max() <= 1e-4
+
+
+def test_a_bad_queue_bound_is_a_typed_error():
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(InputError) as info:
+            PoolCore(max_queued_requests=bad)
+        assert info.value.field == "max_queued_requests"
