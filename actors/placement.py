@@ -73,3 +73,43 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
     same_type = [b for b in candidates if b.browser_type == browser_type] or candidates
     best = min(same_type, key=lambda b: (b.in_flight, len(b.models), b.browser_id))
     return Placement("load", best.browser_id)
+
+
+# ----- nodes (a Ray cluster) -------------------------------------------------------------------
+BROWSER_SLOTS = "browser_slots"     # the custom resource a node advertises per browser it can host
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What node placement needs to know about one live Ray node."""
+
+    node_id: str
+    browser_slots: float | None     # None: the node advertises no browser_slots resource
+    serving: int                    # live browsers taking traffic on it
+    standby: int                    # live standby browsers on it
+
+
+def eligible_nodes(nodes: list[NodeView]) -> list[NodeView]:
+    """Nodes that may host browsers: those advertising ``browser_slots`` when any does, else all."""
+    advertised = [n for n in nodes if n.browser_slots is not None]
+    return advertised or nodes
+
+
+def choose_node(nodes: list[NodeView], standby: bool, avoid_nodes: frozenset[str] = frozenset()) -> str | None:
+    """The node a new browser should start on; None leaves it to Ray (one node: nothing to choose).
+
+    Browsers spread: the node with the fewest live browsers wins. A standby goes where the fewest
+    serving browsers are, so that the loss of one node does not take a browser and its spare together.
+    ``avoid_nodes`` (e.g. the nodes of the other shards of one model) lose ties they would otherwise win.
+    Full nodes (as many browsers as slots) are used only when every node is full.
+    """
+    candidates = eligible_nodes(nodes)
+    if len(candidates) <= 1:
+        return None
+    free = [n for n in candidates if n.browser_slots is None or n.serving + n.standby < n.browser_slots]
+    candidates = free or candidates
+    if standby:
+        best = min(candidates, key=lambda n: (n.serving, n.standby, n.node_id))
+    else:
+        best = min(candidates, key=lambda n: (n.node_id in avoid_nodes, n.serving + n.standby, n.node_id))
+    return best.node_id

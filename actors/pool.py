@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors import placement, validation
 from actors.browser import BrowserActor
@@ -38,7 +39,7 @@ from actors.constants import (
     HEALTH_TIMEOUT,
     RUN_TIMEOUT,
 )
-from actors.errors import BrowserFailure, InputError, NoBrowserAvailableError, PoolBusyError
+from actors.errors import BrowserFailure, FailureCategory, InputError, NoBrowserAvailableError, PoolBusyError
 from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
 from actors.voting import NoMajorityError, vote_embeddings, vote_tokens
@@ -100,6 +101,7 @@ class PoolCore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._resolved_types: dict[str, str] = {}
         self._in_flight: dict[str, int] = {}
+        self._launching: dict[str, int] = {}             # node_id -> browsers being started there
         self._pending: dict[int, Any] = {}               # acknowledged records not yet applied (out of order)
         self._applied = asyncio.Condition()
         self._background: set[asyncio.Future] = set()
@@ -114,8 +116,10 @@ class PoolCore:
             if self._log is not None:
                 return
             location = self.event_log_location or str(cache_dir() / "events" / self.name)
+            # Next to the pool: a local log directory is on this node's disk.
+            context = ray.get_runtime_context()
             handle = await asyncio.to_thread(get_or_create_state_log, f"{self.name}-log", location,
-                                             ray.get_runtime_context().namespace)
+                                             context.namespace, node_id=context.get_node_id())
             self.state = await handle.state.remote()
             self._log = handle
             # Browsers recorded by an earlier incarnation of this pool died with it (they are its
@@ -193,15 +197,46 @@ class PoolCore:
             self._resolved_types[preferred] = resolve_browser(preferred).browser_type
         return self._resolved_types[preferred]
 
-    async def _new_actor(self, browser_id: str, browser_type: str) -> tuple[Any, dict[str, Any]]:
-        handle = BrowserActor.options(name=None).remote(browser_id, browser_type, self.num_threads,
-                                                        self.memory_limit_mb)
+    async def _node_views(self) -> list[placement.NodeView]:
+        """Live Ray nodes and the live browsers the log places on each (browsers still starting count as
+        serving there: two launches at once must not both pick the emptiest node)."""
+        nodes = await asyncio.to_thread(ray.nodes)
+        alive = browsers_alive(self.state)
+        return [
+            placement.NodeView(
+                node_id=n["NodeID"], browser_slots=n.get("Resources", {}).get(placement.BROWSER_SLOTS),
+                serving=sum(1 for b in alive if b.node_id == n["NodeID"] and not b.standby)
+                + self._launching.get(n["NodeID"], 0),
+                standby=sum(1 for b in alive if b.node_id == n["NodeID"] and b.standby))
+            for n in nodes if n.get("Alive")
+        ]
+
+    async def _start_browser(self, browser_id: str, browser_type: str, standby: bool = False,
+                             avoid_nodes: frozenset[str] = frozenset()) -> None:
+        """A new BrowserActor, started and recorded (BrowserLaunched), on the node placement chooses
+        (spread; a standby away from the serving browsers). Where nodes advertise ``browser_slots``,
+        each browser takes one."""
+        nodes = await self._node_views()
+        options: dict[str, Any] = {"name": None}
+        if any(n.browser_slots is not None for n in nodes):
+            options["resources"] = {placement.BROWSER_SLOTS: 1}
+        node_id = placement.choose_node(nodes, standby, avoid_nodes)
+        if node_id is not None:
+            # Soft: if that node is gone by the time Ray schedules, any other will do.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        key = node_id or ""
+        self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
-            info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
-        except Exception:
-            ray.kill(handle)
-            raise
-        return handle, info
+            handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
+                                                            self.memory_limit_mb)
+            try:
+                info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
+            except Exception:
+                ray.kill(handle)
+                raise
+            await self._record_launch(browser_id, handle, info, standby)
+        finally:
+            self._launching[key] -= 1      # from here the log counts it
 
     async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
@@ -212,10 +247,11 @@ class PoolCore:
         log.info("browser launched", extra={"browser_id": browser_id, "backend": self._backend_of[browser_id],
                                             "standby": standby, "start_ms": round(info["start_ms"])})
 
-    async def _launch(self, browser_type: str, standby: bool = False) -> str:
+    async def _launch(self, browser_type: str, standby: bool = False, avoid: frozenset[str] = frozenset()) -> str:
+        """A new browser; ``avoid``: browsers whose nodes it should not share when another node can host it."""
         browser_id = f"browser-{uuid.uuid4().hex[:8]}"
-        handle, info = await self._new_actor(browser_id, browser_type)
-        await self._record_launch(browser_id, handle, info, standby)
+        avoid_nodes = frozenset(self.state.browsers[b].node_id for b in avoid if b in self.state.browsers)
+        await self._start_browser(browser_id, browser_type, standby, avoid_nodes)
         return browser_id
 
     async def _stop_actor(self, browser_id: str) -> None:
@@ -276,7 +312,7 @@ class PoolCore:
             decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
             browser_id = decision.browser_id
             if decision.action == "launch":
-                browser_id = await self._launch(browser_type)
+                browser_id = await self._launch(browser_type, avoid=avoid)
             assert browser_id is not None
             self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1   # reserve it
         try:
@@ -571,11 +607,26 @@ class PoolCore:
                                                           urls=tuple(report["blocked_urls"][-new:])))
         return report
 
+    async def _check_nodes(self) -> None:
+        """Browsers on a node Ray no longer lists as alive have failed with it (CONNECTION), busy or not."""
+        alive_nodes = {n.node_id for n in await self._node_views()}
+        for b in self._alive_states():
+            if b.node_id and b.node_id not in alive_nodes:
+                failure = BrowserFailure(b.browser_id, FailureCategory.CONNECTION,
+                                         f"its node {b.node_id[:12]} left the cluster")
+                await self._browser_failed(failure)
+                if self.ft.recovers and not self._closed:
+                    self._spawn(self.recovery.recover(failure))
+
     async def _health_loop(self) -> None:
-        """Check idle browsers. A busy page (running a model, creating a session) cannot answer until
-        its work is done; a hang there is caught by that request's own time budget instead."""
+        """Check nodes, then idle browsers. A busy page (running a model, creating a session) cannot answer
+        until its work is done; a hang there is caught by that request's own time budget instead."""
         while not self._closed:
             await asyncio.sleep(self.health_interval)
+            try:
+                await self._check_nodes()
+            except Exception as exc:     # the GCS may be briefly unreachable: the browser checks still run
+                log.warning("node check failed", extra={"error": str(exc)})
             for browser_id in self._live_ids():
                 if browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
                     await self._check_browser(browser_id)

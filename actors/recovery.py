@@ -261,10 +261,12 @@ class RecoveryExecutor:
         handle = pool._handles[browser_id]
         try:
             info = await handle.restart.remote()
+            await pool._record_launch(browser_id, handle, info, standby)
         except ray.exceptions.RayActorError:
-            # The actor process itself is gone: a new actor takes the same id.
-            handle, info = await pool._new_actor(browser_id, pool.state.browsers[browser_id].browser_type)
-        await pool._record_launch(browser_id, handle, info, standby)
+            # The actor process itself is gone (or its node): a new actor takes the same id, elsewhere
+            # if the old node is dead.
+            ray.kill(handle)
+            await pool._start_browser(browser_id, pool.state.browsers[browser_id].browser_type, standby)
         for art in needed:
             await pool._load(browser_id, art)
         return browser_id

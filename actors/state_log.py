@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from events.codec import log_entry
 from events.errors import SnapshotError, StoreConfigError
@@ -168,13 +169,18 @@ def get_or_create_state_log(
     namespace: str | None = None,
     *,
     detached: bool = False,
+    node_id: str | None = None,
     **store_options: Any,
 ) -> ray.actor.ActorHandle:
     """The named StateLog in ``namespace``, created on ``location`` if it does not exist yet.
 
+    ``node_id``: the node to create it on (a local-disk ``location`` is on that node's disk); a
+    ``pyarrow.fs`` URI reachable from every node lets Ray restart it anywhere.
     Raises StoreConfigError if an actor of that name already serves another location.
     """
     options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     if detached:
         options["lifetime"] = "detached"
     handle = StateLog.options(**options).remote(str(location), **store_options)

@@ -195,3 +195,21 @@ def test_doctor_names_missing_onnxruntime_web_and_npm_ci(monkeypatch, tmp_path, 
     ort = _row(out, "onnxruntime-web")
     assert "NO" in ort and "npm ci" in ort
     assert "yes" in _row(out, "browser"), "only the runtime files are missing"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
+    """`webpool demo` as a user runs it: its own embedded Ray, real browsers, a browser killed mid-request
+    and a shard's browser killed mid-generation; it exits 0 only if every answer matched its reference."""
+    env = {**os.environ, "COLUMNS": "200"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):     # its own Ray, not this session's
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "webpool.cli", "demo", "--browsers", "2", "--tokens", "8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "1. all-MiniLM-L6-v2 in browser-" in out and "(tolerance 1e-4)" in out
+    assert "2. browser process killed mid-request" in out and "BrowserFailed" in out and "RecoveryCompleted" in out
+    assert "recovered: True" in out
+    assert "identical to CPU onnxruntime: True" in out
+    assert "recovery statistics" in out and _row(out, "recovery_successes").split("│")[2].strip() != "0"

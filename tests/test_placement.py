@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from actors import placement
 from actors.placement import BrowserView, Placement, choose_backend, place
 
 
@@ -43,3 +44,41 @@ def test_backend_choice_prefers_hardware_webgpu_only():
     assert choose_backend(["wasm", "webgpu"], {"webgpu": {"architecture": "hopper"}}) == "webgpu"
     assert choose_backend(["wasm"], {}) == "wasm"
     assert choose_backend(["wasm", "webgpu"], {}, requested="webgpu") == "webgpu"
+
+
+def _node(node_id: str, serving: int = 0, standby: int = 0, slots: float | None = 4) -> placement.NodeView:
+    return placement.NodeView(node_id, slots, serving, standby)
+
+
+def test_one_node_leaves_the_choice_to_ray():
+    assert placement.choose_node([], standby=False) is None
+    assert placement.choose_node([_node("a")], standby=False) is None
+    # Only one node advertises browser slots: it is the only eligible one.
+    assert placement.choose_node([_node("a"), _node("head", slots=None)], standby=True) is None
+
+
+def test_browsers_spread_over_nodes():
+    nodes = [_node("a", serving=2), _node("b", serving=1), _node("c", serving=1, standby=1)]
+    assert placement.choose_node(nodes, standby=False) == "b"
+    # Without any browser_slots advertised, every node is eligible.
+    bare = [_node("a", serving=1, slots=None), _node("b", slots=None)]
+    assert placement.choose_node(bare, standby=False) == "b"
+
+
+def test_a_standby_sits_away_from_the_browsers_it_protects():
+    nodes = [_node("a", serving=1), _node("b", serving=0, standby=2)]
+    assert placement.choose_node(nodes, standby=True) == "b"       # more browsers there, but none serving
+    assert placement.choose_node(nodes, standby=False) == "a"      # 1 browser vs 2
+
+
+def test_shards_of_one_model_prefer_distinct_nodes():
+    nodes = [_node("a"), _node("b", serving=2)]
+    assert placement.choose_node(nodes, standby=False, avoid_nodes=frozenset({"a"})) == "b"
+    assert placement.choose_node(nodes, standby=False, avoid_nodes=frozenset({"a", "b"})) == "a"
+
+
+def test_full_nodes_are_used_only_when_all_are_full():
+    nodes = [_node("a", serving=1, slots=1), _node("b", serving=3, slots=4)]
+    assert placement.choose_node(nodes, standby=False) == "b"
+    full = [_node("a", serving=1, slots=1), _node("b", serving=2, slots=2)]
+    assert placement.choose_node(full, standby=False) == "a"

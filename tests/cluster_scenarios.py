@@ -1,0 +1,296 @@
+"""Multi-node scenarios on a real Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head and
+four worker nodes, each its own raylet and object store, advertising ``browser_slots``).
+
+Run by tests/test_cluster.py in a subprocess: one process can join only one Ray cluster, and the test
+session already has its own. It writes what it observed as JSON; the test asserts on that. Nothing is
+judged here, so a scenario that goes wrong still leaves its observations (and its error) to read.
+
+1. placement: a detached, named pool at level high; browsers spread over nodes, the standby on a node
+   with no serving browser; model bytes reach every node through the object store.
+2. node loss under load: two clients send requests while the node of a serving browser is removed
+   without notice; every answer is checked against the numpy reference.
+3. a sharded generation loses the node of one shard mid-generation; the tokens are compared with CPU
+   onnxruntime's.
+4. a second driver reattaches to the detached pool by name, sees its state and is served; a third
+   submits a request and dies at once, and the pool still completes it (the log says so).
+
+Usage: python tests/cluster_scenarios.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from webpool.localray import configure_auth_env  # noqa: E402
+
+configure_auth_env()     # before ray is imported: every node and driver shares this token
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import ray._private.utils  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+
+from events.state import browsers_alive  # noqa: E402
+from sharding.models import llama, minilm  # noqa: E402
+
+NAMESPACE = "webpool-cluster"
+POOL_NAME = "webpool-cluster-pool"
+EMBED = "all-minilm-l6-v2"
+GENERATE = "smollm2-135m"
+PROMPT = "The capital of France is"
+NEW_TOKENS = 24
+WORKER_NODES = 4
+SLOTS_PER_NODE = 2
+TOLERANCE = 1e-4
+MB = 1 << 20
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _state(pool):
+    return ray.get(pool.get_state.remote(), timeout=60)
+
+
+def _browsers(pool) -> list[dict[str, Any]]:
+    return [{"browser_id": b.browser_id, "node_id": b.node_id, "standby": b.standby}
+            for b in browsers_alive(_state(pool))]
+
+
+def _events(pool) -> list[dict[str, Any]]:
+    return ray.get(pool.recent_events.remote(_state(pool).last_seq + 10), timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _node_of(cluster: Cluster, node_id: str):
+    return next(n for n in cluster.worker_nodes if n.node_id == node_id)
+
+
+def _browser_pids(pool) -> dict[str, list[int]]:
+    return {b: list(r.get("pids", {}).values()) for b, r in ray.get(pool.health.remote(), timeout=60).items()}
+
+
+def placement(pool, out: dict[str, Any]) -> None:
+    texts = [f"placement sentence {i}" for i in range(8)]
+    reference = minilm.reference_embed(texts)
+    # Eight at once: the first browser is busy, so the pool grows to max_connections.
+    outs = ray.get([pool.infer.remote(EMBED, {"text": t}) for t in texts], timeout=600)
+    out["placement_correct"] = all(np.abs(o["embedding"] - r).max() <= TOLERANCE
+                                   for o, r in zip(outs, reference, strict=True))
+    _wait(lambda: sum(b["standby"] for b in _browsers(pool)) >= 1 and not _state(pool).recoveries, 300,
+          "a warm standby")
+    out["placement_browsers"] = _browsers(pool)
+
+
+def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
+    texts = [f"request {i} while a node goes away" for i in range(24)]
+    reference = minilm.reference_embed(texts)
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def client(which: range) -> None:
+        for i in which:
+            t0 = time.perf_counter()
+            try:
+                o = ray.get(pool.infer.remote(EMBED, {"text": texts[i]}), timeout=300)
+                row = {"i": i, "correct": bool(np.abs(o["embedding"] - reference[i]).max() <= TOLERANCE),
+                       "browser_id": o["browser_id"], "recovered": bool(o.get("recovered"))}
+            except Exception as exc:
+                row = {"i": i, "correct": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            row["ms"] = (time.perf_counter() - t0) * 1000
+            with lock:
+                answers.append(row)
+
+    serving = [b for b in _browsers(pool) if not b["standby"]]
+    victim_node = serving[0]["node_id"]
+    out["node_loss_victim_node"] = victim_node
+    out["node_loss_victim_browsers"] = [b["browser_id"] for b in _browsers(pool) if b["node_id"] == victim_node]
+    pids = _browser_pids(pool)
+    victim_pids = [p for b in out["node_loss_victim_browsers"] for p in pids.get(b, [])]
+    clients = [threading.Thread(target=client, args=(range(k, len(texts), 2),)) for k in range(2)]
+    for c in clients:
+        c.start()
+    _wait(lambda: len(answers) >= 4, 300, "the first answers")
+    seq0 = _state(pool).last_seq
+    t_removed = time.time()
+    cluster.remove_node(_node_of(cluster, victim_node), allow_graceful=False)
+    out["node_removed_after_answers"] = len(answers)
+    for c in clients:
+        c.join(600)
+    out["node_loss_answers"] = sorted(answers, key=lambda a: a["i"])
+    _wait(lambda: not _state(pool).recoveries, 300, "recoveries to finish")
+    out["node_loss_browsers_after"] = _browsers(pool)
+    out["node_loss_victim_pids_alive"] = [p for p in victim_pids if _alive(p)]
+    events = _events(pool)
+    out["node_loss_failed"] = [e["data"] | {"seq": e["seq"]} for e in events if e["action"] == "BrowserFailed"]
+    out["node_loss_recoveries"] = [e["data"] for e in events if e["action"] == "RecoveryCompleted"]
+    out["node_loss_trace"] = _trace([e for e in events if e["seq"] > seq0], t_removed)
+
+
+def _trace(events: list[dict[str, Any]], t0: float) -> list[str]:
+    """What the pool did, one line per event, in ms from ``t0`` (for reading when something fails)."""
+    keys = ("category", "error", "strategy", "step", "success", "replacement", "standby", "model", "kind")
+    return [f"{(e['timestamp'] - t0) * 1000:+.0f}ms {e['action']} {e['subject']} "
+            + " ".join(f"{k}={str(e['data'][k])[:80]}" for k in keys if e["data"].get(k) is not None)
+            for e in events]
+
+
+def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int], out: dict[str, Any]) -> None:
+    ref = pool.generate.remote(GENERATE, PROMPT, max_new_tokens=NEW_TOKENS, shards=2)
+
+    def session_with_tokens():
+        live = [s for s in _state(pool).sessions.values() if len(s.tokens) >= 4]
+        return live[0] if live else None
+
+    session = _wait(session_with_tokens, 600, "a generation to reach 4 tokens", interval=0.02)
+    shard_browser = session.plan["shards"][1]["browser_id"]
+    node = _state(pool).browsers[shard_browser].node_id
+    out["shard_nodes"] = [_state(pool).browsers[s["browser_id"]].node_id for s in session.plan["shards"]]
+    out["shard_victim"] = {"browser_id": shard_browser, "node_id": node, "tokens_before": len(session.tokens)}
+    cluster.remove_node(_node_of(cluster, node), allow_graceful=False)
+    try:
+        result = ray.get(ref, timeout=600)
+        out["shard_tokens"] = result["token_ids"]
+        out["shard_replays"] = result["metrics"]["replays"]
+    except Exception as exc:
+        out["shard_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+    out["shard_expected"] = expected
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import ray, json
+ray.init(address={address!r}, namespace={namespace!r}, log_to_driver=False)
+pool = ray.get_actor({name!r})
+state = ray.get(pool.get_state.remote())
+if {die!r}:
+    pool.infer.remote({model!r}, {{"text": "submitted by a driver that dies at once"}})
+    import os, time
+    time.sleep(0.2)          # the call has left this process
+    os._exit(0)
+out = ray.get(pool.infer.remote({model!r}, {{"text": "from a second driver"}}))
+print(json.dumps({{"browsers": len([b for b in state.browsers.values() if b.status not in ("retired",)]),
+                  "last_seq": state.last_seq, "embedding": out["embedding"].tolist()}}))
+"""
+
+
+def reattach(cluster: Cluster, pool, out: dict[str, Any]) -> None:
+    def driver(die: bool) -> subprocess.CompletedProcess:
+        code = DRIVER.format(root=str(ROOT), address=cluster.address, namespace=NAMESPACE, name=POOL_NAME,
+                             model=EMBED, die=die)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=os.environ.copy())
+
+    seq_before = _state(pool).last_seq
+    second = driver(die=False)
+    out["reattach_rc"] = second.returncode
+    out["reattach_stderr"] = second.stderr[-2000:] if second.returncode else ""
+    if second.returncode == 0:
+        seen = json.loads(second.stdout.strip().splitlines()[-1])
+        ref = minilm.reference_embed(["from a second driver"])[0]
+        out["reattach_seen_seq"] = seen["last_seq"]
+        out["reattach_seq_before"] = seq_before
+        out["reattach_correct"] = bool(np.abs(np.asarray(seen["embedding"]) - ref).max() <= TOLERANCE)
+    started_before = {e["data"]["op_id"] for e in _events(pool) if e["action"] == "OperationStarted"}
+    third = driver(die=True)
+    out["dying_driver_rc"] = third.returncode
+    _wait(lambda: not _state(pool).operations and len(
+        {e["data"]["op_id"] for e in _events(pool) if e["action"] == "OperationStarted"} - started_before) >= 1,
+        300, "the dead driver's request to be run")
+    events = _events(pool)
+    new_ops = {e["data"]["op_id"] for e in events if e["action"] == "OperationStarted"} - started_before
+    completed = {e["data"]["op_id"] for e in events if e["action"] == "OperationCompleted"}
+    out["dying_driver_ops"] = sorted(new_ops)
+    out["dying_driver_ops_completed"] = sorted(new_ops & completed)
+
+
+def main(out_path: Path) -> int:
+    # Cluster() writes its address to /tmp/ray/ray_current_cluster for address-less ray.init() calls;
+    # every driver here is given the address, and nothing of ours goes outside our temp dir.
+    ray._private.utils.write_ray_address = lambda *_args, **_kwargs: None
+    temp = Path(tempfile.mkdtemp(prefix="wpclu-", dir="/tmp"))     # short: Ray's socket paths have a length limit
+    out: dict[str, Any] = {"scenarios": [], "errors": {}}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "temp_dir": str(temp), "include_dashboard": False, "object_store_memory": 600 * MB})
+    pool = None
+    try:
+        for _ in range(WORKER_NODES):
+            cluster.add_node(num_cpus=1, resources={"browser_slots": SLOTS_PER_NODE}, temp_dir=str(temp),
+                             object_store_memory=600 * MB)
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        out["nodes"] = [n.node_id for n in cluster.worker_nodes]
+        out["head_node"] = cluster.head_node.node_id
+        from webpool import ResourcePool
+
+        # The pool and its log sit on the head (it has no browser slots); browsers go to worker nodes.
+        on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
+        pool = ResourcePool.options(name=POOL_NAME, lifetime="detached", scheduling_strategy=on_head).remote(
+            max_connections=2, event_log=str(temp / "events"), request_timeout=30.0, health_interval=1.0,
+            fault_tolerance={"level": "high", "recovery_strategy": "progressive", "standby_browsers": 1})
+        model = llama.load_smollm2()
+        expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+                                             model.encode(PROMPT), NEW_TOKENS)
+        for name, run in (("placement", lambda: placement(pool, out)),
+                          ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),
+                          ("sharded", lambda: sharded_generation_loses_a_node(cluster, pool, expected, out)),
+                          ("reattach", lambda: reattach(cluster, pool, out))):
+            t0 = time.perf_counter()
+            try:
+                run()
+            except Exception:
+                out["errors"][name] = traceback.format_exc()[-3000:]
+            out["scenarios"].append({"name": name, "s": round(time.perf_counter() - t0, 1)})
+    finally:
+        if pool is not None:
+            try:
+                pids = _browser_pids(pool)
+                ray.get(pool.shutdown.remote(), timeout=120)
+                ray.kill(pool)
+                # Processes take a moment to be reaped after their kill: wait for that, not longer.
+                everything = [p for ps in pids.values() for p in ps]
+                try:
+                    _wait(lambda: not any(_alive(p) for p in everything), 30, "browser processes to exit")
+                except TimeoutError:
+                    pass
+                out["pids_after_shutdown"] = [p for p in everything if _alive(p)]
+            except Exception:
+                out["errors"]["shutdown"] = traceback.format_exc()[-2000:]
+            ray.kill(pool)
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        out_path.write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

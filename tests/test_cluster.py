@@ -1,0 +1,80 @@
+"""webpool across the nodes of a real multi-node Ray cluster (on this machine): placement over nodes,
+a node lost under load, a sharded generation losing a shard's node, drivers that reattach or die.
+
+The scenarios run once, in a subprocess (tests/cluster_scenarios.py: one process joins one cluster,
+and this session has its own Ray); each test below checks one part of what it observed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("cluster_scenarios.py")
+
+pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("cluster") / "observed.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=1500)
+    assert out.exists(), f"the cluster scenarios wrote nothing (rc {run.returncode}):\n{run.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def _no_error(observed: dict, scenario: str) -> None:
+    assert scenario not in observed["errors"], observed["errors"][scenario]
+
+
+def test_browsers_spread_over_nodes_and_the_standby_sits_apart(observed):
+    _no_error(observed, "placement")
+    assert observed["placement_correct"]
+    browsers = observed["placement_browsers"]
+    serving = [b for b in browsers if not b["standby"]]
+    standby = [b for b in browsers if b["standby"]]
+    assert len(serving) == 2 and len(standby) == 1, browsers
+    nodes = set(observed["nodes"])
+    assert all(b["node_id"] in nodes for b in browsers), "a browser on the head, which has no browser slots"
+    assert len({b["node_id"] for b in browsers}) == 3, "three browsers, three nodes"
+    assert standby[0]["node_id"] not in {b["node_id"] for b in serving}
+
+
+def test_losing_a_node_under_load_loses_no_request(observed):
+    _no_error(observed, "node_loss")
+    answers = observed["node_loss_answers"]
+    assert len(answers) == 24
+    assert all(a["correct"] for a in answers), [a for a in answers if not a["correct"]]
+    assert observed["node_removed_after_answers"] < 24, "the node went before the load was over"
+    victims = set(observed["node_loss_victim_browsers"])
+    failed = {f["browser_id"] for f in observed["node_loss_failed"]}
+    assert victims <= failed, "every browser of the lost node is recorded as failed"
+    assert all(b["node_id"] != observed["node_loss_victim_node"] for b in observed["node_loss_browsers_after"])
+    assert len([b for b in observed["node_loss_browsers_after"] if not b["standby"]]) >= 1
+    assert observed["node_loss_victim_pids_alive"] == [], "browser processes outlived their node"
+
+
+def test_a_sharded_generation_survives_losing_a_shards_node(observed):
+    _no_error(observed, "sharded")
+    assert "shard_error" not in observed, observed.get("shard_error")
+    assert len(set(observed["shard_nodes"])) == 2, "the two shards prefer distinct nodes"
+    assert observed["shard_tokens"] == observed["shard_expected"], "losing a node must not change a token"
+    assert observed["shard_replays"] >= 1
+
+
+def test_drivers_reattach_to_the_detached_pool_and_a_dead_drivers_request_completes(observed):
+    _no_error(observed, "reattach")
+    assert observed["reattach_rc"] == 0, observed["reattach_stderr"]
+    assert observed["reattach_seen_seq"] >= observed["reattach_seq_before"] > 0    # the same pool, its history
+    assert observed["reattach_correct"]
+    assert observed["dying_driver_ops"], "the request of the driver that died never reached the pool"
+    assert observed["dying_driver_ops_completed"] == observed["dying_driver_ops"]
+
+
+def test_nothing_outlives_the_pool(observed):
+    assert "shutdown" not in observed["errors"], observed["errors"]["shutdown"]
+    assert observed["pids_after_shutdown"] == []
