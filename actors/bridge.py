@@ -20,8 +20,8 @@ Where this differs from the guide, and why:
   for that one recovery, whatever the pool's own fault-tolerance configuration (level none included).
 - ``get_recovery_statistics`` and the transaction log come from the pool's log, so they count every
   recovery (also those the pool did transparently inside ``infer``), not only this manager's.
-- ``adaptive_scaling`` is accepted and passed to the pool only if the pool implements it (it does not
-  yet; the bridge says so in the log and the pool keeps a fixed ``max_connections``).
+- ``adaptive_scaling=True`` is the pool's own: it grows up to ``max_connections`` under load and retires
+  idle browsers, each decision a PoolScaled event.
 """
 
 from __future__ import annotations
@@ -475,13 +475,8 @@ class ResourcePoolBridgeIntegration:
             raise BridgeNotReadyError(f"ResourcePool lacks {', '.join(missing)}, which the guide's API needs")
         kwargs: dict[str, Any] = {"max_connections": self.max_connections,
                                   "browser_preferences": self.browser_preferences,
-                                  "fault_tolerance": self.fault_tolerance_options, **self.pool_options}
-        if self.adaptive_scaling:
-            if "adaptive_scaling" in inspect.signature(PoolCore.__init__).parameters:
-                kwargs["adaptive_scaling"] = True
-            else:
-                log.warning("adaptive_scaling=True is not implemented by ResourcePool: the pool keeps a fixed "
-                            "max_connections=%d", self.max_connections)
+                                  "fault_tolerance": self.fault_tolerance_options,
+                                  "adaptive_scaling": self.adaptive_scaling, **self.pool_options}
         pool = ResourcePool.remote(**kwargs)
         try:
             await pool.get_recovery_statistics.remote()        # opens the log; a failed start surfaces here

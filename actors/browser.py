@@ -413,7 +413,7 @@ class BrowserCore:
 
 
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
-          "corrupt_output", "exfiltrate")
+          "corrupt_output", "exfiltrate", "slow")
 BLOCKED_URLS_REPORTED = 10      # the latest blocked URLs a health report carries
 
 # What hostile model code would try: send data out by fetch, open a WebSocket, navigate away. ``url`` is
@@ -435,14 +435,16 @@ _EXFILTRATE_JS = """async (url) => {
 
 
 async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
-                       url: str = "http://127.0.0.1:9/exfiltrate") -> dict[str, Any]:
+                       url: str = "http://127.0.0.1:9/exfiltrate", factor: float = 6.0) -> dict[str, Any]:
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
     hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on);
     exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
     corrupt_output: the page returns wrong numbers from then on (a dissenter for voting);
-    exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked).
+    exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked);
+    slow: the page's CPU is throttled ``factor`` times (CDP Emulation.setCPUThrottlingRate): a degraded
+    browser that still answers correctly.
     """
     if kind not in FAULTS:
         raise InputError("kind", f"unknown fault {kind!r}; one of {', '.join(FAULTS)}")
@@ -471,6 +473,11 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
             return {"fault": kind, "browser_id": core.browser_id, "effect": str(exc).splitlines()[0]}
     elif kind == "corrupt_output":
         await core.page.evaluate("() => window.webpool.setCorrupt(true)")
+    elif kind == "slow":
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor <= 100:
+            raise InputError("factor", f"must be a number in [1, 100], got {show(factor)}")
+        assert core.page_cdp is not None
+        await core.page_cdp.send("Emulation.setCPUThrottlingRate", {"rate": float(factor)})
     elif kind == "exfiltrate":
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InputError("url", f"must be an http(s) URL, got {show(url)}")

@@ -34,6 +34,7 @@ class BrowserView:
     browser_type: str
     models: frozenset[str]      # artifact keys loaded
     in_flight: int              # operations running on it now
+    cost: float | None = None   # expected ms per request of this model here (actors.adaptive); None: unknown
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
           avoid: frozenset[str] = frozenset()) -> Placement:
     """Where to run artifact ``key``.
 
-    1. a browser of the wanted type that already holds it and is not busy, least busy first;
+    1. a browser of the wanted type that already holds it and is not busy: the one expected to answer
+       first ((in flight + 1) x its expected cost; a browser whose cost is still unknown is tried first,
+       so that it gets known), least busy first when nothing is known;
     2. else a new browser, while the pool is below ``max_connections``;
     3. else the least busy browser that holds it;
     4. else load it onto the least busy browser holding the fewest models.
@@ -59,7 +62,8 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
     """
     candidates = [b for b in browsers if b.browser_id not in avoid]
     holding = [b for b in candidates if key in b.models and b.browser_type == browser_type]
-    best = min(holding, key=lambda b: (b.in_flight, b.browser_id)) if holding else None
+    best = min(holding, key=lambda b: ((b.in_flight + 1) * (b.cost or 0.0), b.in_flight, b.browser_id)) \
+        if holding else None
     if best is not None and best.in_flight < BUSY_THRESHOLD:
         return Placement("use", best.browser_id)
     if len(browsers) < max_connections:

@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors import placement, validation
+from actors import adaptive, placement, validation
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import (
@@ -40,11 +40,20 @@ from actors.constants import (
     RUN_TIMEOUT,
 )
 from actors.errors import BrowserFailure, FailureCategory, InputError, NoBrowserAvailableError, PoolBusyError
+from actors.metrics import PoolMetrics
 from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
 from actors.voting import NoMajorityError, vote_embeddings, vote_tokens
 from events import schema as ev
-from events.state import BrowserState, PoolState, apply, browsers_alive, models_on, recovery_statistics
+from events.state import (
+    ALIVE_STATUSES,
+    BrowserState,
+    PoolState,
+    apply,
+    browsers_alive,
+    models_on,
+    recovery_statistics,
+)
 from sharding import coordinator
 from sharding.models import minilm
 from sharding.models.cache import cache_dir
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 TASK_FAMILIES = ("text_embedding", "text_generation")
 RECORD_GAP_WAIT = 5.0     # seconds before a gap in acknowledged seqs is read back from the log
 HEALTH_INTERVAL = 2.0     # seconds between health checks of every browser (levels >= medium)
+SCALE_DOWN_IDLE_S = 30.0  # adaptive_scaling: a serving browser idle this long is retired (one always stays)
 
 
 def _digest(*parts: Any) -> str:
@@ -73,12 +83,21 @@ class PoolCore:
                  event_log: str | None = None, name: str | None = None,
                  request_timeout: float = RUN_TIMEOUT, memory_limit_mb: int | None = None,
                  health_interval: float = HEALTH_INTERVAL,
-                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS) -> None:
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+                 adaptive_scaling: bool = False, scale_down_idle_s: float = SCALE_DOWN_IDLE_S) -> None:
         for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(field, f"must be a positive int, got {validation.show(value)}")
+        if not isinstance(adaptive_scaling, bool):
+            raise InputError("adaptive_scaling", f"must be a bool, got {validation.show(adaptive_scaling)}")
+        if isinstance(scale_down_idle_s, bool) or not isinstance(scale_down_idle_s, int | float) \
+                or not scale_down_idle_s > 0:
+            raise InputError("scale_down_idle_s",
+                             f"must be a positive number, got {validation.show(scale_down_idle_s)}")
         self.max_connections = max_connections
         self.max_queued_requests = max_queued_requests
+        self.adaptive_scaling = adaptive_scaling
+        self.scale_down_idle_s = float(scale_down_idle_s)
         self._admitted = 0                               # requests inside infer/generate right now
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
@@ -107,6 +126,7 @@ class PoolCore:
         self._background: set[asyncio.Future] = set()
         self._standby_task: asyncio.Future | None = None
         self._closed = False
+        self._metrics: PoolMetrics | None = None
 
     # ----- events -------------------------------------------------------------------------------
     async def _ensure_log(self) -> None:
@@ -122,6 +142,8 @@ class PoolCore:
                                              context.namespace, node_id=context.get_node_id())
             self.state = await handle.state.remote()
             self._log = handle
+            if ray.is_initialized():
+                self._metrics = PoolMetrics(self.name)
             # Browsers recorded by an earlier incarnation of this pool died with it (they are its
             # children): say so in the log rather than pretend they are still there.
             stale = [b.browser_id for b in self.state.browsers.values() if b.status not in ("retired", "quarantined")]
@@ -131,6 +153,8 @@ class PoolCore:
                 self._spawn(self._health_loop())
             if self.ft.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL):
                 self._spawn(self._checkpoint_loop())
+            if self.adaptive_scaling:
+                self._spawn(self._scale_down_loop())
 
     async def _record(self, *events: ev.Event) -> None:
         """Append events; returns once they (and every earlier event) are applied to ``self.state``.
@@ -157,8 +181,13 @@ class PoolCore:
     def _apply_pending(self) -> None:
         advanced = False
         while (rec := self._pending.pop(self.state.last_seq + 1, None)) is not None:
-            self.state = apply(self.state, rec)
+            before, self.state = self.state, apply(self.state, rec)
             advanced = True
+            if self._metrics is not None:
+                try:
+                    self._metrics.observe(before, rec, self.state)
+                except Exception as exc:     # metrics are a view: they never stop the pool
+                    log.warning("metrics update failed", extra={"kind": rec.kind, "error": str(exc)})
         if advanced:
             self._applied.notify_all()
 
@@ -287,12 +316,14 @@ class PoolCore:
         """What the log says ``browser_id`` held: the work a replacement must take over."""
         return [self._artifact_by_key[k] for k in sorted(self._keys_on(browser_id)) if k in self._artifact_by_key]
 
-    def _views(self) -> list[placement.BrowserView]:
-        """Browsers that take traffic: alive and not standby."""
+    def _views(self, model: str | None = None) -> list[placement.BrowserView]:
+        """Browsers that take traffic (alive, not standby, not draining), with their expected cost for
+        ``model`` from the performance history."""
         return [
             placement.BrowserView(b.browser_id, b.browser_type, self._keys_on(b.browser_id),
-                                  self._in_flight.get(b.browser_id, 0))
-            for b in browsers_alive(self.state) if not b.standby
+                                  self._in_flight.get(b.browser_id, 0),
+                                  adaptive.expected_cost(self.state.perf.get((b.browser_id, model))) if model else None)
+            for b in browsers_alive(self.state) if not b.standby and not b.draining
         ]
 
     async def _model_ref(self, art: ModelArtifact) -> ray.ObjectRef:
@@ -305,13 +336,17 @@ class PoolCore:
         """A live browser holding ``art``: found, or made so by loading it (launching if allowed)."""
         async with self._lock("placement"):
             browser_type = self._browser_type(task)
-            views = self._views()
+            views = self._views(art.model)
             if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
                 raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
                                               f"(max_connections={self.max_connections})")
             decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
             browser_id = decision.browser_id
             if decision.action == "launch":
+                busy = sum(v.in_flight for v in views)
+                await self._record(ev.PoolScaled(direction="up", browsers=len(views) + 1, reason=(
+                    f"{busy} request(s) in flight on {len(views)} browser(s) for {art.key}" if views
+                    else f"no browser yet for {art.key}")))
                 browser_id = await self._launch(browser_type, avoid=avoid)
             assert browser_id is not None
             self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1   # reserve it
@@ -394,9 +429,14 @@ class PoolCore:
         as BrowserFailure.
         """
         op_id = uuid.uuid4().hex
-        await self._record(ev.OperationStarted(op_id=op_id, model=model, browser_id=browser_id, kind=kind,
-                                               input_digest=digest))
+        # Counted before the first await: placement must see this browser busy from the moment it was chosen.
         self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1
+        try:
+            await self._record(ev.OperationStarted(op_id=op_id, model=model, browser_id=browser_id, kind=kind,
+                                                   input_digest=digest))
+        except BaseException:
+            self._in_flight[browser_id] -= 1
+            raise
         t0 = time.perf_counter()
         try:
             result = await call()
@@ -416,8 +456,38 @@ class PoolCore:
         duration_ms = (time.perf_counter() - t0) * 1000
         await self._record(ev.OperationCompleted(op_id=op_id, duration_ms=duration_ms,
                                                  metrics=result.get("metrics", {})))
+        await self._drain_degraded(model)
         result.setdefault("metrics", {})["duration_ms"] = duration_ms
         return result
+
+    async def _drain_degraded(self, model: str) -> None:
+        """A browser much slower than its peers for ``model`` takes no new requests; once idle it is retired
+        and a fresh browser takes over its models (each step an event)."""
+        for slow in adaptive.degraded_browsers(self.state, model):
+            async with self._lock(f"failed:{slow.browser_id}"):
+                state = self.state.browsers.get(slow.browser_id)
+                if state is None or state.draining or state.status not in ALIVE_STATUSES:
+                    continue
+                log.warning("draining a degraded browser", extra={"browser_id": slow.browser_id,
+                                                                 "model": model, "reason": slow.reason})
+                await self._record(ev.BrowserDraining(browser_id=slow.browser_id, reason=slow.reason))
+            self._spawn(self._drain(slow.browser_id))
+
+    async def _drain(self, browser_id: str) -> None:
+        needed = self._artifacts_on(browser_id)
+        browser_type = self.state.browsers[browser_id].browser_type
+        deadline = time.monotonic() + self.request_timeout * 2
+        while self._in_flight.get(browser_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._retire(browser_id, "drained: slower than its peers")
+        if self._closed:
+            return
+        async with self._lock("placement"):
+            if len(self._views()) >= self.max_connections:
+                return
+            replacement = await self._launch(browser_type, avoid=frozenset({browser_id}))
+        for art in needed:
+            await self._load(replacement, art)
 
     async def _with_recovery(self, attempt: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Run ``attempt``; on a browser failure recover that browser and try again (levels >= low)."""
@@ -630,6 +700,20 @@ class PoolCore:
             for browser_id in self._live_ids():
                 if browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
                     await self._check_browser(browser_id)
+
+    async def _scale_down_loop(self) -> None:
+        """adaptive_scaling: retire serving browsers idle for ``scale_down_idle_s`` (keeping one). Growth
+        needs no loop: placement launches a browser when the ones holding a model are busy."""
+        while not self._closed:
+            await asyncio.sleep(min(1.0, self.scale_down_idle_s / 4))
+            async with self._lock("placement"):     # nothing is placed on a browser while it is judged idle
+                idle = adaptive.idle_to_retire(self.state, self._in_flight, time.time(), self.scale_down_idle_s)
+                serving = len(self._views())
+                for browser_id in idle:
+                    serving -= 1
+                    await self._record(ev.PoolScaled(direction="down", browsers=serving, reason=(
+                        f"{browser_id} idle for {self.scale_down_idle_s:g} s")))
+                    await self._retire(browser_id, "scaled down: idle")
 
     async def _checkpoint_loop(self) -> None:
         while not self._closed:

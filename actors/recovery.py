@@ -278,7 +278,7 @@ class RecoveryExecutor:
         return pick_failover_target([
             Candidate(b.browser_id, b.standby, len(keys & pool._keys_on(b.browser_id)),
                       pool._in_flight.get(b.browser_id, 0))
-            for b in pool._alive_states() if b.browser_id != browser_id
+            for b in pool._alive_states() if b.browser_id != browser_id and not b.draining
         ])
 
     async def _promote(self, target: str) -> None:

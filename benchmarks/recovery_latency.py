@@ -1060,6 +1060,51 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(r: dict[str, Any]) -> str:
+    """The results as the README shows them: time to result per (fault, strategy, level), medians and p95,
+    the Ray baseline, and the overhead ratios; with the date, the machine and its load."""
+    m = r["machine"]
+    lines = [f"Recovery latency, {r['date'][:16]} UTC, {m['cpus']} CPUs ({m['platform']}), load "
+             f"{m['load_average_1m_before']}→{m['load_average_1m_after']}, {r['config']['trials']} trial(s) per case"
+             f"{', quick' if r['quick'] else ''}; all answers checked against the numpy reference "
+             f"(max abs error ≤ {r['config']['tolerance']:g}).", "",
+             "| fault | strategy | level | time to result p50 / p95 ms | detect p50 ms | recover p50 ms | "
+             "vs Ray baseline | correct |", "|---|---|---|---|---|---|---|---|"]
+    for c in r["cases"]:
+        s = c["summary"]
+        vs = c.get("vs_baseline")
+        if vs is None:
+            vs_text = ""
+        elif vs.get("ratio_median") is not None:
+            vs_text = f"{1 / vs['ratio_median']:.1f}x faster" if vs["ratio_median"] < 1 else \
+                f"{vs['ratio_median']:.1f}x slower"
+        else:
+            vs_text = f"baseline {vs['baseline']}"
+        detect = s["detection"]["median_ms"] if s["detection"] else None
+        recover = s["recovery"]["median_ms"] if s["recovery"] else None
+        ttr = _fmt(s["time_to_result"]) if s["time_to_result"] else (c["note"] or "—")
+        lines.append(f"| {c['fault']} | {c['strategy']} | {c['level']} | {ttr} | "
+                     f"{'—' if detect is None else f'{detect:.0f}'} | {'—' if recover is None else f'{recover:.0f}'} | "
+                     f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
+    b = r["baseline"]
+    lines += ["", f"Ray baseline ({b['actor']}):", ""]
+    lines += [f"- {fault}: {_fmt(f['time_to_result'])} ms, {f['verdict']}" if f["time_to_result"]
+              else f"- {fault}: {f['verdict']}" for fault, f in b["faults"].items()]
+    levels = r["overhead"]["levels"]
+    if levels:
+        lines += ["", "| level | req/s sequential | req/s 4 in flight | vs none (seq / conc) |", "|---|---|---|---|"]
+        for level, x in levels.items():
+            if "error" in x:
+                lines.append(f"| {level} | {x['error'][:60]} | | |")
+                continue
+            vs = x.get("vs_none")
+            seq, conc = x["sequential"], x["concurrent"]
+            ratios = "" if vs is None else \
+                f"{vs['sequential']['throughput']:.2f} / {vs['concurrent']['throughput']:.2f}"
+            lines.append(f"| {level} | {seq['requests_per_s']:.1f} | {conc['requests_per_s']:.1f} | {ratios} |")
+    return "\n".join(lines)
+
+
 def rechart(json_path: Path) -> Path:
     """Draw the chart again from a saved JSON (no browsers needed)."""
     r = orjson.loads(json_path.read_bytes())
@@ -1115,7 +1160,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--health-interval", type=float, dest="health_interval")
     parser.add_argument("--memory-limit-mb", type=int, dest="memory_limit_mb")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the results in JSON as the README's markdown table and exit")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(orjson.loads(args.markdown.read_bytes())))
+        return {}
     try:
         cfg = _config_from_args(args)
     except InputError as exc:

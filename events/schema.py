@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Union
 
 from events.errors import InvalidEventError
 
-SCHEMA_VERSION = 2     # 2: PageRequestsBlocked, RequestRejected
+SCHEMA_VERSION = 2     # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled
 
 _INT64_MAX = 2**63 - 1
 
@@ -309,6 +309,24 @@ class BrowserQuarantined(Event):
 
 
 @event_kind("browser_id")
+class BrowserDraining(Event):
+    """The browser takes no new requests (it answers slower than its peers); once idle it is retired
+    and replaced."""
+
+    browser_id: str
+    reason: str
+
+
+@event_kind(None)
+class PoolScaled(Event):
+    """The pool decided to grow or shrink (``direction`` up | down) to ``browsers`` serving browsers."""
+
+    direction: str
+    browsers: int
+    reason: str
+
+
+@event_kind("browser_id")
 class PageRequestsBlocked(Event):
     """The page tried to reach something other than its own origin (fetch, WebSocket, navigation):
     ``count`` new attempts since the last report, ``urls`` the latest of them (truncated)."""
@@ -467,6 +485,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BrowserConnected",
     "BrowserDisconnected",
+    "BrowserDraining",
     "BrowserFailed",
     "BrowserHealthReported",
     "BrowserLaunched",
@@ -481,6 +500,7 @@ __all__ = [
     "OperationFailed",
     "OperationStarted",
     "PageRequestsBlocked",
+    "PoolScaled",
     "Recorded",
     "RecoveryCompleted",
     "RecoveryStarted",

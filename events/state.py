@@ -28,6 +28,7 @@ from events.errors import SequenceGapError, SnapshotError
 from events.schema import (
     BrowserConnected,
     BrowserDisconnected,
+    BrowserDraining,
     BrowserFailed,
     BrowserHealthReported,
     BrowserLaunched,
@@ -41,6 +42,7 @@ from events.schema import (
     OperationFailed,
     OperationStarted,
     PageRequestsBlocked,
+    PoolScaled,
     Recorded,
     RecoveryCompleted,
     RecoveryStarted,
@@ -53,7 +55,7 @@ from events.schema import (
 )
 
 # Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
-STATE_VERSION = 1
+STATE_VERSION = 2      # 2: perf windows, draining, last_active_ts
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -73,6 +75,8 @@ class BrowserState:
     status_reason: str | None = None
     failures: int = 0           # consecutive: reset when the browser completes an operation
     blocked_requests: int = 0   # outside requests its page attempted (this browser process)
+    draining: bool = False      # takes no new requests; retired once idle
+    last_active_ts: float = 0.0  # when an operation last started or ended on it (0: never)
     last_failure: FailureCategory | None = None
     last_error: str | None = None
 
@@ -100,6 +104,19 @@ class OperationState:
     input_digest: str
     started_seq: int
     started_ts: float
+
+
+PERF_WINDOW = 20     # operations per (browser, model) that placement and degradation look at
+
+
+@_frozen
+class PerfWindow:
+    """The latest operations of one model on one browser process: what placement and draining judge by."""
+
+    browser_id: str
+    model: str
+    recent_ms: tuple[float, ...] = ()         # service times of the latest completed operations (see _measure)
+    recent_ok: tuple[bool, ...] = ()          # outcomes of the latest operations, completed or failed
 
 
 @_frozen
@@ -142,7 +159,9 @@ class SessionState:
     opened_seq: int
 
 
-_MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "metrics")
+_MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "perf", "metrics")
+# Operations that measure a browser serving requests (a "replay" is recovery work: not judged).
+MEASURED_KINDS = frozenset({"infer", "generate"})
 
 
 @_frozen
@@ -157,6 +176,7 @@ class PoolState:
     resources: Mapping[str, ResourceState] = dataclasses.field(default_factory=dict)
     recoveries: Mapping[str, RecoveryState] = dataclasses.field(default_factory=dict)
     sessions: Mapping[str, SessionState] = dataclasses.field(default_factory=dict)
+    perf: Mapping[tuple[str, str], PerfWindow] = dataclasses.field(default_factory=dict)
     metrics: Mapping[str, int | float] = dataclasses.field(default_factory=dict)
 
 
@@ -198,7 +218,32 @@ class _Draft:
 # --- handlers: (draft, record, event) -> None ---
 
 
+def _drop_browser_perf(d: _Draft, browser_id: str) -> None:
+    if any(k[0] == browser_id for k in d.r("perf")):
+        perf = d.w("perf")
+        for k in [k for k in perf if k[0] == browser_id]:
+            del perf[k]
+
+
+def _touch(d: _Draft, browser_id: str, ts: float) -> None:
+    b = d.r("browsers").get(browser_id)
+    if b is not None:
+        d.w("browsers")[browser_id] = dataclasses.replace(b, last_active_ts=ts)
+
+
+def _measure(d: _Draft, op: OperationState, ok: bool, duration_ms: float | None) -> None:
+    """Add an operation to its (browser, model) window. ``duration_ms`` is its service time: the time the
+    page itself reported running it (``metrics.page_ms``: no queueing, no transport) where it did."""
+    if op.kind not in MEASURED_KINDS:
+        return
+    key = (op.browser_id, op.model)
+    w = d.r("perf").get(key) or PerfWindow(op.browser_id, op.model)
+    recent_ms = (*w.recent_ms, duration_ms)[-PERF_WINDOW:] if duration_ms is not None else w.recent_ms
+    d.w("perf")[key] = dataclasses.replace(w, recent_ms=recent_ms, recent_ok=(*w.recent_ok, ok)[-PERF_WINDOW:])
+
+
 def _browser_launched(d: _Draft, rec: Recorded, e: BrowserLaunched) -> None:
+    _drop_browser_perf(d, e.browser_id)     # a new process: its predecessor's speed says nothing
     old = d.r("browsers").get(e.browser_id)
     d.w("browsers")[e.browser_id] = BrowserState(
         browser_id=e.browser_id,
@@ -209,6 +254,7 @@ def _browser_launched(d: _Draft, rec: Recorded, e: BrowserLaunched) -> None:
         standby=e.standby,
         status="launched",
         launched_seq=rec.seq,
+        last_active_ts=rec.ts,
         failures=old.failures if old else 0,
         last_failure=old.last_failure if old else None,
         last_error=old.last_error if old else None,
@@ -263,6 +309,7 @@ def _browser_retired(d: _Draft, rec: Recorded, e: BrowserRetired) -> None:
     if _set_status(d, rec, e.browser_id, "retired", e.reason) is None:
         return
     _drop_browser_models(d, e.browser_id)
+    _drop_browser_perf(d, e.browser_id)
     if e.browser_id in d.r("resources"):
         del d.w("resources")[e.browser_id]
     d.count("browsers_retired")
@@ -277,10 +324,24 @@ def _browser_role_changed(d: _Draft, rec: Recorded, e: BrowserRoleChanged) -> No
     d.count("browsers_promoted" if not e.standby else "browsers_demoted")
 
 
+def _browser_draining(d: _Draft, rec: Recorded, e: BrowserDraining) -> None:
+    b = d.r("browsers").get(e.browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return
+    d.w("browsers")[e.browser_id] = dataclasses.replace(b, draining=True)
+    d.count("browsers_drained")
+
+
+def _pool_scaled(d: _Draft, rec: Recorded, e: PoolScaled) -> None:
+    d.count("pool_scaled_" + e.direction)
+
+
 def _browser_quarantined(d: _Draft, rec: Recorded, e: BrowserQuarantined) -> None:
     if _set_status(d, rec, e.browser_id, "quarantined", e.reason) is None:
         return
     _drop_browser_models(d, e.browser_id)
+    _drop_browser_perf(d, e.browser_id)
     if e.browser_id in d.r("resources"):
         del d.w("resources")[e.browser_id]
     d.count("browsers_quarantined")
@@ -338,6 +399,7 @@ def _op_started(d: _Draft, rec: Recorded, e: OperationStarted) -> None:
         op_id=e.op_id, model=e.model, browser_id=e.browser_id, kind=e.kind,
         input_digest=e.input_digest, started_seq=rec.seq, started_ts=rec.ts,
     )
+    _touch(d, e.browser_id, rec.ts)
     d.count("operations_started")
 
 
@@ -348,8 +410,10 @@ def _op_completed(d: _Draft, rec: Recorded, e: OperationCompleted) -> None:
     op = d.w("operations").pop(e.op_id)
     # The circuit breaker counts consecutive failures: a browser that answers again starts afresh.
     b = d.r("browsers").get(op.browser_id)
-    if b is not None and b.failures:
-        d.w("browsers")[op.browser_id] = dataclasses.replace(b, failures=0)
+    if b is not None:
+        d.w("browsers")[op.browser_id] = dataclasses.replace(b, failures=0, last_active_ts=rec.ts)
+    page_ms = e.metrics.get("page_ms")
+    _measure(d, op, True, float(page_ms) if isinstance(page_ms, int | float) else e.duration_ms)
     d.count("operations_completed")
     d.count("operation_ms_total", e.duration_ms)
 
@@ -358,7 +422,9 @@ def _op_failed(d: _Draft, rec: Recorded, e: OperationFailed) -> None:
     if e.op_id not in d.r("operations"):
         d.anomaly(rec)
         return
-    del d.w("operations")[e.op_id]
+    op = d.w("operations").pop(e.op_id)
+    _touch(d, op.browser_id, rec.ts)
+    _measure(d, op, False, None)
     d.count("operations_failed")
     d.count("operations_failed." + e.category.value)
 
@@ -435,6 +501,8 @@ _HANDLERS: dict[type, Any] = {
     BrowserQuarantined: _browser_quarantined,
     BrowserHealthReported: _browser_health,
     PageRequestsBlocked: _page_requests_blocked,
+    BrowserDraining: _browser_draining,
+    PoolScaled: _pool_scaled,
     RequestRejected: _request_rejected,
     ModelLoaded: _model_loaded,
     ModelUnloaded: _model_unloaded,
@@ -555,9 +623,13 @@ def state_from_json(data: bytes) -> PoolState:
         for s in doc["sessions"]:
             s["tokens"] = tuple(s["tokens"])
             sessions[s["session_id"]] = SessionState(**s)
+        perf = {}
+        for w in doc["perf"]:
+            w["recent_ms"], w["recent_ok"] = tuple(w["recent_ms"]), tuple(w["recent_ok"])
+            perf[(w["browser_id"], w["model"])] = PerfWindow(**w)
         return PoolState(
             last_seq=doc["last_seq"], last_ts=doc["last_ts"], browsers=browsers, models=models,
-            operations=operations, resources=resources, recoveries=recoveries, sessions=sessions,
+            operations=operations, resources=resources, recoveries=recoveries, sessions=sessions, perf=perf,
             metrics=doc["metrics"],
         )
     except SnapshotError:

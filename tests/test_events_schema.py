@@ -58,6 +58,8 @@ CONTRACT = {
     "SnapshotWritten": ("snapshot_seq", "path"),
     "PageRequestsBlocked": ("browser_id", "count", "urls"),
     "RequestRejected": ("model", "reason", "admitted", "limit"),
+    "BrowserDraining": ("browser_id", "reason"),
+    "PoolScaled": ("direction", "browsers", "reason"),
 }
 
 SUBJECTS = {

@@ -17,6 +17,7 @@ from events.schema import (
     EVENT_TYPES,
     BrowserConnected,
     BrowserDisconnected,
+    BrowserDraining,
     BrowserFailed,
     BrowserHealthReported,
     BrowserLaunched,
@@ -30,6 +31,7 @@ from events.schema import (
     OperationFailed,
     OperationStarted,
     PageRequestsBlocked,
+    PoolScaled,
     Recorded,
     RecoveryCompleted,
     RecoveryStarted,
@@ -41,6 +43,8 @@ from events.schema import (
     TokensAppended,
 )
 from events.state import (
+    PERF_WINDOW,
+    STATE_VERSION,
     BrowserState,
     ModelState,
     OperationState,
@@ -78,7 +82,7 @@ def launched(bid: str = "b1", standby: bool = False) -> BrowserLaunched:
 def test_browser_launched():
     s = run(launched())
     assert s.browsers == {"b1": BrowserState("b1", "chromium", ("wasm", "webgpu"), 4242, "node-1", False,
-                                             status="launched", launched_seq=1)}
+                                             status="launched", launched_seq=1, last_active_ts=1001.0)}
     assert s.metrics == {"browsers_launched": 1} and s.last_seq == 1 and s.last_ts == 1001.0
 
 
@@ -151,6 +155,35 @@ def test_page_requests_blocked():
     assert run(launched(), PageRequestsBlocked("b1", 2, ()), launched()).browsers["b1"].blocked_requests == 0
     ghost = run(PageRequestsBlocked("ghost", 1, ()))
     assert ghost.browsers == {} and ghost.metrics == {"anomaly.PageRequestsBlocked": 1}
+
+
+def test_browser_draining():
+    s = run(launched(), BrowserDraining("b1", "3.2x slower than its peers"))
+    assert s.browsers["b1"].draining and s.browsers["b1"].status == "launched"     # alive until retired
+    assert s.metrics["browsers_drained"] == 1
+    assert not run(launched(), BrowserDraining("b1", "slow"), launched()).browsers["b1"].draining
+    assert run(BrowserDraining("ghost", "x")).metrics == {"anomaly.BrowserDraining": 1}
+
+
+def test_pool_scaled():
+    s = run(PoolScaled("up", 2, "4 requests in flight on 1 browser"), PoolScaled("down", 1, "idle 30 s"))
+    assert s.metrics == {"pool_scaled_up": 1, "pool_scaled_down": 1}
+
+
+def test_operations_fill_the_performance_window_of_their_browser_and_model():
+    ops = []
+    for i in range(PERF_WINDOW + 3):
+        ops += [OperationStarted(f"op{i}", "m", "b1", "infer", "d"), OperationCompleted(f"op{i}", float(i), {})]
+    s = run(launched(), *ops, OperationStarted("bad", "m", "b1", "infer", "d"),
+            OperationFailed("bad", FailureCategory.TIMEOUT, "slow"),
+            OperationStarted("r", "m", "b1", "replay", "d"), OperationCompleted("r", 999.0, {}))
+    w = s.perf[("b1", "m")]
+    assert w.recent_ms == tuple(float(i) for i in range(3, PERF_WINDOW + 3))     # the latest, a replay not judged
+    assert len(w.recent_ok) == PERF_WINDOW and w.recent_ok[-1] is False and all(w.recent_ok[:-1])
+    assert s.browsers["b1"].last_active_ts == s.last_ts
+    # A new process of that browser, or its retirement, forgets how the old one performed.
+    assert ("b1", "m") not in apply(s, Recorded(s.last_seq + 1, 1.0, launched())).perf
+    assert apply(s, Recorded(s.last_seq + 1, 1.0, BrowserRetired("b1", "done"))).perf == {}
 
 
 def test_request_rejected():
@@ -319,10 +352,11 @@ def test_queries():
 
 
 def test_state_json_rejects_other_versions_and_garbage():
-    doc = state_to_json(run(launched())).replace(b'"state_version":1', b'"state_version":2')
+    doc = state_to_json(run(launched())).replace(f'"state_version":{STATE_VERSION}'.encode(),
+                                                  f'"state_version":{STATE_VERSION + 1}'.encode())
     with pytest.raises(SnapshotError, match="version"):
         state_from_json(doc)
-    for bad in (b"", b"[]", b'{"state_version": 1}', b"\xff\x00"):
+    for bad in (b"", b"[]", f'{{"state_version": {STATE_VERSION}}}'.encode(), b"\xff\x00"):
         with pytest.raises(SnapshotError):
             state_from_json(bad)
 

@@ -1,0 +1,68 @@
+"""Prometheus metrics of a pool, through Ray's metrics agent (``ray.util.metrics``).
+
+Every metric is derived from an event the pool has just applied (``observe``), so the numbers a
+Prometheus server scrapes from each node's metrics export port tell the same story as the log:
+requests by model and outcome, request latency, browser failures by category, recoveries by strategy
+and outcome, requests refused as busy, outside requests blocked, and the live browsers.
+Ray exports them with its ``ray_`` prefix (e.g. ``ray_webpool_requests_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from events import schema as ev
+from events.state import PoolState, browsers_alive
+
+log = logging.getLogger(__name__)
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000]
+
+
+class PoolMetrics:
+    """The pool's metrics; ``observe`` is called with each applied record and the states around it."""
+
+    def __init__(self, pool_name: str) -> None:
+        from ray.util import metrics
+
+        self.tags = {"pool": pool_name}
+        self.requests = metrics.Counter(
+            "webpool_requests", "Requests by model and outcome (completed, failed, busy).",
+            tag_keys=("pool", "model", "outcome"))
+        self.latency = metrics.Histogram(
+            "webpool_request_latency_ms", "Time a browser took to answer an operation, in ms.",
+            boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("pool", "model"))
+        self.browser_failures = metrics.Counter(
+            "webpool_browser_failures", "Browser failures by category.", tag_keys=("pool", "category"))
+        self.recoveries = metrics.Counter(
+            "webpool_recoveries", "Finished recoveries by strategy and outcome.",
+            tag_keys=("pool", "strategy", "outcome"))
+        self.blocked = metrics.Counter(
+            "webpool_page_requests_blocked", "Outside requests a page attempted and was refused.", tag_keys=("pool",))
+        self.browsers = metrics.Gauge(
+            "webpool_active_browsers", "Live browsers (serving and standby).", tag_keys=("pool",))
+
+    def observe(self, before: PoolState, rec: ev.Recorded, after: PoolState) -> None:
+        e = rec.event
+        tags = self.tags
+        if isinstance(e, ev.OperationCompleted | ev.OperationFailed):
+            op = before.operations.get(e.op_id)
+            if op is None or op.kind not in ("infer", "generate"):
+                return
+            completed = isinstance(e, ev.OperationCompleted)
+            self.requests.inc(1, {**tags, "model": op.model, "outcome": "completed" if completed else "failed"})
+            if completed:
+                self.latency.observe(e.duration_ms, {**tags, "model": op.model})
+        elif isinstance(e, ev.RequestRejected):
+            self.requests.inc(1, {**tags, "model": e.model, "outcome": e.reason})
+        elif isinstance(e, ev.BrowserFailed):
+            self.browser_failures.inc(1, {**tags, "category": e.category.value})
+        elif isinstance(e, ev.RecoveryCompleted):
+            started = before.recoveries.get(e.recovery_id)
+            strategy = started.strategy if started is not None else "unknown"
+            self.recoveries.inc(1, {**tags, "strategy": strategy, "outcome": "success" if e.success else "failure"})
+        elif isinstance(e, ev.PageRequestsBlocked):
+            self.blocked.inc(e.count, tags)
+        if isinstance(e, ev.BrowserLaunched | ev.BrowserRetired | ev.BrowserFailed | ev.BrowserQuarantined
+                      | ev.BrowserConnected):
+            self.browsers.set(len(browsers_alive(after)), tags)

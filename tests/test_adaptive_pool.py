@@ -1,0 +1,164 @@
+"""The pool uses its history, on real Ray and Chromium: a browser slowed for real (its CPU throttled
+over CDP) reads "degrading" in the history of the real event stream; among peers it loses its traffic,
+is drained and replaced; with adaptive_scaling a burst grows the pool and idleness shrinks it, each decision an event,
+no request lost; and the pool's numbers reach Prometheus through Ray's metrics agent."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import ray
+
+from actors import adaptive
+from actors.bridge import recorded_from_entry
+from events.history import PerformanceHistoryTracker
+from events.state import browsers_alive
+from sharding.models import minilm
+from webpool import ResourcePool
+
+MODEL = "all-minilm-l6-v2"
+TEXTS = [f"request {i}: browsers answer, some slower than others" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return minilm.reference_embed(TEXTS)
+
+
+def _check(embedding, reference) -> None:
+    assert np.abs(embedding - reference).max() <= 1e-4
+
+
+def _events(pool) -> list[dict]:
+    return ray.get(pool.recent_events.remote(ray.get(pool.get_state.remote()).last_seq + 10))
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_history_of_a_real_run_reads_a_planted_slowdown_as_degrading(ray_local, tmp_path, reference):
+    """One browser, 12 requests, its CPU throttled 10x, 12 more: the history of the real event stream says
+    "degrading"; the same history cut before the slowdown says "stable"."""
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"))
+    try:
+        for _ in range(12):
+            _check(ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))["embedding"], reference)
+        [browser] = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
+        fault_seq = ray.get(pool.get_state.remote()).last_seq
+        ray.get(pool.inject_fault.remote(browser, "slow", factor=10.0))
+        for _ in range(12):
+            _check(ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))["embedding"], reference)
+        events = _events(pool)
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+    def trend(records: list[dict]) -> dict:
+        tracker = PerformanceHistoryTracker()
+        tracker.observe_many(recorded_from_entry(e) for e in records)
+        return tracker.analyze_performance_trends(MODEL, now=records[-1]["timestamp"])
+
+    # The first request carries the model's warm-up: the steady run is judged from the second one on.
+    first_done = next(e["seq"] for e in events if e["action"] == "OperationCompleted")
+    steady = [e for e in events if e["seq"] <= fault_seq and (e["action"] != "OperationStarted"
+                                                               or e["seq"] > first_done)]
+    assert trend(steady)["trend_direction"] == "stable", trend(steady)
+    slowed = trend([e for e in events if e["action"] != "OperationStarted" or e["seq"] > first_done])
+    assert slowed["trend_direction"] == "degrading", slowed
+    assert slowed["avg_recent_duration_ms"] > 3 * slowed["avg_oldest_duration_ms"]
+    assert slowed["success_rate"] == 1.0
+
+
+def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_local, tmp_path, reference):
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
+                               fault_tolerance={"level": "medium"})
+    try:
+        # Two browsers holding the model: concurrent requests make the pool grow to max_connections.
+        for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(6)]):
+            _check(out["embedding"], reference)
+        browsers = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
+        assert len(browsers) == 2
+        for _ in range(adaptive.MIN_SAMPLES + 1):      # a steady history on both
+            for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(2)]):
+                _check(out["embedding"], reference)
+        slowed = browsers[0]
+        ray.get(pool.inject_fault.remote(slowed, "slow", factor=10.0))
+        for _ in range(40):
+            outs = ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(2)])
+            for out in outs:
+                _check(out["embedding"], reference)
+            state = ray.get(pool.get_state.remote())
+            if slowed not in state.browsers or state.browsers[slowed].status == "retired":
+                break
+        # Replaced: a new browser holds the model, and serves.
+        _wait(lambda: any(e["action"] == "ModelLoaded" and e["subject"] not in browsers for e in _events(pool)),
+              120, "a replacement browser with the model")
+        for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(4)]):
+            _check(out["embedding"], reference)
+        events = _events(pool)
+        draining = [e for e in events if e["action"] == "BrowserDraining"]
+        assert [e["subject"] for e in draining] == [slowed], draining
+        assert "slower than its peers" in draining[0]["data"]["reason"]
+        retired = [e for e in events if e["action"] == "BrowserRetired" and e["subject"] == slowed]
+        assert retired and "drained" in retired[0]["data"]["reason"]
+        # Traffic moved: from the drain on, the slowed browser started nothing new.
+        late = [e for e in events if e["action"] == "OperationStarted" and e["seq"] > draining[0]["seq"]]
+        assert len(late) >= 4 and all(e["data"]["browser_id"] != slowed for e in late)
+
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+
+def test_adaptive_scaling_grows_under_a_burst_and_shrinks_when_idle(ray_local, tmp_path, reference):
+    pool = ResourcePool.remote(max_connections=3, event_log=str(tmp_path / "events"), adaptive_scaling=True,
+                               scale_down_idle_s=4.0)
+    try:
+        outs = ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(12)])
+        for out in outs:
+            _check(out["embedding"], reference)
+        grown = len(browsers_alive(ray.get(pool.get_state.remote())))
+        assert grown >= 2, "a burst of 12 requests grew the pool"
+        _wait(lambda: len(browsers_alive(ray.get(pool.get_state.remote()))) == 1, 60, "the pool to shrink to one")
+        events = _events(pool)
+        up = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "up"]
+        down = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "down"]
+        assert len(up) == grown and "in flight" in up[-1]["reason"]
+        assert len(down) == grown - 1 and all("idle" in d["reason"] for d in down)
+        started = {e["data"]["op_id"] for e in events if e["action"] == "OperationStarted"}
+        completed = {e["data"]["op_id"] for e in events if e["action"] == "OperationCompleted"}
+        assert len(started) == 12 and completed == started          # nothing lost
+        _check(ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))["embedding"], reference)    # the one left
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+
+def test_pool_metrics_reach_prometheus(ray_local, tmp_path, reference):
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"))
+    try:
+        for _ in range(3):
+            _check(ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))["embedding"], reference)
+        port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+        def scraped() -> str | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            lines = [line for line in text.splitlines() if line.startswith("ray_webpool_requests")
+                     and 'outcome="completed"' in line and f'model="{MODEL}"' in line]
+            return lines[0] if lines else None
+
+        line = _wait(scraped, 90, "webpool metrics in the Prometheus export")
+        assert float(line.rsplit(" ", 1)[1]) >= 3
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
