@@ -260,8 +260,8 @@ class PoolCore:
                                                             self.memory_limit_mb)
             try:
                 info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
-            except Exception:
-                ray.kill(handle)
+            except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot
+                ray.kill(handle)      # would otherwise start a browser nobody owns
                 raise
             await self._record_launch(browser_id, handle, info, standby)
         finally:

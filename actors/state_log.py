@@ -146,6 +146,7 @@ class StateLog:
         return {
             "location": self._store.location,
             "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
             "last_seq": self._store.last_seq,
             "first_seq": self._store.first_seq,
             "open_s": self._open_s,

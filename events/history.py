@@ -370,6 +370,11 @@ def recommend_browser(table: pa.Table, model_name: str, *, time_window_seconds: 
 _LOST = (FailureCategory.CRASH.value, FailureCategory.MEMORY.value, FailureCategory.DEVICE_LOST.value,
          FailureCategory.TIMEOUT.value)
 
+def _sentence(text: str) -> str:
+    """First letter up, the rest as written (str.capitalize would turn "WebGPU" into "webgpu")."""
+    return text[:1].upper() + text[1:]
+
+
 _CATEGORY_ADVICE = {
     "crash": "use the restart or progressive strategy (state is replayed onto a new page), keep a warm standby "
              "for hot models, and check browser memory around the crashes",
@@ -497,7 +502,7 @@ def performance_recommendations(table: pa.Table, *, fault_tolerance_level: str |
         recs[f"failure_pattern:{label}"] = {
             "description": f"{len(rows)} {label} failures ({len(rows) / total:.1%} of {total} operations) on "
                            f"models {', '.join(affected_models)} in browser types {', '.join(affected_types)}",
-            "recommendation": _CATEGORY_ADVICE.get(label, _CATEGORY_ADVICE["unknown"]).capitalize(),
+            "recommendation": _sentence(_CATEGORY_ADVICE.get(label, _CATEGORY_ADVICE["unknown"])),
         }
     advice = fault_tolerance_advice(level, total, by_cat, min_failures)
     if advice is not None:

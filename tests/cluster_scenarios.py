@@ -13,6 +13,8 @@ judged here, so a scenario that goes wrong still leaves its observations (and it
    onnxruntime's.
 4. a second driver reattaches to the detached pool by name, sees its state and is served; a third
    submits a request and dies at once, and the pool still completes it (the log says so).
+5. a StateLog on a worker node loses its node; Ray restarts it on another one from the shared
+   location, and every acknowledged event is still there, once.
 
 Usage: python tests/cluster_scenarios.py OUT.json
 """
@@ -41,6 +43,7 @@ configure_auth_env()     # before ray is imported: every node and driver shares 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import ray._private.utils  # noqa: E402
+from procs import alive  # noqa: E402  (tests/procs.py: this script runs from tests/)
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
@@ -81,13 +84,6 @@ def _browsers(pool) -> list[dict[str, Any]]:
 def _events(pool) -> list[dict[str, Any]]:
     return ray.get(pool.recent_events.remote(_state(pool).last_seq + 10), timeout=60)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _node_of(cluster: Cluster, node_id: str):
@@ -148,7 +144,7 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     out["node_loss_answers"] = sorted(answers, key=lambda a: a["i"])
     _wait(lambda: not _state(pool).recoveries, 300, "recoveries to finish")
     out["node_loss_browsers_after"] = _browsers(pool)
-    out["node_loss_victim_pids_alive"] = [p for p in victim_pids if _alive(p)]
+    out["node_loss_victim_pids_alive"] = [p for p in victim_pids if alive(p)]
     events = _events(pool)
     out["node_loss_failed"] = [e["data"] | {"seq": e["seq"]} for e in events if e["action"] == "BrowserFailed"]
     out["node_loss_recoveries"] = [e["data"] for e in events if e["action"] == "RecoveryCompleted"]
@@ -183,6 +179,31 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
     except Exception as exc:
         out["shard_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     out["shard_expected"] = expected
+
+
+def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
+    """A StateLog on a worker node, over a location every node reaches (here: this machine's disk, as a
+    shared file system or pyarrow URI would be): its node is removed; Ray restarts it on another node
+    from the same location, and every acknowledged event is there."""
+    from actors.state_log import get_or_create_state_log, new_batch_id
+    from events import schema as ev
+
+    node = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+    log = get_or_create_state_log("moving-log", str(temp / "shared-log"), NAMESPACE, node_id=node.node_id)
+    before = ray.get(log.info.remote(), timeout=60)
+    acked = [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"b{i}")], new_batch_id()),
+                     timeout=60)[0].seq for i in range(20)]
+    cluster.remove_node(node, allow_graceful=False)
+    # Ray retries the call until the actor is back (max_task_retries=-1); the batch id keeps it single.
+    acked += [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"c{i}")], new_batch_id()),
+                      timeout=120)[0].seq for i in range(20)]
+    after = ray.get(log.info.remote(), timeout=60)
+    records = ray.get(log.read.remote(1), timeout=60)
+    out["log_nodes"] = {"before": before["node_id"], "removed": node.node_id, "after": after["node_id"]}
+    out["log_restarted"] = after["restarted"]
+    out["log_acked"] = acked
+    out["log_read"] = [(r.seq, r.event.browser_id) for r in records]
+    ray.kill(log, no_restart=True)
 
 
 DRIVER = """
@@ -262,7 +283,8 @@ def main(out_path: Path) -> int:
         for name, run in (("placement", lambda: placement(pool, out)),
                           ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),
                           ("sharded", lambda: sharded_generation_loses_a_node(cluster, pool, expected, out)),
-                          ("reattach", lambda: reattach(cluster, pool, out))):
+                          ("reattach", lambda: reattach(cluster, pool, out)),
+                          ("state_log", lambda: state_log_moves(cluster, temp, out))):
             t0 = time.perf_counter()
             try:
                 run()
@@ -278,10 +300,10 @@ def main(out_path: Path) -> int:
                 # Processes take a moment to be reaped after their kill: wait for that, not longer.
                 everything = [p for ps in pids.values() for p in ps]
                 try:
-                    _wait(lambda: not any(_alive(p) for p in everything), 30, "browser processes to exit")
+                    _wait(lambda: not any(alive(p) for p in everything), 30, "browser processes to exit")
                 except TimeoutError:
                     pass
-                out["pids_after_shutdown"] = [p for p in everything if _alive(p)]
+                out["pids_after_shutdown"] = [p for p in everything if alive(p)]
             except Exception:
                 out["errors"]["shutdown"] = traceback.format_exc()[-2000:]
             ray.kill(pool)

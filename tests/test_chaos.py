@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from procs import alive
 
 from events.state import open_operations
 from sharding.models import minilm
@@ -24,13 +25,6 @@ REQUESTS = 208
 WAVE = 8
 MIN_FAULTS = 6          # keep sending past REQUESTS until this many faults have struck (quiet machines)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_path):
@@ -102,8 +96,8 @@ def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_p
     ray.get(pool.shutdown.remote())
     ray.kill(pool)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and ([p for p in seen_pids if _alive(p)] or
+    while time.monotonic() < deadline and ([p for p in seen_pids if alive(p)] or
                                            [d for d in seen_dirs if Path(d).exists()]):
         time.sleep(0.2)
-    assert [p for p in seen_pids if _alive(p)] == [], "no orphan browser process"
+    assert [p for p in seen_pids if alive(p)] == [], "no orphan browser process"
     assert [d for d in seen_dirs if os.path.exists(d)] == [], "no temp folder left"

@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from procs import alive
+
 DRIVER = textwrap.dedent("""
     import json, os, secrets, sys, tempfile
     os.environ["RAY_AUTH_MODE"] = "token"; os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
@@ -28,13 +30,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 def test_ray_shutdown_leaves_no_browser_process_or_temp_dir():
     done = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=300,
@@ -46,8 +41,8 @@ def test_ray_shutdown_leaves_no_browser_process_or_temp_dir():
     pids = [p for r in reports.values() for p in r["pids"].values()]
     dirs = [r["temp_dir"] for r in reports.values()]
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and ([p for p in pids if _alive(p)] or [d for d in dirs if Path(d).exists()]):
+    while time.monotonic() < deadline and ([p for p in pids if alive(p)] or [d for d in dirs if Path(d).exists()]):
         time.sleep(0.2)
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if alive(p)] == []
     assert [d for d in dirs if Path(d).exists()] == []
     shutil.rmtree(out["temp"], ignore_errors=True)

@@ -75,6 +75,16 @@ def test_drivers_reattach_to_the_detached_pool_and_a_dead_drivers_request_comple
     assert observed["dying_driver_ops_completed"] == observed["dying_driver_ops"]
 
 
+def test_the_state_log_moves_to_another_node_and_keeps_every_acknowledged_event(observed):
+    _no_error(observed, "state_log")
+    nodes = observed["log_nodes"]
+    assert nodes["before"] == nodes["removed"] != nodes["after"], nodes
+    assert observed["log_restarted"]
+    assert observed["log_acked"] == list(range(1, 41))
+    expected = [(i + 1, f"b{i}") for i in range(20)] + [(i + 21, f"c{i}") for i in range(20)]
+    assert [tuple(r) for r in observed["log_read"]] == expected      # each once, in order
+
+
 def test_nothing_outlives_the_pool(observed):
     assert "shutdown" not in observed["errors"], observed["errors"]["shutdown"]
     assert observed["pids_after_shutdown"] == []

@@ -5,9 +5,8 @@ typed errors that boundary promises (InputError with a field; the events package
 else is a bug. The inputs include what once broke these boundaries: ints past every size limit (int64,
 float, Python's 4300-digit str()), values nested deeper than the recursion limit, lone surrogates, and
 damage anywhere in a segment's header, the schema-version value included; the plain tests at the end of
-each section pin those cases with concrete inputs. Known bugs still open are pinned by
-``xfail(strict=True)`` tests, so the suite goes red the moment one is fixed (remove the marker then),
-and the strategies leave those exact inputs out (each exclusion says which xfail test covers it).
+each section pin those cases with concrete inputs. A bug found here is fixed, then pinned by a plain
+test with the input that found it.
 
 No Ray and no browser here; the whole module runs in well under a minute on two cores.
 """

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import ray
+from procs import alive
 
 from events.state import browsers_alive, open_operations
 from sharding.models import llama, minilm
@@ -19,13 +20,6 @@ from webpool import ResourcePool
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse."]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def pool(ray_local, tmp_path_factory):
     ray.kill(handle)
     # After shutdown: no browser process and no temp folder of any browser is left.
     for report in health.values():
-        assert not [p for p in report["pids"].values() if _alive(p)], report["pids"]
+        assert not [p for p in report["pids"].values() if alive(p)], report["pids"]
         assert not os.path.exists(report["temp_dir"])
 
 
