@@ -10,6 +10,7 @@ from events.schema import FailureCategory
 from sharding.models.errors import InputError
 
 __all__ = [
+    "ActorUnreachable",
     "BrowserFailure",
     "FailureCategory",
     "InputError",
@@ -34,6 +35,11 @@ class BrowserFailure(WebpoolError):
 
     def __str__(self) -> str:
         return f"browser {self.browser_id} failed ({self.category.value}): {self.detail}"
+
+
+class ActorUnreachable(BrowserFailure):
+    """The browser's actor process did not answer at all (it, or its node, is gone or cut off): there is
+    no live process to reconnect to over CDP, so recovery goes straight to another process."""
 
 
 class NoBrowserAvailableError(WebpoolError):

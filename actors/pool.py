@@ -39,7 +39,14 @@ from actors.constants import (
     HEALTH_TIMEOUT,
     RUN_TIMEOUT,
 )
-from actors.errors import BrowserFailure, FailureCategory, InputError, NoBrowserAvailableError, PoolBusyError
+from actors.errors import (
+    ActorUnreachable,
+    BrowserFailure,
+    FailureCategory,
+    InputError,
+    NoBrowserAvailableError,
+    PoolBusyError,
+)
 from actors.metrics import PoolMetrics
 from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryExecutor, RecoveryStrategy, classify
 from actors.state_log import get_or_create_state_log, new_batch_id
@@ -682,8 +689,8 @@ class PoolCore:
         alive_nodes = {n.node_id for n in await self._node_views()}
         for b in self._alive_states():
             if b.node_id and b.node_id not in alive_nodes:
-                failure = BrowserFailure(b.browser_id, FailureCategory.CONNECTION,
-                                         f"its node {b.node_id[:12]} left the cluster")
+                failure = ActorUnreachable(b.browser_id, FailureCategory.CONNECTION,
+                                           f"its node {b.node_id[:12]} left the cluster")
                 await self._browser_failed(failure)
                 if self.ft.recovers and not self._closed:
                     self._spawn(self.recovery.recover(failure))

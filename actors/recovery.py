@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.constants import RECOVERY_STEP_TIMEOUT
-from actors.errors import BrowserFailure, FailureCategory, InputError
+from actors.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
 from events import schema as ev
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def classify(exc: BaseException, browser_id: str) -> BrowserFailure:
     if isinstance(exc, BrowserFailure):
         return exc
     if isinstance(exc, ray.exceptions.ActorUnavailableError):
-        return BrowserFailure(browser_id, FailureCategory.CONNECTION, "browser actor unreachable")
+        return ActorUnreachable(browser_id, FailureCategory.CONNECTION, "browser actor unreachable")
     if isinstance(exc, ray.exceptions.RayActorError):
         return BrowserFailure(browser_id, FailureCategory.CRASH, "browser actor process died")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
@@ -119,12 +119,14 @@ def classify(exc: BaseException, browser_id: str) -> BrowserFailure:
 
 
 def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_open: bool,
-               warm_standby: bool = False) -> list[str]:
+               warm_standby: bool = False, reachable: bool = True) -> list[str]:
     """The ordered recovery steps for a failure. ``parallel`` is expressed as one step, "parallel".
 
     ``circuit_open``: the browser failed too often; do not try to revive it, move its work.
     ``warm_standby``: a standby browser is up (level high): progressive escalates from reconnect to
     failover onto it, which is cheaper than a restart, and restarts only if that fails.
+    ``reachable``: False when the browser's actor itself did not answer (ActorUnreachable): progressive
+    then skips reconnect, itself a call to that actor (on a vanished node it only waits to fail).
     """
     if config.level is FaultToleranceLevel.NONE:
         return []
@@ -137,7 +139,7 @@ def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_
     if strategy is RecoveryStrategy.PARALLEL:
         return [*steps, "parallel"]
     if strategy in (RecoveryStrategy.PROGRESSIVE, RecoveryStrategy.COORDINATED):
-        if category in (FailureCategory.CONNECTION, FailureCategory.TIMEOUT):
+        if category in (FailureCategory.CONNECTION, FailureCategory.TIMEOUT) and reachable:
             steps.append("reconnect")
         return [*steps, "failover", "restart"] if warm_standby else [*steps, "restart", "failover"]
     return [*steps, strategy.value]
@@ -194,7 +196,8 @@ class RecoveryExecutor:
                     "steps": [], "duration_ms": 0.0, "error": None}
         circuit_open = state.failures > config.max_recovery_attempts
         warm_standby = any(b.standby and b.browser_id != browser_id for b in pool._alive_states())
-        steps = plan_steps(config, failure.category, circuit_open, warm_standby)
+        steps = plan_steps(config, failure.category, circuit_open, warm_standby,
+                           reachable=not isinstance(failure, ActorUnreachable))
         recovery_id = uuid.uuid4().hex[:12]
         attempt = state.failures
         strategy = config.recovery_strategy.value if config.level is not FaultToleranceLevel.LOW else "reconnect"

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import ray
 
-from actors.errors import BrowserFailure, FailureCategory, InputError
+from actors.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
 from actors.recovery import (
     Candidate,
     FaultToleranceConfig,
@@ -64,6 +64,14 @@ def test_progressive_reconnects_only_where_something_is_left_to_reconnect_to():
     assert plan_steps(p, C.TIMEOUT, False) == ["reconnect", "restart", "failover"]
     assert plan_steps(p, C.CRASH, False) == ["restart", "failover"]
     assert plan_steps(p, C.MEMORY, False) == ["restart", "failover"]
+
+
+def test_progressive_skips_reconnect_when_the_actor_itself_is_unreachable():
+    """Reconnect is a call to the browser's actor: when that actor did not answer, it would only wait to fail."""
+    assert plan_steps(cfg("medium"), C.CONNECTION, False, reachable=False) == ["restart", "failover"]
+    assert plan_steps(cfg("high"), C.CONNECTION, False, warm_standby=True, reachable=False) == ["failover", "restart"]
+    unreachable = classify(ray.exceptions.ActorUnavailableError("gone", None), "b1")
+    assert isinstance(unreachable, ActorUnreachable) and unreachable.category is C.CONNECTION
 
 
 def test_progressive_with_a_warm_standby_fails_over_before_restarting():
