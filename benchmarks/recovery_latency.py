@@ -1068,8 +1068,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"{m['load_average_1m_before']}→{m['load_average_1m_after']}, {r['config']['trials']} trial(s) per case"
              f"{', quick' if r['quick'] else ''}; all answers checked against the numpy reference "
              f"(max abs error ≤ {r['config']['tolerance']:g}).", "",
-             "| fault | strategy | level | time to result p50 / p95 ms | detect p50 ms | recover p50 ms | "
-             "vs Ray baseline | correct |", "|---|---|---|---|---|---|---|---|"]
+             "| fault | strategy | level | time to result p50 / p95 ms | beyond the request p50 ms | detect p50 ms "
+             "| recover p50 ms | vs Ray baseline | correct |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         s = c["summary"]
         vs = c.get("vs_baseline")
@@ -1083,7 +1083,9 @@ def markdown(r: dict[str, Any]) -> str:
         detect = s["detection"]["median_ms"] if s["detection"] else None
         recover = s["recovery"]["median_ms"] if s["recovery"] else None
         ttr = _fmt(s["time_to_result"]) if s["time_to_result"] else (c["note"] or "—")
+        beyond = s.get("beyond_request_median_ms")
         lines.append(f"| {c['fault']} | {c['strategy']} | {c['level']} | {ttr} | "
+                     f"{'—' if beyond is None else f'{beyond:.0f}'} | "
                      f"{'—' if detect is None else f'{detect:.0f}'} | {'—' if recover is None else f'{recover:.0f}'} | "
                      f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
     b = r["baseline"]
