@@ -69,6 +69,15 @@ class ShardChain:
         self.history: list[list[np.ndarray]] = [[] for _ in stages]
         self.replays: list[dict[str, Any]] = []
         self.page_ms = 0.0
+        # Per stage, summed over the calls since reset_timings(): in-page compute, and the rest of the call
+        # (Ray, evaluate, base64), which is the cost of crossing into that stage (the analyzer's hop).
+        self.compute_ms = [0.0] * len(stages)
+        self.call_ms = [0.0] * len(stages)
+
+    def reset_timings(self) -> None:
+        """Start the per-stage sums afresh (the decode figures leave the prefill out)."""
+        self.compute_ms = [0.0] * len(self.stages)
+        self.call_ms = [0.0] * len(self.stages)
 
     async def _run(self, i: int, x: dict[str, np.ndarray], fresh: bool) -> dict[str, Any]:
         stage = self.stages[i]
@@ -88,7 +97,12 @@ class ShardChain:
         while True:
             fresh = not self.history[i]
             try:
+                t0 = time.perf_counter()
+                page_before = self.page_ms
                 out = await self._run(i, x, fresh)
+                page = self.page_ms - page_before
+                self.compute_ms[i] += page
+                self.call_ms[i] += max((time.perf_counter() - t0) * 1000 - page, 0.0)
                 self.history[i].append(next(iter(x.values())))
                 return out
             except Exception as exc:
@@ -145,6 +159,7 @@ async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids:
     t0 = time.perf_counter()
     values, indices = await chain.forward(prompt_ids)
     prefill_ms = (time.perf_counter() - t0) * 1000
+    chain.reset_timings()
     t1 = time.perf_counter()
     while True:
         token = sample_next(values, indices, temperature, top_p, rng)
@@ -156,6 +171,7 @@ async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids:
         values, indices = await chain.forward([token])
     decode_s = time.perf_counter() - t1
     decode_steps = len(new_ids) - 1
+    per_token = 1 / decode_steps if decode_steps else 0.0
     return {
         "token_ids": new_ids,
         "browser_ids": [s.browser_id for s in chain.stages],
@@ -168,5 +184,10 @@ async def generate_tokens(stages: list[ShardStage], session_id: str, prompt_ids:
             "shards": len(chain.stages),
             "tokens": len(new_ids),
             "replays": len(chain.replays),
+            "session_id": session_id,
+            # Per decoded token, as sharding/analyzer.py reads them from the log: compute in each shard's
+            # page, and each boundary's hop (the call into the next shard beyond its compute).
+            "shard_compute_ms": [ms * per_token for ms in chain.compute_ms],
+            "hop_ms": [ms * per_token for ms in chain.call_ms[1:]],
         },
     }

@@ -342,3 +342,193 @@ def test_custom_recovery_strategy_example_and_parallel(ray_local, tmp_path, capl
     custom = [r.getMessage() for r in caplog.records if r.name == custom_log.name and "Custom recovery" in
               r.getMessage()]
     assert len(custom) == 2 and custom[0].endswith(": connection") and custom[1].endswith(": crash"), custom
+
+
+# ----- the guide's "Advanced Usage with Model Sharding" (sharding/manager.py) -------------------------
+
+from sharding.models import llama  # noqa: E402
+from sharding.models.registry import ModelNotFoundError, llama_model  # noqa: E402
+from webpool import ModelShardingAnalyzer, ModelShardingManager  # noqa: E402
+
+GUIDE_PROMPT = "Explain the concept of fault tolerance in distributed systems."
+
+
+def _cpu_reference(model_name: str, prompt: str, new_tokens: int) -> list[int]:
+    model = llama_model(model_name)
+    whole = llama.build_shards(model, [(0, model.config.n_layers)])
+    return llama.ort_greedy_generate(whole, model.encode(prompt), new_tokens)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"model_name": "llama-13b"}, "model_name"),                       # the guide's model: not one we have
+    ({"model_name": "all-minilm-l6-v2"}, "model_name"),                # not a llama: cannot be split by layers
+    ({"sharding_strategy": "tensor_parallel"}, "sharding_strategy"),
+    ({"num_shards": 0}, "num_shards"),
+    ({"num_shards": True}, "num_shards"),
+    ({"fault_tolerance_level": "extreme"}, "fault_tolerance_level"),
+    ({"recovery_strategy": "pray"}, "recovery_strategy"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_sharding_manager_bad_arguments_get_typed_errors(kwargs, field):
+    with pytest.raises(InputError) as info:
+        ModelShardingManager(**({"model_name": "smollm2-135m"} | kwargs))
+    assert info.value.field == field
+
+
+def test_sharding_manager_names_the_models_we_have():
+    with pytest.raises(ModelNotFoundError) as info:
+        ModelShardingManager(model_name="llama-13b", num_shards=3, connection_pool=None)
+    assert "llama-13b" in str(info.value) and "smollm2-135m" in str(info.value) and "tiny-llama" in str(info.value)
+    manager = ModelShardingManager(model_name="tiny-llama", recovery_strategy="coordinated")
+    assert manager.recovery_strategy == "coordinated" and manager.sharding_strategy == "layer_based"
+    with pytest.raises(BridgeNotReadyError):
+        asyncio.run(manager.initialize())                               # no connection_pool
+    with pytest.raises(BridgeNotReadyError):
+        asyncio.run(manager.run_inference({"input_text": "x"}))
+    assert manager.get_performance_metrics()["runs"] == 0
+
+
+async def _wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[str, Any]:
+    """The plan of the open generation session that has produced at least ``n`` tokens."""
+    for _ in range(int(timeout / 0.01)):
+        state = await pool.get_state.remote()
+        live = [s for s in state.sessions.values() if len(s.tokens) >= n]
+        if live:
+            return live[0].plan
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no session reached {n} tokens")
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+@pytest.mark.slow
+def test_model_sharding_example_recovers_a_shard_mid_generation(ray_local, tmp_path):
+    reference = _cpu_reference("smollm2-135m", GUIDE_PROMPT, 32)
+
+    async def main() -> None:
+        pool = ResourcePoolBridgeIntegration(
+            max_connections=2, event_log=str(tmp_path / "events"),
+            # not in the guide's basic pool: the pool's own level, so it replaces a failed shard inside the
+            # generation and replays the prefix on it (the guide's "coordinated" recovery)
+            fault_tolerance_options={"level": "medium", "recovery_strategy": "coordinated"})
+        await pool.initialize()
+        try:
+            # ---- the guide's "Advanced Usage with Model Sharding", only the import lines changed ----
+            from webpool import ModelShardingAnalyzer, ModelShardingManager, ResourcePoolRecoveryManager
+
+            # Create recovery manager
+            recovery_manager = ResourcePoolRecoveryManager(
+                connection_pool=pool.connection_pool,
+                fault_tolerance_level="high",
+                recovery_strategy="progressive"
+            )
+
+            # Initialize recovery manager
+            await recovery_manager.initialize()
+
+            # Create model sharding manager
+            sharding_manager = ModelShardingManager(
+                model_name="smollm2-135m",           # guide: "llama-13b"
+                sharding_strategy="layer_based",
+                num_shards=2,                        # guide: 3 (tests use at most 2 browsers)
+                fault_tolerance_level="high",
+                recovery_strategy="coordinated",
+                connection_pool=pool.connection_pool
+            )
+
+            # Initialize shards
+            await sharding_manager.initialize()
+
+            # Run inference with automatic recovery
+            result = await sharding_manager.run_inference({
+                "input_text": "Explain the concept of fault tolerance in distributed systems."
+            })
+
+            print(f"Inference result: {result}")
+
+            # Get performance metrics
+            metrics = sharding_manager.get_performance_metrics()
+            print(f"Performance: {metrics}")
+            # ---- (the guide's analysis follows below, after a real fault) ----
+
+            assert result["token_ids"] == reference
+            assert result["recovered"] is False and len(set(result["browser_ids"])) == 2
+            assert metrics["successful_runs"] == 1 and metrics["tokens_generated"] == 32
+            assert len(metrics["median_shard_compute_ms"]) == 2 and len(metrics["median_hop_ms"]) == 1
+
+            # A real fault mid-generation: the last shard's browser process is SIGKILLed after 4 tokens.
+            running = asyncio.ensure_future(sharding_manager.run_inference(
+                {"input_text": GUIDE_PROMPT, "max_new_tokens": 24}))
+            plan = await _wait_for_tokens(pool.connection_pool, 4)
+            victim = plan["shards"][1]["browser_id"]
+            await pool.connection_pool.inject_fault.remote(victim, "kill_browser")
+            again = await running
+            assert again["token_ids"] == reference[:24], "a shard failure must not change the output"
+            assert again["recovery"] == "prefix_replay" and again["replays"][0]["shard"] == 1
+            assert again["replays"][0]["failed_browser"] == victim
+
+            # ---- the guide's analysis, as written ----
+            # Analyze performance
+            analyzer = ModelShardingAnalyzer(sharding_manager.performance_history)
+            trends = analyzer.analyze_performance_trends()
+            print(f"Performance trends: {trends}")
+
+            # Get recommendations
+            shard_recommendation = analyzer.recommend_shard_count()
+            print(f"Recommended shard count: {shard_recommendation}")
+
+            # Shut down
+            await sharding_manager.shutdown()
+            # ---- end of the guide's example ----
+
+            assert trends["model"] == "smollm2-135m" and trends["by_shards"][2]["successful"] == 2
+            assert shard_recommendation["estimates"][2]["source"] == "measured"
+            assert shard_recommendation["recommended_shards"] in shard_recommendation["estimates"]
+            assert sharding_manager.get_performance_metrics()["recovered_runs"] == 1
+            # The pool's own log holds the same per-shard timings: the analyzer reads them from events too.
+            records = [recorded_from_entry(e) for e in await pool.connection_pool.recent_events.remote(5000)]
+            generations = [r.event for r in records if isinstance(r.event, ev.OperationCompleted)
+                           and "shard_compute_ms" in r.event.metrics and r.event.metrics["tokens"] > 1]
+            assert len(generations) == 2 and all(len(g.metrics["hop_ms"]) == 1 for g in generations)
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+def test_sharding_manager_reruns_after_recovery_on_a_pool_that_does_not_recover(ray_local, tmp_path):
+    """The guide's basic pool (level none) raises a shard's failure; the manager recovers the browser with
+    its own strategy and runs the generation again. tiny-llama keeps it quick."""
+    prompt = "webpool shards"
+    reference = _cpu_reference("tiny-llama", prompt, 12)
+
+    async def main() -> None:
+        pool = ResourcePoolBridgeIntegration(max_connections=2, event_log=str(tmp_path / "events"))
+        await pool.initialize()
+        try:
+            manager = ModelShardingManager("tiny-llama", num_shards=2, recovery_strategy="coordinated",
+                                           connection_pool=pool.connection_pool)
+            await manager.initialize()
+            with pytest.raises(InputError, match="inputs"):
+                await manager.run_inference({"input_text": prompt, "beams": 4})
+            first = await manager.run_inference({"input_text": prompt, "max_new_tokens": 12})
+            assert first["token_ids"] == reference and first["recovery"] is None
+            victim = first["browser_ids"][1]
+            await pool.connection_pool.inject_fault.remote(victim, "kill_browser")
+            again = await manager.run_inference({"input_text": prompt, "max_new_tokens": 12})
+            assert again["token_ids"] == reference
+            assert again["recovery"] == "rerun"
+            assert [(r["browser_id"], r["success"]) for r in again["reruns"]] == [(victim, True)]
+            metrics = manager.get_performance_metrics()
+            assert (metrics["successful_runs"], metrics["recovered_runs"], metrics["reruns"]) == (2, 1, 1)
+            trends = ModelShardingAnalyzer(manager.performance_history).analyze_performance_trends()
+            assert trends["by_shards"][2]["successful"] == 2
+            await manager.shutdown()
+            with pytest.raises(BridgeNotReadyError):
+                await manager.run_inference({"input_text": prompt})
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())

@@ -81,3 +81,34 @@ def test_shard_failure_mid_generation_changes_no_token(pool, expected, fault):
 def test_even_layer_ranges_cover_the_model():
     assert even_layer_ranges(30, 3) == [(0, 10), (10, 20), (20, 30)]
     assert even_layer_ranges(4, 3) == [(0, 2), (2, 3), (3, 4)]
+
+
+CONCURRENT_PROMPTS = ["The capital of France is", "Water boils at a temperature of", "Once upon a time, a small robot"]
+CONCURRENT_TOKENS = 12
+
+
+@pytest.mark.slow
+def test_concurrent_sessions_on_the_same_shards_keep_their_own_kv_cache(ray_local, smollm2, tmp_path):
+    """Three different prompts at once over the same two shard browsers: each session keeps its own KV cache
+    in each page, so each output is token-identical to its own CPU reference."""
+    whole = llama.build_shards(smollm2, [(0, smollm2.config.n_layers)])
+    expected = {p: llama.ort_greedy_generate(whole, smollm2.encode(p), CONCURRENT_TOKENS) for p in CONCURRENT_PROMPTS}
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"), request_timeout=60.0)
+    try:
+        warm = ray.get(pool.generate.remote("smollm2-135m", "Hi", max_new_tokens=1, shards=2))   # load both shards
+        refs = {p: pool.generate.remote("smollm2-135m", p, max_new_tokens=CONCURRENT_TOKENS, shards=2)
+                for p in CONCURRENT_PROMPTS}
+        outs = {p: ray.get(ref, timeout=300) for p, ref in refs.items()}
+        for prompt, out in outs.items():
+            assert out["token_ids"] == expected[prompt], prompt
+            assert sorted(out["browser_ids"]) == sorted(warm["browser_ids"])     # the same two browsers
+        assert len({out["session_id"] for out in outs.values()}) == 3
+        # The sessions really overlapped: every one had opened before any of them closed.
+        events = ray.get(pool.recent_events.remote(5000))
+        sessions = {out["session_id"] for out in outs.values()}
+        seq = {(e["action"], e["data"]["session_id"]): e["seq"] for e in events
+               if e["action"] in ("SessionOpened", "SessionClosed") and e["data"]["session_id"] in sessions}
+        assert max(seq[("SessionOpened", s)] for s in sessions) < min(seq[("SessionClosed", s)] for s in sessions)
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)

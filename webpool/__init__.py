@@ -42,6 +42,7 @@ _EXPORTS = {
     "run_with_recovery": "actors.bridge",
     "BrowserStateManager": "actors.bridge",
     "BridgeNotReadyError": "actors.bridge",
+    "ModelShardingManager": "sharding.manager",
 }
 _ALIASES = {
     "BrowserFailureCategory": ("events.schema", "FailureCategory"),

@@ -809,7 +809,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # --- bench: the benchmark modules, run as they run alone ---------------------------------------------
 
 BENCHMARKS = {"inference": "benchmarks.inference", "event-log": "benchmarks.event_log",
-              "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency"}
+              "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency",
+              "sharded-generation": "benchmarks.sharded_generation"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,306 @@
+"""Layer-sharded generation on real browsers: decode speed per shard count, and the cost of a shard failure.
+
+1. Decode tokens/s of ``pool.generate(model, prompt, shards=n)`` for n = 1, 2, 3 against native CPU
+   onnxruntime on the whole model (the same ONNX builder, 1 thread, as the pages use 1 wasm thread). Same
+   prompt, same number of tokens; every run's tokens are checked identical to the native ones.
+2. A mid-generation shard failure: with 3 shards, the middle shard's browser process is SIGKILLed
+   (``pool.inject_fault(..., "kill_browser")``) once the session has produced ``kill_after`` tokens.
+   - webpool: the pool (level medium, strategy coordinated) restarts that browser, reloads its shard and
+     replays the session's prefix on it; the generation goes on.
+   - baseline: what happens without prefix replay. A pool at level none reports the failure; the failed
+     browser is restarted (``recover_browser(strategy="restart")``: a new process, its shard loaded again)
+     and the whole generation is run again from the first token.
+   Each is timed from the request to the correct answer; the extra latency is that time minus the median
+   of the same generation with no fault (measured in the same run on the same pool). Ratios are webpool's
+   extra latency over the baseline's.
+
+No target is asserted: the machine may be shared. Prints a table and writes
+``results/sharded_generation.json`` (``sharded_generation-quick.json`` with --quick: tiny-llama, fewer runs).
+Run: ``python -m benchmarks.sharded_generation [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from webpool.localray import configure_auth_env, start_local_ray
+
+log = logging.getLogger(__name__)
+
+RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
+PROMPT = "The capital of France is"
+SHARD_COUNTS = (1, 2, 3)
+FAULT_SHARDS = 3
+
+
+def summary(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=float)
+    return {"n": len(a), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def native_runs(model_name: str, prompt: str, tokens: int, repeats: int) -> dict[str, Any]:
+    """Greedy decode with CPU onnxruntime on the whole model, 1 thread; ``repeats`` timed runs."""
+    from sharding.models import llama
+    from sharding.models.registry import llama_model
+
+    model = llama_model(model_name)
+    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]), threads=1)
+    ids = model.encode(prompt)
+    chain.greedy(ids, 2)                                              # warm
+    tps, prefill, token_ids = [], [], None
+    for _ in range(repeats):
+        chain.reset()
+        t0 = time.perf_counter()
+        _, indices = chain.step(ids)
+        prefill.append((time.perf_counter() - t0) * 1000)
+        out, t1 = [int(indices[0])], time.perf_counter()
+        while len(out) < tokens and out[-1] != model.config.eos_id:
+            _, indices = chain.step([out[-1]])
+            out.append(int(indices[0]))
+        tps.append((len(out) - 1) / (time.perf_counter() - t1))
+        token_ids = out
+    return {"token_ids": token_ids, "decode_tokens_per_s": summary(tps), "prefill_ms": summary(prefill)}
+
+
+def wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[str, Any] | None:
+    """The plan of the open session that has produced ``n`` tokens (None if none did in time)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = ray.get(pool.get_state.remote())
+        live = [s for s in state.sessions.values() if len(s.tokens) >= n]
+        if live:
+            return live[0].plan
+        time.sleep(0.005)
+    return None
+
+
+def timed_generate(pool: Any, model: str, tokens: int, shards: int) -> tuple[float, dict[str, Any]]:
+    import ray
+
+    t0 = time.perf_counter()
+    out = ray.get(pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=shards))
+    return (time.perf_counter() - t0) * 1000, out
+
+
+def faulted_with_replay(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
+    """One generation over 3 shards whose middle shard's browser is killed after ``kill_after`` tokens."""
+    import ray
+
+    t0 = time.perf_counter()
+    ref = pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=FAULT_SHARDS)
+    plan = wait_for_tokens(pool, kill_after)
+    if plan is None:
+        raise RuntimeError(f"no session reached {kill_after} tokens")
+    victim = plan["shards"][1]["browser_id"]
+    ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+    out = ray.get(ref, timeout=300)
+    # No replay: the kill landed after the last token (or the failure was retried whole by the pool).
+    return {"total_ms": (time.perf_counter() - t0) * 1000, "token_ids": out["token_ids"],
+            "failed": bool(out["replays"]), "replays": len(out["replays"]),
+            "replay_ms": [r["ms"] for r in out["replays"]], "victim": victim}
+
+
+def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
+    """The baseline: the failure ends the generation; restart the browser, then generate from scratch."""
+    import ray
+
+    from actors.errors import BrowserFailure
+
+    t0 = time.perf_counter()
+    ref = pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=FAULT_SHARDS)
+    plan = wait_for_tokens(pool, kill_after)
+    if plan is None:
+        raise RuntimeError(f"no session reached {kill_after} tokens")
+    victim = plan["shards"][1]["browser_id"]
+    ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+    try:
+        ray.get(ref, timeout=300)
+        failed = False                       # the kill landed after the last token: nothing to redo
+    except BrowserFailure as exc:
+        failure = getattr(exc, "cause", None) or exc          # Ray's wrapper carries the pool's error as cause
+        failed = True
+        t_fail = time.perf_counter()
+        outcome = ray.get(pool.recover_browser.remote(failure.browser_id, failure.category.value, str(failure),
+                                                      strategy="restart"))
+        if not outcome["success"]:
+            raise RuntimeError(f"restart of {failure.browser_id} failed: {outcome['error']}") from exc
+        restart_ms = (time.perf_counter() - t_fail) * 1000
+        out = ray.get(pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=FAULT_SHARDS), timeout=300)
+    total_ms = (time.perf_counter() - t0) * 1000
+    if not failed:
+        return {"total_ms": total_ms, "failed": False, "token_ids": None, "victim": victim}
+    return {"total_ms": total_ms, "failed": True, "restart_ms": restart_ms, "token_ids": out["token_ids"],
+            "victim": victim}
+
+
+def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: int, expected: list[int],
+                  replay: bool) -> dict[str, Any]:
+    """Clean runs (the reference time) then faulted runs on the same pool."""
+    timed_generate(pool, model, tokens, FAULT_SHARDS)                  # loads the shards; not timed
+    clean = [timed_generate(pool, model, tokens, FAULT_SHARDS) for _ in range(repeats)]
+    identical = all(out["token_ids"] == expected for _, out in clean)
+    clean_median = float(np.median([ms for ms, _ in clean]))
+    runs = []
+    for _ in range(repeats):
+        run = (faulted_with_replay if replay else faulted_with_restart)(pool, model, tokens, kill_after)
+        if run.get("failed") is False:
+            log.warning("the kill did not interrupt the generation (it landed after the last token); left out")
+            continue
+        identical &= run["token_ids"] == expected
+        runs.append(run)
+        timed_generate(pool, model, tokens, FAULT_SHARDS)               # the restarted browser's shard is warm
+    extra = [r["total_ms"] - clean_median for r in runs]
+    section = {"clean_total_ms": summary([ms for ms, _ in clean]), "faulted_total_ms": summary([r["total_ms"]
+                                                                                              for r in runs]),
+               "extra_latency_ms": summary(extra), "runs": runs, "tokens_identical": identical}
+    if replay:
+        section["replays_per_run"] = [r["replays"] for r in runs]
+        section["replay_ms"] = summary([ms for r in runs for ms in r["replay_ms"]])
+    else:
+        section["restart_ms"] = summary([r["restart_ms"] for r in runs])
+    return section
+
+
+def run(quick: bool) -> dict[str, Any]:
+    import ray
+
+    from webpool import ResourcePool
+
+    model = "tiny-llama" if quick else "smollm2-135m"
+    tokens = 48 if quick else 32
+    repeats = 3 if quick else 5
+    kill_after = 8 if quick else 12
+    results: dict[str, Any] = {
+        "benchmark": "sharded_generation", "quick": quick,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "model": model, "prompt": PROMPT, "new_tokens": tokens, "repeats": repeats, "kill_after_tokens": kill_after,
+    }
+    native = native_runs(model, PROMPT, tokens, repeats)
+    expected = native["token_ids"]
+    results["native_onnxruntime_1_thread"] = {k: native[k] for k in ("decode_tokens_per_s", "prefill_ms")}
+
+    temp = Path(tempfile.mkdtemp(prefix="wpshard-", dir="/tmp"))
+    start_local_ray(temp / "ray")
+    try:
+        pool = ResourcePool.remote(max_connections=FAULT_SHARDS, event_log=str(temp / "events-decode"),
+                                   request_timeout=60.0)
+        decode: dict[str, Any] = {}
+        for n in SHARD_COUNTS:
+            timed_generate(pool, model, tokens, n)                      # loads the shards; not timed
+            outs = [timed_generate(pool, model, tokens, n)[1] for _ in range(repeats)]
+            tps = [o["metrics"]["decode_tokens_per_s"] for o in outs]
+            native_tps = native["decode_tokens_per_s"]["median"]
+            decode[str(n)] = {
+                "decode_tokens_per_s": summary(tps),
+                "prefill_ms": summary([o["metrics"]["prefill_ms"] for o in outs]),
+                "shard_compute_ms_per_token": np.median([o["metrics"]["shard_compute_ms"] for o in outs],
+                                                        axis=0).tolist(),
+                "hop_ms_per_token": (np.median([o["metrics"]["hop_ms"] for o in outs], axis=0).tolist()
+                                     if n > 1 else []),
+                "ratio_vs_native_median": summary(tps)["median"] / native_tps,
+                "tokens_identical": all(o["token_ids"] == expected for o in outs),
+            }
+        results["decode"] = decode
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+        # Fresh pools for the fault runs, so that both hold only the 3-shard artifacts: a restarted browser
+        # reloads every model it held, and the decode runs above left 1- and 2-shard artifacts around.
+        pool = ResourcePool.remote(max_connections=FAULT_SHARDS, event_log=str(temp / "events-replay"),
+                                   request_timeout=60.0,
+                                   fault_tolerance={"level": "medium", "recovery_strategy": "coordinated"})
+        results["fault_prefix_replay"] = fault_section(pool, model, tokens, kill_after, repeats, expected, True)
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+        baseline = ResourcePool.remote(max_connections=FAULT_SHARDS, event_log=str(temp / "events-restart"),
+                                       request_timeout=60.0)              # level none: failures reach the caller
+        results["fault_restart_from_scratch"] = fault_section(baseline, model, tokens, kill_after, repeats,
+                                                              expected, False)
+        ray.get(baseline.shutdown.remote())
+        ray.kill(baseline)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+    replay, restart = results["fault_prefix_replay"], results["fault_restart_from_scratch"]
+    if replay["extra_latency_ms"] and restart["extra_latency_ms"]:
+        results["extra_latency_ratio_median"] = replay["extra_latency_ms"]["median"] / restart["extra_latency_ms"][
+            "median"]
+        results["extra_latency_ratio_p95"] = replay["extra_latency_ms"]["p95"] / restart["extra_latency_ms"]["p95"]
+    results["tokens_identical"] = (all(d["tokens_identical"] for d in results["decode"].values())
+                                   and replay["tokens_identical"] and restart["tokens_identical"])
+    return results
+
+
+def _fmt(s: dict[str, float] | None, key: str = "median", digits: int = 1) -> str:
+    return "-" if s is None else f"{s[key]:.{digits}f}"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"sharded generation: {r['model']}, {r['new_tokens']} tokens, {r['repeats']} runs "
+                    f"({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    for col in ("configuration", "decode tok/s median", "p95", "prefill ms median", "vs native", "same tokens"):
+        t.add_column(col)
+    nat = r["native_onnxruntime_1_thread"]
+    t.add_row("onnxruntime CPU, 1 thread, whole model", _fmt(nat["decode_tokens_per_s"]),
+              _fmt(nat["decode_tokens_per_s"], "p95"), _fmt(nat["prefill_ms"]), "1.00x", "(reference)")
+    for n, d in r["decode"].items():
+        t.add_row(f"webpool, {n} shard(s)", _fmt(d["decode_tokens_per_s"]), _fmt(d["decode_tokens_per_s"], "p95"),
+                  _fmt(d["prefill_ms"]), f"{d['ratio_vs_native_median']:.2f}x", str(d["tokens_identical"]))
+    console.print(t)
+
+    f = Table(title=f"middle shard of {FAULT_SHARDS} killed after {r['kill_after_tokens']} tokens")
+    for col in ("recovery", "no-fault total ms", "faulted total ms median", "p95", "extra ms median", "p95",
+                "same tokens"):
+        f.add_column(col)
+    for name, key in (("prefix replay (webpool)", "fault_prefix_replay"),
+                      ("restart browser + generate again (baseline)", "fault_restart_from_scratch")):
+        s = r[key]
+        f.add_row(name, _fmt(s["clean_total_ms"], digits=0), _fmt(s["faulted_total_ms"], digits=0),
+                  _fmt(s["faulted_total_ms"], "p95", 0), _fmt(s["extra_latency_ms"], digits=0),
+                  _fmt(s["extra_latency_ms"], "p95", 0), str(s["tokens_identical"]))
+    if "extra_latency_ratio_median" in r:
+        f.caption = (f"extra latency, replay / baseline: median {r['extra_latency_ratio_median']:.2f}x, "
+                     f"p95 {r['extra_latency_ratio_p95']:.2f}x")
+    console.print(f)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    configure_auth_env()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: tiny-llama, 3 runs each")
+    args = parser.parse_args(argv)
+    r = run(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("sharded_generation-quick.json" if args.quick else "sharded_generation.json")
+    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    print_table(r)
+    print(f"wrote {out}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
