@@ -69,9 +69,10 @@ FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_actor", "disconne
 STRATEGIES = ("reconnect", "restart", "failover", "progressive", "parallel")
 LEVELS = ("medium", "high")
 OVERHEAD_LEVELS = ("none", "medium", "high", "critical")
-NOT_MEASURED = {
-    "vanished_node": "not measured: needs a multi-node cluster; see the cluster issue",
-}
+NOT_MEASURED: dict[str, str] = {}
+# The vanished node is measured on a real multi-node cluster on this machine, by the cluster tests' own
+# scenario script (a process of its own: one process joins one Ray cluster).
+CLUSTER_SCENARIOS = Path(__file__).resolve().parent.parent / "tests" / "cluster_scenarios.py"
 OVERHEAD_TEXT = "A man is eating food."
 ANSWER_TIMEOUT = 120.0              # seconds a single request may take before the trial counts as failed
 OPEN_TIMEOUT = 300.0                # a new pool's first request: launch + model load (the pool allows 180 s to load)
@@ -107,6 +108,7 @@ class Config:
     overhead_levels: tuple[str, ...] = OVERHEAD_LEVELS
     overhead_requests: int = 200       # per level, sequential; the same number again with 4 in flight
     concurrency: int = 4
+    vanished_node: bool = True         # the multi-node scenario (~3 min): a node removed under load
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -132,7 +134,7 @@ class Config:
 
 QUICK = Config(faults=("kill_actor", "disconnect"), strategies=("failover",), levels=("high",),
                trials=2, batch=16, baseline_kill_trials=1, baseline_other_trials=1, zombie_wait_s=3.0,
-               overhead_levels=("none", "medium"), overhead_requests=10, quick=True)
+               overhead_levels=("none", "medium"), overhead_requests=10, vanished_node=False, quick=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +264,35 @@ def baseline_verdict(answered: bool, errors: int, kind: str, waited_s: float) ->
     if answered:
         return "unaffected (answered at once, no error)" if errors == 0 else "answered"
     return f"never ({kind}; waited {waited_s:g} s)"
+
+
+def vanished_node_result(observed: dict[str, Any]) -> dict[str, Any]:
+    """Time to result of the requests in flight when a node vanished (sent before, answered after its
+    removal), from the cluster scenario's observations; every answer's correctness with it."""
+    removed = observed.get("node_removed_ts")
+    answers = observed.get("node_loss_answers") or []
+    met = [a for a in answers if removed is not None and a.get("sent_ts", removed) < removed < a.get("done_ts", 0)]
+    return {
+        "requests": len(answers), "all_correct": bool(answers) and all(a["correct"] for a in answers),
+        "in_flight_at_loss": len(met),
+        "time_to_result": summary([(a["done_ts"] - removed) * 1000 for a in met if a["correct"]]),
+        "recoveries": observed.get("node_loss_recoveries"), "error": observed.get("errors", {}).get("node_loss"),
+        "setup": "5-node ray.cluster_utils.Cluster on this machine; pool at level high (progressive, 1 standby) "
+                 "on the head; the node of a serving browser removed without notice while 2 clients send",
+    }
+
+
+def run_vanished_node(temp: Path) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    out = temp / "cluster.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    done = subprocess.run([sys.executable, str(CLUSTER_SCENARIOS), str(out)], capture_output=True, text=True,
+                          timeout=1500, env=env)
+    if not out.exists():
+        return {"error": f"the cluster scenarios wrote nothing (rc {done.returncode}): {done.stderr[-500:]}"}
+    return vanished_node_result(orjson.loads(out.read_bytes()))
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -934,6 +965,11 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
                 overhead[level] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         overhead_ratios(overhead)
         phases["overhead_s"] = round(time.perf_counter() - t0, 1)
+        if cfg.vanished_node:
+            t0 = time.perf_counter()
+            advance("a node vanishing under load (multi-node cluster)")
+            r["vanished_node"] = run_vanished_node(temp)
+            phases["vanished_node_s"] = round(time.perf_counter() - t0, 1)
     finally:
         if started_ray:
             import ray
@@ -1088,6 +1124,13 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{'—' if beyond is None else f'{beyond:.0f}'} | "
                      f"{'—' if detect is None else f'{detect:.0f}'} | {'—' if recover is None else f'{recover:.0f}'} | "
                      f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
+    v = r.get("vanished_node")
+    if v and not v.get("error"):
+        lines += ["", f"A node vanishing under load ({v['setup']}): {v['requests']} requests, all correct: "
+                  f"{'yes' if v['all_correct'] else 'NO'}; the {v['in_flight_at_loss']} in flight when it went were "
+                  f"answered {_fmt(v['time_to_result'])} ms (p50 / p95) after the removal."]
+    elif v:
+        lines += ["", f"A node vanishing under load: not measured ({v['error'][:200]})."]
     b = r["baseline"]
     lines += ["", f"Ray baseline ({b['actor']}):", ""]
     lines += [f"- {fault}: {_fmt(f['time_to_result'])} ms, {f['verdict']}" if f["time_to_result"]
@@ -1133,7 +1176,7 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         if not args.quick:
             changes["baseline_kill_trials"] = args.trials
     for name in ("batch", "zombie_wait_s", "request_timeout", "health_interval", "memory_limit_mb",
-                 "overhead_requests", "baseline_kill_trials", "baseline_other_trials"):
+                 "overhead_requests", "baseline_kill_trials", "baseline_other_trials", "vanished_node"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -1161,6 +1204,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--request-timeout", type=float, dest="request_timeout")
     parser.add_argument("--health-interval", type=float, dest="health_interval")
     parser.add_argument("--memory-limit-mb", type=int, dest="memory_limit_mb")
+    parser.add_argument("--no-vanished-node", dest="vanished_node", action="store_false", default=None,
+                        help="skip the multi-node scenario (a node removed under load)")
+    parser.add_argument("--vanished-node-only", action="store_true",
+                        help="run only the multi-node scenario and merge it into the JSON in --out-dir")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--markdown", type=Path, metavar="JSON",
                         help="print the results in JSON as the README's markdown table and exit")
@@ -1168,6 +1215,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.markdown is not None:
         print(markdown(orjson.loads(args.markdown.read_bytes())))
         return {}
+    if args.vanished_node_only:
+        path = args.out_dir / "recovery_latency.json"
+        r = orjson.loads(path.read_bytes())
+        temp = Path(tempfile.mkdtemp(prefix="wprec-", dir="/tmp"))
+        try:
+            r["vanished_node"] = run_vanished_node(temp)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        _write_json(r, path)
+        print(orjson.dumps(r["vanished_node"], option=orjson.OPT_INDENT_2).decode())
+        return r
     try:
         cfg = _config_from_args(args)
     except InputError as exc:
@@ -1177,7 +1235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     kill = "kill_actor" in cfg.faults
     total = (len(cfg.faults) * len(cfg.strategies) * len(cfg.levels) * cfg.trials + len(cfg.overhead_levels)
-             + (cfg.baseline_kill_trials if kill else 0) + (len(cfg.faults) - kill) * cfg.baseline_other_trials)
+             + (cfg.baseline_kill_trials if kill else 0) + (len(cfg.faults) - kill) * cfg.baseline_other_trials
+             + cfg.vanished_node)
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "recovery_latency-quick" if cfg.quick else "recovery_latency"

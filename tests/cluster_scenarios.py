@@ -114,7 +114,7 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
 
     def client(which: range) -> None:
         for i in which:
-            t0 = time.perf_counter()
+            t0, sent_ts = time.perf_counter(), time.time()
             try:
                 o = ray.get(pool.infer.remote(EMBED, {"text": texts[i]}), timeout=300)
                 row = {"i": i, "correct": bool(np.abs(o["embedding"] - reference[i]).max() <= TOLERANCE),
@@ -122,6 +122,7 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
             except Exception as exc:
                 row = {"i": i, "correct": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             row["ms"] = (time.perf_counter() - t0) * 1000
+            row["sent_ts"], row["done_ts"] = sent_ts, time.time()
             with lock:
                 answers.append(row)
 
@@ -139,6 +140,7 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     t_removed = time.time()
     cluster.remove_node(_node_of(cluster, victim_node), allow_graceful=False)
     out["node_removed_after_answers"] = len(answers)
+    out["node_removed_ts"] = t_removed
     for c in clients:
         c.join(600)
     out["node_loss_answers"] = sorted(answers, key=lambda a: a["i"])

@@ -157,3 +157,16 @@ def test_quick_run_writes_sane_results(ray_local, tmp_path):
     assert levels["none"]["vs_none"]["sequential"]["throughput"] == 1.0
     assert levels["medium"]["vs_none"]["concurrent"]["throughput"] == pytest.approx(
         levels["medium"]["concurrent"]["requests_per_s"] / levels["none"]["concurrent"]["requests_per_s"])
+
+
+def test_vanished_node_time_to_result_counts_only_requests_in_flight_at_the_loss():
+    answers = [{"correct": True, "sent_ts": 99.0, "done_ts": 99.5},       # done before the node went
+               {"correct": True, "sent_ts": 99.8, "done_ts": 101.2},      # in flight: 1.2 s after the loss
+               {"correct": True, "sent_ts": 99.9, "done_ts": 100.4},      # in flight: 0.4 s
+               {"correct": True, "sent_ts": 101.3, "done_ts": 101.4}]     # sent after
+    v = rl.vanished_node_result({"node_removed_ts": 100.0, "node_loss_answers": answers, "errors": {}})
+    assert v["in_flight_at_loss"] == 2 and v["all_correct"] and v["error"] is None
+    assert v["time_to_result"]["median_ms"] == pytest.approx(800.0)
+    wrong = rl.vanished_node_result({"node_removed_ts": 100.0, "errors": {},
+                                     "node_loss_answers": [{**answers[1], "correct": False}]})
+    assert not wrong["all_correct"] and wrong["time_to_result"] is None     # a wrong answer has no time
