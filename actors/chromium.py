@@ -9,6 +9,7 @@ actor never leaves an orphan browser behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import glob
 import logging
@@ -129,6 +130,8 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
+        # Its own process group: the renderers, GPU process and zygote it forks can be ended together.
+        start_new_session=True,
     )
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
     while time.monotonic() < deadline:
@@ -143,13 +146,36 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
     raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
 def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
-    """Stop the browser process: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=grace)
+    """Stop the browser and every process it started: SIGTERM to the browser, SIGKILL after ``grace``
+    seconds; then SIGKILL to what is left of its process group, and wait (bounded) until it is gone."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+    # Children exit on their own once the browser is gone, but not at once: do not leave it to chance.
+    deadline = time.monotonic() + grace
+    while (members := _group_members(proc.pid)) and time.monotonic() < deadline:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)

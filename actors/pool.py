@@ -251,8 +251,26 @@ class PoolCore:
                              avoid_nodes: frozenset[str] = frozenset()) -> None:
         """A new BrowserActor, started and recorded (BrowserLaunched), on the node placement chooses
         (spread; a standby away from the serving browsers). Where nodes advertise ``browser_slots``,
-        each browser takes one."""
-        nodes = await self._node_views()
+        each browser takes one.
+
+        A node can vanish before Ray lists it as dead (that takes seconds): an actor placed there dies
+        before it starts. The launch is then tried again, once, away from that node.
+        """
+        excluded: set[str] = set()
+        for attempt in range(2):
+            try:
+                await self._start_browser_on(browser_id, browser_type, standby, avoid_nodes, excluded)
+                return
+            except ray.exceptions.RayActorError as exc:
+                if attempt == 1 or not excluded:
+                    raise
+                log.warning("browser died before it started; launching elsewhere",
+                            extra={"browser_id": browser_id, "nodes_excluded": sorted(excluded), "error": str(exc)})
+
+    async def _start_browser_on(self, browser_id: str, browser_type: str, standby: bool,
+                                avoid_nodes: frozenset[str], excluded: set[str]) -> None:
+        """One launch attempt; adds the node it chose to ``excluded`` before it starts there."""
+        nodes = [n for n in await self._node_views() if n.node_id not in excluded]
         options: dict[str, Any] = {"name": None}
         if any(n.browser_slots is not None for n in nodes):
             options["resources"] = {placement.BROWSER_SLOTS: 1}
@@ -261,6 +279,8 @@ class PoolCore:
             # Soft: if that node is gone by the time Ray schedules, any other will do.
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
         key = node_id or ""
+        if node_id is not None:
+            excluded.add(node_id)
         self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
             handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,

@@ -165,6 +165,9 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
     ref = pool.generate.remote(GENERATE, PROMPT, max_new_tokens=NEW_TOKENS, shards=2)
 
     def session_with_tokens():
+        if ray.wait([ref], timeout=0)[0]:
+            ray.get(ref)            # it ended before 4 tokens: raise its error here, rather than wait
+            raise RuntimeError("the generation ended before it reached 4 tokens")
         live = [s for s in _state(pool).sessions.values() if len(s.tokens) >= 4]
         return live[0] if live else None
 

@@ -46,3 +46,19 @@ def test_ray_shutdown_leaves_no_browser_process_or_temp_dir():
     assert [p for p in pids if alive(p)] == []
     assert [d for d in dirs if Path(d).exists()] == []
     shutil.rmtree(out["temp"], ignore_errors=True)
+
+
+def test_terminate_ends_the_browsers_whole_process_group():
+    """What a browser forks (renderers, GPU process) goes with it, also when it ignores SIGTERM and its
+    children would outlive it: a shell standing in for the browser's process tree (no browser needed)."""
+    from actors import chromium
+
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & sleep 60 & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(chromium._group_members(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    children = [p for p in chromium._group_members(proc.pid) if p != proc.pid]
+    assert len(children) == 2
+    chromium.terminate(proc, grace=0.5)
+    assert proc.poll() is not None
+    assert [p for p in children if alive(p)] == []
