@@ -217,6 +217,15 @@ class PoolCore:
         finally:
             self._admitted -= 1
 
+    async def _detached(self, model: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run an admitted request as the pool's own task: a caller that goes away (Ray cancels the calls
+        of a driver that dies) does not cancel the work, which ends in OperationCompleted or -Failed."""
+        async def admitted() -> dict[str, Any]:
+            async with self._admission(model):
+                return await work()
+
+        return await asyncio.shield(self._spawn(admitted()))
+
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
@@ -545,8 +554,7 @@ class PoolCore:
     async def infer(self, model_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Embed ``{"text": str}`` (one vector) or ``{"texts": [str, ...]}`` (a matrix)."""
         spec, request = validation.embedding_request(model_name, inputs)
-        async with self._admission(spec.name):
-            return await self._infer(spec, request)
+        return await self._detached(spec.name, lambda: self._infer(spec, request))
 
     async def _infer(self, spec: ModelSpec, request: validation.EmbeddingRequest) -> dict[str, Any]:
         feeds = minilm.tokenize(request.texts)
@@ -608,8 +616,7 @@ class PoolCore:
         """Generate text with a llama model split over ``shards`` browsers (greedy unless temperature > 0)."""
         spec, req = validation.generation_request(model_name, prompt, max_new_tokens, shards, temperature,
                                                   top_p, seed)
-        async with self._admission(spec.name):
-            return await self._generate(spec, req)
+        return await self._detached(spec.name, lambda: self._generate(spec, req))
 
     async def _generate(self, spec: ModelSpec, req: validation.GenerationRequest) -> dict[str, Any]:
         model = await asyncio.to_thread(llama_model, spec.name)
