@@ -204,6 +204,10 @@ def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
     acked = [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"b{i}")], new_batch_id()),
                      timeout=60)[0].seq for i in range(20)]
     cluster.remove_node(node, allow_graceful=False)
+    # A worker can answer for a moment after its raylet is killed: wait until Ray has declared the node
+    # dead, so that what follows really goes to a restarted StateLog.
+    _wait(lambda: not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()), 120,
+          "Ray to declare the node dead")
     # Ray retries the call until the actor is back (max_task_retries=-1); the batch id keeps it single.
     acked += [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"c{i}")], new_batch_id()),
                       timeout=120)[0].seq for i in range(20)]
