@@ -965,7 +965,10 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
                 overhead[level] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         overhead_ratios(overhead)
         phases["overhead_s"] = round(time.perf_counter() - t0, 1)
-        if cfg.vanished_node:
+        if not cfg.vanished_node:
+            r["not_measured"]["vanished_node"] = ("not measured in this run (--quick or --no-vanished-node): it "
+                                                  "needs the multi-node scenario")
+        else:
             t0 = time.perf_counter()
             advance("a node vanishing under load (multi-node cluster)")
             r["vanished_node"] = run_vanished_node(temp)
