@@ -193,14 +193,23 @@ def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
     from actors.state_log import get_or_create_state_log, new_batch_id
     from events import schema as ev
 
-    wanted = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
-    log = get_or_create_state_log("moving-log", str(temp / "shared-log"), NAMESPACE, node_id=wanted.node_id)
-    before = ray.get(log.info.remote(), timeout=60)
-    # The affinity is soft (so that Ray may restart the log elsewhere); the node that goes is wherever it runs.
-    node = next((n for n in cluster.worker_nodes if n.node_id == before["node_id"]), None)
-    out["log_wanted_node"] = wanted.node_id
+    # The affinity is soft (so that Ray may restart the log elsewhere), and Ray does not always honour it:
+    # the node that goes is wherever the log runs; one that landed on the head (which cannot go) is
+    # closed and created again, on the next worker.
+    node, tries = None, []
+    for attempt, wanted in enumerate(sorted(cluster.worker_nodes, key=lambda n: n.node_id) * 2):
+        log = get_or_create_state_log(f"moving-log-{attempt}", str(temp / "shared-log"), NAMESPACE,
+                                      node_id=wanted.node_id)
+        before = ray.get(log.info.remote(), timeout=60)
+        tries.append({"wanted": wanted.node_id, "got": before["node_id"]})
+        node = next((n for n in cluster.worker_nodes if n.node_id == before["node_id"]), None)
+        if node is not None:
+            break
+        ray.get(log.close.remote(), timeout=60)
+        ray.kill(log, no_restart=True)
+    out["log_placement_tries"] = tries
     if node is None:
-        raise RuntimeError(f"the StateLog runs on the head ({before['node_id']}), which cannot be removed")
+        raise RuntimeError(f"the StateLog never ran on a worker node: {tries}")
     acked = [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"b{i}")], new_batch_id()),
                      timeout=60)[0].seq for i in range(20)]
     cluster.remove_node(node, allow_graceful=False)
