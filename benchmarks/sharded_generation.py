@@ -99,8 +99,9 @@ def timed_generate(pool: Any, model: str, tokens: int, shards: int) -> tuple[flo
     return (time.perf_counter() - t0) * 1000, out
 
 
-def faulted_with_replay(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
-    """One generation over 3 shards whose middle shard's browser is killed after ``kill_after`` tokens."""
+def start_and_kill_middle_shard(pool: Any, model: str, tokens: int, kill_after: int) -> tuple[float, Any, str]:
+    """Start a generation over 3 shards and kill its middle shard's browser after ``kill_after`` tokens:
+    (start time, the generation's ref, the killed browser)."""
     import ray
 
     t0 = time.perf_counter()
@@ -110,6 +111,14 @@ def faulted_with_replay(pool: Any, model: str, tokens: int, kill_after: int) -> 
         raise RuntimeError(f"no session reached {kill_after} tokens")
     victim = plan["shards"][1]["browser_id"]
     ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+    return t0, ref, victim
+
+
+def faulted_with_replay(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
+    """One generation over 3 shards whose middle shard's browser is killed after ``kill_after`` tokens."""
+    import ray
+
+    t0, ref, victim = start_and_kill_middle_shard(pool, model, tokens, kill_after)
     out = ray.get(ref, timeout=300)
     # No replay: the kill landed after the last token (or the failure was retried whole by the pool).
     return {"total_ms": (time.perf_counter() - t0) * 1000, "token_ids": out["token_ids"],
@@ -123,13 +132,7 @@ def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) ->
 
     from actors.errors import BrowserFailure
 
-    t0 = time.perf_counter()
-    ref = pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=FAULT_SHARDS)
-    plan = wait_for_tokens(pool, kill_after)
-    if plan is None:
-        raise RuntimeError(f"no session reached {kill_after} tokens")
-    victim = plan["shards"][1]["browser_id"]
-    ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+    t0, ref, victim = start_and_kill_middle_shard(pool, model, tokens, kill_after)
     try:
         ray.get(ref, timeout=300)
         failed = False                       # the kill landed after the last token: nothing to redo

@@ -242,6 +242,17 @@ def _measure(d: _Draft, op: OperationState, ok: bool, duration_ms: float | None)
     d.w("perf")[key] = dataclasses.replace(w, recent_ms=recent_ms, recent_ok=(*w.recent_ok, ok)[-PERF_WINDOW:])
 
 
+def _update_browser(d: _Draft, rec: Recorded, browser_id: str, **changes: Any) -> BrowserState | None:
+    """Replace fields of a known browser; an event about an unknown one only counts as an anomaly."""
+    b = d.r("browsers").get(browser_id)
+    if b is None:
+        d.anomaly(rec)
+        return None
+    b = dataclasses.replace(b, **changes)
+    d.w("browsers")[browser_id] = b
+    return b
+
+
 def _browser_launched(d: _Draft, rec: Recorded, e: BrowserLaunched) -> None:
     _drop_browser_perf(d, e.browser_id)     # a new process: its predecessor's speed says nothing
     old = d.r("browsers").get(e.browser_id)
@@ -316,20 +327,14 @@ def _browser_retired(d: _Draft, rec: Recorded, e: BrowserRetired) -> None:
 
 
 def _browser_role_changed(d: _Draft, rec: Recorded, e: BrowserRoleChanged) -> None:
-    b = d.r("browsers").get(e.browser_id)
-    if b is None:
-        d.anomaly(rec)
+    if _update_browser(d, rec, e.browser_id, standby=e.standby) is None:
         return
-    d.w("browsers")[e.browser_id] = dataclasses.replace(b, standby=e.standby)
     d.count("browsers_promoted" if not e.standby else "browsers_demoted")
 
 
 def _browser_draining(d: _Draft, rec: Recorded, e: BrowserDraining) -> None:
-    b = d.r("browsers").get(e.browser_id)
-    if b is None:
-        d.anomaly(rec)
+    if _update_browser(d, rec, e.browser_id, draining=True) is None:
         return
-    d.w("browsers")[e.browser_id] = dataclasses.replace(b, draining=True)
     d.count("browsers_drained")
 
 
@@ -359,10 +364,8 @@ def _browser_health(d: _Draft, rec: Recorded, e: BrowserHealthReported) -> None:
 
 def _page_requests_blocked(d: _Draft, rec: Recorded, e: PageRequestsBlocked) -> None:
     b = d.r("browsers").get(e.browser_id)
-    if b is None:
-        d.anomaly(rec)
+    if _update_browser(d, rec, e.browser_id, blocked_requests=(b.blocked_requests if b else 0) + e.count) is None:
         return
-    d.w("browsers")[e.browser_id] = dataclasses.replace(b, blocked_requests=b.blocked_requests + e.count)
     d.count("requests_blocked", e.count)
 
 
