@@ -130,8 +130,6 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
-        # Its own process group: the renderers, GPU process and zygote it forks can be ended together.
-        start_new_session=True,
     )
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
     while time.monotonic() < deadline:
@@ -146,9 +144,10 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
     raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc."""
-    members = []
+def _descendants(pid: int) -> list[int]:
+    """Live (not zombie) processes descended from ``pid``, from /proc (the browser's renderers, GPU
+    process and zygote)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -157,14 +156,21 @@ def _group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """Stop the browser and every process it started: SIGTERM to the browser, SIGKILL after ``grace``
-    seconds; then SIGKILL to what is left of its process group, and wait (bounded) until it is gone."""
+    seconds; then SIGKILL to those of its children still there, and wait (bounded) until they are gone."""
+    # Looked up first: once the browser is gone its children are no longer its children.
+    children = _descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -174,8 +180,16 @@ def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
             proc.wait(timeout=grace)
     # Children exit on their own once the browser is gone, but not at once: do not leave it to chance.
     deadline = time.monotonic() + grace
-    while (members := _group_members(proc.pid)) and time.monotonic() < deadline:
-        for pid in members:
+    while (left := [c for c in children if _alive(c)]) and time.monotonic() < deadline:
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
