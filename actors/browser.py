@@ -351,7 +351,9 @@ class BrowserCore:
             "fetch": fetch,
             "state": state,
             "statePairs": [list(p) for p in state_pairs or []],
-            "initialState": {k: encode_tensor(v) for k, v in (initial_state or {}).items()},
+            # Given: the state starts afresh from it (replacing one of that name); None: the state goes on.
+            "initialState": (None if initial_state is None
+                             else {k: encode_tensor(v) for k, v in initial_state.items()}),
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._evaluate("([k, f, o]) => window.webpool.run(k, f, o)", [key, encoded, opts], timeout)

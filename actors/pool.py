@@ -128,6 +128,8 @@ class PoolCore:
         self._resolved_types: dict[str, str] = {}
         self._in_flight: dict[str, int] = {}
         self._launching: dict[str, int] = {}             # node_id -> browsers being started there
+        self._coordinators: dict[str, Any] = {}          # model -> its ShardCoordinator actor
+        self._session_attempts: dict[str, int] = {}      # open session -> coordinator calls that began it
         self._pending: dict[int, Any] = {}               # acknowledged records not yet applied (out of order)
         self._applied = asyncio.Condition()
         self._background: set[asyncio.Future] = set()
@@ -634,7 +636,16 @@ class PoolCore:
                 browser_id = await self._place(art, spec.task, avoid=frozenset(used))
                 used.add(browser_id)
                 stages.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
-            return await self._generate_on(spec.name, stages, prompt_ids, req, model.config.eos_id)
+            shadows: list[coordinator.ShardStage | None] = []
+            for art in arts if self.ft.shadows(req.shards) else []:
+                try:
+                    browser_id = await self._place(art, spec.task, avoid=frozenset(used))
+                except NoBrowserAvailableError:     # no room (max_connections): that shard runs unshadowed
+                    shadows.append(None)
+                    continue
+                used.add(browser_id)
+                shadows.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
+            return await self._generate_on(spec.name, stages, shadows, prompt_ids, req, model.config.eos_id)
 
         async def attempt() -> dict[str, Any]:
             if self.ft.level is FaultToleranceLevel.CRITICAL and req.shards == 1 and req.temperature == 0:
@@ -647,39 +658,23 @@ class PoolCore:
         return result | {"model": spec.name, "text": model.decode(result["token_ids"]),
                          "prompt_token_ids": prompt_ids}
 
-    async def _generate_on(self, model: str, stages: list[coordinator.ShardStage], prompt_ids: list[int],
+    async def _generate_on(self, model: str, stages: list[coordinator.ShardStage],
+                           shadows: list[coordinator.ShardStage | None], prompt_ids: list[int],
                            req: validation.GenerationRequest, eos_id: int | None) -> dict[str, Any]:
         session_id = uuid.uuid4().hex
         await self._record(ev.SessionOpened(session_id=session_id, model=model, plan={
             "shards": [{"browser_id": s.browser_id, "artifact": s.artifact.key,
                         "layers": s.artifact.meta["layer_range"]} for s in stages],
+            "shadows": [s.browser_id if s else None for s in shadows],
             "prompt_ids": prompt_ids, "max_new_tokens": req.max_new_tokens,
             "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}))
-
-        async def on_token(token: int) -> None:
-            await self._record(ev.TokensAppended(session_id=session_id, token_ids=(token,)))
-
-        async def recover_stage(i: int, stage: coordinator.ShardStage, exc: BaseException) -> coordinator.ShardStage:
-            """A shard's browser failed mid-generation: recover it, or place its shard elsewhere."""
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, InputError) or not self.ft.recovers:
-                raise exc
-            failure = classify(exc, stage.browser_id)
-            await self._browser_failed(failure)
-            outcome = await self.recovery.recover(failure)
-            serving = outcome["recovery_browser"]
-            others = frozenset(s.browser_id for j, s in enumerate(stages) if j != i)
-            if serving not in self._live_ids() or stage.artifact.key not in self._keys_on(serving):
-                serving = await self._place(stage.artifact, "text_generation", avoid=others)
-            return coordinator.ShardStage(serving, self._handles[serving], stage.artifact)
-
-        async def run_replay(stage: coordinator.ShardStage, replay: Callable[[], Awaitable[dict[str, Any]]]):
-            return await self._run_op(stage.browser_id, model, "replay", session_id, replay)
+        shard_coordinator = await self._coordinator(model)
 
         async def call() -> dict[str, Any]:
-            return await coordinator.generate_tokens(
-                stages, session_id, prompt_ids, req.max_new_tokens, eos_id, req.temperature, req.top_p, req.seed,
-                on_token, timeout=self.request_timeout, recover=recover_stage, run_replay=run_replay)
+            # Ray retries this call on a restarted coordinator if its process dies; the retry resumes from the log.
+            return await shard_coordinator.generate.remote(
+                session_id, stages, shadows, prompt_ids, req.max_new_tokens, eos_id, req.temperature, req.top_p,
+                req.seed, self.request_timeout)
 
         reason = "failed"
         try:
@@ -687,10 +682,89 @@ class PoolCore:
             result = await self._run_op(stages[0].browser_id, model, "generate", _digest(prompt_ids, req), call)
             reason = "done"
         finally:
+            self._session_attempts.pop(session_id, None)
             await self._record(ev.SessionClosed(session_id=session_id, reason=reason))
-            for s in stages:
-                self._spawn(s.handle.drop_state.remote(s.state_id(session_id)))
         return result | {"session_id": session_id, "browser_id": stages[0].browser_id}
+
+    async def _coordinator(self, model: str) -> Any:
+        """The ShardCoordinator actor of ``model`` (one per sharded model), started on first use next to the pool."""
+        async with self._lock(f"coordinator:{model}"):
+            if model not in self._coordinators:
+                node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+                me = ray.get_runtime_context().current_actor
+                self._coordinators[model] = coordinator.ShardCoordinator.options(
+                    scheduling_strategy=node).remote(me, model)
+            return self._coordinators[model]
+
+    async def coordinator(self, model_name: str) -> Any:
+        """The handle of ``model_name``'s ShardCoordinator (started if needed): its ``pid`` is a fault to inject."""
+        spec = get_spec(model_name)
+        if spec.task != "text_generation":
+            raise InputError("model_name", f"{spec.name} is a {spec.task} model; only generation has a coordinator")
+        return await self._coordinator(spec.name)
+
+    # ----- called by ShardCoordinator actors ------------------------------------------------------
+    async def session_begin(self, session_id: str) -> list[int] | None:
+        """A coordinator starts running ``session_id``: None the first time; on a later call (the coordinator
+        that ran it died and Ray retried the call) the tokens logged so far, recorded as SessionResumed."""
+        async with self._lock(f"session:{session_id}"):
+            attempt = self._session_attempts.get(session_id, 0) + 1
+            self._session_attempts[session_id] = attempt
+            if attempt == 1:
+                return None
+            tokens = list(self.state.sessions[session_id].tokens)
+            log.warning("session taken over by a new coordinator",
+                        extra={"session_id": session_id, "tokens": len(tokens), "attempt": attempt})
+            await self._record(ev.SessionResumed(session_id=session_id, tokens=len(tokens), attempt=attempt))
+            return tokens
+
+    async def session_append(self, session_id: str, position: int, token_ids: list[int]) -> None:
+        """Log ``token_ids`` as the session's tokens from ``position`` on; returns once they are in the log.
+
+        Idempotent: a call a dead coordinator left in flight and its successor's retry of the same step
+        log the tokens once. A different token at a logged position is refused (it would fork the session).
+        """
+        async with self._lock(f"session:{session_id}"):
+            logged = self.state.sessions[session_id].tokens
+            overlap = logged[position:position + len(token_ids)]
+            if position > len(logged) or tuple(token_ids[:len(overlap)]) != overlap:
+                raise RuntimeError(f"session {session_id}: tokens {token_ids} at {position} do not extend the "
+                                   f"{len(logged)} logged ones")
+            if fresh := token_ids[len(overlap):]:
+                await self._record(ev.TokensAppended(session_id=session_id, token_ids=tuple(fresh)))
+
+    async def shard_replace(self, failure: BrowserFailure, artifact_key: str,
+                            avoid: list[str]) -> coordinator.ShardStage | None:
+        """A shard's browser failed mid-generation: recover it, or place its shard on another browser (not one
+        in ``avoid``, the session's other shards). None when this pool does not recover (level none)."""
+        if not self.ft.recovers or self._closed:
+            return None
+        artifact = self._artifact_by_key[artifact_key]
+        await self._browser_failed(failure)
+        outcome = await self.recovery.recover(failure)
+        serving = outcome["recovery_browser"]
+        if serving not in self._live_ids() or artifact_key not in self._keys_on(serving):
+            serving = await self._place(artifact, "text_generation", avoid=frozenset(avoid))
+        return coordinator.ShardStage(serving, self._handles[serving], artifact)
+
+    async def shard_lost(self, session_id: str, shard: int, failure: BrowserFailure, promoted: str | None) -> None:
+        """A session went on without a failed browser: its shadow took over (``promoted``), or the failed one
+        was the shadow. Recorded; the browser is recovered in the background, the session does not wait."""
+        if promoted is not None:
+            await self._record(ev.ShardPromoted(session_id=session_id, shard=shard,
+                                                failed_browser=failure.browser_id, shadow_browser=promoted))
+        await self._browser_failed(failure)
+        if self.ft.recovers and not self._closed:
+            self._spawn(self.recovery.recover(failure))
+
+    async def shard_replay(self, session_id: str, model: str, stage: coordinator.ShardStage,
+                           inputs: dict[str, np.ndarray], info: dict[str, Any], timeout: float) -> None:
+        """Rebuild a replacement shard's cache from the session's inputs, recorded as a "replay" operation."""
+        async def call() -> dict[str, Any]:
+            await coordinator.replay_stage(stage, session_id, inputs, timeout)
+            return {"metrics": dict(info)}
+
+        await self._run_op(stage.browser_id, model, "replay", session_id, call)
 
     # ----- health, checkpoints, explicit recovery -------------------------------------------------
     async def _check_browser(self, browser_id: str) -> dict[str, Any]:
@@ -834,6 +908,9 @@ class PoolCore:
             if state is not None and state.status not in ("retired", "quarantined"):
                 await self._record(ev.BrowserRetired(browser_id=browser_id, reason="pool shutdown"))
             await self._stop_actor(browser_id)
+        for handle in self._coordinators.values():
+            ray.kill(handle, no_restart=True)
+        self._coordinators.clear()
         self._model_refs.clear()
 
 

@@ -67,6 +67,7 @@ class FaultToleranceConfig:
     vote_k: int = 3                          # browsers per request at level critical
     vote_cosine: float = 0.999               # embeddings agree when cosine >= this
     backoff_s: float = 0.05                  # before attempt n: backoff_s * 2**(n-1)
+    shadow_shards: bool = True               # level high and up: each shard of a sharded generation has a shadow
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> FaultToleranceConfig:
@@ -86,6 +87,8 @@ class FaultToleranceConfig:
         except ValueError:
             raise InputError("fault_tolerance.recovery_strategy",
                              f"must be one of {[v.value for v in RecoveryStrategy]}") from None
+        if not isinstance(options.get("shadow_shards", True), bool):
+            raise InputError("fault_tolerance.shadow_shards", f"must be a bool, got {options['shadow_shards']!r}")
         for name in ("max_recovery_attempts", "standby_browsers", "vote_k"):
             value = options.get(name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -95,6 +98,12 @@ class FaultToleranceConfig:
     @property
     def recovers(self) -> bool:
         return self.level is not FaultToleranceLevel.NONE
+
+    def shadows(self, shards: int) -> bool:
+        """Whether a generation over ``shards`` browsers runs each shard on a shadow too (level high and up):
+        a shard failure then costs no prefix re-run, for a second forward per shard per step."""
+        return (shards > 1 and self.shadow_shards
+                and self.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL))
 
 
 def classify(exc: BaseException, browser_id: str) -> BrowserFailure:

@@ -5,14 +5,19 @@
    prompt, same number of tokens; every run's tokens are checked identical to the native ones.
 2. A mid-generation shard failure: with 3 shards, the middle shard's browser process is SIGKILLed
    (``pool.inject_fault(..., "kill_browser")``) once the session has produced ``kill_after`` tokens.
-   - webpool: the pool (level medium, strategy coordinated) restarts that browser, reloads its shard and
-     replays the session's prefix on it; the generation goes on.
-   - baseline: what happens without prefix replay. A pool at level none reports the failure; the failed
+   - replay onto a restarted browser (level medium, strategy coordinated): the pool restarts that
+     browser, reloads its shard and replays the session's prefix on it; the generation goes on.
+   - replay onto the warm standby (level high, shadows off): the standby, which already holds the
+     shard, takes the browser's place and the prefix is replayed on it.
+   - shadow (level high, the default there): each shard also runs on a shadow browser fed the same
+     hidden states; the shadow of the killed shard takes over with no replay. Its price is a second
+     forward per shard per step: its no-fault decode tokens/s, next to replay's, is the cost.
+   - baseline: what happens without any of that. A pool at level none reports the failure; the failed
      browser is restarted (``recover_browser(strategy="restart")``: a new process, its shard loaded again)
      and the whole generation is run again from the first token.
    Each is timed from the request to the correct answer; the extra latency is that time minus the median
-   of the same generation with no fault (measured in the same run on the same pool). Ratios are webpool's
-   extra latency over the baseline's.
+   of the same generation with no fault (measured in the same run on the same pool). Ratios are each
+   recovery's extra latency over the baseline's.
 
 No target is asserted: the machine may be shared. Prints a table and writes
 ``results/sharded_generation.json`` (``sharded_generation-quick.json`` with --quick: tiny-llama, fewer runs).
@@ -43,6 +48,18 @@ RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 PROMPT = "The capital of France is"
 SHARD_COUNTS = (1, 2, 3)
 FAULT_SHARDS = 3
+BASELINE = "fault_restart_from_scratch"
+# (results key, the pool's fault_tolerance, its max_connections), for the middle-shard kill.
+FAULT_CONFIGS: tuple[tuple[str, dict[str, Any], int], ...] = (
+    ("fault_prefix_replay", {"level": "medium", "recovery_strategy": "coordinated"}, FAULT_SHARDS),
+    ("fault_standby_replay", {"level": "high", "shadow_shards": False, "standby_browsers": 1}, FAULT_SHARDS),
+    ("fault_shadow", {"level": "high", "standby_browsers": 0}, 2 * FAULT_SHARDS),
+    (BASELINE, {}, FAULT_SHARDS),                     # level none: failures reach the caller
+)
+FAULT_LABELS = {"fault_prefix_replay": "replay onto restarted browser (medium)",
+                "fault_standby_replay": "replay onto warm standby (high, no shadows)",
+                "fault_shadow": "shadow takes over (high)",
+                BASELINE: "restart browser + generate again (baseline)"}
 
 
 def summary(values: list[float]) -> dict[str, float] | None:
@@ -114,16 +131,18 @@ def start_and_kill_middle_shard(pool: Any, model: str, tokens: int, kill_after: 
     return t0, ref, victim
 
 
-def faulted_with_replay(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
-    """One generation over 3 shards whose middle shard's browser is killed after ``kill_after`` tokens."""
+def faulted_in_flight(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
+    """One generation over 3 shards whose middle shard's browser is killed after ``kill_after`` tokens,
+    recovered inside the generation (a replay, or a shadow's promotion)."""
     import ray
 
     t0, ref, victim = start_and_kill_middle_shard(pool, model, tokens, kill_after)
     out = ray.get(ref, timeout=300)
-    # No replay: the kill landed after the last token (or the failure was retried whole by the pool).
+    # Neither: the kill landed after the last token (or the failure was retried whole by the pool).
     return {"total_ms": (time.perf_counter() - t0) * 1000, "token_ids": out["token_ids"],
-            "failed": bool(out["replays"]), "replays": len(out["replays"]),
-            "replay_ms": [r["ms"] for r in out["replays"]], "victim": victim}
+            "failed": bool(out["replays"] or out["promotions"]), "replays": len(out["replays"]),
+            "promotions": len(out["promotions"]), "replay_ms": [r["ms"] for r in out["replays"]],
+            "victim": victim}
 
 
 def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) -> dict[str, Any]:
@@ -154,15 +173,16 @@ def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) ->
 
 
 def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: int, expected: list[int],
-                  replay: bool) -> dict[str, Any]:
-    """Clean runs (the reference time) then faulted runs on the same pool."""
+                  in_flight: bool) -> dict[str, Any]:
+    """Clean runs (the reference time) then faulted runs on the same pool; ``in_flight``: the pool recovers
+    inside the generation (else the baseline: restart the browser, generate again)."""
     timed_generate(pool, model, tokens, FAULT_SHARDS)                  # loads the shards; not timed
     clean = [timed_generate(pool, model, tokens, FAULT_SHARDS) for _ in range(repeats)]
     identical = all(out["token_ids"] == expected for _, out in clean)
     clean_median = float(np.median([ms for ms, _ in clean]))
     runs = []
     for _ in range(repeats):
-        run = (faulted_with_replay if replay else faulted_with_restart)(pool, model, tokens, kill_after)
+        run = (faulted_in_flight if in_flight else faulted_with_restart)(pool, model, tokens, kill_after)
         if run.get("failed") is False:
             log.warning("the kill did not interrupt the generation (it landed after the last token); left out")
             continue
@@ -170,11 +190,14 @@ def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: 
         runs.append(run)
         timed_generate(pool, model, tokens, FAULT_SHARDS)               # the restarted browser's shard is warm
     extra = [r["total_ms"] - clean_median for r in runs]
-    section = {"clean_total_ms": summary([ms for ms, _ in clean]), "faulted_total_ms": summary([r["total_ms"]
-                                                                                              for r in runs]),
+    section = {"clean_total_ms": summary([ms for ms, _ in clean]),
+               "clean_decode_tokens_per_s": summary([out["metrics"]["decode_tokens_per_s"] for _, out in clean]),
+               "shadows": clean[0][1]["metrics"].get("shadows", 0),
+               "faulted_total_ms": summary([r["total_ms"] for r in runs]),
                "extra_latency_ms": summary(extra), "runs": runs, "tokens_identical": identical}
-    if replay:
+    if in_flight:
         section["replays_per_run"] = [r["replays"] for r in runs]
+        section["promotions_per_run"] = [r["promotions"] for r in runs]
         section["replay_ms"] = summary([ms for r in runs for ms in r["replay_ms"]])
     else:
         section["restart_ms"] = summary([r["restart_ms"] for r in runs])
@@ -225,32 +248,31 @@ def run(quick: bool) -> dict[str, Any]:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
 
-        # Fresh pools for the fault runs, so that both hold only the 3-shard artifacts: a restarted browser
+        # Fresh pools for the fault runs, so that each holds only the 3-shard artifacts: a restarted browser
         # reloads every model it held, and the decode runs above left 1- and 2-shard artifacts around.
-        pool = ResourcePool.remote(max_connections=FAULT_SHARDS, event_log=str(temp / "events-replay"),
-                                   request_timeout=60.0,
-                                   fault_tolerance={"level": "medium", "recovery_strategy": "coordinated"})
-        results["fault_prefix_replay"] = fault_section(pool, model, tokens, kill_after, repeats, expected, True)
-        ray.get(pool.shutdown.remote())
-        ray.kill(pool)
-
-        baseline = ResourcePool.remote(max_connections=FAULT_SHARDS, event_log=str(temp / "events-restart"),
-                                       request_timeout=60.0)              # level none: failures reach the caller
-        results["fault_restart_from_scratch"] = fault_section(baseline, model, tokens, kill_after, repeats,
-                                                              expected, False)
-        ray.get(baseline.shutdown.remote())
-        ray.kill(baseline)
+        for key, options, browsers in FAULT_CONFIGS:
+            pool = ResourcePool.remote(max_connections=browsers, event_log=str(temp / f"events-{key}"),
+                                       request_timeout=60.0, fault_tolerance=options)
+            results[key] = fault_section(pool, model, tokens, kill_after, repeats, expected,
+                                         in_flight=key != BASELINE)
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
-    replay, restart = results["fault_prefix_replay"], results["fault_restart_from_scratch"]
-    if replay["extra_latency_ms"] and restart["extra_latency_ms"]:
-        results["extra_latency_ratio_median"] = replay["extra_latency_ms"]["median"] / restart["extra_latency_ms"][
-            "median"]
-        results["extra_latency_ratio_p95"] = replay["extra_latency_ms"]["p95"] / restart["extra_latency_ms"]["p95"]
+    restart = results[BASELINE]["extra_latency_ms"]
+    for key, _options, _browsers in FAULT_CONFIGS:
+        extra = results[key]["extra_latency_ms"]
+        if key != BASELINE and extra and restart:
+            results[key]["extra_latency_vs_baseline"] = {"median": extra["median"] / restart["median"],
+                                                         "p95": extra["p95"] / restart["p95"]}
+    replay, shadow = results["fault_prefix_replay"], results["fault_shadow"]
+    if replay["clean_decode_tokens_per_s"] and shadow["clean_decode_tokens_per_s"]:
+        results["shadow_decode_cost"] = (shadow["clean_decode_tokens_per_s"]["median"]
+                                         / replay["clean_decode_tokens_per_s"]["median"])
     results["tokens_identical"] = (all(d["tokens_identical"] for d in results["decode"].values())
-                                   and replay["tokens_identical"] and restart["tokens_identical"])
+                                   and all(results[key]["tokens_identical"] for key, _o, _b in FAULT_CONFIGS))
     return results
 
 
@@ -276,18 +298,18 @@ def print_table(r: dict[str, Any]) -> None:
     console.print(t)
 
     f = Table(title=f"middle shard of {FAULT_SHARDS} killed after {r['kill_after_tokens']} tokens")
-    for col in ("recovery", "no-fault total ms", "faulted total ms median", "p95", "extra ms median", "p95",
-                "same tokens"):
+    for col in ("recovery", "no-fault tok/s", "no-fault total ms", "faulted total ms median", "p95",
+                "extra ms median", "p95", "extra vs baseline", "same tokens"):
         f.add_column(col)
-    for name, key in (("prefix replay (webpool)", "fault_prefix_replay"),
-                      ("restart browser + generate again (baseline)", "fault_restart_from_scratch")):
+    for key, _options, _browsers in FAULT_CONFIGS:
         s = r[key]
-        f.add_row(name, _fmt(s["clean_total_ms"], digits=0), _fmt(s["faulted_total_ms"], digits=0),
-                  _fmt(s["faulted_total_ms"], "p95", 0), _fmt(s["extra_latency_ms"], digits=0),
-                  _fmt(s["extra_latency_ms"], "p95", 0), str(s["tokens_identical"]))
-    if "extra_latency_ratio_median" in r:
-        f.caption = (f"extra latency, replay / baseline: median {r['extra_latency_ratio_median']:.2f}x, "
-                     f"p95 {r['extra_latency_ratio_p95']:.2f}x")
+        ratio = s.get("extra_latency_vs_baseline")
+        f.add_row(FAULT_LABELS[key], _fmt(s["clean_decode_tokens_per_s"]), _fmt(s["clean_total_ms"], digits=0),
+                  _fmt(s["faulted_total_ms"], digits=0), _fmt(s["faulted_total_ms"], "p95", 0),
+                  _fmt(s["extra_latency_ms"], digits=0), _fmt(s["extra_latency_ms"], "p95", 0),
+                  f"{ratio['median']:.2f}x" if ratio else "-", str(s["tokens_identical"]))
+    if "shadow_decode_cost" in r:
+        f.caption = f"no-fault decode with shadows / without: {r['shadow_decode_cost']:.2f}x"
     console.print(f)
 
 

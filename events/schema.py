@@ -30,7 +30,8 @@ from typing import Any, ClassVar, Union
 
 from events.errors import InvalidEventError
 
-SCHEMA_VERSION = 2     # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled
+# 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted
+SCHEMA_VERSION = 3
 
 _INT64_MAX = 2**63 - 1
 
@@ -446,6 +447,25 @@ class TokensAppended(Event):
 
 
 @event_kind("session_id")
+class SessionResumed(Event):
+    """A new coordinator took the session over (the last one died): it goes on from ``tokens`` logged tokens."""
+
+    session_id: str
+    tokens: int
+    attempt: int
+
+
+@event_kind("session_id")
+class ShardPromoted(Event):
+    """Shard ``shard``'s primary browser failed; its shadow, holding the same cache, took over (no replay)."""
+
+    session_id: str
+    shard: int
+    failed_browser: str
+    shadow_browser: str
+
+
+@event_kind("session_id")
 class SessionClosed(Event):
     session_id: str
     reason: str
@@ -508,6 +528,8 @@ __all__ = [
     "RequestRejected",
     "SessionClosed",
     "SessionOpened",
+    "SessionResumed",
+    "ShardPromoted",
     "SnapshotWritten",
     "TokensAppended",
     "event_kind",

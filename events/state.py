@@ -50,12 +50,14 @@ from events.schema import (
     RequestRejected,
     SessionClosed,
     SessionOpened,
+    SessionResumed,
+    ShardPromoted,
     SnapshotWritten,
     TokensAppended,
 )
 
 # Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
-STATE_VERSION = 2      # 2: perf windows, draining, last_active_ts
+STATE_VERSION = 3      # 2: perf windows, draining, last_active_ts; 3: sessions count resumes
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -157,6 +159,7 @@ class SessionState:
     plan: dict
     tokens: tuple[int, ...]
     opened_seq: int
+    resumes: int = 0        # coordinators that took the session over after the one running it died
 
 
 _MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "perf", "metrics")
@@ -480,6 +483,22 @@ def _tokens_appended(d: _Draft, rec: Recorded, e: TokensAppended) -> None:
     d.count("tokens_appended", len(e.token_ids))
 
 
+def _session_resumed(d: _Draft, rec: Recorded, e: SessionResumed) -> None:
+    s = d.r("sessions").get(e.session_id)
+    if s is None or e.tokens != len(s.tokens):
+        d.anomaly(rec)
+        return
+    d.w("sessions")[e.session_id] = dataclasses.replace(s, resumes=s.resumes + 1)
+    d.count("sessions_resumed")
+
+
+def _shard_promoted(d: _Draft, rec: Recorded, e: ShardPromoted) -> None:
+    if e.session_id not in d.r("sessions"):
+        d.anomaly(rec)
+        return
+    d.count("shard_promotions")
+
+
 def _session_closed(d: _Draft, rec: Recorded, e: SessionClosed) -> None:
     if e.session_id not in d.r("sessions"):
         d.anomaly(rec)
@@ -517,6 +536,8 @@ _HANDLERS: dict[type, Any] = {
     RecoveryCompleted: _recovery_completed,
     SessionOpened: _session_opened,
     TokensAppended: _tokens_appended,
+    SessionResumed: _session_resumed,
+    ShardPromoted: _shard_promoted,
     SessionClosed: _session_closed,
     SnapshotWritten: _snapshot_written,
 }

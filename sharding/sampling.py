@@ -25,3 +25,13 @@ def sample_next(values: np.ndarray, indices: np.ndarray, temperature: float = 0.
     keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
     probs = probs[:keep] / probs[:keep].sum()
     return int(indices[rng.choice(keep, p=probs)])
+
+
+def token_rng(seed: int, position: int) -> np.random.Generator:
+    """The generator that samples the ``position``-th new token of a seeded generation.
+
+    One generator per position (seeded by ``(seed, position)``), not one advanced token by token: a
+    coordinator that takes a session over after ``position`` logged tokens samples exactly what the
+    one that died would have, without replaying its draws.
+    """
+    return np.random.default_rng([seed, position])

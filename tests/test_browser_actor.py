@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from actors.browser import BrowserActor, BrowserFailure
-from sharding.coordinator import ShardStage, generate_tokens
+from sharding.coordinator import ShardChain, ShardStage, generate_tokens
 from sharding.models import llama, minilm
 from sharding.models.errors import InputError
 from sharding.models.registry import artifacts
@@ -96,7 +96,7 @@ def test_tiny_llama_in_page_equals_cpu_onnxruntime(browser):
     _load(handle, art)
     stage = ShardStage("test-browser", handle, art)
 
-    result = asyncio.run(generate_tokens([stage], "s1", prompt, 12, eos_id=None))
+    result = asyncio.run(generate_tokens(ShardChain([stage], "s1"), prompt, 12, eos_id=None))
     shard = llama.build_shards(model, [(0, model.config.n_layers)])
     expected = llama.ort_greedy_generate(shard, prompt, 12)
     assert result["token_ids"] == expected[:12]
@@ -123,7 +123,7 @@ def test_webgpu_agrees_with_wasm_where_available(browser):
     ray.get(handle.load_model.remote(tiny_gpu.artifact.key, ray.put(np.fromfile(tiny.path, np.uint8)),
                                      tiny.sha256, "webgpu"))
     prompt = model.encode("hello webpool")
-    result = asyncio.run(generate_tokens([tiny_gpu], "s-gpu", prompt, 8, eos_id=None))
+    result = asyncio.run(generate_tokens(ShardChain([tiny_gpu], "s-gpu"), prompt, 8, eos_id=None))
     expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]), prompt, 8)
     assert result["token_ids"] == expected[:8]
     ray.get(handle.unload_model.remote(tiny_gpu.artifact.key))

@@ -54,6 +54,8 @@ CONTRACT = {
     "RecoveryCompleted": ("recovery_id", "browser_id", "success", "replacement", "duration_ms"),
     "SessionOpened": ("session_id", "model", "plan"),
     "TokensAppended": ("session_id", "token_ids"),
+    "SessionResumed": ("session_id", "tokens", "attempt"),
+    "ShardPromoted": ("session_id", "shard", "failed_browser", "shadow_browser"),
     "SessionClosed": ("session_id", "reason"),
     "SnapshotWritten": ("snapshot_seq", "path"),
     "PageRequestsBlocked": ("browser_id", "count", "urls"),
@@ -64,7 +66,7 @@ CONTRACT = {
 
 SUBJECTS = {
     "Browser": "browser_id", "Model": "browser_id", "Operation": "op_id", "Recovery": "recovery_id",
-    "Session": "session_id", "Tokens": "session_id", "Page": "browser_id", "Request": "model",
+    "Session": "session_id", "Tokens": "session_id", "Shard": "session_id", "Page": "browser_id", "Request": "model",
 }
 
 # --- strategies built from each kind's type hints ---

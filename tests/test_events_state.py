@@ -39,6 +39,8 @@ from events.schema import (
     RequestRejected,
     SessionClosed,
     SessionOpened,
+    SessionResumed,
+    ShardPromoted,
     SnapshotWritten,
     TokensAppended,
 )
@@ -255,6 +257,23 @@ def test_tokens_appended():
     assert s.sessions["s1"].tokens == (1, 2, 3, 4) and s.metrics["tokens_appended"] == 4
 
 
+def test_session_resumed():
+    s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1, 2)), SessionResumed("s1", 2, 2))
+    assert s.sessions["s1"].resumes == 1 and s.sessions["s1"].tokens == (1, 2)
+    assert s.metrics["sessions_resumed"] == 1
+
+
+def test_a_resume_that_does_not_match_the_logged_tokens_is_an_anomaly():
+    s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1, 2)), SessionResumed("s1", 5, 2),
+            SessionResumed("ghost", 0, 2))
+    assert s.sessions["s1"].resumes == 0 and s.metrics["anomaly.SessionResumed"] == 2
+
+
+def test_shard_promoted():
+    s = run(SessionOpened("s1", "m", {}), ShardPromoted("s1", 1, "b2", "b5"), ShardPromoted("ghost", 0, "b1", "b4"))
+    assert s.metrics["shard_promotions"] == 1 and s.metrics["anomaly.ShardPromoted"] == 1
+
+
 def test_session_closed():
     s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1,)), SessionClosed("s1", "eos"))
     assert s.sessions == {} and s.metrics["sessions_closed"] == 1
@@ -396,6 +415,8 @@ pool_events = st.one_of(
     st.builds(RecoveryCompleted, RECOVERIES, BROWSERS, st.booleans(), st.none() | BROWSERS, MS),
     st.builds(SessionOpened, SESSIONS, MODELS, SMALL_JSON),
     st.builds(TokensAppended, SESSIONS, st.lists(st.integers(0, 49151), max_size=4).map(tuple)),
+    st.builds(SessionResumed, SESSIONS, st.integers(0, 4), st.integers(2, 4)),
+    st.builds(ShardPromoted, SESSIONS, st.integers(0, 2), BROWSERS, BROWSERS),
     st.builds(SessionClosed, SESSIONS, TEXT),
     st.builds(SnapshotWritten, st.integers(0, 100), TEXT),
 )

@@ -1,8 +1,11 @@
 """Layer-sharded SmolLM2 across real browsers: identical tokens to the CPU reference, also when a
-shard's browser dies mid-generation (its cache is rebuilt by replaying the session's prefix)."""
+shard's browser dies mid-generation (its cache is rebuilt by replaying the session's prefix) and when
+the coordinator's own process is killed (a new one resumes the session from the log)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -11,9 +14,11 @@ import ray
 from events.state import open_operations
 from sharding.models import llama
 from sharding.plan import even_layer_ranges
+from sharding.sampling import sample_next, token_rng
 from webpool import ResourcePool
 
 PROMPT = "The capital of France is"
+STORY_PROMPT = "Once upon a time, a small robot"
 NEW_TOKENS = 32
 
 
@@ -47,9 +52,25 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
     assert out["metrics"]["replays"] == 0
 
 
-def _wait_for_tokens(pool, n: int, timeout: float = 120.0) -> str:
+def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float, top_p: float, seed: int) -> list[int]:
+    """Seeded sampling over CPU onnxruntime's top-K (the model computed independently of the browsers)."""
+    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]))
+    out: list[int] = []
+    feed = list(prompt_ids)
+    while len(out) < n:
+        values, indices = chain.step(feed)
+        out.append(sample_next(values, indices, temperature, top_p, token_rng(seed, len(out))))
+        if out[-1] == model.config.eos_id:
+            break
+        feed = [out[-1]]
+    return out
+
+
+def _wait_for_tokens(pool, n: int, ref=None, timeout: float = 120.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if ref is not None and ray.wait([ref], timeout=0)[0]:
+            raise AssertionError(f"the generation ended before {n} tokens: {ray.get(ref)['token_ids']}")
         state = ray.get(pool.get_state.remote())
         live = [s for s in state.sessions.values() if len(s.tokens) >= n]
         if live:
@@ -62,7 +83,7 @@ def _wait_for_tokens(pool, n: int, timeout: float = 120.0) -> str:
 @pytest.mark.parametrize("fault", ["kill_browser", "crash_page"])
 def test_shard_failure_mid_generation_changes_no_token(pool, expected, fault):
     ref = pool.generate.remote("smollm2-135m", PROMPT, max_new_tokens=NEW_TOKENS, shards=3)
-    session_id = _wait_for_tokens(pool, 6)
+    session_id = _wait_for_tokens(pool, 6, ref)
     state = ray.get(pool.get_state.remote())
     victim = state.sessions[session_id].plan["shards"][1]["browser_id"]     # the middle shard
     ray.get(pool.inject_fault.remote(victim, fault))
@@ -109,6 +130,68 @@ def test_concurrent_sessions_on_the_same_shards_keep_their_own_kv_cache(ray_loca
         seq = {(e["action"], e["data"]["session_id"]): e["seq"] for e in events
                if e["action"] in ("SessionOpened", "SessionClosed") and e["data"]["session_id"] in sessions}
         assert max(seq[("SessionOpened", s)] for s in sessions) < min(seq[("SessionClosed", s)] for s in sessions)
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 2}], ids=["greedy", "seeded"])
+def test_killing_the_coordinator_mid_generation_resumes_the_session_from_the_log(pool, smollm2, expected, sampling):
+    """SIGKILL the ShardCoordinator's process mid-generation: Ray restarts it and retries the call; the new
+    coordinator reads the logged tokens, rebuilds the shards' caches and goes on. Same tokens, logged once."""
+    # Sampled: a prompt whose seeded continuation runs the full length (the capital prompt ends at "Paris.").
+    prompt = STORY_PROMPT if sampling else PROMPT
+    reference = (_sampled_reference(smollm2, smollm2.encode(prompt), NEW_TOKENS, **sampling) if sampling
+                 else expected)
+    assert len(reference) > 16          # long enough to be killed mid-way
+    coordinator = ray.get(pool.coordinator.remote("smollm2-135m"))
+    pid = ray.get(coordinator.pid.remote())
+    ref = pool.generate.remote("smollm2-135m", prompt, max_new_tokens=NEW_TOKENS, shards=2, **sampling)
+    session_id = _wait_for_tokens(pool, 8, ref)
+    os.kill(pid, signal.SIGKILL)
+    out = ray.get(ref, timeout=300)
+    assert out["token_ids"] == reference, "a coordinator death must not change the output"
+    assert ray.get(coordinator.pid.remote()) != pid, "Ray started a new coordinator process"
+
+    events = [e for e in ray.get(pool.recent_events.remote(5000)) if e["subject"] == session_id]
+    [resumed] = [e for e in events if e["action"] == "SessionResumed"]
+    assert resumed["data"]["tokens"] >= 8 and resumed["data"]["attempt"] == 2
+    assert out["metrics"]["resumed_from_tokens"] == resumed["data"]["tokens"]
+    logged = [t for e in events if e["action"] == "TokensAppended" for t in e["data"]["token_ids"]]
+    assert logged == reference, "every token logged exactly once, in order"
+    assert events[-1]["action"] == "SessionClosed" and events[-1]["data"]["reason"] == "done"
+    assert open_operations(ray.get(pool.get_state.remote())) == []
+
+
+@pytest.mark.slow
+def test_with_shadows_a_shard_kill_switches_to_the_shadow_with_no_replay(ray_local, tmp_path, expected):
+    """Level high: each shard also runs on a shadow browser, fed the same hidden states step by step. Killing
+    a primary's browser mid-generation hands its shard to the shadow (ShardPromoted): no prefix re-run,
+    identical output; the pool recovers the dead browser in the background."""
+    pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=30.0,
+                               fault_tolerance={"level": "high", "standby_browsers": 0})
+    try:
+        ref = pool.generate.remote("smollm2-135m", PROMPT, max_new_tokens=NEW_TOKENS, shards=2)
+        session_id = _wait_for_tokens(pool, 6, ref)
+        plan = ray.get(pool.get_state.remote()).sessions[session_id].plan
+        primaries, shadows = [s["browser_id"] for s in plan["shards"]], plan["shadows"]
+        assert all(shadows) and len(set(primaries + shadows)) == 4, plan    # four distinct browsers
+        victim = primaries[1]
+        ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+        out = ray.get(ref, timeout=300)
+        assert out["token_ids"] == expected, "a shard failure must not change the output"
+        assert out["metrics"]["replays"] == 0 and out["metrics"]["promotions"] == 1
+        assert out["browser_ids"] == [primaries[0], shadows[1]]
+
+        events = ray.get(pool.recent_events.remote(5000))
+        [promoted] = [e for e in events if e["action"] == "ShardPromoted"]
+        assert promoted["subject"] == session_id
+        assert promoted["data"] == {"session_id": session_id, "shard": 1, "failed_browser": victim,
+                                    "shadow_browser": shadows[1]}
+        assert ("BrowserFailed", victim) in [(e["action"], e["subject"]) for e in events]
+        assert not [e for e in events if e["action"] == "OperationStarted" and e["data"]["kind"] == "replay"]
+        assert open_operations(ray.get(pool.get_state.remote())) == []
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)

@@ -437,7 +437,7 @@ def _replay_summary(state: PoolState, location: str, source: str, events: int, f
                              "started_seq": o.started_seq, "started_ts": o.started_ts}
                             for o in open_operations(state)],
         "sessions": [{"session_id": s.session_id, "model": s.model, "tokens": len(s.tokens),
-                      "opened_seq": s.opened_seq, "shards": len(s.plan.get("shards") or [])}
+                      "opened_seq": s.opened_seq, "shards": len(s.plan.get("shards") or []), "resumes": s.resumes}
                      for s in sorted(state.sessions.values(), key=lambda s: s.opened_seq)],
         "open_recoveries": [{"recovery_id": r.recovery_id, "browser_id": r.browser_id, "strategy": r.strategy,
                              "attempt": r.attempt, "category": r.category.value, "steps": len(r.steps)}
@@ -476,8 +476,8 @@ def _print_replay(doc: dict) -> None:
     console.print(_table("open operations", ["op", "model", "browser", "kind", "started seq", "started"],
                          [[o["op_id"], o["model"], o["browser_id"], o["kind"], o["started_seq"],
                            _entry_time(o["started_ts"])] for o in doc["open_operations"]]))
-    console.print(_table("sessions", ["session", "model", "tokens", "shards", "opened seq"],
-                         [[s["session_id"], s["model"], s["tokens"], s["shards"], s["opened_seq"]]
+    console.print(_table("sessions", ["session", "model", "tokens", "shards", "opened seq", "resumes"],
+                         [[s["session_id"], s["model"], s["tokens"], s["shards"], s["opened_seq"], s["resumes"]]
                           for s in doc["sessions"]]))
     console.print(_table("open recoveries", ["recovery", "browser", "strategy", "attempt", "category", "steps"],
                          [list(r.values()) for r in doc["open_recoveries"]]))

@@ -129,8 +129,8 @@ async function createSession(key, bytes, backend) {
 
 // Run one step of a model. `feeds` maps input names to tensors; `opts.state` names a per-request state
 // (e.g. a generation's KV cache) kept in the page: inputs listed in `opts.statePairs` ([output, input])
-// are taken from the state (or from `opts.initialState` on the first step) and refreshed from the
-// outputs after the run, so the cache never crosses the page boundary.
+// are taken from the state and refreshed from the outputs after the run, so the cache never crosses the
+// page boundary. `opts.initialState` starts the state afresh (replacing any state of that name).
 export function run(key, feeds, opts) {
   const entry = sessions.get(key);
   if (!entry) return Promise.reject(new Error(`model ${key} is not loaded`));
@@ -151,6 +151,7 @@ async function runNow(entry, key, feeds, opts) {
   for (const [name, spec] of Object.entries(feeds)) inputs[name] = toTensor(name, spec);
   let state = null;
   if (opts.state) {
+    if (opts.initialState) dropState(opts.state);
     state = states.get(opts.state);
     if (!state) {
       state = { key, tensors: new Map() };
