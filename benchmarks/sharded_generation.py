@@ -142,6 +142,7 @@ def faulted_in_flight(pool: Any, model: str, tokens: int, kill_after: int) -> di
     return {"total_ms": (time.perf_counter() - t0) * 1000, "token_ids": out["token_ids"],
             "failed": bool(out["replays"] or out["promotions"]), "replays": len(out["replays"]),
             "promotions": len(out["promotions"]), "replay_ms": [r["ms"] for r in out["replays"]],
+            "promotion_step_ms": [p["step_ms"] for p in out["promotions"]],
             "victim": victim}
 
 
@@ -199,6 +200,7 @@ def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: 
         section["replays_per_run"] = [r["replays"] for r in runs]
         section["promotions_per_run"] = [r["promotions"] for r in runs]
         section["replay_ms"] = summary([ms for r in runs for ms in r["replay_ms"]])
+        section["promotion_step_ms"] = summary([ms for r in runs for ms in r["promotion_step_ms"]])
     else:
         section["restart_ms"] = summary([r["restart_ms"] for r in runs])
     return section

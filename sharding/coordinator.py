@@ -158,6 +158,7 @@ class ShardChain:
         primary, shadow = self.stages[i], self.shadows[i]
         if shadow is None:
             return await run_stage(primary, self.session_id, x, fresh, self.timeout)
+        t0 = time.perf_counter()
         first, second = await asyncio.gather(run_stage(primary, self.session_id, x, fresh, self.timeout),
                                              run_stage(shadow, self.session_id, x, fresh, self.timeout),
                                              return_exceptions=True)
@@ -173,13 +174,12 @@ class ShardChain:
         if isinstance(second, BaseException):
             raise first                               # both failed: replace the primary (with a replay)
         # The shadow holds the same cache and has answered this step: it takes over, nothing is re-run.
-        t0 = time.perf_counter()
         self.stages[i], self.shadows[i] = shadow, None
         if self.on_lost is not None:
             await self.on_lost(i, primary, first, shadow)
+        # step_ms: the whole step in which the primary failed, from its start to the shadow's answer in use.
         self.promotions.append({"shard": i, "failed_browser": primary.browser_id,
-                                "shadow_browser": shadow.browser_id,
-                                "ms": (time.perf_counter() - t0) * 1000})
+                                "shadow_browser": shadow.browser_id, "step_ms": (time.perf_counter() - t0) * 1000})
         return second
 
     async def _replay(self, i: int, failed: ShardStage) -> None:
@@ -301,7 +301,9 @@ class ShardCoordinator:
             if isinstance(cause, InputError):
                 raise cause
             failure = classify(exc, failed.browser_id)
+            # Not onto a browser the session already uses (another shard, or a shadow).
             others = [s.browser_id for j, s in enumerate(chain.stages) if j != i]
+            others += [s.browser_id for s in chain.shadows if s is not None]
             replacement = await self.pool.shard_replace.remote(failure, failed.artifact.key, others)
             if replacement is None:       # this pool does not recover (level none)
                 raise failure
