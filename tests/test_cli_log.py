@@ -206,7 +206,7 @@ def _check_replay(doc: dict, records: list) -> None:
     assert by_id["b3"]["models"] == [] and by_id["b1"]["memory_mb"] == 712.5
     assert [o["op_id"] for o in doc["open_operations"]] == ["op-open"]
     assert doc["sessions"] == [{"session_id": "s1", "model": "smollm2-135m", "tokens": 2 * N_OPS,
-                                "opened_seq": 10, "shards": 2}]
+                                "opened_seq": 10, "shards": 2, "resumes": 0}]
     assert [(r["recovery_id"], r["strategy"], r["steps"]) for r in doc["open_recoveries"]] == [("r2", "failover", 0)]
     stats = doc["recovery_statistics"]
     assert (stats["recovery_attempts"], stats["recovery_successes"], stats["success_rate"]) == (2, 1, 0.5)

@@ -192,6 +192,14 @@ def test_with_shadows_a_shard_kill_switches_to_the_shadow_with_no_replay(ray_loc
         assert ("BrowserFailed", victim) in [(e["action"], e["subject"]) for e in events]
         assert not [e for e in events if e["action"] == "OperationStarted" and e["data"]["kind"] == "replay"]
         assert open_operations(ray.get(pool.get_state.remote())) == []
+        # The dead browser is recovered once the session no longer runs (not during it, taking its CPU).
+        [closed] = [e for e in events if e["action"] == "SessionClosed" and e["subject"] == session_id]
+        deadline = time.monotonic() + 120
+        while not (started := [e for e in ray.get(pool.recent_events.remote(5000))
+                               if e["action"] == "RecoveryStarted" and e["data"]["browser_id"] == victim]):
+            assert time.monotonic() < deadline, "the dead browser was never recovered"
+            time.sleep(0.1)
+        assert started[0]["seq"] > closed["seq"]
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
