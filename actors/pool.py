@@ -662,6 +662,21 @@ class PoolCore:
     async def _generate_on(self, model: str, stages: list[coordinator.ShardStage],
                            shadows: list[coordinator.ShardStage | None], prompt_ids: list[int],
                            req: validation.GenerationRequest, eos_id: int | None) -> dict[str, Any]:
+        # The operation is recorded against the first shard's browser, which _run_op counts as busy. The
+        # session's other browsers are busy too: the health loop must not probe them (nor scale-down retire
+        # them) mid-session; a failure there is the coordinator's to handle (replay, or its shadow).
+        others = {s.browser_id for s in [*stages, *shadows] if s is not None} - {stages[0].browser_id}
+        for browser_id in others:
+            self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1
+        try:
+            return await self._run_session(model, stages, shadows, prompt_ids, req, eos_id)
+        finally:
+            for browser_id in others:
+                self._in_flight[browser_id] -= 1
+
+    async def _run_session(self, model: str, stages: list[coordinator.ShardStage],
+                           shadows: list[coordinator.ShardStage | None], prompt_ids: list[int],
+                           req: validation.GenerationRequest, eos_id: int | None) -> dict[str, Any]:
         session_id = uuid.uuid4().hex
         await self._record(ev.SessionOpened(session_id=session_id, model=model, plan={
             "shards": [{"browser_id": s.browser_id, "artifact": s.artifact.key,
