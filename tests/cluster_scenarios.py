@@ -144,6 +144,10 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     for c in clients:
         c.join(600)
     out["node_loss_answers"] = sorted(answers, key=lambda a: a["i"])
+    # The load may end before the pool notices the loss (no request of the rest touched that node): then it
+    # is the health loop's node check that finds it, once Ray's GCS has marked the node dead.
+    _wait(lambda: all(_state(pool).browsers[b].status not in ("launched", "connected", "disconnected")
+                      for b in out["node_loss_victim_browsers"]), 120, "the lost node's browsers to be failed")
     _wait(lambda: not _state(pool).recoveries, 300, "recoveries to finish")
     out["node_loss_browsers_after"] = _browsers(pool)
     out["node_loss_victim_pids_alive"] = [p for p in victim_pids if alive(p)]
