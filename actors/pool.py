@@ -632,20 +632,20 @@ class PoolCore:
 
         async def on(avoid: frozenset[str] = frozenset()) -> dict[str, Any]:
             used: set[str] = set(avoid)
-            stages = []
-            for art in arts:
+
+            async def stage_apart(art: ModelArtifact) -> coordinator.ShardStage:
+                """``art`` on a browser no other stage of this request uses."""
                 browser_id = await self._place(art, spec.task, avoid=frozenset(used))
                 used.add(browser_id)
-                stages.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
+                return coordinator.ShardStage(browser_id, self._handles[browser_id], art)
+
+            stages = [await stage_apart(art) for art in arts]
             shadows: list[coordinator.ShardStage | None] = []
             for art in arts if self.ft.shadows(req.shards) else []:
                 try:
-                    browser_id = await self._place(art, spec.task, avoid=frozenset(used))
+                    shadows.append(await stage_apart(art))
                 except NoBrowserAvailableError:     # no room (max_connections): that shard runs unshadowed
                     shadows.append(None)
-                    continue
-                used.add(browser_id)
-                shadows.append(coordinator.ShardStage(browser_id, self._handles[browser_id], art))
             return await self._generate_on(spec.name, stages, shadows, prompt_ids, req, model.config.eos_id)
 
         async def attempt() -> dict[str, Any]:
