@@ -372,23 +372,37 @@ class PoolCore:
         return self._model_refs[art.sha256]
 
     async def _place(self, art: ModelArtifact, task: str, avoid: frozenset[str] = frozenset()) -> str:
-        """A live browser holding ``art``: found, or made so by loading it (launching if allowed)."""
-        async with self._lock("placement"):
-            browser_type = self._browser_type(task)
-            views = self._views(art.model)
-            if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
-                raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
-                                              f"(max_connections={self.max_connections})")
-            decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
-            browser_id = decision.browser_id
-            if decision.action == "launch":
-                busy = sum(v.in_flight for v in views)
-                await self._record(ev.PoolScaled(direction="up", browsers=len(views) + 1, reason=(
-                    f"{busy} request(s) in flight on {len(views)} browser(s) for {art.key}" if views
-                    else f"no browser yet for {art.key}")))
-                browser_id = await self._launch(browser_type, avoid=avoid)
-            assert browser_id is not None
-            self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1   # reserve it
+        """A live browser holding ``art``: found, or made so by loading it (launching if allowed).
+
+        When no live browser holding ``art`` is free but one that held it is being recovered, the
+        request first waits for that recovery (at most its own time budget): the recovery brings the
+        model back (a reconnect takes ~50 ms), where loading it elsewhere takes seconds and may take
+        a browser more.
+        """
+        waited = False
+        while True:
+            async with self._lock("placement"):
+                browser_type = self._browser_type(task)
+                views = self._views(art.model)
+                if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
+                    raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
+                                                  f"(max_connections={self.max_connections})")
+                decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
+                recovering = [] if waited or decision.action == "use" else self.recovery.running(
+                    b for b in self.state.browsers if b not in avoid and art.key in self._keys_on(b))
+                if not recovering:
+                    browser_id = decision.browser_id
+                    if decision.action == "launch":
+                        busy = sum(v.in_flight for v in views)
+                        await self._record(ev.PoolScaled(direction="up", browsers=len(views) + 1, reason=(
+                            f"{busy} request(s) in flight on {len(views)} browser(s) for {art.key}" if views
+                            else f"no browser yet for {art.key}")))
+                        browser_id = await self._launch(browser_type, avoid=avoid)
+                    assert browser_id is not None
+                    self._in_flight[browser_id] = self._in_flight.get(browser_id, 0) + 1   # reserve it
+                    break
+            waited = True
+            await asyncio.wait(recovering, timeout=self.request_timeout)
         try:
             async with self._lock(f"load:{browser_id}:{art.key}"):
                 if art.key not in self._keys_on(browser_id):

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -181,10 +181,18 @@ class RecoveryExecutor:
         self.pool = pool
         self._running: dict[str, asyncio.Task] = {}
 
-    async def recover(self, failure: BrowserFailure, config: FaultToleranceConfig | None = None) -> dict[str, Any]:
+    def running(self, browser_ids: Iterable[str]) -> list[asyncio.Future]:
+        """The recoveries under way for any of ``browser_ids``."""
+        return [t for b in browser_ids if (t := self._running.get(b)) is not None and not t.done()]
+
+    def recover(self, failure: BrowserFailure,
+                config: FaultToleranceConfig | None = None) -> Awaitable[dict[str, Any]]:
         """Recover ``failure.browser_id`` once, however many requests saw it fail at the same time.
 
-        Returns the guide's result dict: success, browser_id, recovery_browser (the browser now
+        The recovery is registered (``running`` sees it) before this returns, not when it is first
+        awaited: a request placed meanwhile waits for it instead of loading the model elsewhere.
+
+        Resolves to the guide's result dict: success, browser_id, recovery_browser (the browser now
         serving its work), strategy, steps, duration_ms, error.
         """
         browser_id = failure.browser_id
@@ -193,7 +201,7 @@ class RecoveryExecutor:
             task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft))
             self._running[browser_id] = task
             task.add_done_callback(lambda _t: self._running.pop(browser_id, None))
-        return await asyncio.shield(task)
+        return asyncio.shield(task)
 
     async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig) -> dict[str, Any]:
         pool = self.pool

@@ -103,6 +103,23 @@ def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):
     assert done["state"].metrics.get("models_loaded") == 1     # nothing was loaded again
 
 
+def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_elsewhere(ray_local, tmp_path,
+                                                                                          reference):
+    """The health loop finds a killed browser and restarts it (~1.5 s with the model reload); a request
+    arriving meanwhile is served by the restarted browser, not by a second one launched for it."""
+    pool, browser_id = _pool(tmp_path, "restart")
+    ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+    deadline = time.monotonic() + 30
+    while not ray.get(pool.get_state.remote()).recoveries:
+        assert time.monotonic() < deadline, "the health loop never started a recovery"
+        time.sleep(0.005)
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
+    assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    done = _finish(pool)
+    assert set(done["state"].browsers) == {browser_id}, "no second browser was launched"
+    assert done["state"].metrics.get("recovery_successes", 0) >= 1
+
+
 def test_level_none_reports_the_error(ray_local, tmp_path):
     pool, browser_id = _pool(tmp_path, "progressive", level="none")
     ray.get(pool.inject_fault.remote(browser_id, "crash_page"))
