@@ -24,8 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from benchmarks.results import write_results
 from events.schema import (
     BrowserHealthReported,
     BrowserLaunched,
@@ -40,7 +39,6 @@ from events.schema import (
 from events.state import replay
 from events.store import EventStore
 
-RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 TARGETS = {"batched_append_events_per_s": 200_000, "replay_events_per_s": 1_000_000, "restart_with_snapshot_s": 1.0}
 
 
@@ -308,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workdir", type=Path, default=None, help="where the logs are written (default: temp dir)")
     args = parser.parse_args(argv)
     r = run(args.quick, args.workdir)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("event_log-quick.json" if args.quick else "event_log.json")
-    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2))
+    out = write_results("event_log", args.quick, r)
     print_table(r)
     print(f"wrote {out}")
     return r

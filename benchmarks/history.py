@@ -23,18 +23,16 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from benchmarks.results import summary_ms, write_results
 from events.history import SCHEMA, PerformanceHistoryTracker
 from events.schema import BrowserLaunched, ModelLoaded, OperationCompleted, OperationFailed, OperationStarted, Recorded
 
-RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 T0 = 1_700_000_000.0
 SPAN_S = 3000.0          # all operations inside the guide's default one-hour window
 MODELS = ("all-minilm-l6-v2", "smollm2-135m", "bert-base", "t5-small")
@@ -154,8 +152,7 @@ SAME_DEFINITION = ("avg_duration_ms", "min_duration_ms", "max_duration_ms", "avg
 
 def summary(samples_s: list[float]) -> dict[str, Any]:
     a = np.asarray(samples_s) * 1000
-    return {"n": len(a), "median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
-            "min_ms": float(a.min()), "samples_ms": a.round(3).tolist()}
+    return summary_ms(a) | {"samples_ms": a.round(3).tolist()}
 
 
 def timed(fns: dict[str, Any], repeats: int) -> dict[str, tuple[list[float], Any]]:
@@ -268,9 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     n, repeats = (100_000, 3) if args.quick else (args.entries, args.repeats)
     r = run(n, repeats, ingest_ops=min(n, 50_000))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("history-quick.json" if args.quick else "history.json")
-    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    out = write_results("history", args.quick, r)
     print_table(r)
     print(f"wrote {out}")
     return r

@@ -22,17 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
+from benchmarks.results import summary_ms, write_results
 from webpool.localray import configure_auth_env, start_local_ray
-
-RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
-
-
-def summary(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {"n": len(a), "median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
-            "mean_ms": float(a.mean())}
 
 
 async def floor_minilm(n: int, text: str) -> list[float]:
@@ -116,9 +108,9 @@ def run(quick: bool) -> dict[str, Any]:
         shutil.rmtree(temp, ignore_errors=True)
 
     native = native_decode(gen_model, "The capital of France is", tokens)
-    results["minilm"] = {"pool": summary(pool_ms), "floor_in_process": summary(floor)}
-    results["minilm"]["overhead_ratio_median"] = results["minilm"]["pool"]["median_ms"] / summary(floor)["median_ms"]
-    results["minilm"]["overhead_ratio_p95"] = results["minilm"]["pool"]["p95_ms"] / summary(floor)["p95_ms"]
+    results["minilm"] = {"pool": summary_ms(pool_ms), "floor_in_process": summary_ms(floor)}
+    results["minilm"]["overhead_ratio_median"] = results["minilm"]["pool"]["median_ms"] / summary_ms(floor)["median_ms"]
+    results["minilm"]["overhead_ratio_p95"] = results["minilm"]["pool"]["p95_ms"] / summary_ms(floor)["p95_ms"]
     pool_tps = gen["metrics"]["decode_tokens_per_s"]
     results["generation"] = {
         "model": gen_model, "new_tokens": len(gen["token_ids"]),
@@ -156,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI): 20 requests, tiny llama")
     args = parser.parse_args(argv)
     r = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("inference-quick.json" if args.quick else "inference.json")
-    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    out = write_results("inference", args.quick, r)
     print_table(r)
     print(f"wrote {out}")
     return r

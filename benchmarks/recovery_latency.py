@@ -56,12 +56,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from benchmarks.results import results_dir, summary_ms, write_json
 from events.state import PoolState, browsers_alive
 from sharding.models.errors import InputError
 
 log = logging.getLogger(__name__)
 
-RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 MODEL = "all-minilm-l6-v2"
 TOLERANCE = 1e-4                    # max abs error of an embedding vs the float64 numpy reference
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_actor", "disconnect", "hang", "exhaust_memory",
@@ -153,15 +153,6 @@ class Workload:
 
 
 # ----- pure helpers: statistics, event-log arithmetic, pool shape --------------------------------------------
-def summary(samples_ms: Sequence[float]) -> dict[str, float] | None:
-    """n, median, p95, min, max of a sample in ms; None for no samples (never a made-up zero)."""
-    if not samples_ms:
-        return None
-    a = np.asarray(samples_ms, dtype=float)
-    return {"n": len(a), "median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
-            "min_ms": float(a.min()), "max_ms": float(a.max())}
-
-
 def trial_latencies(events: Sequence[dict[str, Any]], browser_id: str, fault_ts: float) -> dict[str, Any]:
     """Detection and recovery latency of one fault from the event log (the pool's ``recent_events`` shape).
 
@@ -275,7 +266,7 @@ def vanished_node_result(observed: dict[str, Any]) -> dict[str, Any]:
     return {
         "requests": len(answers), "all_correct": bool(answers) and all(a["correct"] for a in answers),
         "in_flight_at_loss": len(met),
-        "time_to_result": summary([(a["done_ts"] - removed) * 1000 for a in met if a["correct"]]),
+        "time_to_result": summary_ms([(a["done_ts"] - removed) * 1000 for a in met if a["correct"]]),
         "recoveries": observed.get("node_loss_recoveries"), "error": observed.get("errors", {}).get("node_loss"),
         "setup": "5-node ray.cluster_utils.Cluster on this machine; pool at level high (progressive, 1 standby) "
                  "on the head; the node of a serving browser removed without notice while 2 clients send",
@@ -563,9 +554,9 @@ def summarize_case(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "trials": len(trials),
         "outcomes": outcomes,
-        "detection": summary([t["detection_ms"] for t in trials if t["detection_ms"] is not None]),
-        "recovery": summary([t["recovery_ms"] for t in recovered if t["recovery_success"]]),
-        "time_to_result": summary([t["time_to_result_ms"] for t in trials if t["time_to_result_ms"] is not None]),
+        "detection": summary_ms([t["detection_ms"] for t in trials if t["detection_ms"] is not None]),
+        "recovery": summary_ms([t["recovery_ms"] for t in recovered if t["recovery_success"]]),
+        "time_to_result": summary_ms([t["time_to_result_ms"] for t in trials if t["time_to_result_ms"] is not None]),
         "recovery_successes": sum(1 for t in recovered if t["recovery_success"]),
         "recovery_failures": sum(1 for t in recovered if not t["recovery_success"]),
         "categories": sorted({t["category"] for t in trials if t["category"]}),
@@ -646,7 +637,7 @@ def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Calla
                                       "trials": []})
                         continue
                     case_summary = summarize_case(trials)
-                    steady = summary(session.steady_request_ms)
+                    steady = summary_ms(session.steady_request_ms)
                     ttr = case_summary["time_to_result"]
                     # What a fault costs beyond running the request once (the in-flight batch runs again).
                     case_summary["steady_request"] = steady
@@ -658,7 +649,7 @@ def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Calla
                     checkpoint()
             finally:
                 sessions[f"{strategy}/{level}"] = {"pool_replacements": session.replacements,
-                                                   "steady_request": summary(session.steady_request_ms),
+                                                   "steady_request": summary_ms(session.steady_request_ms),
                                                    "error": error}
                 session.close()
 
@@ -803,7 +794,7 @@ def run_baseline(cfg: Config, work: Workload, advance: Callable[[str], None]) ->
             "measure": "SIGKILL of the actor process from the driver, then a call issued right after: time to "
                        "its correct answer (Ray restarts the actor and re-runs __init__)",
             "answered": sum(t["answered"] for t in kill_trials), "trials": kill_trials,
-            "time_to_result": summary([t["time_to_result_ms"] for t in kill_trials if t["answered"]]),
+            "time_to_result": summary_ms([t["time_to_result_ms"] for t in kill_trials if t["answered"]]),
             "verdict": "answered" if all(t["answered"] for t in kill_trials) else "not always answered",
         }
     for fault, trials in other_trials.items():
@@ -811,12 +802,12 @@ def run_baseline(cfg: Config, work: Workload, advance: Callable[[str], None]) ->
         faults[fault] = {
             "measure": f"fault injected, then calls until a correct answer or {cfg.zombie_wait_s:g} s",
             "answered": len(answered), "trials": trials,
-            "time_to_result": summary([t["time_to_result_ms"] for t in answered]),
+            "time_to_result": summary_ms([t["time_to_result_ms"] for t in answered]),
             "verdict": trials[0]["verdict"] if len({t["verdict"] for t in trials}) == 1 else "mixed",
         }
     return {"actor": "plain Ray actor owning BrowserCore + MiniLM (loaded in __init__), max_restarts=1, "
                      "max_task_retries=1, num_cpus=0",
-            "cold_start": summary(cold), "faults": faults, "errors": errors}
+            "cold_start": summary_ms(cold), "faults": faults, "errors": errors}
 
 
 def _baseline_ratios(cases: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
@@ -885,9 +876,9 @@ def overhead_level(level: str, cfg: Config, event_root: Path, reference: np.ndar
         close_pool(pool)
     return {
         "browsers": browsers, "fault_tolerance": ft, "wrong_answers": int(wrong),
-        "sequential": {"requests_per_s": cfg.overhead_requests / seq_s, "latency": summary(seq_ms)},
+        "sequential": {"requests_per_s": cfg.overhead_requests / seq_s, "latency": summary_ms(seq_ms)},
         "concurrent": {"in_flight": cfg.concurrency, "requests_per_s": cfg.overhead_requests / conc_s,
-                       "latency": summary(conc_ms)},
+                       "latency": summary_ms(conc_ms)},
     }
 
 
@@ -1161,12 +1152,6 @@ def rechart(json_path: Path) -> Path:
     return out
 
 
-def _write_json(r: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    tmp.replace(path)
-
-
 def _config_from_args(args: argparse.Namespace) -> Config:
     base = QUICK if args.quick else Config()
     changes: dict[str, Any] = {}
@@ -1211,10 +1196,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="skip the multi-node scenario (a node removed under load)")
     parser.add_argument("--vanished-node-only", action="store_true",
                         help="run only the multi-node scenario and merge it into the JSON in --out-dir")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where results go (default: $WEBPOOL_RESULTS or results/)")
     parser.add_argument("--markdown", type=Path, metavar="JSON",
                         help="print the results in JSON as the README's markdown table and exit")
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or results_dir()
     if args.markdown is not None:
         print(markdown(orjson.loads(args.markdown.read_bytes())))
         return {}
@@ -1226,7 +1213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["vanished_node"] = run_vanished_node(temp)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
-        _write_json(r, path)
+        write_json(r, path)
         print(orjson.dumps(r["vanished_node"], option=orjson.OPT_INDENT_2).decode())
         return r
     try:
@@ -1250,9 +1237,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def advance(description: str) -> None:
             bar.update(task, advance=1, description=description)
 
-        r = run(cfg, advance, lambda partial: _write_json(partial, partial_out))
+        r = run(cfg, advance, lambda partial: write_json(partial, partial_out))
     out = out_dir / f"{stem}.json"
-    _write_json(r, out)
+    write_json(r, out)
     partial_out.unlink(missing_ok=True)
     write_chart(r, out_dir / f"{stem}.png")
     print_tables(r)

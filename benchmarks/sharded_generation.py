@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
+from benchmarks.results import summary, write_results
 from webpool.localray import configure_auth_env, start_local_ray
 
 log = logging.getLogger(__name__)
 
-RESULTS = Path(os.environ.get("WEBPOOL_RESULTS", "results"))
 PROMPT = "The capital of France is"
 SHARD_COUNTS = (1, 2, 3)
 FAULT_SHARDS = 3
@@ -60,14 +59,6 @@ FAULT_LABELS = {"fault_prefix_replay": "replay onto restarted browser (medium)",
                 "fault_standby_replay": "replay onto warm standby (high, no shadows)",
                 "fault_shadow": "shadow takes over (high)",
                 BASELINE: "restart browser + generate again (baseline)"}
-
-
-def summary(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=float)
-    return {"n": len(a), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
-            "min": float(a.min()), "max": float(a.max())}
 
 
 def native_runs(model_name: str, prompt: str, tokens: int, repeats: int) -> dict[str, Any]:
@@ -321,9 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="CI size: tiny-llama, 3 runs each")
     args = parser.parse_args(argv)
     r = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("sharded_generation-quick.json" if args.quick else "sharded_generation.json")
-    out.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    out = write_results("sharded_generation", args.quick, r)
     print_table(r)
     print(f"wrote {out}")
     return r

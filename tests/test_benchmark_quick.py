@@ -15,6 +15,7 @@ import pytest
 
 from actors.errors import InputError
 from benchmarks import recovery_latency as rl
+from benchmarks.results import summary_ms
 from events import schema as ev
 from events.state import replay
 
@@ -77,8 +78,8 @@ def test_pool_shape_between_trials():
 
 
 def test_summary_and_config_checks():
-    assert rl.summary([]) is None          # no samples is not a zero
-    s = rl.summary([1.0, 2.0, 3.0, 100.0])
+    assert summary_ms([]) is None          # no samples is not a zero
+    s = summary_ms([1.0, 2.0, 3.0, 100.0])
     assert s["median_ms"] == 2.5 and s["min_ms"] == 1.0 and s["max_ms"] == 100.0 and s["p95_ms"] > 50
     with pytest.raises(InputError) as err:
         rl.Config(faults=("kill_everything",))

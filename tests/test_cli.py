@@ -22,7 +22,6 @@ import ray
 from rich.console import Console
 
 from actors import constants
-from benchmarks import history as history_bench
 from sharding.models import minilm
 from webpool import ResourcePool, cli
 
@@ -167,7 +166,7 @@ def test_analyze_log_of_the_pool(pool, wide, capsys, tmp_path):
 
 
 def test_bench_runs_the_benchmark_module(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(history_bench, "RESULTS", tmp_path)
+    monkeypatch.setenv("WEBPOOL_RESULTS", str(tmp_path))
     assert cli.main(["bench", "history", "--entries", "2000", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "history.json").read_text())
