@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.results import summary, write_results
+from events.state import sessions_with_tokens
 from webpool.localray import configure_auth_env, start_local_ray
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[str, Any]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = ray.get(pool.get_state.remote())
-        live = [s for s in state.sessions.values() if len(s.tokens) >= n]
+        live = sessions_with_tokens(state, n)
         if live:
             return live[0].plan
         time.sleep(0.005)

@@ -580,6 +580,11 @@ def models_on(state: PoolState, browser_id: str) -> list[ModelState]:
     return sorted(found, key=lambda m: (m.model, m.shard or ""))
 
 
+def sessions_with_tokens(state: PoolState, n: int) -> list[SessionState]:
+    """Open generation sessions that have logged at least ``n`` tokens, oldest first."""
+    return sorted((s for s in state.sessions.values() if len(s.tokens) >= n), key=lambda s: s.opened_seq)
+
+
 def open_operations(state: PoolState) -> list[OperationState]:
     """Operations started and neither completed nor failed, oldest first."""
     return sorted(state.operations.values(), key=lambda o: o.started_seq)

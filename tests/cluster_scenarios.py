@@ -47,7 +47,7 @@ from procs import alive  # noqa: E402  (tests/procs.py: this script runs from te
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from events.state import browsers_alive  # noqa: E402
+from events.state import browsers_alive, sessions_with_tokens  # noqa: E402
 from sharding.models import llama, minilm  # noqa: E402
 
 NAMESPACE = "webpool-cluster"
@@ -172,7 +172,7 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
         if ray.wait([ref], timeout=0)[0]:
             ray.get(ref)            # it ended before 4 tokens: raise its error here, rather than wait
             raise RuntimeError("the generation ended before it reached 4 tokens")
-        live = [s for s in _state(pool).sessions.values() if len(s.tokens) >= 4]
+        live = sessions_with_tokens(_state(pool), 4)
         return live[0] if live else None
 
     session = _wait(session_with_tokens, 600, "a generation to reach 4 tokens", interval=0.02)

@@ -60,6 +60,7 @@ from events.state import (
     open_operations,
     recovery_statistics,
     replay,
+    sessions_with_tokens,
     state_from_json,
     state_to_json,
 )
@@ -277,6 +278,14 @@ def test_shard_promoted():
 def test_session_closed():
     s = run(SessionOpened("s1", "m", {}), TokensAppended("s1", (1,)), SessionClosed("s1", "eos"))
     assert s.sessions == {} and s.metrics["sessions_closed"] == 1
+
+
+def test_sessions_with_tokens_lists_open_sessions_that_reached_n_oldest_first():
+    s = run(SessionOpened("s1", "m", {}), SessionOpened("s2", "m", {}), SessionOpened("s3", "m", {}),
+            TokensAppended("s2", (1, 2)), TokensAppended("s1", (1, 2, 3)), TokensAppended("s3", (1, 2)),
+            SessionClosed("s3", "eos"))
+    assert [x.session_id for x in sessions_with_tokens(s, 2)] == ["s1", "s2"]
+    assert [x.session_id for x in sessions_with_tokens(s, 3)] == ["s1"] and sessions_with_tokens(s, 4) == []
 
 
 def test_snapshot_written():

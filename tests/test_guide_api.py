@@ -27,6 +27,7 @@ from actors.bridge import (
 from actors.errors import BrowserFailure
 from events import schema as ev
 from events.codec import log_entry
+from events.state import sessions_with_tokens
 from sharding.models import minilm
 from sharding.models.errors import InputError
 from webpool import BridgeNotReadyError, BrowserFailureCategory, ResourcePoolBridgeIntegration
@@ -392,7 +393,7 @@ async def _wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[st
     """The plan of the open generation session that has produced at least ``n`` tokens."""
     for _ in range(int(timeout / 0.01)):
         state = await pool.get_state.remote()
-        live = [s for s in state.sessions.values() if len(s.tokens) >= n]
+        live = sessions_with_tokens(state, n)
         if live:
             return live[0].plan
         await asyncio.sleep(0.01)

@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 
-from events.state import open_operations
+from events.state import open_operations, sessions_with_tokens
 from sharding.models import llama
 from sharding.plan import even_layer_ranges
 from sharding.sampling import sample_next, token_rng
@@ -72,7 +72,7 @@ def _wait_for_tokens(pool, n: int, ref=None, timeout: float = 120.0) -> str:
         if ref is not None and ray.wait([ref], timeout=0)[0]:
             raise AssertionError(f"the generation ended before {n} tokens: {ray.get(ref)['token_ids']}")
         state = ray.get(pool.get_state.remote())
-        live = [s for s in state.sessions.values() if len(s.tokens) >= n]
+        live = sessions_with_tokens(state, n)
         if live:
             return live[0].session_id
         time.sleep(0.01)

@@ -51,7 +51,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     temp = Path(tempfile.mkdtemp(prefix="wpdemo-", dir="/tmp"))
     ray = start_local_ray(temp / "ray", namespace="webpool")
-    from events.state import open_operations, recovery_statistics
+    from events.state import open_operations, recovery_statistics, sessions_with_tokens
     from webpool import ResourcePool
 
     pool = ResourcePool.remote(max_connections=args.browsers, event_log=str(temp / "events"), request_timeout=30.0,
@@ -124,12 +124,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             victim: list[str] = []
 
             def some_tokens() -> bool:
-                state = ray.get(pool.get_state.remote())
-                for session in state.sessions.values():
-                    if len(session.tokens) >= 4:
-                        victim.append(session.plan["shards"][-1]["browser_id"])
-                        return True
-                return False
+                live = sessions_with_tokens(ray.get(pool.get_state.remote()), 4)
+                victim.extend(s.plan["shards"][-1]["browser_id"] for s in live[:1])
+                return bool(live)
 
             _wait_until(some_tokens, 300, 0.02)
             ray.get(pool.inject_fault.remote(victim[0], "kill_browser"))
