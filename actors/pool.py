@@ -737,19 +737,21 @@ class PoolCore:
         return await self._coordinator(spec.name)
 
     # ----- called by ShardCoordinator actors ------------------------------------------------------
-    async def session_begin(self, session_id: str) -> list[int] | None:
+    async def session_begin(self, session_id: str) -> dict[str, list[int]] | None:
         """A coordinator starts running ``session_id``: None the first time; on a later call (the coordinator
-        that ran it died and Ray retried the call) the tokens logged so far, recorded as SessionResumed."""
+        that ran it died and Ray retried the call) what the log says of the session so far, recorded as
+        SessionResumed: ``tokens`` (logged) and ``promoted`` (shards whose shadow took over: the retry
+        must not send them to the dead primary again)."""
         async with self._lock(f"session:{session_id}"):
             attempt = self._session_attempts.get(session_id, 0) + 1
             self._session_attempts[session_id] = attempt
             if attempt == 1:
                 return None
-            tokens = list(self.state.sessions[session_id].tokens)
+            session = self.state.sessions[session_id]
             log.warning("session taken over by a new coordinator",
-                        extra={"session_id": session_id, "tokens": len(tokens), "attempt": attempt})
-            await self._record(ev.SessionResumed(session_id=session_id, tokens=len(tokens), attempt=attempt))
-            return tokens
+                        extra={"session_id": session_id, "tokens": len(session.tokens), "attempt": attempt})
+            await self._record(ev.SessionResumed(session_id=session_id, tokens=len(session.tokens), attempt=attempt))
+            return {"tokens": list(session.tokens), "promoted": list(session.promoted)}
 
     async def session_append(self, session_id: str, position: int, token_ids: list[int]) -> None:
         """Log ``token_ids`` as the session's tokens from ``position`` on; returns once they are in the log.

@@ -57,7 +57,7 @@ from events.schema import (
 )
 
 # Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
-STATE_VERSION = 3      # 2: perf windows, draining, last_active_ts; 3: sessions count resumes
+STATE_VERSION = 4      # 2: perf windows, draining, last_active_ts; 3: sessions count resumes; 4: promoted shards
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -160,6 +160,7 @@ class SessionState:
     tokens: tuple[int, ...]
     opened_seq: int
     resumes: int = 0        # coordinators that took the session over after the one running it died
+    promoted: tuple[int, ...] = ()   # shards whose shadow took over from the primary, in order
 
 
 _MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "perf", "metrics")
@@ -493,9 +494,11 @@ def _session_resumed(d: _Draft, rec: Recorded, e: SessionResumed) -> None:
 
 
 def _shard_promoted(d: _Draft, rec: Recorded, e: ShardPromoted) -> None:
-    if e.session_id not in d.r("sessions"):
+    s = d.r("sessions").get(e.session_id)
+    if s is None or e.shard in s.promoted:      # a shard has one shadow: it is promoted once
         d.anomaly(rec)
         return
+    d.w("sessions")[e.session_id] = dataclasses.replace(s, promoted=(*s.promoted, e.shard))
     d.count("shard_promotions")
 
 
@@ -650,7 +653,7 @@ def state_from_json(data: bytes) -> PoolState:
             recoveries[r["recovery_id"]] = RecoveryState(**r)
         sessions = {}
         for s in doc["sessions"]:
-            s["tokens"] = tuple(s["tokens"])
+            s["tokens"], s["promoted"] = tuple(s["tokens"]), tuple(s["promoted"])
             sessions[s["session_id"]] = SessionState(**s)
         perf = {}
         for w in doc["perf"]:

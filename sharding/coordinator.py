@@ -214,6 +214,16 @@ class ShardChain:
                              return_exceptions=True)
 
 
+def after_promotions(stages: list[ShardStage], shadows: list[ShardStage | None],
+                     promoted: list[int]) -> tuple[list[ShardStage], list[ShardStage | None]]:
+    """The session's stages and shadows once the shadows of ``promoted`` shards have taken over."""
+    stages, shadows = list(stages), list(shadows)
+    for i in promoted:
+        if shadows[i] is not None:
+            stages[i], shadows[i] = shadows[i], None
+    return stages, shadows
+
+
 async def generate_tokens(chain: ShardChain, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None,
                           temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                           on_token: Callable[[int, int], Awaitable[None]] | None = None,
@@ -293,8 +303,10 @@ class ShardCoordinator:
     async def generate(self, session_id: str, stages: list[ShardStage], shadows: list[ShardStage | None],
                        prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, temperature: float,
                        top_p: float, seed: int | None, timeout: float) -> dict[str, Any]:
-        # None on the first call for a session; on a retry (the coordinator running it died) the logged tokens.
-        logged = await self.pool.session_begin.remote(session_id)
+        # None on the first call for a session; on a retry (the coordinator running it died) what the log
+        # says of it: the tokens so far, and the shards whose shadow had already taken over.
+        resumed = await self.pool.session_begin.remote(session_id) or {"tokens": [], "promoted": []}
+        stages, shadows = after_promotions(stages, shadows, resumed["promoted"])
 
         async def recover(i: int, failed: ShardStage, exc: BaseException) -> ShardStage:
             cause = getattr(exc, "cause", None) or exc
@@ -330,7 +342,7 @@ class ShardCoordinator:
         chain = ShardChain(stages, session_id, timeout, recover, run_replay, shadows=shadows, on_lost=on_lost)
         try:
             return await generate_tokens(chain, prompt_ids, max_new_tokens, eos_id, temperature, top_p, seed,
-                                         on_token, tuple(logged or ()))
+                                         on_token, tuple(resumed["tokens"]))
         finally:
             self._spawn(chain.drop_states())
 

@@ -271,8 +271,10 @@ def test_a_resume_that_does_not_match_the_logged_tokens_is_an_anomaly():
 
 
 def test_shard_promoted():
-    s = run(SessionOpened("s1", "m", {}), ShardPromoted("s1", 1, "b2", "b5"), ShardPromoted("ghost", 0, "b1", "b4"))
-    assert s.metrics["shard_promotions"] == 1 and s.metrics["anomaly.ShardPromoted"] == 1
+    s = run(SessionOpened("s1", "m", {}), ShardPromoted("s1", 1, "b2", "b5"), ShardPromoted("ghost", 0, "b1", "b4"),
+            ShardPromoted("s1", 1, "b2", "b5"))
+    assert s.sessions["s1"].promoted == (1,)
+    assert s.metrics["shard_promotions"] == 1 and s.metrics["anomaly.ShardPromoted"] == 2
 
 
 def test_session_closed():

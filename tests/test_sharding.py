@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from events.state import open_operations, sessions_with_tokens
+from sharding.coordinator import ShardStage, after_promotions
 from sharding.models import llama
 from sharding.plan import even_layer_ranges
 from sharding.sampling import sample_next, token_rng
@@ -31,6 +32,15 @@ def smollm2():
 def expected(smollm2):
     ids = smollm2.encode(PROMPT)
     return llama.ort_greedy_generate(llama.build_shards(smollm2, [(0, smollm2.config.n_layers)]), ids, NEW_TOKENS)
+
+
+def test_a_retried_session_starts_from_its_promoted_shadows():
+    """Pure: a coordinator that takes a session over uses the shadows the log says took over (never the
+    dead primaries again) and leaves the other shards as planned."""
+    p0, p1, p2, s1, s2 = (ShardStage(b, None, None) for b in ("p0", "p1", "p2", "s1", "s2"))
+    stages, shadows = after_promotions([p0, p1, p2], [None, s1, s2], [1])
+    assert [s.browser_id for s in stages] == ["p0", "s1", "p2"] and shadows == [None, None, s2]
+    assert after_promotions([p0, p1], [None, s1], []) == ([p0, p1], [None, s1])
 
 
 @pytest.fixture(scope="module")
