@@ -174,7 +174,12 @@ class PoolCore:
         read back from the log.
         """
         # The batch id makes Ray's at-least-once retry of this append write it once.
-        records = await self._log.append_batch.remote(list(events), new_batch_id())
+        await self._apply_acknowledged(await self._log.append_batch.remote(list(events), new_batch_id()))
+
+    async def _apply_acknowledged(self, records: list[ev.Recorded]) -> None:
+        """Apply ``records`` (acknowledged by the log) and every one before them, in seq order."""
+        if not records:
+            return
         for rec in records:
             self._pending[rec.seq] = rec
         target = records[-1].seq
@@ -388,8 +393,7 @@ class PoolCore:
                     raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
                                                   f"(max_connections={self.max_connections})")
                 decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
-                recovering = [] if waited or decision.action == "use" else self.recovery.running(
-                    b for b in self.state.browsers if b not in avoid and art.key in self._keys_on(b))
+                recovering = [] if waited or decision.action == "use" else self.recovery.restoring(art.key, avoid)
                 if not recovering:
                     browser_id = decision.browser_id
                     if decision.action == "launch":
@@ -863,7 +867,10 @@ class PoolCore:
         while not self._closed:
             await asyncio.sleep(self.ft.checkpoint_interval)
             try:
-                await self._log.snapshot.remote()
+                seq = await self._log.snapshot.remote()
+                # The log appended a SnapshotWritten of its own (seq + 1): take it now, or the next record
+                # would wait RECORD_GAP_WAIT for it as for a lost acknowledgement.
+                await self._apply_acknowledged(await self._log.read.remote(seq + 1, seq + 1))
             except Exception as exc:
                 log.warning("checkpoint failed", extra={"error": str(exc)})
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -180,16 +180,19 @@ class RecoveryExecutor:
     def __init__(self, pool: PoolCore) -> None:
         self.pool = pool
         self._running: dict[str, asyncio.Task] = {}
+        self._restoring: dict[str, frozenset[str]] = {}     # browser -> the artifact keys it held
 
-    def running(self, browser_ids: Iterable[str]) -> list[asyncio.Future]:
-        """The recoveries under way for any of ``browser_ids``."""
-        return [t for b in browser_ids if (t := self._running.get(b)) is not None and not t.done()]
+    def restoring(self, key: str, avoid: frozenset[str] = frozenset()) -> list[asyncio.Future]:
+        """The recoveries under way that bring artifact ``key`` back (of browsers not in ``avoid``). The keys
+        are taken when a recovery starts: a restart's relaunch drops them from the state until reloaded."""
+        return [t for b, t in self._running.items()
+                if b not in avoid and not t.done() and key in self._restoring.get(b, ())]
 
     def recover(self, failure: BrowserFailure,
                 config: FaultToleranceConfig | None = None) -> Awaitable[dict[str, Any]]:
         """Recover ``failure.browser_id`` once, however many requests saw it fail at the same time.
 
-        The recovery is registered (``running`` sees it) before this returns, not when it is first
+        The recovery is registered (``restoring`` sees it) before this returns, not when it is first
         awaited: a request placed meanwhile waits for it instead of loading the model elsewhere.
 
         Resolves to the guide's result dict: success, browser_id, recovery_browser (the browser now
@@ -198,9 +201,15 @@ class RecoveryExecutor:
         browser_id = failure.browser_id
         task = self._running.get(browser_id)
         if task is None:
+            self._restoring[browser_id] = self.pool._keys_on(browser_id)
             task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft))
             self._running[browser_id] = task
-            task.add_done_callback(lambda _t: self._running.pop(browser_id, None))
+
+            def done(_task: asyncio.Future) -> None:
+                self._running.pop(browser_id, None)
+                self._restoring.pop(browser_id, None)
+
+            task.add_done_callback(done)
         return asyncio.shield(task)
 
     async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig) -> dict[str, Any]:

@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 import ray
 from procs import alive
 
+from events.schema import BrowserLaunched
 from events.state import browsers_alive, open_operations
+from events.store import EventStore
 from sharding.models import llama, minilm
 from sharding.models.errors import InputError
 from sharding.models.registry import ModelNotFoundError
@@ -128,3 +131,24 @@ def test_detached_pool_is_found_by_another_driver(pool, ray_local):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env=os.environ.copy())
     assert "DIM 384" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_checkpoint_reaches_the_pools_state_without_waiting_for_another_event(ray_local, tmp_path):
+    """The log appends a SnapshotWritten of its own at each checkpoint (level high); the pool takes it at
+    once. (It used to wait for it as for a lost acknowledgement: a 5 s stall at the next record, and
+    a pool with nothing else to record never saw it.) No browser is needed: a pool restarted over a
+    log retires the browsers the log lists, and that is the one event here."""
+    root = tmp_path / "events"
+    with EventStore.open(root) as store:
+        store.append([BrowserLaunched("b-old", "chromium", ("wasm",), 1, "node", False)])
+    pool = ResourcePool.remote(event_log=str(root), fault_tolerance={
+        "level": "high", "checkpoint_interval": 0.2, "standby_browsers": 0})
+    try:
+        deadline = time.monotonic() + 60
+        while (state := ray.get(pool.get_state.remote())).metrics.get("snapshots", 0) < 1:
+            assert time.monotonic() < deadline, "no checkpoint reached the pool's state"
+            time.sleep(0.05)
+        assert state.browsers["b-old"].status == "retired" and state.metrics["last_snapshot_seq"] >= 2
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
