@@ -108,6 +108,8 @@ class BrowserCore:
         self.generation = 0                           # browser processes started by this actor
         self.port = 0
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
+        self.work_in_flight = 0                       # model loads and runs under way in the page
+        self._last_page_health: dict[str, Any] | None = None
 
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -132,6 +134,7 @@ class BrowserCore:
         assert self.exe is not None and self.temp_dir is not None
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
+        self._last_page_health = None
         self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
         await self._connect()
         await self._open_page()
@@ -289,11 +292,13 @@ class BrowserCore:
         if self.failure is not None:
             raise BrowserFailure(self.browser_id, *self.failure)
 
-    async def _evaluate(self, expression: str, arg: Any, timeout: float) -> Any:
-        """Evaluate with a time budget, turning real failure signals into BrowserFailure."""
+    async def _evaluate(self, expression: str, arg: Any, timeout: float, work: bool = False) -> Any:
+        """Evaluate with a time budget, turning real failure signals into BrowserFailure.
+        ``work``: a model load or run (health reports do not probe the page while one is under way)."""
         self._check()
         assert self.page is not None
         page = self.page
+        self.work_in_flight += work
         try:
             return await asyncio.wait_for(page.evaluate(expression, arg), timeout)
         except asyncio.TimeoutError:
@@ -313,6 +318,8 @@ class BrowserCore:
                 raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION,
                                      "connection was replaced during the call") from None
             raise _page_error(self.browser_id, exc) from None
+        finally:
+            self.work_in_flight -= work
 
     async def _terminate_script(self) -> None:
         if self.page_cdp is not None:
@@ -337,7 +344,7 @@ class BrowserCore:
         url = self.server.put_blob(key, view)
         try:
             result = await self._evaluate("([k, u, b]) => window.webpool.load(k, u, b)", [key, url, backend],
-                                          LOAD_MODEL_TIMEOUT)
+                                          LOAD_MODEL_TIMEOUT, work=True)
         finally:
             self.server.drop_blob(url)
         return result | {"backend": backend, "sha256": sha256}
@@ -356,7 +363,8 @@ class BrowserCore:
                              else {k: encode_tensor(v) for k, v in initial_state.items()}),
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
-        result = await self._evaluate("([k, f, o]) => window.webpool.run(k, f, o)", [key, encoded, opts], timeout)
+        result = await self._evaluate("([k, f, o]) => window.webpool.run(k, f, o)", [key, encoded, opts], timeout,
+                                     work=True)
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 
     async def drop_state(self, state: str) -> bool:
@@ -367,8 +375,19 @@ class BrowserCore:
 
     # ----- health -------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
-        """Loaded models, states, PIDs and memory of this browser; raises BrowserFailure if it is gone."""
-        page = await self._evaluate("() => window.webpool.health()", None, HEALTH_TIMEOUT)
+        """Loaded models, states, PIDs and memory of this browser; raises BrowserFailure if it is gone.
+
+        While a model load or run is under way the page answers only when it is done, so it is not
+        probed (a short probe would read busy as hung and terminate the work): the report gives the
+        page as last seen, with ``busy`` true. That work's own time budget catches a hang.
+        """
+        if self.work_in_flight:
+            self._check()
+            page = self._last_page_health or {"models": [], "backends": {}, "states": [], "jsHeapBytes": 0,
+                                              "gpuDeviceLost": None}
+        else:
+            page = self._last_page_health = await self._evaluate("() => window.webpool.health()", None,
+                                                                 HEALTH_TIMEOUT)
         pids = await self.process_ids()
         memory = sum(_pss_bytes(pid) for pid in pids.values())
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
@@ -388,6 +407,7 @@ class BrowserCore:
             "pids": pids,
             "memory_bytes": memory,
             "memory_limit_bytes": self.memory_limit_bytes,
+            "busy": self.work_in_flight > 0,
             "blocked_requests": len(self.blocked_requests),
             "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],
             "temp_dir": str(self.temp_dir),
@@ -417,6 +437,7 @@ class BrowserCore:
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
           "corrupt_output", "exfiltrate", "slow")
 BLOCKED_URLS_REPORTED = 10      # the latest blocked URLs a health report carries
+EXFILTRATE_COUNT_WAIT = 10.0    # seconds the exfiltrate fault waits for its three attempts to be counted
 
 # What hostile model code would try: send data out by fetch, open a WebSocket, navigate away. ``url`` is
 # an argument, never part of the source.
@@ -483,8 +504,15 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
     elif kind == "exfiltrate":
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise InputError("url", f"must be an http(s) URL, got {show(url)}")
+        before = len(core.blocked_requests)
         attempts = await core.page.evaluate(_EXFILTRATE_JS, url)
-        return {"fault": kind, "browser_id": core.browser_id, "attempts": attempts}
+        # The navigation starts after the script returns and is counted when its route is aborted:
+        # return once all three attempts are counted, so a health check right after sees them.
+        deadline = time.monotonic() + EXFILTRATE_COUNT_WAIT
+        while len(core.blocked_requests) - before < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return {"fault": kind, "browser_id": core.browser_id, "attempts": attempts,
+                "blocked": len(core.blocked_requests) - before}
     elif kind == "disconnect":
         core._closing = True      # our own disconnect is not a failure signal...
         await core.browser.close()

@@ -79,6 +79,7 @@ def test_a_page_trying_to_send_data_out_is_blocked_and_recorded(pool):
     url = "http://127.0.0.1:9/steal?data=secret"
     fault = ray.get(pool.inject_fault.remote(browser, "exfiltrate", url=url))
     assert fault["attempts"]["fetch"] == "blocked" and fault["attempts"]["websocket"] != "open"
+    assert fault["blocked"] >= 3                    # counted before the fault returned
     report = ray.get(pool.health.remote())[browser]
     assert report["blocked_requests"] >= 3          # the fetch, the WebSocket, the navigation
     events = [e for e in _all_events(pool) if e["action"] == "PageRequestsBlocked"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -67,7 +68,10 @@ async def _probe(port: int) -> dict:
         }""", port)
         url_before = core.page.url
         await core.page.evaluate("(port) => { location.href = `http://127.0.0.1:${port}/away`; }", port)
-        await asyncio.sleep(0.5)
+        # The navigation is counted when its route is aborted, after evaluate returns.
+        deadline = time.monotonic() + 10
+        while len(core.blocked_requests) - before < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         result["url_kept"] = core.page.url == url_before
         result["blocked"] = len(core.blocked_requests) - before
         [art] = artifacts("all-minilm-l6-v2")
