@@ -131,14 +131,15 @@ def test_adaptive_scaling_grows_under_a_burst_and_shrinks_when_idle(ray_local, t
         outs = ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(12)])
         for out in outs:
             _check(out["embedding"], reference)
-        grown = len(browsers_alive(ray.get(pool.get_state.remote())))
-        assert grown >= 2, "a burst of 12 requests grew the pool"
         _wait(lambda: len(browsers_alive(ray.get(pool.get_state.remote()))) == 1, 60, "the pool to shrink to one")
+        # Counted from the log, not from a snapshot after the burst: the scale-down loop runs meanwhile,
+        # and a browser idle early in a long burst may already have been retired.
         events = _events(pool)
         up = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "up"]
         down = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "down"]
-        assert len(up) == grown and "in flight" in up[-1]["reason"]
-        assert len(down) == grown - 1 and all("idle" in d["reason"] for d in down)
+        assert len(up) >= 2, "a burst of 12 requests grew the pool"
+        assert "in flight" in up[-1]["reason"]
+        assert len(down) == len(up) - 1 and all("idle" in d["reason"] for d in down)
         started = {e["data"]["op_id"] for e in events if e["action"] == "OperationStarted"}
         completed = {e["data"]["op_id"] for e in events if e["action"] == "OperationCompleted"}
         assert len(started) == 12 and completed == started          # nothing lost
