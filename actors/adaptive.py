@@ -17,9 +17,15 @@ DEGRADED_FACTOR = 4.0
 
 
 def recent_median(window: PerfWindow) -> float:
-    """Median service time of the latest ``MIN_SAMPLES`` operations: what the browser is like now (a
-    whole-window median would hide a slowdown until half the window is slow)."""
-    return statistics.median(window.recent_ms[-MIN_SAMPLES:])
+    """Upper median service time of the latest ``MIN_SAMPLES`` operations: what the browser is like now
+    (a whole-window median would hide a slowdown until half the window is slow).
+
+    The upper median, because placement stops sending a browser traffic once its cost is a few times
+    its peers': from then on its window does not change. When half the window has gone slow, the
+    upper median is the slow value (the browser is judged by what it has become) where the plain one
+    is the mean of a fast and a slow sample, which could leave it starved yet never judged degraded.
+    """
+    return statistics.median_high(window.recent_ms[-MIN_SAMPLES:])
 
 
 def expected_cost(window: PerfWindow | None) -> float | None:

@@ -40,6 +40,15 @@ def test_cost_is_unknown_until_enough_samples_then_median_over_success():
     assert adaptive.expected_cost(s.perf[("b1", "m")]) == 11.0 / (8 / 10)
 
 
+def test_a_browser_whose_latest_half_went_slow_is_judged_by_the_slow_half():
+    """Placement starves a browser once it costs a few times its peers (half its window slow), so its
+    window stops there: it must be judged degraded from that window, not kept idle forever."""
+    slow = 40 * (adaptive.DEGRADED_FACTOR + 1)
+    s = fold(launched("a"), launched("b"), *ops("a", [40] * (N // 2) + [slow] * (N // 2)), *ops("b", [40] * N))
+    [degraded] = adaptive.degraded_browsers(s, "m")
+    assert degraded.browser_id == "a" and degraded.median_ms == slow
+
+
 def test_the_page_reported_time_is_the_service_time():
     """Queueing in front of the page is not the browser's slowness: page_ms is measured where it runs."""
     s = fold(launched("b1"), ev.OperationStarted("o", "m", "b1", "infer", "d"),
