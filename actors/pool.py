@@ -903,7 +903,10 @@ class PoolCore:
             config = dataclasses.replace(config, level=level, recovery_strategy=chosen)
         failure = BrowserFailure(browser_id, category, detail)
         await self._browser_failed(failure)
-        return await self.recovery.recover(failure, config)
+        # An explicit reconnect is a first step its caller escalates from (to a restart): a failed one
+        # leaves the browser failed, not retired, for that next step.
+        return await self.recovery.recover(failure, config,
+                                           retire_if_not_recovered=strategy != RecoveryStrategy.RECONNECT.value)
 
     async def place(self, model_name: str) -> dict[str, Any]:
         """A live browser holding ``model_name`` (whole, unsharded), loading it (launching a browser if

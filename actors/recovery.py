@@ -188,12 +188,15 @@ class RecoveryExecutor:
         return [t for b, t in self._running.items()
                 if b not in avoid and not t.done() and key in self._restoring.get(b, ())]
 
-    def recover(self, failure: BrowserFailure,
-                config: FaultToleranceConfig | None = None) -> Awaitable[dict[str, Any]]:
+    def recover(self, failure: BrowserFailure, config: FaultToleranceConfig | None = None,
+                retire_if_not_recovered: bool = True) -> Awaitable[dict[str, Any]]:
         """Recover ``failure.browser_id`` once, however many requests saw it fail at the same time.
 
         The recovery is registered (``restoring`` sees it) before this returns, not when it is first
         awaited: a request placed meanwhile waits for it instead of loading the model elsewhere.
+
+        A browser nothing revived is retired, unless ``retire_if_not_recovered`` is False: a caller that
+        escalates by itself (the guide's progressive: reconnect, then restart) needs it left failed.
 
         Resolves to the guide's result dict: success, browser_id, recovery_browser (the browser now
         serving its work), strategy, steps, duration_ms, error.
@@ -202,7 +205,7 @@ class RecoveryExecutor:
         task = self._running.get(browser_id)
         if task is None:
             self._restoring[browser_id] = self.pool._keys_on(browser_id)
-            task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft))
+            task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft, retire_if_not_recovered))
             self._running[browser_id] = task
 
             def done(_task: asyncio.Future) -> None:
@@ -212,7 +215,8 @@ class RecoveryExecutor:
             task.add_done_callback(done)
         return asyncio.shield(task)
 
-    async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig) -> dict[str, Any]:
+    async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig,
+                       retire_if_not_recovered: bool) -> dict[str, Any]:
         pool = self.pool
         browser_id = failure.browser_id
         state = pool.state.browsers.get(browser_id)
@@ -255,7 +259,7 @@ class RecoveryExecutor:
         success = serving is not None
         await pool._record(ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
                                                 replacement=serving, duration_ms=duration_ms))
-        if not success:
+        if not success and retire_if_not_recovered:
             # Nothing revived it: a failed browser must not linger with a live actor and its processes.
             # Its models stay known through the log; the next request places them elsewhere.
             await pool._retire(browser_id, f"not recovered: {error}"[:500])

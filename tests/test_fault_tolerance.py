@@ -142,6 +142,22 @@ def test_reconnect_cannot_revive_a_killed_browser_and_says_so(ray_local, tmp_pat
     assert done["state"].browsers[browser_id].status in ("failed", "retired")
 
 
+def test_an_explicit_reconnect_that_fails_leaves_the_browser_for_the_callers_restart(ray_local, tmp_path, reference):
+    """The guide's progressive strategy escalates by itself (reconnect, then restart): a failed explicit
+    reconnect leaves the browser failed, not retired, so the restart that follows revives it in place.
+    (Level low: no health loop recovers it meanwhile.)"""
+    pool, browser_id = _pool(tmp_path, "reconnect", level="low")
+    ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+    first = ray.get(pool.recover_browser.remote(browser_id, "connection", "test", strategy="reconnect"))
+    assert not first["success"] and first["steps"] == ["reconnect"]
+    assert ray.get(pool.get_state.remote()).browsers[browser_id].status == "failed"
+    second = ray.get(pool.recover_browser.remote(browser_id, "crash", "test", strategy="restart"))
+    assert second["success"] and second["steps"] == ["restart"] and second["recovery_browser"] == browser_id
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
+    assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    _finish(pool)
+
+
 def test_memory_ceiling_is_detected_and_recovered(ray_local, tmp_path, reference):
     pool, browser_id = _pool(tmp_path, "progressive", memory_limit_mb=1500)
     ray.get(pool.inject_fault.remote(browser_id, "exhaust_memory", mb=1200))
