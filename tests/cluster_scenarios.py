@@ -241,9 +241,15 @@ ray.init(address={address!r}, namespace={namespace!r}, log_to_driver=False)
 pool = ray.get_actor({name!r})
 state = ray.get(pool.get_state.remote())
 if {die!r}:
-    pool.infer.remote({model!r}, {{"text": "submitted by a driver that dies at once"}})
     import os, time
-    time.sleep(0.2)          # the call has left this process
+    started = state.metrics.get("operations_started", 0)
+    pool.infer.remote({model!r}, {{"text": "submitted by a driver that dies at once"}})
+    # Die once the pool has started the call (it has left this process), not after a guessed delay.
+    deadline = time.monotonic() + 120
+    while ray.get(pool.get_state.remote()).metrics.get("operations_started", 0) <= started:
+        if time.monotonic() > deadline:
+            sys.exit("the pool never started the dying driver's request")
+        time.sleep(0.01)
     os._exit(0)
 out = ray.get(pool.infer.remote({model!r}, {{"text": "from a second driver"}}))
 print(json.dumps({{"browsers": len([b for b in state.browsers.values() if b.status not in ("retired",)]),

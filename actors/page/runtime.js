@@ -19,6 +19,9 @@ const sessions = new Map();   // model key -> {session, backend, inputNames, out
 const states = new Map();     // state id -> {model key, tensors: Map(inputName -> ort.Tensor)}
 let capabilities = null;
 let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the device lost
+let gpuDeviceLostReport = Promise.resolve();   // settles when the current device's loss is recorded
+// A GPU process that dies mid-run fails the run a moment before WebGPU reports the device lost.
+const DEVICE_LOST_GRACE_MS = 1000;
 const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
 
 function b64ToBytes(b64) {
@@ -115,7 +118,7 @@ async function createSession(key, bytes, backend) {
   });
   if (backend === "webgpu" && ort.env.webgpu.device) {
     const device = await ort.env.webgpu.device;
-    device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
+    gpuDeviceLostReport = device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
   }
   sessions.set(key, {
     session, backend,
@@ -134,15 +137,17 @@ async function createSession(key, bytes, backend) {
 export function run(key, feeds, opts) {
   const entry = sessions.get(key);
   if (!entry) return Promise.reject(new Error(`model ${key} is not loaded`));
-  if (entry.backend === "webgpu" && gpuDeviceLost) {
-    const err = new Error(`WebGPU device lost (${gpuDeviceLost.reason}): ${gpuDeviceLost.message}`);
-    err.name = "DeviceLostError";
-    return Promise.reject(err);
-  }
+  if (entry.backend === "webgpu" && gpuDeviceLost) return Promise.reject(deviceLostError());
   // One run at a time per session: onnxruntime-web sessions are not reentrant.
   const result = entry.queue.then(() => runNow(entry, key, feeds, opts));
   entry.queue = result.catch(() => undefined);
   return result;
+}
+
+function deviceLostError() {
+  const err = new Error(`WebGPU device lost (${gpuDeviceLost.reason}): ${gpuDeviceLost.message}`);
+  err.name = "DeviceLostError";
+  return err;
 }
 
 async function runNow(entry, key, feeds, opts) {
@@ -162,7 +167,18 @@ async function runNow(entry, key, feeds, opts) {
     }
     for (const [name, tensor] of state.tensors) inputs[name] = tensor;
   }
-  const outputs = await entry.session.run(inputs);
+  let outputs;
+  try {
+    outputs = await entry.session.run(inputs);
+  } catch (err) {
+    // Give a device loss the moment it takes to be reported, so the failure is classified by its cause
+    // (the device, recovered by the pool) and not as a bad request.
+    if (entry.backend === "webgpu" && !gpuDeviceLost) {
+      await Promise.race([gpuDeviceLostReport, new Promise((r) => setTimeout(r, DEVICE_LOST_GRACE_MS))]);
+    }
+    if (entry.backend === "webgpu" && gpuDeviceLost) throw deviceLostError();
+    throw err;
+  }
   if (state) {
     for (const [outName, inName] of opts.statePairs) {
       const old = state.tensors.get(inName);
