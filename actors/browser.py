@@ -206,6 +206,8 @@ class BrowserCore:
                 pass
         if self.proc is not None:
             chromium.terminate(self.proc, grace=0.5)
+        # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
+        self.proc = None
         self._closing = False
         self.failure = None
         self.corrupt_outputs = False

@@ -846,7 +846,11 @@ class PoolCore:
             except Exception as exc:     # the GCS may be briefly unreachable: the browser checks still run
                 log.warning("node check failed", extra={"error": str(exc)})
             for browser_id in self._live_ids():
-                if browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
+                # Still alive now (one checked earlier in this pass may have failed it): a browser being
+                # recovered is not probed.
+                b = self.state.browsers.get(browser_id)
+                alive = b is not None and b.status in ALIVE_STATUSES
+                if alive and browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
                     await self._check_browser(browser_id)
 
     async def _scale_down_loop(self) -> None:

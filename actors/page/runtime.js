@@ -19,7 +19,7 @@ const sessions = new Map();   // model key -> {session, backend, inputNames, out
 const states = new Map();     // state id -> {model key, tensors: Map(inputName -> ort.Tensor)}
 let capabilities = null;
 let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the device lost
-let gpuDeviceLostReport = Promise.resolve();   // settles when the current device's loss is recorded
+let gpuDeviceLostReport = new Promise(() => {});   // settles when the current device's loss is recorded
 // A GPU process that dies mid-run fails the run a moment before WebGPU reports the device lost.
 const DEVICE_LOST_GRACE_MS = 1000;
 const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
@@ -169,7 +169,12 @@ async function runNow(entry, key, feeds, opts) {
   }
   let outputs;
   try {
-    outputs = await entry.session.run(inputs);
+    const running = entry.session.run(inputs);
+    running.catch(() => undefined);      // if the race below is lost, its later failure is nobody's
+    // On WebGPU a run in flight when the device is lost may never settle: the loss ends it.
+    outputs = await (entry.backend === "webgpu"
+      ? Promise.race([running, gpuDeviceLostReport.then(() => { throw deviceLostError(); })])
+      : running);
   } catch (err) {
     // Give a device loss the moment it takes to be reported, so the failure is classified by its cause
     // (the device, recovered by the pool) and not as a bad request.
