@@ -20,6 +20,10 @@ Trend test (``linear_trend``): least-squares slope of duration (ms) against fini
   2. relevance: the fitted change over the analysed span, relative to the mean duration,
      |slope * span / mean| >= ``min_relative_change`` (default 0.10). With many samples any tiny drift
      is significant; this guard keeps a 2 % drift over an hour from being called a degradation.
+  3. agreement of a rank test (up to ``RANK_TEST_MAX_N`` samples): the Mann-Kendall statistic of the
+     durations in time order is significant at the same 99 % level, in the same direction. A least-
+     squares line over a few samples can be tilted by one burst of stalls at either end (a shared
+     machine's background load); ranks count each such stall once, however long it was.
 Otherwise "stable". ``trend_magnitude`` is that relative change |slope * span / mean| (0.25 = the fitted
 line rises or falls by 25 % of the mean over the analysed span), reported even when "stable".
 
@@ -111,6 +115,23 @@ class Trend:
     t_stat: float
 
 
+# Beyond this many samples the rank test is skipped: it is O(n^2), and with that many samples a burst of
+# stalls no longer tilts the least-squares line beyond its significance bound.
+RANK_TEST_MAX_N = 500
+
+
+def mann_kendall_z(durations: np.ndarray) -> float:
+    """Mann-Kendall trend statistic of ``durations`` (in time order), as a standard normal deviate:
+    S = sum over pairs i < j of sign(d_j - d_i), continuity-corrected, over its null standard deviation."""
+    n = len(durations)
+    if n < 3:
+        return 0.0
+    d = np.asarray(durations, dtype=float)
+    s = float(np.sign(np.triu(d[None, :] - d[:, None], 1)).sum())
+    sd = math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+    return (s - math.copysign(1.0, s)) / sd if s else 0.0
+
+
 def linear_trend(ts: np.ndarray, durations: np.ndarray, min_relative_change: float = 0.10) -> Trend:
     """Least-squares trend of ``durations`` against ``ts`` with the two guards described in the module doc."""
     n = len(durations)
@@ -134,6 +155,9 @@ def linear_trend(ts: np.ndarray, durations: np.ndarray, min_relative_change: flo
     span = float(ts.max() - ts.min())
     rel = slope * span / mean if mean > 0 else 0.0
     significant = abs(t_stat) >= t_critical_99(n - 2) and abs(rel) >= min_relative_change
+    if significant and n <= RANK_TEST_MAX_N:
+        z = mann_kendall_z(durations[np.argsort(ts, kind="stable")])
+        significant = abs(z) >= _Z995 and (z > 0) == (slope > 0)
     direction = ("degrading" if slope > 0 else "improving") if significant else "stable"
     return Trend(direction, slope, rel, t_stat)
 

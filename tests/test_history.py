@@ -6,6 +6,7 @@ come from seeded random generators so every run sees the same data.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from events.history import (
     PerformanceHistoryTracker,
     fault_tolerance_advice,
     linear_trend,
+    mann_kendall_z,
     t_critical_99,
 )
 from events.schema import (
@@ -108,6 +110,25 @@ def test_steady_noisy_runs_read_stable(seed):
     tracker, now = run_series(d)
     r = tracker.analyze_performance_trends(now=now)
     assert r["trend_direction"] == "stable", r
+
+
+def test_mann_kendall_statistic_matches_the_closed_form():
+    # Strictly increasing n = 10: S = 45 pairs, sd = sqrt(10 * 9 * 25 / 18); continuity-corrected.
+    assert mann_kendall_z(np.arange(10.0)) == pytest.approx(44 / math.sqrt(125))
+    assert mann_kendall_z(np.arange(10.0)[::-1]) == pytest.approx(-44 / math.sqrt(125))
+    assert mann_kendall_z(np.array([5.0, 5.0, 5.0])) == 0.0
+
+
+def test_a_burst_of_stalls_at_the_end_of_a_short_steady_run_is_not_a_trend():
+    """12 steady requests, the last 3 stalled by background load: least squares alone reads 'degrading'
+    (t = 3.6); the rank test does not agree (z = 1.8), so it is 'stable'. A real step (half the run slow)
+    is still 'degrading'."""
+    ts = T0 + np.arange(12) * 0.1
+    d = np.array([55, 57, 54, 56, 55, 58, 54, 56, 55, 88, 95, 90], float)
+    trend = linear_trend(ts, d)
+    assert trend.t_stat > t_critical_99(10) and trend.direction == "stable"
+    stepped = np.r_[d[:9], d[:3] * 5, d[:9] * 5]
+    assert linear_trend(T0 + np.arange(21) * 0.1, stepped).direction == "degrading"
 
 
 def test_small_real_change_below_relevance_threshold_is_stable():
