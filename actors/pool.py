@@ -848,9 +848,8 @@ class PoolCore:
             for browser_id in self._live_ids():
                 # Still alive now (one checked earlier in this pass may have failed it): a browser being
                 # recovered is not probed.
-                b = self.state.browsers.get(browser_id)
-                alive = b is not None and b.status in ALIVE_STATUSES
-                if alive and browser_id in self._handles and not self._closed and not self._in_flight.get(browser_id):
+                if (browser_id in self._live_ids() and browser_id in self._handles and not self._closed
+                        and not self._in_flight.get(browser_id)):
                     await self._check_browser(browser_id)
 
     async def _scale_down_loop(self) -> None:

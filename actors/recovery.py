@@ -179,14 +179,13 @@ class RecoveryExecutor:
 
     def __init__(self, pool: PoolCore) -> None:
         self.pool = pool
-        self._running: dict[str, asyncio.Task] = {}
-        self._restoring: dict[str, frozenset[str]] = {}     # browser -> the artifact keys it held
+        # browser -> its recovery under way, and the artifact keys the browser held when it started
+        self._running: dict[str, tuple[asyncio.Task, frozenset[str]]] = {}
 
     def restoring(self, key: str, avoid: frozenset[str] = frozenset()) -> list[asyncio.Future]:
         """The recoveries under way that bring artifact ``key`` back (of browsers not in ``avoid``). The keys
         are taken when a recovery starts: a restart's relaunch drops them from the state until reloaded."""
-        return [t for b, t in self._running.items()
-                if b not in avoid and not t.done() and key in self._restoring.get(b, ())]
+        return [t for b, (t, keys) in self._running.items() if b not in avoid and not t.done() and key in keys]
 
     def recover(self, failure: BrowserFailure, config: FaultToleranceConfig | None = None,
                 retire_if_not_recovered: bool = True) -> Awaitable[dict[str, Any]]:
@@ -202,18 +201,12 @@ class RecoveryExecutor:
         serving its work), strategy, steps, duration_ms, error.
         """
         browser_id = failure.browser_id
-        task = self._running.get(browser_id)
-        if task is None:
-            self._restoring[browser_id] = self.pool._keys_on(browser_id)
+        running = self._running.get(browser_id)
+        if running is None:
             task = asyncio.ensure_future(self._recover(failure, config or self.pool.ft, retire_if_not_recovered))
-            self._running[browser_id] = task
-
-            def done(_task: asyncio.Future) -> None:
-                self._running.pop(browser_id, None)
-                self._restoring.pop(browser_id, None)
-
-            task.add_done_callback(done)
-        return asyncio.shield(task)
+            self._running[browser_id] = running = (task, self.pool._keys_on(browser_id))
+            task.add_done_callback(lambda _t: self._running.pop(browser_id, None))
+        return asyncio.shield(running[0])
 
     async def _recover(self, failure: BrowserFailure, config: FaultToleranceConfig,
                        retire_if_not_recovered: bool) -> dict[str, Any]:
