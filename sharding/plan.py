@@ -16,13 +16,13 @@ Bytes of a shard's ONNX file (``shard_file_bytes``), fp32, from the config alone
                stores its own copy of the embedding (build_llama_onnx does so); a one-shard plan stores
                it once. An untied head is a separate matrix of the same shape.
 
-Browser memory a shard needs (``MemoryModel``; bytes of Chromium PSS, the measure FACTS.md uses):
+Browser memory a shard needs (``MemoryModel``; bytes of Chromium PSS, the measure docs/facts.md uses):
   need = page + max(creation peak, running peak)
   creation peak = weight_peak_factor * file bytes
   running peak  = weight_steady_factor * file bytes + KV cache + activations
-The weight factors come from FACTS.md: a Chromium holding one fp32 SmolLM2 session (one 542,374,375
-byte file) is ~1.8 GB PSS, peaks at ~2.4 GB while the session is created, and an idle page with ORT
-loaded is ~0.39 GB. We read these GB as GiB: FACTS gives a blank page as ~380 MiB, and 0.39 GiB
+The weight factors come from docs/facts.md, "Memory": a Chromium holding one fp32 SmolLM2 session
+(one 542,374,375 byte file) is ~1.8 GB PSS, peaks at ~2.4 GB while the session is created, and an idle
+page with ORT loaded is ~0.39 GB. We read these GB as GiB: docs/facts.md gives a blank page as ~380 MiB, and 0.39 GiB
 (~399 MiB) is a blank page plus ORT, while 0.39e9 bytes (~372 MiB) would be less than a blank page.
 So peak (2.4 - 0.39) GiB / 542.37 MB = 3.98x the file, steady (1.8 - 0.39) GiB / 542.37 MB = 2.79x.
 The factors are taken as linear in the file size: the fetched ArrayBuffer, its copy in the wasm heap
@@ -65,11 +65,11 @@ from sharding.models.llama import LlamaConfig
 F32 = 4  # bytes
 GIB = 1 << 30
 
-# FACTS.md, "Memory" (see the module doc for why GB reads as GiB).
-FACTS_IDLE_PAGE_BYTES = round(0.39 * GIB)
-FACTS_SESSION_STEADY_BYTES = round(1.8 * GIB)
-FACTS_SESSION_PEAK_BYTES = round(2.4 * GIB)
-FACTS_MODEL_FILE_BYTES = 542_374_375  # the one-shard fp32 SmolLM2 ONNX those figures were measured with
+# docs/facts.md, "Memory" (see the module doc for why GB reads as GiB).
+MEASURED_IDLE_PAGE_BYTES = round(0.39 * GIB)
+MEASURED_SESSION_STEADY_BYTES = round(1.8 * GIB)
+MEASURED_SESSION_PEAK_BYTES = round(2.4 * GIB)
+MEASURED_MODEL_FILE_BYTES = 542_374_375  # the one-shard fp32 SmolLM2 ONNX those figures were measured with
 
 # Serialized node protos and small constants, measured on the built SmolLM2 shards.
 GRAPH_BYTES_PER_LAYER = 4_000
@@ -110,11 +110,11 @@ class BrowserBudget:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryModel:
-    """How much browser memory a shard needs; defaults derived from FACTS.md (module doc)."""
+    """How much browser memory a shard needs; defaults derived from docs/facts.md, "Memory" (module doc)."""
 
-    page_bytes: int = FACTS_IDLE_PAGE_BYTES
-    weight_peak_factor: float = (FACTS_SESSION_PEAK_BYTES - FACTS_IDLE_PAGE_BYTES) / FACTS_MODEL_FILE_BYTES
-    weight_steady_factor: float = (FACTS_SESSION_STEADY_BYTES - FACTS_IDLE_PAGE_BYTES) / FACTS_MODEL_FILE_BYTES
+    page_bytes: int = MEASURED_IDLE_PAGE_BYTES
+    weight_peak_factor: float = (MEASURED_SESSION_PEAK_BYTES - MEASURED_IDLE_PAGE_BYTES) / MEASURED_MODEL_FILE_BYTES
+    weight_steady_factor: float = (MEASURED_SESSION_STEADY_BYTES - MEASURED_IDLE_PAGE_BYTES) / MEASURED_MODEL_FILE_BYTES
     kv_copies: int = 4
     score_buffers: int = 2
     ffn_buffers: int = 3

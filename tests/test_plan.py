@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from sharding.models import llama as L
 from sharding.plan import (
     DEFAULT_MEMORY_MODEL,
-    FACTS_IDLE_PAGE_BYTES,
-    FACTS_MODEL_FILE_BYTES,
-    FACTS_SESSION_PEAK_BYTES,
-    FACTS_SESSION_STEADY_BYTES,
     GIB,
     GRAPH_BYTES_PER_LAYER,
     GRAPH_BYTES_PER_SHARD,
+    MEASURED_IDLE_PAGE_BYTES,
+    MEASURED_MODEL_FILE_BYTES,
+    MEASURED_SESSION_PEAK_BYTES,
+    MEASURED_SESSION_STEADY_BYTES,
     BrowserBudget,
     MemoryModel,
     PlanError,
@@ -37,7 +37,8 @@ from sharding.plan import (
     shard_memory_bytes,
 )
 
-# SmolLM2-135M as converted from its GGUF (FACTS.md); the slow test checks it against the real file.
+# SmolLM2-135M as converted from its GGUF (docs/facts.md, "Models available offline"); the slow test
+# checks it against the real file.
 SMOL = L.LlamaConfig(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn=1536, vocab=49152,
                      rope_base=100000.0, rms_eps=9.999999747378752e-6, bos_id=1, eos_id=2, max_context=8192)
 FILE_TOL = 0.02
@@ -113,12 +114,12 @@ def test_tied_head_is_stored_by_a_non_first_last_shard_only():
 def test_memory_model_reproduces_the_facts_it_was_derived_from():
     m = DEFAULT_MEMORY_MODEL
     assert 3.9 < m.weight_peak_factor < 4.1 and 2.7 < m.weight_steady_factor < 2.9
-    # One fp32 SmolLM2 session at a short context: the creation peak FACTS.md measured.
+    # One fp32 SmolLM2 session at a short context: the creation peak measured (docs/facts.md, "Memory").
     need = shard_memory_bytes(SMOL, 0, 30, context_tokens=16)
-    assert abs(need - FACTS_SESSION_PEAK_BYTES) <= 0.01 * FACTS_SESSION_PEAK_BYTES
-    assert shard_file_bytes(SMOL, 0, 30) == pytest.approx(FACTS_MODEL_FILE_BYTES, rel=1e-4)
-    steady = FACTS_IDLE_PAGE_BYTES + m.weight_steady_factor * shard_file_bytes(SMOL, 0, 30)
-    assert steady == pytest.approx(FACTS_SESSION_STEADY_BYTES, rel=1e-3)
+    assert abs(need - MEASURED_SESSION_PEAK_BYTES) <= 0.01 * MEASURED_SESSION_PEAK_BYTES
+    assert shard_file_bytes(SMOL, 0, 30) == pytest.approx(MEASURED_MODEL_FILE_BYTES, rel=1e-4)
+    steady = MEASURED_IDLE_PAGE_BYTES + m.weight_steady_factor * shard_file_bytes(SMOL, 0, 30)
+    assert steady == pytest.approx(MEASURED_SESSION_STEADY_BYTES, rel=1e-3)
 
 
 def test_long_contexts_cost_kv_and_attention_memory():
