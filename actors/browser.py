@@ -34,15 +34,16 @@ from playwright.async_api import Error as PlaywrightError
 
 from actors import chromium, reaper
 from actors.constants import (
+    BLOCKED_URLS_REPORTED,
     DEFAULT_NUM_THREADS,
+    EXFILTRATE_COUNT_WAIT,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
     RUN_TIMEOUT,
 )
-from actors.errors import BrowserFailure, FailureCategory, InputError
 from actors.page_server import PageServer
-from actors.validation import show
+from events.errors import BrowserFailure, FailureCategory, InputError, show
 
 log = logging.getLogger(__name__)
 
@@ -438,8 +439,6 @@ class BrowserCore:
 
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
           "corrupt_output", "exfiltrate", "slow")
-BLOCKED_URLS_REPORTED = 10      # the latest blocked URLs a health report carries
-EXFILTRATE_COUNT_WAIT = 10.0    # seconds the exfiltrate fault waits for its three attempts to be counted
 
 # What hostile model code would try: send data out by fetch, open a WebSocket, navigate away. ``url`` is
 # an argument, never part of the source.

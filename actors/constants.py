@@ -26,11 +26,37 @@ RECOVERY_STEP_TIMEOUT = 240.0      # one reconnect / restart / failover, model r
 
 # Pool.
 DEFAULT_MAX_CONNECTIONS = 4
+RECORD_GAP_WAIT = 5.0              # a gap in acknowledged seqs this old is read back from the log (a lost reply)
+HEALTH_INTERVAL = 2.0              # between passes of the reconcile loop's health checks (levels >= medium)
+SCALE_DOWN_IDLE_S = 30.0           # adaptive_scaling: a serving browser idle this long is retired (one stays)
+STOP_BROWSER_WAIT = 10.0           # a browser's own close() before its actor is killed anyway
+STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its dead StateLog's name to free up
 # Requests admitted at once (running or waiting for a browser); one more gets PoolBusyError at once.
 # Below Ray's own limit on an async actor's concurrent calls (1000), so the bound is ours, not Ray's queue.
 DEFAULT_MAX_QUEUED_REQUESTS = 256
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
+
+# Fault tolerance defaults (the guide's ``fault_tolerance`` options; see actors/decisions/recovery.py).
+DEFAULT_CHECKPOINT_INTERVAL = 60.0   # log snapshots (level high and up): bounds the replay a restart needs
+DEFAULT_MAX_RECOVERY_ATTEMPTS = 3    # per request, and consecutive failures before a browser's circuit opens
+DEFAULT_STANDBY_BROWSERS = 1         # warm spares at level high and up: failover without a cold start
+DEFAULT_VOTE_K = 3                   # browsers per request at level critical (a majority of 3 survives one liar)
+DEFAULT_VOTE_COSINE = 0.999          # embeddings agree at this cosine (fp32 runs of one model differ ~1e-6)
+DEFAULT_BACKOFF_S = 0.05             # before retry n of a request: DEFAULT_BACKOFF_S * 2**(n-1)
+
+# Placement and adaptive decisions (actors/decisions/).
+# A browser holding the model takes a request while fewer than this many run on it; beyond that the
+# pool prefers to grow (up to max_connections), since one page runs one inference at a time.
+BUSY_THRESHOLD = 2
+MIN_SAMPLES = 8                    # completed operations before a browser's speed is judged
+# Drained when its median is this many times its peers'. Two browsers sharing two busy cores were seen
+# up to ~3x apart while one of them was starting: the bar sits above that.
+DEGRADED_FACTOR = 4.0
+
+# Browser health reports and faults.
+BLOCKED_URLS_REPORTED = 10         # the latest blocked URLs a health report carries
+EXFILTRATE_COUNT_WAIT = 10.0       # the exfiltrate fault waits this long for its three attempts to be counted
 
 # Input limits at the pool boundary.
 MAX_TEXT_CHARS = 20_000

@@ -57,8 +57,8 @@ import numpy as np
 import orjson
 
 from benchmarks.results import results_dir, summary_ms, write_json
+from events.errors import InputError
 from events.state import PoolState, browsers_alive
-from sharding.models.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) ->
     """The baseline: the failure ends the generation; restart the browser, then generate from scratch."""
     import ray
 
-    from actors.errors import BrowserFailure
+    from events.errors import BrowserFailure
 
     t0, ref, victim = start_and_kill_middle_shard(pool, model, tokens, kill_after)
     try:

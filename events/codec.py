@@ -32,7 +32,8 @@ def decode(kind: str, payload: bytes | bytearray | memoryview, version: int = SC
 
     ``trusted=True`` is for payloads this code validated when it wrote them and that a checksum has
     confirmed since (the store's own segments): field names are still checked, values are not, which
-    makes replay about twice as fast.
+    makes replay about twice as fast. Payloads of an older version always go through the constructor,
+    which gives fields added since then their defaults.
     """
     if type(version) is not int or version > SCHEMA_VERSION or version < 1:
         shown = version if type(version) is int and abs(version) < 10**30 else "out of range"
@@ -46,7 +47,7 @@ def decode(kind: str, payload: bytes | bytearray | memoryview, version: int = SC
         raise MalformedPayloadError(f"{kind}: payload is not JSON: {exc}") from None
     if type(fields) is not dict:
         raise MalformedPayloadError(f"{kind}: payload is a {type(fields).__name__}, not an object")
-    if trusted:
+    if trusted and version == SCHEMA_VERSION:
         if fields.keys() != cls._FIELDS:
             raise MalformedPayloadError(f"{kind}: fields {sorted(fields)} do not match {sorted(cls._FIELDS)}")
         for name, coerce in cls._COERCE:

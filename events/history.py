@@ -47,10 +47,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from events.errors import EventError
+from events.errors import EventError, FailureCategory
 from events.schema import (
     BrowserLaunched,
-    FailureCategory,
     ModelLoaded,
     OperationCompleted,
     OperationFailed,

@@ -25,26 +25,16 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from enum import Enum
 from typing import Any, ClassVar, Union
 
-from events.errors import InvalidEventError
+from events.errors import FailureCategory, InvalidEventError
 
-# 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted
-SCHEMA_VERSION = 3
+# 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted;
+# 4: BrowserLaunched.backend, BrowserRecoveryDeferred. A payload of an older version lacks the newer fields: it
+# is decoded through the constructor, which fills them with their defaults.
+SCHEMA_VERSION = 4
 
 _INT64_MAX = 2**63 - 1
-
-
-class FailureCategory(str, Enum):
-    """Why a browser or operation failed; each comes from a real signal (see DESIGN.md)."""
-
-    CONNECTION = "connection"
-    CRASH = "crash"
-    TIMEOUT = "timeout"
-    MEMORY = "memory"
-    DEVICE_LOST = "device_lost"
-    UNKNOWN = "unknown"
 
 
 class Event:
@@ -267,6 +257,7 @@ class BrowserLaunched(Event):
     pid: int | None
     node_id: str
     standby: bool
+    backend: str = ""           # the backend the pool runs models on there ("" in logs before schema 4)
 
 
 @event_kind("browser_id")
@@ -412,6 +403,15 @@ class RecoveryStarted(Event):
     category: FailureCategory
 
 
+@event_kind("browser_id")
+class BrowserRecoveryDeferred(Event):
+    """A failed browser is recovered only once ``session_id`` closes: the session went on without it (a
+    shadow took over), and recovering it meanwhile would take CPU from the session."""
+
+    browser_id: str
+    session_id: str
+
+
 @event_kind("recovery_id")
 class RecoveryStepFinished(Event):
     recovery_id: str
@@ -510,10 +510,10 @@ __all__ = [
     "BrowserHealthReported",
     "BrowserLaunched",
     "BrowserQuarantined",
+    "BrowserRecoveryDeferred",
     "BrowserRetired",
     "BrowserRoleChanged",
     "Event",
-    "FailureCategory",
     "ModelLoaded",
     "ModelUnloaded",
     "OperationCompleted",

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from events.errors import SequenceGapError, SnapshotError
+from events.errors import FailureCategory, SequenceGapError, SnapshotError
 from events.schema import (
     BrowserConnected,
     BrowserDisconnected,
@@ -33,9 +33,9 @@ from events.schema import (
     BrowserHealthReported,
     BrowserLaunched,
     BrowserQuarantined,
+    BrowserRecoveryDeferred,
     BrowserRetired,
     BrowserRoleChanged,
-    FailureCategory,
     ModelLoaded,
     ModelUnloaded,
     OperationCompleted,
@@ -57,7 +57,9 @@ from events.schema import (
 )
 
 # Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
-STATE_VERSION = 4      # 2: perf windows, draining, last_active_ts; 3: sessions count resumes; 4: promoted shards
+# 2: perf windows, draining, last_active_ts; 3: sessions count resumes; 4: promoted shards;
+# 5: a browser's chosen backend and its recovery deferred to a session's end
+STATE_VERSION = 5
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -81,6 +83,8 @@ class BrowserState:
     last_active_ts: float = 0.0  # when an operation last started or ended on it (0: never)
     last_failure: FailureCategory | None = None
     last_error: str | None = None
+    backend: str = ""           # the backend models run on there ("" when the log predates it)
+    recover_after: str | None = None   # failed, and recovered once this session closes (BrowserRecoveryDeferred)
 
 
 ModelKey = tuple[str, str, "str | None"]  # (browser_id, model, shard)
@@ -267,6 +271,7 @@ def _browser_launched(d: _Draft, rec: Recorded, e: BrowserLaunched) -> None:
         pid=e.pid,
         node_id=e.node_id,
         standby=e.standby,
+        backend=e.backend,
         status="launched",
         launched_seq=rec.seq,
         last_active_ts=rec.ts,
@@ -436,10 +441,17 @@ def _op_failed(d: _Draft, rec: Recorded, e: OperationFailed) -> None:
     d.count("operations_failed." + e.category.value)
 
 
+def _browser_recovery_deferred(d: _Draft, rec: Recorded, e: BrowserRecoveryDeferred) -> None:
+    _update_browser(d, rec, e.browser_id, recover_after=e.session_id)
+
+
 def _recovery_started(d: _Draft, rec: Recorded, e: RecoveryStarted) -> None:
     if e.recovery_id in d.r("recoveries"):
         d.anomaly(rec)
         return
+    b = d.r("browsers").get(e.browser_id)
+    if b is not None and b.recover_after is not None:      # the deferred recovery has begun
+        d.w("browsers")[e.browser_id] = dataclasses.replace(b, recover_after=None)
     d.w("recoveries")[e.recovery_id] = RecoveryState(
         recovery_id=e.recovery_id, browser_id=e.browser_id, strategy=e.strategy, attempt=e.attempt,
         category=e.category, started_seq=rec.seq, started_ts=rec.ts,
@@ -542,6 +554,7 @@ _HANDLERS: dict[type, Any] = {
     SessionResumed: _session_resumed,
     ShardPromoted: _shard_promoted,
     SessionClosed: _session_closed,
+    BrowserRecoveryDeferred: _browser_recovery_deferred,
     SnapshotWritten: _snapshot_written,
 }
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.errors import InputError
-from actors.recovery import classify
+from actors.decisions.recovery import classify
+from events.errors import InputError
 from sharding.models.registry import ModelArtifact
 from sharding.sampling import sample_next, token_rng
 
@@ -302,10 +302,11 @@ class ShardCoordinator:
 
     async def generate(self, session_id: str, stages: list[ShardStage], shadows: list[ShardStage | None],
                        prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, temperature: float,
-                       top_p: float, seed: int | None, timeout: float) -> dict[str, Any]:
-        # None on the first call for a session; on a retry (the coordinator running it died) what the log
-        # says of it: the tokens so far, and the shards whose shadow had already taken over.
-        resumed = await self.pool.session_begin.remote(session_id) or {"tokens": [], "promoted": []}
+                       top_p: float, seed: int | None, timeout: float, plan: dict[str, Any]) -> dict[str, Any]:
+        # None on the first call for a session (the pool records it opened, with ``plan``); on a retry (the
+        # coordinator running it died) what the log says of it: the tokens so far, and the shards whose
+        # shadow had already taken over.
+        resumed = await self.pool.session_begin.remote(session_id, self.model, plan) or {"tokens": [], "promoted": []}
         stages, shadows = after_promotions(stages, shadows, resumed["promoted"])
 
         async def recover(i: int, failed: ShardStage, exc: BaseException) -> ShardStage:

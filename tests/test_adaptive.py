@@ -1,9 +1,9 @@
-"""Decisions from performance history (actors/adaptive.py, placement by cost): pure, over folded events."""
+"""Decisions from performance history (actors/decisions/adaptive.py, placement by cost): pure, over folded events."""
 
 from __future__ import annotations
 
-from actors import adaptive
-from actors.placement import BrowserView, place
+from actors.decisions import adaptive
+from actors.decisions.placement import BrowserView, place
 from events import schema as ev
 from events.state import PoolState, apply
 

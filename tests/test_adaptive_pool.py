@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import ray
 
-from actors import adaptive
-from actors.bridge import recorded_from_entry
+from actors.decisions import adaptive
 from events.history import PerformanceHistoryTracker
 from events.state import browsers_alive
 from sharding.models import minilm
 from webpool import ResourcePool
+from webpool.guide import recorded_from_entry
 
 MODEL = "all-minilm-l6-v2"
 WARM_UP_REQUESTS = 24

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.errors import InputError
 from actors.pool import PoolCore
+from events.errors import InputError
 from events.state import browsers_alive
 from sharding.models import minilm
 from webpool import PoolBusyError, ResourcePool

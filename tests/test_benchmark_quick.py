@@ -13,10 +13,10 @@ import math
 import orjson
 import pytest
 
-from actors.errors import InputError
 from benchmarks import recovery_latency as rl
 from benchmarks.results import summary_ms
 from events import schema as ev
+from events.errors import InputError
 from events.state import replay
 
 

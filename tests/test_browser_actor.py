@@ -10,9 +10,9 @@ import pytest
 import ray
 
 from actors.browser import BrowserActor, BrowserFailure
+from events.errors import InputError
 from sharding.coordinator import ShardChain, ShardStage, generate_tokens
 from sharding.models import llama, minilm
-from sharding.models.errors import InputError
 from sharding.models.registry import artifacts
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]

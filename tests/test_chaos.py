@@ -1,7 +1,8 @@
 """Chaos: 200+ requests over 4 browsers while a seeded random real fault strikes every 4-6 s.
 
 Every request must return the right embedding (numpy reference); the event log must have no gap
-and every started operation must end; afterwards no browser process or temp folder may remain.
+and every started operation must end; the pool's state must equal a fresh replay of the segment files
+on disk, field by field; afterwards no browser process or temp folder may remain.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from logcheck import assert_state_is_replay_of_disk
 from procs import alive
 
 from events.state import open_operations
@@ -32,6 +34,7 @@ def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_p
     texts = [f"chaos sentence {i}: the pool keeps answering while browsers die" for i in range(16)]
     reference = minilm.reference_embed(texts)
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=5.0,
+                               name="chaos-pool",
                                health_interval=0.5,
                                fault_tolerance={"level": "medium", "recovery_strategy": "progressive",
                                                 "max_recovery_attempts": 5})
@@ -94,6 +97,8 @@ def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_p
         if "temp_dir" in report:
             seen_dirs.add(report["temp_dir"])
     ray.get(pool.shutdown.remote())
+    # After shutdown nothing appends: the pool's final state is the replay of every event on disk.
+    assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), "chaos-pool", tmp_path / "events")
     ray.kill(pool)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and ([p for p in seen_pids if alive(p)] or

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from events.errors import FailureCategory
 from events.schema import (
     BrowserConnected,
     BrowserFailed,
     BrowserHealthReported,
     BrowserLaunched,
     BrowserRetired,
-    FailureCategory,
     ModelLoaded,
     OperationCompleted,
     OperationFailed,

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from events import schema
 from events.codec import decode, encode, log_entry
 from events.errors import (
+    FailureCategory,
     InvalidEventError,
     MalformedPayloadError,
     SchemaVersionError,
@@ -25,7 +26,6 @@ from events.schema import (
     SCHEMA_VERSION,
     BrowserFailed,
     BrowserLaunched,
-    FailureCategory,
     OperationCompleted,
     OperationStarted,
     Recorded,
@@ -36,7 +36,7 @@ from events.schema import (
 
 # The field names are a contract the pool, recovery and coordinator code rely on.
 CONTRACT = {
-    "BrowserLaunched": ("browser_id", "browser_type", "backend_caps", "pid", "node_id", "standby"),
+    "BrowserLaunched": ("browser_id", "browser_type", "backend_caps", "pid", "node_id", "standby", "backend"),
     "BrowserConnected": ("browser_id",),
     "BrowserDisconnected": ("browser_id", "reason"),
     "BrowserFailed": ("browser_id", "category", "error"),
@@ -52,6 +52,7 @@ CONTRACT = {
     "RecoveryStarted": ("recovery_id", "browser_id", "strategy", "attempt", "category"),
     "RecoveryStepFinished": ("recovery_id", "step", "success", "duration_ms", "error"),
     "RecoveryCompleted": ("recovery_id", "browser_id", "success", "replacement", "duration_ms"),
+    "BrowserRecoveryDeferred": ("browser_id", "session_id"),
     "SessionOpened": ("session_id", "model", "plan"),
     "TokensAppended": ("session_id", "token_ids"),
     "SessionResumed": ("session_id", "tokens", "attempt"),
@@ -217,6 +218,16 @@ def test_decode_refuses_newer_schema_versions():
     assert decode("BrowserConnected", payload, SCHEMA_VERSION) == schema.BrowserConnected("b1")
     with pytest.raises(SchemaVersionError, match=str(SCHEMA_VERSION + 1)):
         decode("BrowserConnected", payload, SCHEMA_VERSION + 1)
+
+
+def test_a_payload_of_an_older_schema_gets_the_fields_added_since_with_their_defaults():
+    old = b'{"browser_id": "b1", "browser_type": "chromium", "backend_caps": ["wasm"], "pid": 7, ' \
+          b'"node_id": "n", "standby": false}'                    # BrowserLaunched as schema 3 wrote it
+    for trusted in (False, True):
+        e = decode("BrowserLaunched", old, 3, trusted=trusted)
+        assert e.backend == "" and e.backend_caps == ("wasm",) and e.pid == 7
+    with pytest.raises(MalformedPayloadError, match="do not match"):
+        decode("BrowserLaunched", old, SCHEMA_VERSION, trusted=True)   # the current schema has the field
 
 
 def test_recorded_envelope_and_log_entry():

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.errors import SequenceGapError, SnapshotError
+from events.errors import FailureCategory, SequenceGapError, SnapshotError
 from events.schema import (
     EVENT_TYPES,
     BrowserConnected,
@@ -22,9 +22,9 @@ from events.schema import (
     BrowserHealthReported,
     BrowserLaunched,
     BrowserQuarantined,
+    BrowserRecoveryDeferred,
     BrowserRetired,
     BrowserRoleChanged,
-    FailureCategory,
     ModelLoaded,
     ModelUnloaded,
     OperationCompleted,
@@ -222,6 +222,22 @@ def test_operation_failed():
     s = run(OperationStarted("op1", "m", "b1", "infer", "d"), OperationFailed("op1", FailureCategory.TIMEOUT, "slow"))
     assert s.operations == {}
     assert s.metrics["operations_failed"] == 1 and s.metrics["operations_failed.timeout"] == 1
+
+
+def test_browser_launched_keeps_the_chosen_backend():
+    s = run(BrowserLaunched("b1", "chromium", ("wasm", "webgpu"), 1, "n", False, "webgpu"))
+    assert s.browsers["b1"].backend == "webgpu"
+    assert run(launched()).browsers["b1"].backend == ""       # a log from before schema 4
+
+
+def test_browser_recovery_deferred_until_its_session_closes_and_cleared_when_the_recovery_starts():
+    s = run(launched(), SessionOpened("s1", "m", {}), BrowserFailed("b1", FailureCategory.CRASH, "gone"),
+            BrowserRecoveryDeferred("b1", "s1"))
+    assert s.browsers["b1"].recover_after == "s1" and s.browsers["b1"].status == "failed"
+    s = apply(s, Recorded(s.last_seq + 1, 2000.0, RecoveryStarted("r1", "b1", "progressive", 1,
+                                                                      FailureCategory.CRASH)))
+    assert s.browsers["b1"].recover_after is None
+    assert run(BrowserRecoveryDeferred("ghost", "s1")).metrics["anomaly.BrowserRecoveryDeferred"] == 1
 
 
 def test_recovery_started():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 
-from actors.errors import BrowserFailure
+from events.errors import BrowserFailure
 from events.state import open_operations
 from sharding.models import minilm
 from webpool import ResourcePool

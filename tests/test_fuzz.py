@@ -32,11 +32,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.constants import MAX_BATCH, MAX_NEW_TOKENS, MAX_TEXT_CHARS
-from actors.validation import EmbeddingRequest, GenerationRequest, embedding_request, generation_request
+from actors.decisions.validation import EmbeddingRequest, GenerationRequest, embedding_request, generation_request
 from events import errors as event_errors
 from events.codec import decode, encode
 from events.errors import (
     EventError,
+    FailureCategory,
+    InputError,
     InvalidEventError,
     MalformedPayloadError,
     SchemaVersionError,
@@ -48,7 +50,6 @@ from events.schema import (
     BrowserConnected,
     BrowserLaunched,
     Event,
-    FailureCategory,
     ModelLoaded,
     OperationCompleted,
     OperationFailed,
@@ -58,7 +59,6 @@ from events.schema import (
 )
 from events.store import EventStore
 from sharding.models import minilm
-from sharding.models.errors import InputError
 from sharding.models.registry import SPECS
 
 # --- shared strategies ------------------------------------------------------------------------------

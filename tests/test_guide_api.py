@@ -1,4 +1,4 @@
-"""The seed guide's API (actors/bridge.py) on a real ResourcePool with real Chromium.
+"""The seed guide's API (webpool/guide.py) on a real ResourcePool with real Chromium.
 
 The guide's "Basic Usage" and "Custom Recovery Strategy" examples run as written, with only their import
 lines changed (plus a real model instead of "bert-base-uncased", at most 2 browsers, and the event log in
@@ -17,22 +17,21 @@ import numpy as np
 import pytest
 import ray
 
-from actors.bridge import (
+from events import schema as ev
+from events.codec import log_entry
+from events.errors import BrowserFailure, InputError
+from events.state import sessions_with_tokens
+from sharding.models import minilm
+from webpool import BridgeNotReadyError, BrowserFailureCategory, ResourcePoolBridgeIntegration
+from webpool import ResourcePoolRecoveryManager as _Manager
+from webpool import run_with_recovery as _run_with_recovery
+from webpool.guide import (
     PoolBrowser,
     missing_pool_api,
     pool_call,
     recorded_from_entry,
     run_pool_operation,
 )
-from actors.errors import BrowserFailure
-from events import schema as ev
-from events.codec import log_entry
-from events.state import sessions_with_tokens
-from sharding.models import minilm
-from sharding.models.errors import InputError
-from webpool import BridgeNotReadyError, BrowserFailureCategory, ResourcePoolBridgeIntegration
-from webpool import ResourcePoolRecoveryManager as _Manager
-from webpool import run_with_recovery as _run_with_recovery
 
 MODEL = "all-minilm-l6-v2"
 STAT_KEYS = {"recovery_attempts", "recovery_successes", "recovery_failures", "success_rate", "active_browsers",
@@ -252,7 +251,13 @@ def test_basic_usage_example_recovers_a_killed_browser(ray_local, tmp_path, caps
             _check_stats(stats, recovery_manager.recovery_attempts)
             recoveries = _recoveries(recovery_manager)
             assert recoveries[-1]["browser_id"] == browser_id
-            assert recoveries[-1]["strategy"] == "restart" and recoveries[-1]["success"]
+            # One recovery, planned by the pool (the guide's names decide nothing): progressive, ending in a
+            # successful restart step.
+            assert recoveries[-1]["strategy"] == "progressive" and recoveries[-1]["success"]
+            steps = [e["data"] for e in recovery_manager.state_manager.transaction_log
+                     if e["action"] == ev.RecoveryStepFinished.KIND
+                     and e["data"]["recovery_id"] == recoveries[-1]["recovery_id"]]
+            assert steps[-1]["step"] == "restart" and steps[-1]["success"], steps
             assert [op["status"] for op in recovery_manager.completed_operations] == ["completed", "failed"]
 
             # Performance history from the pool's log: the first call, the failed one, the recovered one.
@@ -345,7 +350,7 @@ def test_custom_recovery_strategy_example_and_parallel(ray_local, tmp_path, capl
     assert len(custom) == 2 and custom[0].endswith(": connection") and custom[1].endswith(": crash"), custom
 
 
-# ----- the guide's "Advanced Usage with Model Sharding" (sharding/manager.py) -------------------------
+# ----- the guide's "Advanced Usage with Model Sharding" (webpool/guide_sharding.py) -------------------------
 
 from sharding.models import llama  # noqa: E402
 from sharding.models.registry import ModelNotFoundError, llama_model  # noqa: E402

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import orjson
 import pytest
 
+from events.errors import InputError
 from sharding.models import minilm
 from sharding.models.cache import file_sha256
-from sharding.models.errors import InputError
 from sharding.models.minilm import (
     EMBED_DIM,
     MAX_TOKENS,

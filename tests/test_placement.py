@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors import placement
-from actors.placement import BrowserView, Placement, choose_backend, place
+from actors.decisions import placement
+from actors.decisions.placement import BrowserView, Placement, choose_backend, place
 
 
 def view(bid: str, models=(), in_flight: int = 0, browser_type: str = "chromium") -> BrowserView:

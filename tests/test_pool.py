@@ -13,11 +13,11 @@ import pytest
 import ray
 from procs import alive
 
+from events.errors import InputError
 from events.schema import BrowserLaunched
 from events.state import browsers_alive, open_operations
 from events.store import EventStore
 from sharding.models import llama, minilm
-from sharding.models.errors import InputError
 from sharding.models.registry import ModelNotFoundError
 from webpool import ResourcePool
 

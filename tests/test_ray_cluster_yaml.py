@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from actors.placement import BROWSER_SLOTS
+from actors.decisions.placement import BROWSER_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["ray_cluster.yaml", "ray_cluster.local.yaml"]

@@ -1,4 +1,4 @@
-"""The pure decisions of actors/recovery.py: options, classification, step plans, failover targets."""
+"""The pure decisions of actors/decisions/recovery.py: options, classification, step plans, failover targets."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import asyncio
 import pytest
 import ray
 
-from actors.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
-from actors.recovery import (
+from actors.decisions.recovery import (
     Candidate,
     FaultToleranceConfig,
     FaultToleranceLevel,
@@ -17,6 +16,7 @@ from actors.recovery import (
     pick_failover_target,
     plan_steps,
 )
+from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
 
 C = FailureCategory
 

@@ -4,7 +4,7 @@
 (the guide's recovery manager: classification, the five strategies, statistics, performance advice) and
 ``run_with_recovery`` (the guide's function, unchanged in behaviour). Every decision stays where it
 already is: placement and recovery steps in the pool (actors/pool.py, actors/recovery.py), failure
-classification in ``actors.recovery.classify``, statistics in ``events.state.recovery_statistics``,
+classification in ``actors.decisions.recovery.classify``, statistics in ``events.state.recovery_statistics``,
 performance history in ``events.history``. This module only turns the guide's calls into pool actor
 calls and the pool's answers into the guide's result dicts. The pool's event log stays the one source of
 truth: nothing here keeps state the log does not have, except the guide's client-side operation entries
@@ -36,10 +36,10 @@ from typing import Any
 import orjson
 import ray
 
-from actors.errors import FailureCategory, InputError, NoBrowserAvailableError, WebpoolError
+from actors.decisions.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryStrategy, classify
 from actors.pool import PoolCore, ResourcePool
-from actors.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryStrategy, classify
 from events.codec import decode
+from events.errors import BridgeNotReadyError, FailureCategory, InputError, NoBrowserAvailableError, WebpoolError
 from events.history import PerformanceHistoryTracker
 from events.schema import Recorded
 from events.state import BrowserState, PoolState
@@ -62,10 +62,6 @@ REQUIRED_POOL_API = {
     "get_recovery_statistics": (),
     "recent_events": ("n",),
 }
-
-
-class BridgeNotReadyError(WebpoolError):
-    """The bridge or recovery manager has no usable pool yet (not initialized, or a pool without the API)."""
 
 
 def missing_pool_api(cls: type = PoolCore) -> list[str]:
@@ -338,28 +334,15 @@ class ResourcePoolRecoveryManager:
         return await self._pool_recovery(browser_id, failure_category, RecoveryStrategy.PARALLEL)
 
     async def _progressive_recovery(self, browser_id: str, failure_category: FailureCategory) -> dict[str, Any]:
-        """The guide's progressive strategy: reconnect (only for CONNECTION and TIMEOUT: a crashed page has
-        nothing to reconnect to), then restart, then failover; the first success is the result."""
+        """The guide's progressive strategy, as the pool plans it (actors/decisions/recovery.py): reconnect
+        (only for CONNECTION and TIMEOUT: a crashed page has nothing to reconnect to), then restart, then
+        failover; with a warm standby up, failover before restart; a lost WebGPU device first in place."""
         self.logger.info("Attempting progressive recovery for browser %s", browser_id)
-        category = FailureCategory(failure_category)
-        steps = [self._restart_recovery, self._failover_recovery]
-        if category in (FailureCategory.CONNECTION, FailureCategory.TIMEOUT):
-            steps.insert(0, self._reconnect_recovery)
-        errors: list[str] = []
-        t0 = time.perf_counter()
-        for step in steps:
-            try:
-                result = await step(browser_id, category)
-            except Exception as exc:   # as in the guide: a step that raises is logged, the next one tried
-                self.logger.warning("%s failed for browser %s: %s", step.__name__, browser_id, exc)
-                errors.append(f"{step.__name__}: {type(exc).__name__}: {exc}")
-                continue
-            if result["success"]:
-                return result
-            errors.append(f"{step.__name__}: {result['error']}")
-        self.logger.error("all recovery strategies failed for browser %s", browser_id)
-        return await self._not_recovered(browser_id, "All recovery strategies failed: " + "; ".join(errors),
-                                         (time.perf_counter() - t0) * 1000, "progressive")
+        result = await self._pool_recovery(browser_id, failure_category, RecoveryStrategy.PROGRESSIVE)
+        if result["success"] and result["steps"]:
+            # As in the guide, a progressive recovery answers as the strategy that worked.
+            result["strategy"] = result["steps"][-1]
+        return result
 
     async def _pool_recovery(self, browser_id: str, failure_category: FailureCategory,
                              strategy: RecoveryStrategy) -> dict[str, Any]:

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from actors.bridge import GENERATE_OPTIONS, BridgeNotReadyError, pool_call
-from actors.errors import BrowserFailure, InputError
-from actors.recovery import FaultToleranceLevel, RecoveryStrategy
+from actors.decisions.recovery import FaultToleranceLevel, RecoveryStrategy
+from events.errors import BridgeNotReadyError, BrowserFailure, InputError
 from sharding.analyzer import ShardRunRecord
 from sharding.models.registry import SPECS, get_spec, llama_model
 from sharding.plan import even_layer_ranges, shard_memory_bytes
+from webpool.guide import GENERATE_OPTIONS, pool_call
 
 log = logging.getLogger(__name__)
 

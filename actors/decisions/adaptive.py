@@ -8,12 +8,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from actors.constants import DEGRADED_FACTOR, MIN_SAMPLES
 from events.state import PerfWindow, PoolState, browsers_alive
-
-MIN_SAMPLES = 8           # completed operations before a browser's speed is judged
-# Drained when its median is this many times its peers'. Two browsers sharing two busy cores were seen
-# up to ~3x apart while one of them was starting: the bar sits above that.
-DEGRADED_FACTOR = 4.0
 
 
 def recent_median(window: PerfWindow) -> float:

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# Software WebGPU adapters (SwiftShader) are correct but ~100x slower than wasm (FACTS.md).
+from actors.constants import BUSY_THRESHOLD
+
+# Software WebGPU adapters (SwiftShader) are correct but ~100x slower than wasm (docs/facts.md).
 SOFTWARE_ADAPTERS = ("swiftshader", "llvmpipe", "lavapipe")
 
 
@@ -42,10 +44,6 @@ class Placement:
     action: Literal["use", "load", "launch"]
     browser_id: str | None      # None for launch
 
-
-# A browser holding the model takes a request while fewer than this many run on it; beyond that the
-# pool prefers to grow (up to max_connections), since one page runs one inference at a time.
-BUSY_THRESHOLD = 2
 
 
 def place(key: str, browsers: list[BrowserView], max_connections: int, browser_type: str,

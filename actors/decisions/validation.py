@@ -6,12 +6,11 @@ Nothing invalid reaches a browser: a bad request costs the caller an error and n
 from __future__ import annotations
 
 import math
-import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 from actors.constants import MAX_BATCH, MAX_NEW_TOKENS, MAX_TEXT_CHARS
-from sharding.models.errors import InputError
+from events.errors import InputError, show
 from sharding.models.registry import ModelSpec, get_spec
 
 
@@ -23,19 +22,7 @@ class EmbeddingRequest:
 
 SEED_LIMIT = 2**63          # seeds are recorded in events as int64
 
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 60
-_short.maxlevel = 3
 
-
-def show(value: Any) -> str:
-    """The caller's value for an error message: bounded in size, never failing (huge ints, deep nesting)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"<int of {len(hex(value)) * 4} bits>"
-    try:
-        return _short.repr(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
 
 
 def _check_text(field: str, text: Any) -> str:

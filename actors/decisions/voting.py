@@ -12,16 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from events.errors import NoMajorityError
+
 
 @dataclass(frozen=True)
 class Vote:
     winner: Any                       # the agreed answer (an arbitrary agreeing browser's copy)
     agreeing: tuple[str, ...]
     dissenting: tuple[str, ...]
-
-
-class NoMajorityError(RuntimeError):
-    """Redundant runs disagreed and no answer has a majority."""
 
 
 def _majority(answers: dict[str, Any], agree) -> Vote:

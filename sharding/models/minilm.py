@@ -29,8 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from events.errors import InputError
 from sharding.models.cache import build_cached, file_sha256
-from sharding.models.errors import InputError
 
 log = logging.getLogger(__name__)
 

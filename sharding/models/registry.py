@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from sharding.models.errors import InputError
+from events.errors import InputError, ModelNotFoundError
 
 Task = Literal["text_embedding", "text_generation"]
 
@@ -58,20 +58,9 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 
-class ModelNotFoundError(InputError):
-    def __init__(self, model: object) -> None:
-        from actors.validation import show
-
-        super().__init__("model_name", f"unknown model {show(model)}; known models: {', '.join(SPECS)}")
-        self.model = model
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.model,))
-
-
 def get_spec(name: object) -> ModelSpec:
     if not isinstance(name, str) or name not in SPECS:
-        raise ModelNotFoundError(name)
+        raise ModelNotFoundError(name, tuple(SPECS))
     return SPECS[name]
 
 
@@ -85,7 +74,7 @@ def llama_model(name: str):
         return llama.load_smollm2()
     if name == "tiny-llama":
         return llama.tiny_llama(seed=0)
-    raise ModelNotFoundError(name)
+    raise ModelNotFoundError(name, tuple(SPECS))
 
 
 def artifacts(name: str, layer_ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
@@ -105,3 +94,18 @@ def artifacts(name: str, layer_ranges: list[tuple[int, int]] | None = None) -> l
         ModelArtifact(name, None if whole else f"{a}-{b}", s.path, s.sha256, s.meta)
         for (a, b), s in zip(ranges, llama.build_shards(model, ranges), strict=True)
     ]
+
+
+def artifact(name: str, shard: str | None) -> ModelArtifact:
+    """One artifact by its layer range ("a-b", as ``ModelArtifact.shard``; None for the whole model), built
+    (or found in the cache) exactly as ``artifacts`` builds it as part of a plan."""
+    if shard is None:
+        [art] = artifacts(name)
+        return art
+    from sharding.models import llama
+
+    if get_spec(name).family != "llama":
+        raise InputError("shard", f"{name} is not split into layer shards")
+    a, b = (int(x) for x in shard.split("-"))
+    s = llama.build_llama_onnx(llama_model(name), a, b)
+    return ModelArtifact(name, shard, s.path, s.sha256, s.meta)

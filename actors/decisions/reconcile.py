@@ -1,0 +1,174 @@
+"""What the pool's reconcile loop does next: a pure function of the projected state and what the loop
+observed since its last pass (nodes alive, browsers leased by requests, the time).
+
+The loop (actors/reconcile.py) observes, calls ``decide``, executes the actions in the order given, and
+every execution is recorded as events. No Ray, no I/O, no clock here: each rule below is a table test
+in tests/test_reconcile_decisions.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from events import schema as ev
+from events.errors import FailureCategory
+from events.state import ALIVE_STATUSES, PoolState, browsers_alive, models_on
+from sharding.models.registry import artifact_key
+
+
+# ----- actions ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recover:
+    """Recover a browser (through the recovery executor, once however many ask)."""
+
+    browser_id: str
+    category: FailureCategory
+    detail: str
+    unreachable: bool = False     # its actor did not answer at all: no reconnect to a process that is gone
+
+
+@dataclass(frozen=True)
+class CheckHealth:
+    """Ask an idle browser for its health report (a failure is reported like any other)."""
+
+    browser_id: str
+
+
+@dataclass(frozen=True)
+class KeepStandby:
+    """Bring the warm spares up to their number and their models up to the hot set (one task at a time)."""
+
+
+@dataclass(frozen=True)
+class ScaleDown:
+    """Retire serving browsers idle for the configured time (adaptive scaling; one always stays). Which
+    ones is decided by decisions.adaptive.idle_to_retire under the placement lock, so nothing is placed
+    on a browser while it is judged idle."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Snapshot the projection into the log, so a restart replays only what came after."""
+
+
+Action = Recover | CheckHealth | KeepStandby | ScaleDown | Checkpoint
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What the loop saw just before deciding; the state comes from the log."""
+
+    alive_nodes: frozenset[str] | None      # None: the node list could not be read this pass
+    leases: Mapping[str, int] = field(default_factory=dict)   # browser -> requests using it now
+    recovering: frozenset[str] = frozenset()                  # browsers whose recovery is under way
+    health_due: bool = False
+    checkpoint_due: bool = False
+    standby_busy: bool = False                                # a KeepStandby task is still running
+    checking: frozenset[str] = frozenset()                    # browsers whose health check is under way
+    scale_down_due: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The parts of the pool's configuration the loop's rules read."""
+
+    recovers: bool                 # level >= low
+    standby_browsers: int          # wanted warm spares (0 below level high)
+
+
+# ----- rules -----------------------------------------------------------------------------------------
+def ended_by_restart(state: PoolState) -> list[ev.Event]:
+    """What a restarted pool records before it serves: the log's account of the incarnation that died.
+
+    Its browsers, coordinators and in-flight work were its children and died with it, so each started
+    operation ends failed (CRASH), each open recovery and session closes, and each browser that was not
+    already closed is retired. After these events the projection has no operation, recovery or session
+    left open, and no live browser; the requests that were in flight are retried by Ray and run again.
+    """
+    detail = "the pool restarted while it ran"
+    events: list[ev.Event] = [ev.OperationFailed(op_id=o, category=FailureCategory.CRASH, error=detail)
+                              for o in sorted(state.operations)]
+    events += [ev.RecoveryCompleted(recovery_id=r, browser_id=state.recoveries[r].browser_id, success=False,
+                                    replacement=None, duration_ms=0.0) for r in sorted(state.recoveries)]
+    events += [ev.SessionClosed(session_id=s, reason="pool restarted") for s in sorted(state.sessions)]
+    events += [ev.BrowserRetired(browser_id=b.browser_id, reason="pool restarted")
+               for b in sorted(state.browsers.values(), key=lambda b: b.browser_id)
+               if b.status in ALIVE_STATUSES or b.status == "failed"]
+    return events
+
+
+
+def lost_to_nodes(state: PoolState, alive_nodes: frozenset[str]) -> list[str]:
+    """Live browsers placed on a node Ray no longer lists as alive (busy or not: they failed with it)."""
+    return [b.browser_id for b in browsers_alive(state) if b.node_id and b.node_id not in alive_nodes]
+
+
+def deferred_due(state: PoolState, recovering: frozenset[str] = frozenset()) -> list[str]:
+    """Failed browsers whose recovery waited for a session that has closed since (BrowserRecoveryDeferred)."""
+    return [b.browser_id for b in state.browsers.values()
+            if b.recover_after is not None and b.recover_after not in state.sessions
+            and b.status == "failed" and b.browser_id not in recovering]
+
+
+def hot_keys(state: PoolState) -> frozenset[str]:
+    """Artifact keys held by browsers that serve traffic: what a warm spare must hold too."""
+    return frozenset(artifact_key(m.model, m.shard, m.sha256)
+                     for b in browsers_alive(state) if not b.standby and not b.draining
+                     for m in models_on(state, b.browser_id))
+
+
+def standby_short(state: PoolState, wanted: int) -> bool:
+    """Fewer warm spares than ``wanted``, or a spare missing a hot model. Nothing is short before a model
+    serves: a spare keeps warm what serves traffic, and an idle pool has nothing to keep warm."""
+    hot = hot_keys(state)
+    if wanted <= 0 or not hot:
+        return False
+    spares = [b for b in browsers_alive(state) if b.standby]
+    if len(spares) < wanted:
+        return True
+    return any(hot - {artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, b.browser_id)}
+               for b in spares)
+
+
+def to_health_check(state: PoolState, leases: Mapping[str, int]) -> list[str]:
+    """Live browsers no request is using: a busy page cannot answer until its work is done, and a hang
+    there is caught by that request's own time budget."""
+    return [b.browser_id for b in browsers_alive(state) if not leases.get(b.browser_id)]
+
+
+def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]:
+    """The loop's actions for one pass, in the order to run them:
+
+    1. browsers on vanished nodes are recovered (reported unreachable: their actors cannot answer);
+    2. deferred recoveries whose session has closed are started;
+    3. idle browsers are health-checked (when a health pass is due);
+    4. warm spares are topped up (level high and up), unless a top-up is still running;
+    5. idle serving browsers are scaled down (when due);
+    6. the projection is checkpointed (when due).
+    Nothing is recovered at level none; a browser already being recovered is not recovered twice.
+    """
+    actions: list[Action] = []
+    busy = set(seen.recovering)
+    if policy.recovers and seen.alive_nodes is not None:
+        for browser_id in lost_to_nodes(state, seen.alive_nodes):
+            node = state.browsers[browser_id].node_id
+            actions.append(Recover(browser_id, FailureCategory.CONNECTION,
+                                   f"its node {node[:12]} left the cluster", unreachable=True))
+            busy.add(browser_id)
+    if policy.recovers:
+        for browser_id in deferred_due(state, frozenset(busy)):
+            b = state.browsers[browser_id]
+            actions.append(Recover(browser_id, b.last_failure or FailureCategory.UNKNOWN,
+                                   f"deferred until session {b.recover_after} closed: {b.last_error or ''}"[:500]))
+            busy.add(browser_id)
+    if seen.health_due:
+        actions.extend(CheckHealth(b) for b in to_health_check(state, seen.leases)
+                       if b not in busy and b not in seen.checking)
+    if not seen.standby_busy and standby_short(state, policy.standby_browsers):
+        actions.append(KeepStandby())
+    if seen.scale_down_due:
+        actions.append(ScaleDown())
+    if seen.checkpoint_due:
+        actions.append(Checkpoint())
+    return actions

@@ -1,0 +1,298 @@
+"""The fleet: the one owner of the pool's browser actor handles, model bytes and leases.
+
+Everything that starts, loads, restarts, retires or stops a browser goes through here, and each change
+is recorded in the log before the fleet returns (BrowserLaunched, ModelLoaded, BrowserFailed,
+BrowserRetired, BrowserQuarantined). Placement and recovery use the fleet through its public methods;
+what the fleet holds that the log does not is I/O: actor handles, object-store refs of model bytes,
+and leases (requests using a browser right now), which balance by construction (``lease`` is a
+context manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.browser import BrowserActor
+from actors.chromium import resolve_browser
+from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT
+from actors.decisions import placement
+from actors.decisions.recovery import classify
+from actors.pool_log import PoolLog
+from events import schema as ev
+from events.errors import BrowserFailure
+from events.state import browsers_alive, models_on
+from sharding.models import registry
+from sharding.models.registry import ModelArtifact, artifact_key, artifacts
+
+log = logging.getLogger(__name__)
+
+CLOSED_STATUSES = frozenset({"retired", "quarantined"})   # browsers that will never serve again
+RECORDABLE_FAILURE = frozenset({"launched", "connected", "disconnected"})
+
+
+class KeyedLocks:
+    """One asyncio.Lock per name, made on first use."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __call__(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+
+class Fleet:
+    def __init__(self, log_: PoolLog, locks: KeyedLocks, spawn: Callable[[Awaitable[Any]], asyncio.Future], *,
+                 num_threads: int, memory_limit_mb: int | None, backend: str) -> None:
+        self.log = log_
+        self.locks = locks
+        self._spawn = spawn
+        self.num_threads = num_threads
+        self.memory_limit_mb = memory_limit_mb
+        self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
+        self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle
+        self._model_refs: dict[str, ray.ObjectRef] = {}  # sha256 -> model bytes in the object store
+        self._artifacts: dict[tuple, list[ModelArtifact]] = {}
+        self._resolved_types: dict[str, str] = {}
+        self._leases: dict[str, int] = {}                # browser_id -> requests using it now
+        self._launching: dict[str, int] = {}             # node_id -> browsers being started there
+
+    # ----- handles and leases -------------------------------------------------------------------
+    def handle(self, browser_id: str) -> Any:
+        return self._handles[browser_id]
+
+    def has_handle(self, browser_id: str) -> bool:
+        return browser_id in self._handles
+
+    @contextlib.contextmanager
+    def lease(self, *browser_ids: str) -> Iterator[None]:
+        """Count the browsers as busy while the block runs: placement, health checks, scale-down and
+        draining read these counts. Taking a lease does not await, so a browser chosen by placement is
+        seen busy from that moment."""
+        for b in browser_ids:
+            self._leases[b] = self._leases.get(b, 0) + 1
+        try:
+            yield
+        finally:
+            for b in browser_ids:
+                self._leases[b] -= 1
+
+    def leased(self, browser_id: str) -> int:
+        return self._leases.get(browser_id, 0)
+
+    @property
+    def leases(self) -> Mapping[str, int]:
+        return dict(self._leases)
+
+    # ----- what browsers hold ------------------------------------------------------------------------
+    def keys_on(self, browser_id: str) -> frozenset[str]:
+        return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(self.log.state, browser_id))
+
+    async def artifacts_for(self, model: str, ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
+        """The ONNX files of ``model`` (split by layer ``ranges``), built once and then cached."""
+        key = (model, tuple(ranges or ()))
+        async with self.locks(f"build:{key}"):
+            if key not in self._artifacts:
+                self._artifacts[key] = await asyncio.to_thread(artifacts, model, ranges)
+        return self._artifacts[key]
+
+    async def artifact(self, model: str, shard: str | None) -> ModelArtifact:
+        """One artifact by model and layer range ("a-b", or None for the whole model): from the plans
+        built so far, else built alone (a restarted pool, or a shard whose plan this pool never built)."""
+        for arts in list(self._artifacts.values()):
+            for art in arts:
+                if art.model == model and art.shard == shard:
+                    return art
+        async with self.locks(f"build:{model}:{shard}"):
+            art = await asyncio.to_thread(registry.artifact, model, shard)
+        self._artifacts.setdefault((model, ("one", shard)), [art])
+        return art
+
+    async def artifact_by_key(self, key: str) -> ModelArtifact:
+        """The artifact a key names (``model/shard@sha``)."""
+        model, rest = key.split("/", 1)
+        shard = rest.split("@", 1)[0]
+        return await self.artifact(model, None if shard == "all" else shard)
+
+    async def artifacts_on(self, browser_id: str) -> list[ModelArtifact]:
+        """What the log says ``browser_id`` held (every model, resolved through the registry): the work a
+        replacement must take over."""
+        return [await self.artifact(m.model, m.shard) for m in sorted(
+            models_on(self.log.state, browser_id), key=lambda m: (m.model, m.shard or ""))]
+
+    async def _model_ref(self, art: ModelArtifact) -> ray.ObjectRef:
+        if art.sha256 not in self._model_refs:
+            data = await asyncio.to_thread(np.fromfile, art.path, np.uint8)
+            self._model_refs[art.sha256] = ray.put(data)
+        return self._model_refs[art.sha256]
+
+    # ----- starting browsers ------------------------------------------------------------------------
+    def browser_type(self, preferred: str) -> str:
+        """The installed browser type for a preference (falling back when it is not installed)."""
+        if preferred not in self._resolved_types:
+            self._resolved_types[preferred] = resolve_browser(preferred).browser_type
+        return self._resolved_types[preferred]
+
+    async def node_views(self) -> list[placement.NodeView]:
+        """Live Ray nodes and the live browsers the log places on each (browsers still starting count as
+        serving there: two launches at once must not both pick the emptiest node)."""
+        nodes = await asyncio.to_thread(ray.nodes)
+        alive = browsers_alive(self.log.state)
+        return [
+            placement.NodeView(
+                node_id=n["NodeID"], browser_slots=n.get("Resources", {}).get(placement.BROWSER_SLOTS),
+                serving=sum(1 for b in alive if b.node_id == n["NodeID"] and not b.standby)
+                + self._launching.get(n["NodeID"], 0),
+                standby=sum(1 for b in alive if b.node_id == n["NodeID"] and b.standby))
+            for n in nodes if n.get("Alive")
+        ]
+
+    async def launch(self, browser_type: str, standby: bool = False, avoid: frozenset[str] = frozenset()) -> str:
+        """A new browser; ``avoid``: browsers whose nodes it should not share when another node can host it."""
+        browser_id = f"browser-{uuid.uuid4().hex[:8]}"
+        state = self.log.state
+        avoid_nodes = frozenset(state.browsers[b].node_id for b in avoid if b in state.browsers)
+        await self.start(browser_id, browser_type, standby, avoid_nodes)
+        return browser_id
+
+    async def start(self, browser_id: str, browser_type: str, standby: bool = False,
+                    avoid_nodes: frozenset[str] = frozenset()) -> None:
+        """A new BrowserActor, started and recorded (BrowserLaunched), on the node placement chooses
+        (spread; a standby away from the serving browsers). Where nodes advertise ``browser_slots``,
+        each browser takes one.
+
+        A node can vanish before Ray lists it as dead (that takes seconds): an actor placed there dies
+        before it starts. The launch is then tried again, once, away from that node. A browser that dies
+        while starting is a BrowserFailure (its category from the signal), like any other.
+        """
+        excluded: set[str] = set()
+        for attempt in range(2):
+            try:
+                await self._start_on(browser_id, browser_type, standby, avoid_nodes, excluded)
+                return
+            except ray.exceptions.RayActorError as exc:
+                if attempt == 1 or not excluded:
+                    raise classify(exc, browser_id) from None
+                log.warning("browser died before it started; launching elsewhere",
+                            extra={"browser_id": browser_id, "nodes_excluded": sorted(excluded), "error": str(exc)})
+
+    async def _start_on(self, browser_id: str, browser_type: str, standby: bool,
+                        avoid_nodes: frozenset[str], excluded: set[str]) -> None:
+        """One launch attempt; adds the node it chose to ``excluded`` before it starts there."""
+        nodes = [n for n in await self.node_views() if n.node_id not in excluded]
+        options: dict[str, Any] = {"name": None}
+        if any(n.browser_slots is not None for n in nodes):
+            options["resources"] = {placement.BROWSER_SLOTS: 1}
+        node_id = placement.choose_node(nodes, standby, avoid_nodes)
+        if node_id is not None:
+            # Soft: if that node is gone by the time Ray schedules, any other will do.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        key = node_id or ""
+        if node_id is not None:
+            excluded.add(node_id)
+        self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
+        try:
+            handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
+                                                            self.memory_limit_mb)
+            try:
+                info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
+            except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot
+                ray.kill(handle)      # would otherwise start a browser nobody owns
+                raise
+            await self._record_launch(browser_id, handle, info, standby)
+        finally:
+            self._launching[key] -= 1      # from here the log counts it
+
+    async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
+        self._handles[browser_id] = handle
+        backend = placement.choose_backend(info["backends"], info["detail"], self.backend)
+        await self.log.record(ev.BrowserLaunched(
+            browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
+            pid=info["pid"], node_id=info["node_id"] or "", standby=standby, backend=backend))
+        log.info("browser launched", extra={"browser_id": browser_id, "backend": backend,
+                                            "standby": standby, "start_ms": round(info["start_ms"])})
+
+    async def relaunch(self, browser_id: str) -> None:
+        """A new browser process under the same id (the restart step): in the same actor, or in a new actor
+        (elsewhere if its node is dead) when the actor process itself is gone."""
+        handle = self._handles[browser_id]
+        previous = self.log.state.browsers[browser_id]
+        try:
+            info = await handle.restart.remote()
+            await self._record_launch(browser_id, handle, info, previous.standby)
+        except ray.exceptions.RayActorError:
+            ray.kill(handle)
+            await self.start(browser_id, previous.browser_type, previous.standby)
+
+    # ----- models ------------------------------------------------------------------------------------
+    async def load(self, browser_id: str, art: ModelArtifact) -> None:
+        """Load ``art`` into the browser's page (ModelLoaded). A failure is recorded and raised as BrowserFailure."""
+        backend = self.log.state.browsers[browser_id].backend
+        t0 = time.perf_counter()
+        # Creating a session blocks the page for seconds: a lease, so the health check does not take a
+        # busy page for a hung one.
+        with self.lease(browser_id):
+            try:
+                await self._handles[browser_id].load_model.remote(art.key, await self._model_ref(art), art.sha256,
+                                                                  backend)
+            except (BrowserFailure, ray.exceptions.RayActorError) as exc:
+                failure = classify(exc, browser_id)
+                await self.mark_failed(failure)
+                raise failure from None
+        await self.log.record(ev.ModelLoaded(browser_id=browser_id, model=art.model, shard=art.shard,
+                                             sha256=art.sha256, backend=backend,
+                                             load_ms=(time.perf_counter() - t0) * 1000))
+
+    async def ensure_loaded(self, browser_id: str, art: ModelArtifact) -> None:
+        """Load ``art`` unless the browser holds it already (concurrent callers load it once)."""
+        async with self.locks(f"load:{browser_id}:{art.key}"):
+            if art.key not in self.keys_on(browser_id):
+                await self.load(browser_id, art)
+
+    # ----- ending browsers ---------------------------------------------------------------------------
+    async def mark_failed(self, failure: BrowserFailure) -> None:
+        """Record a browser's failure once, however many requests and health checks saw it at once."""
+        async with self.locks(f"failed:{failure.browser_id}"):
+            state = self.log.state.browsers.get(failure.browser_id)
+            if state is not None and state.status in RECORDABLE_FAILURE:
+                await self.log.record(ev.BrowserFailed(browser_id=failure.browser_id,
+                                                       category=failure.category.value, error=failure.detail[:500]))
+
+    async def retire(self, browser_id: str, reason: str) -> None:
+        state = self.log.state.browsers.get(browser_id)
+        if state is not None and state.status not in CLOSED_STATUSES:
+            await self.log.record(ev.BrowserRetired(browser_id=browser_id, reason=reason))
+        self._spawn(self.stop(browser_id))
+
+    async def quarantine(self, browser_id: str, reason: str) -> None:
+        await self.log.record(ev.BrowserQuarantined(browser_id=browser_id, reason=reason))
+        self._spawn(self.stop(browser_id))
+
+    async def stop(self, browser_id: str) -> None:
+        """Close the browser (its files removed) and kill its actor."""
+        handle = self._handles.pop(browser_id, None)
+        if handle is None:
+            return
+        try:
+            await asyncio.wait_for(handle.close.remote(), STOP_BROWSER_WAIT)
+        except Exception as exc:  # a dead browser has nothing left to close
+            log.info("closing browser failed", extra={"browser_id": browser_id, "error": str(exc)})
+        ray.kill(handle)
+
+    async def close_all(self) -> None:
+        """Retire every browser in the log and stop its actor (pool shutdown)."""
+        for browser_id in list(self._handles):
+            state = self.log.state.browsers.get(browser_id)
+            if state is not None and state.status not in CLOSED_STATUSES:
+                await self.log.record(ev.BrowserRetired(browser_id=browser_id, reason="pool shutdown"))
+            await self.stop(browser_id)
+        self._model_refs.clear()

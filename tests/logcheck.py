@@ -1,0 +1,46 @@
+"""The central claim, checked on a real pool: its state is the projection of the log on disk.
+
+Imported as ``logcheck`` (pytest puts this folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import ray
+
+from events.state import PoolState, replay
+from events.store import EventStore
+
+
+def assert_state_is_replay_of_disk(state: PoolState, pool_name: str, location: Path) -> None:
+    """Stop the pool's StateLog (so its lock is free), open the segment files anew, replay them from seq 1
+    up to ``state.last_seq`` with no snapshot, and compare the result with ``state`` field by field."""
+    ray.kill(ray.get_actor(f"{pool_name}-log"), no_restart=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            store = EventStore.open(location, lock_timeout_s=1.0)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        replayed = replay(store.read(1, state.last_seq))
+    finally:
+        store.close()
+    differing = []
+    for field in dataclasses.fields(PoolState):
+        mine, theirs = getattr(state, field.name), getattr(replayed, field.name)
+        if mine != theirs:
+            if isinstance(mine, dict) or hasattr(mine, "keys"):
+                keys = sorted({*mine, *theirs}, key=repr)
+                differing += [f"{field.name}[{k!r}]: pool {mine.get(k)!r} != replay {theirs.get(k)!r}"
+                              for k in keys if mine.get(k) != theirs.get(k)]
+            else:
+                differing.append(f"{field.name}: pool {mine!r} != replay {theirs!r}")
+    assert not differing, "the pool's state is not the replay of its log:\n" + "\n".join(differing[:20])
+    assert state == replayed

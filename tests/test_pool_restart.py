@@ -1,0 +1,62 @@
+"""The pool is its log: a pool process SIGKILLed mid-workload is restarted by Ray, rebuilds from its log,
+and answers every request that was in flight, correctly, once each; its state is then the log's replay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import ray
+from logcheck import assert_state_is_replay_of_disk
+
+from events.state import open_operations
+from sharding.models import minilm
+from webpool import ResourcePool
+
+MODEL = "all-minilm-l6-v2"
+NAME = "restart-pool"
+TEXTS = [f"request {i} was in flight when the pool died" for i in range(8)]
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_request_in_flight(ray_local, tmp_path):
+    reference = minilm.reference_embed(TEXTS)
+    location = tmp_path / "events"
+    pool = ResourcePool.options(name=NAME).remote(max_connections=2, event_log=str(location), name=NAME,
+                                                  fault_tolerance={"level": "medium"})
+    ray.get(pool.infer.remote(MODEL, {"text": "warm up"}))
+    first_pid = ray.get(pool.pid.remote())
+    refs = [pool.infer.remote(MODEL, {"texts": [t] * 4}) for t in TEXTS]
+    deadline = time.monotonic() + 60
+    while not open_operations(ray.get(pool.get_state.remote())):     # kill it while work is under way
+        assert time.monotonic() < deadline, "no request reached a browser"
+    os.kill(first_pid, signal.SIGKILL)
+
+    outs = ray.get(refs, timeout=300)
+    for text, ref_row, out in zip(TEXTS, reference, outs, strict=True):
+        assert out["embedding"].shape == (4, 384), text
+        assert np.abs(out["embedding"] - ref_row).max() <= 1e-4, text
+    assert ray.get(pool.pid.remote()) != first_pid, "Ray restarted the pool in a new process"
+
+    state = ray.get(pool.get_state.remote())
+    assert open_operations(state) == []
+    events = ray.get(pool.recent_events.remote(state.last_seq + 1000))
+    rebuilt = [e for e in events if e["action"] == "OperationFailed"
+               and e["data"]["error"] == "the pool restarted while it ran"]
+    assert rebuilt, "the operations the dead incarnation had started end failed in the log"
+    restart_seq = rebuilt[0]["seq"]
+    retired = {e["subject"] for e in events
+               if e["action"] == "BrowserRetired" and e["data"]["reason"] == "pool restarted"}
+    launched_before = {e["subject"] for e in events if e["action"] == "BrowserLaunched" and e["seq"] < restart_seq}
+    assert launched_before and launched_before <= retired, "the dead incarnation's browsers are retired"
+    # Every request in flight was answered from the new incarnation: each text completed there.
+    completed = [e for e in events if e["action"] == "OperationCompleted" and e["seq"] > restart_seq]
+    assert len(completed) >= len(TEXTS)
+
+    ray.get(pool.shutdown.remote())
+    assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), NAME, location)
+    ray.kill(pool)

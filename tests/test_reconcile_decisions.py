@@ -1,0 +1,148 @@
+"""The reconcile loop's decisions (actors/decisions/reconcile.py): pure, over states built from events."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.decisions.reconcile import (
+    CheckHealth,
+    Checkpoint,
+    KeepStandby,
+    Observations,
+    Policy,
+    Recover,
+    ScaleDown,
+    decide,
+    deferred_due,
+    ended_by_restart,
+    hot_keys,
+    lost_to_nodes,
+    standby_short,
+)
+from events.errors import FailureCategory
+from events.schema import (
+    BrowserFailed,
+    BrowserLaunched,
+    BrowserRecoveryDeferred,
+    BrowserRetired,
+    ModelLoaded,
+    OperationFailed,
+    OperationStarted,
+    Recorded,
+    RecoveryCompleted,
+    RecoveryStarted,
+    SessionClosed,
+    SessionOpened,
+)
+from events.state import PoolState, open_operations, replay
+from sharding.models.registry import artifact_key
+
+SHA = "ab" * 32
+KEY = artifact_key("m", None, SHA)
+RECOVERS = Policy(recovers=True, standby_browsers=0)
+HIGH = Policy(recovers=True, standby_browsers=1)
+NONE = Policy(recovers=False, standby_browsers=0)
+
+
+def state(*events) -> PoolState:
+    return replay([Recorded(i + 1, 1000.0 + i, e) for i, e in enumerate(events)])
+
+
+def up(bid: str, node: str = "n1", standby: bool = False) -> BrowserLaunched:
+    return BrowserLaunched(bid, "chromium", ("wasm",), 1, node, standby, "wasm")
+
+
+def loaded(bid: str) -> ModelLoaded:
+    return ModelLoaded(bid, "m", None, SHA, "wasm", 10.0)
+
+
+def seen(**kw) -> Observations:
+    return Observations(alive_nodes=kw.pop("alive_nodes", None), **kw)
+
+
+def test_browsers_on_a_vanished_node_are_recovered_as_unreachable():
+    s = state(up("b1", "n1"), up("b2", "n2"), up("b3", "n2"), BrowserRetired("b3", "done"))
+    assert lost_to_nodes(s, frozenset({"n1"})) == ["b2"]
+    [action] = decide(s, seen(alive_nodes=frozenset({"n1"})), RECOVERS)
+    assert action == Recover("b2", FailureCategory.CONNECTION, "its node n2 left the cluster", unreachable=True)
+
+
+@pytest.mark.parametrize("alive_nodes, policy, recovering, expected", [
+    (None, RECOVERS, frozenset(), []),                          # the node list could not be read: no verdict
+    (frozenset({"n1"}), NONE, frozenset(), []),                 # level none recovers nothing
+    (frozenset({"n1", "n2"}), RECOVERS, frozenset(), []),       # every node alive
+])
+def test_no_node_recovery_without_a_lost_node_and_a_level_that_recovers(alive_nodes, policy, recovering, expected):
+    s = state(up("b1", "n1"), up("b2", "n2"))
+    assert decide(s, seen(alive_nodes=alive_nodes, recovering=recovering), policy) == expected
+
+
+def test_a_deferred_recovery_starts_once_its_session_has_closed():
+    failed = (up("b1"), SessionOpened("s1", "m", {}), BrowserFailed("b1", FailureCategory.CRASH, "killed"),
+              BrowserRecoveryDeferred("b1", "s1"))
+    assert deferred_due(state(*failed)) == []                               # the session still runs
+    closed = state(*failed, SessionClosed("s1", "done"))
+    assert deferred_due(closed) == ["b1"]
+    assert deferred_due(closed, frozenset({"b1"})) == []                   # already being recovered
+    [action] = decide(closed, seen(), RECOVERS)
+    assert isinstance(action, Recover) and action.browser_id == "b1" and action.category is FailureCategory.CRASH
+    assert not action.unreachable and "killed" in action.detail
+    assert decide(closed, seen(), NONE) == []
+
+
+def test_health_checks_skip_leased_browsers_and_those_being_recovered_or_checked():
+    s = state(up("b1"), up("b2"), up("b3"), up("b4"))
+    actions = decide(s, seen(health_due=True, leases={"b1": 1, "b2": 0}, recovering=frozenset({"b3"}),
+                             checking=frozenset({"b4"})), RECOVERS)
+    assert actions == [CheckHealth("b2")]
+    assert decide(s, seen(health_due=False), RECOVERS) == []
+
+
+def test_spares_are_kept_only_once_a_model_serves_and_until_they_hold_it():
+    assert not standby_short(state(up("b1")), 1)                           # nothing hot to keep warm
+    serving = (up("b1"), loaded("b1"))
+    assert hot_keys(state(*serving)) == {KEY}
+    assert standby_short(state(*serving), 1)                               # no spare yet
+    assert standby_short(state(*serving, up("s1", standby=True)), 1)       # a spare without the model
+    assert not standby_short(state(*serving, up("s1", standby=True), loaded("s1")), 1)
+    assert not standby_short(state(*serving), 0)
+    assert decide(state(*serving), seen(), HIGH) == [KeepStandby()]
+    assert decide(state(*serving), seen(standby_busy=True), HIGH) == []
+
+
+def test_timers_add_scale_down_and_checkpoint_last():
+    s = state(up("b1"))
+    assert decide(s, seen(scale_down_due=True, checkpoint_due=True), RECOVERS) == [ScaleDown(), Checkpoint()]
+
+
+def test_actions_come_in_the_documented_order():
+    s = state(up("b1", "n1"), loaded("b1"), up("b2", "n2"), up("b3", "n1"), SessionOpened("s", "m", {}),
+              BrowserFailed("b3", FailureCategory.CRASH, "x"), BrowserRecoveryDeferred("b3", "s"),
+              SessionClosed("s", "done"))
+    actions = decide(s, seen(alive_nodes=frozenset({"n1"}), health_due=True, checkpoint_due=True,
+                             scale_down_due=True), HIGH)
+    assert [type(a).__name__ for a in actions] == ["Recover", "Recover", "CheckHealth", "KeepStandby",
+                                                   "ScaleDown", "Checkpoint"]
+    assert [a.browser_id for a in actions[:3]] == ["b2", "b3", "b1"]   # b2's node is gone: not health-checked
+
+
+def test_a_restarted_pool_ends_what_its_dead_incarnation_left_open():
+
+    s = state(up("b1"), up("b2"), BrowserRetired("b2", "done"), up("b3"),
+              BrowserFailed("b3", FailureCategory.CRASH, "x"), OperationStarted("op1", "m", "b1", "infer", "d"),
+              RecoveryStarted("r1", "b3", "restart", 1, FailureCategory.CRASH), SessionOpened("s1", "m", {}))
+    ended = ended_by_restart(s)
+    assert ended == [
+        OperationFailed("op1", FailureCategory.CRASH, "the pool restarted while it ran"),
+        RecoveryCompleted("r1", "b3", False, None, 0.0),
+        SessionClosed("s1", "pool restarted"),
+        BrowserRetired("b1", "pool restarted"), BrowserRetired("b3", "pool restarted"),
+    ]
+    after = replay([Recorded(i + 1, 1000.0 + i, e) for i, e in enumerate(
+        [up("b1"), up("b2"), BrowserRetired("b2", "done"), up("b3"), BrowserFailed("b3", FailureCategory.CRASH, "x"),
+         OperationStarted("op1", "m", "b1", "infer", "d"), RecoveryStarted("r1", "b3", "restart", 1,
+                                                                             FailureCategory.CRASH),
+         SessionOpened("s1", "m", {}), *ended])])
+    assert open_operations(after) == [] and after.recoveries == {} and after.sessions == {}
+    assert {b.status for b in after.browsers.values()} == {"retired"}
+    assert ended_by_restart(after) == [] and ended_by_restart(PoolState()) == []
