@@ -30,14 +30,12 @@ from actors.decisions.recovery import classify
 from actors.pool_log import PoolLog
 from events import schema as ev
 from events.errors import BrowserFailure
-from events.state import browsers_alive, models_on
+from events.state import ALIVE_STATUSES, CLOSED_STATUSES, browsers_alive, models_on
 from sharding.models import registry
 from sharding.models.registry import ModelArtifact, artifact_key, artifacts
 
 log = logging.getLogger(__name__)
 
-CLOSED_STATUSES = frozenset({"retired", "quarantined"})   # browsers that will never serve again
-RECORDABLE_FAILURE = frozenset({"launched", "connected", "disconnected"})
 
 
 class KeyedLocks:
@@ -263,7 +261,7 @@ class Fleet:
         """Record a browser's failure once, however many requests and health checks saw it at once."""
         async with self.locks(f"failed:{failure.browser_id}"):
             state = self.log.state.browsers.get(failure.browser_id)
-            if state is not None and state.status in RECORDABLE_FAILURE:
+            if state is not None and state.status in ALIVE_STATUSES:
                 await self.log.record(ev.BrowserFailed(browser_id=failure.browser_id,
                                                        category=failure.category.value, error=failure.detail[:500]))
 

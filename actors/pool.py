@@ -46,7 +46,7 @@ from actors.decisions import adaptive, placement, validation
 from actors.decisions.reconcile import ended_by_restart
 from actors.decisions.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryStrategy, classify
 from actors.decisions.voting import vote_embeddings
-from actors.fleet import CLOSED_STATUSES, Fleet, KeyedLocks
+from actors.fleet import Fleet, KeyedLocks
 from actors.pool_log import PoolLog
 from actors.reconcile import Reconciler
 from actors.sessions import Sessions, digest
@@ -59,7 +59,7 @@ from events.errors import (
     PoolBusyError,
     show,
 )
-from events.state import PoolState, browsers_alive, recovery_statistics
+from events.state import ALIVE_STATUSES, PoolState, browsers_alive, recovery_statistics
 from sharding.models import minilm
 from sharding.models.cache import cache_dir
 from sharding.models.registry import ModelArtifact, ModelSpec, get_spec
@@ -191,6 +191,7 @@ class PoolCore:
         """
         waited = False
         recovery = self.reconciler.recovery
+        reservation = contextlib.ExitStack()
         while True:
             async with self.locks("placement"):
                 browser_type = self._browser_type(task)
@@ -209,10 +210,12 @@ class PoolCore:
                             else f"no browser yet for {art.key}")))
                         browser_id = await self.fleet.launch(browser_type, avoid=avoid)
                     assert browser_id is not None
+                    # Leased before the lock is released: the next placement sees this browser busy.
+                    reservation.enter_context(self.fleet.lease(browser_id))
                     break
             waited = True
             await asyncio.wait(recovering, timeout=self.request_timeout)
-        with self.fleet.lease(browser_id):     # taken with no await since the decision: placement sees it busy
+        with reservation:
             await self.fleet.ensure_loaded(browser_id, art)
         return browser_id
 
@@ -256,7 +259,7 @@ class PoolCore:
         for slow in adaptive.degraded_browsers(self.state, model):
             async with self.locks(f"failed:{slow.browser_id}"):
                 state = self.state.browsers.get(slow.browser_id)
-                if state is None or state.draining or state.status in CLOSED_STATUSES or state.status == "failed":
+                if state is None or state.draining or state.status not in ALIVE_STATUSES:
                     continue
                 log.warning("draining a degraded browser", extra={"browser_id": slow.browser_id,
                                                                  "model": model, "reason": slow.reason})

@@ -33,10 +33,10 @@ from actors.decisions.recovery import (
     pick_failover_target,
     plan_steps,
 )
-from actors.fleet import CLOSED_STATUSES, Fleet
+from actors.fleet import Fleet
 from events import schema as ev
 from events.errors import ActorUnreachable, BrowserFailure, RecoveryStepError
-from events.state import browsers_alive
+from events.state import CLOSED_STATUSES, browsers_alive
 from sharding.models.registry import ModelArtifact
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from actors.fleet import Fleet, KeyedLocks
 from actors.reconcile import Reconciler
 from events import schema as ev
 from events.errors import BrowserFailure, InputError, NoBrowserAvailableError
+from events.state import ALIVE_STATUSES
 from sharding import coordinator
 from sharding.models.registry import ModelArtifact, ModelSpec, get_spec, llama_model
 from sharding.plan import even_layer_ranges
@@ -199,7 +200,7 @@ class Sessions:
         outcome = await self.reconciler.report(failure)
         serving = outcome["recovery_browser"]
         live = self.log.state.browsers.get(serving) if serving else None
-        if live is None or live.status not in ("launched", "connected", "disconnected") \
+        if live is None or live.status not in ALIVE_STATUSES \
                 or artifact.key not in self.fleet.keys_on(serving):
             serving = await self._place(artifact, "text_generation", avoid=frozenset(avoid))
         return coordinator.ShardStage(serving, self.fleet.handle(serving), artifact)

@@ -63,7 +63,8 @@ STATE_VERSION = 5
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
-ALIVE_STATUSES = frozenset({"launched", "connected", "disconnected"})
+ALIVE_STATUSES = frozenset({"launched", "connected", "disconnected"})   # may serve (or be revived to)
+CLOSED_STATUSES = frozenset({"retired", "quarantined"})                 # will never serve again
 
 
 @_frozen
@@ -685,6 +686,7 @@ def state_from_json(data: bytes) -> PoolState:
 
 __all__ = [
     "ALIVE_STATUSES",
+    "CLOSED_STATUSES",
     "STATE_VERSION",
     "BrowserState",
     "ModelState",

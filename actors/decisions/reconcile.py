@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from events import schema as ev
 from events.errors import FailureCategory
-from events.state import ALIVE_STATUSES, PoolState, browsers_alive, models_on
+from events.state import CLOSED_STATUSES, PoolState, browsers_alive, models_on
 from sharding.models.registry import artifact_key
 
 
@@ -94,7 +94,7 @@ def ended_by_restart(state: PoolState) -> list[ev.Event]:
     events += [ev.SessionClosed(session_id=s, reason="pool restarted") for s in sorted(state.sessions)]
     events += [ev.BrowserRetired(browser_id=b.browser_id, reason="pool restarted")
                for b in sorted(state.browsers.values(), key=lambda b: b.browser_id)
-               if b.status in ALIVE_STATUSES or b.status == "failed"]
+               if b.status not in CLOSED_STATUSES]
     return events
 
 
