@@ -26,13 +26,14 @@ from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT
 from actors.decisions import placement
+from actors.decisions.reconcile import keys_on
 from actors.decisions.recovery import classify
 from actors.pool_log import PoolLog
 from events import schema as ev
 from events.errors import BrowserFailure
 from events.state import ALIVE_STATUSES, CLOSED_STATUSES, browsers_alive, models_on
 from sharding.models import registry
-from sharding.models.registry import ModelArtifact, artifact_key, artifacts
+from sharding.models.registry import ModelArtifact, artifact_key_parts, artifacts
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Fleet:
 
     # ----- what browsers hold ------------------------------------------------------------------------
     def keys_on(self, browser_id: str) -> frozenset[str]:
-        return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(self.log.state, browser_id))
+        return keys_on(self.log.state, browser_id)
 
     async def artifacts_for(self, model: str, ranges: list[tuple[int, int]] | None = None) -> list[ModelArtifact]:
         """The ONNX files of ``model`` (split by layer ``ranges``), built once and then cached."""
@@ -117,9 +118,7 @@ class Fleet:
 
     async def artifact_by_key(self, key: str) -> ModelArtifact:
         """The artifact a key names (``model/shard@sha``)."""
-        model, rest = key.split("/", 1)
-        shard = rest.split("@", 1)[0]
-        return await self.artifact(model, None if shard == "all" else shard)
+        return await self.artifact(*artifact_key_parts(key))
 
     async def artifacts_on(self, browser_id: str) -> list[ModelArtifact]:
         """What the log says ``browser_id`` held (every model, resolved through the registry): the work a

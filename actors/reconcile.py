@@ -33,14 +33,14 @@ from actors.decisions.reconcile import (
     ScaleDown,
     decide,
     hot_keys,
+    keys_on,
 )
 from actors.decisions.recovery import FaultToleranceConfig, classify
 from actors.fleet import Fleet, KeyedLocks
 from actors.recovery import RecoveryExecutor
 from events import schema as ev
 from events.errors import ActorUnreachable, BrowserFailure
-from events.state import browsers_alive, models_on
-from sharding.models.registry import artifact_key
+from events.state import browsers_alive
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,7 @@ class Reconciler:
                 if len(spares) < self.policy.standby_browsers:
                     await self.fleet.launch(self._standby_type(), standby=True)
                     continue
-                missing = [(b.browser_id, key) for b in spares
-                           for key in sorted(hot - {artifact_key(m.model, m.shard, m.sha256)
-                                                    for m in models_on(state, b.browser_id)})]
+                missing = [(b.browser_id, key) for b in spares for key in sorted(hot - keys_on(state, b.browser_id))]
                 if not missing:
                     return
                 for browser_id, key in missing:

@@ -111,11 +111,15 @@ def deferred_due(state: PoolState, recovering: frozenset[str] = frozenset()) -> 
             and b.status == "failed" and b.browser_id not in recovering]
 
 
+def keys_on(state: PoolState, browser_id: str) -> frozenset[str]:
+    """Artifact keys of the models the log says ``browser_id`` holds."""
+    return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, browser_id))
+
+
 def hot_keys(state: PoolState) -> frozenset[str]:
     """Artifact keys held by browsers that serve traffic: what a warm spare must hold too."""
-    return frozenset(artifact_key(m.model, m.shard, m.sha256)
-                     for b in browsers_alive(state) if not b.standby and not b.draining
-                     for m in models_on(state, b.browser_id))
+    return frozenset().union(*(keys_on(state, b.browser_id) for b in browsers_alive(state)
+                               if not b.standby and not b.draining))
 
 
 def standby_short(state: PoolState, wanted: int) -> bool:
@@ -127,8 +131,7 @@ def standby_short(state: PoolState, wanted: int) -> bool:
     spares = [b for b in browsers_alive(state) if b.standby]
     if len(spares) < wanted:
         return True
-    return any(hot - {artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, b.browser_id)}
-               for b in spares)
+    return any(hot - keys_on(state, b.browser_id) for b in spares)
 
 
 def to_health_check(state: PoolState, leases: Mapping[str, int]) -> list[str]:

@@ -45,6 +45,13 @@ def artifact_key(model: str, shard: str | None, sha256: str) -> str:
     return f"{model}/{shard or 'all'}@{sha256[:12]}"
 
 
+def artifact_key_parts(key: str) -> tuple[str, str | None]:
+    """The model and layer range (None: the whole model) an ``artifact_key`` names."""
+    model, rest = key.split("/", 1)
+    shard = rest.split("@", 1)[0]
+    return model, None if shard == "all" else shard
+
+
 SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
