@@ -180,14 +180,19 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
     node = _state(pool).browsers[shard_browser].node_id
     out["shard_nodes"] = [_state(pool).browsers[s["browser_id"]].node_id for s in session.plan["shards"]]
     out["shard_victim"] = {"browser_id": shard_browser, "node_id": node, "tokens_before": len(session.tokens)}
+    seq0, t_removed = _state(pool).last_seq, time.time()
     cluster.remove_node(_node_of(cluster, node), allow_graceful=False)
     try:
         result = ray.get(ref, timeout=600)
         out["shard_tokens"] = result["token_ids"]
         out["shard_replays"] = result["metrics"]["replays"]
+        out["shard_result"] = {"metrics": result["metrics"], "recovered": result.get("recovered", False),
+                               "original_error": result.get("original_error"),
+                               "recovery_attempts": result.get("recovery_attempts", 0)}
     except Exception as exc:
         out["shard_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     out["shard_expected"] = expected
+    out["shard_trace"] = _trace([e for e in _events(pool) if e["seq"] > seq0], t_removed)
 
 
 def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
