@@ -38,6 +38,7 @@ from events.schema import (
 )
 from events.state import replay
 from events.store import EventStore
+from webpool.helptext import plain
 
 TARGETS = {"batched_append_events_per_s": 200_000, "replay_events_per_s": 1_000_000, "restart_with_snapshot_s": 1.0}
 
@@ -301,7 +302,8 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=plain(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (100k-event log)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the logs are written (default: temp dir)")
     args = parser.parse_args(argv)

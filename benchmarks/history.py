@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from benchmarks.results import summary_ms, write_results
 from events.history import SCHEMA, PerformanceHistoryTracker
 from events.schema import BrowserLaunched, ModelLoaded, OperationCompleted, OperationFailed, OperationStarted, Recorded
+from webpool.helptext import plain
 
 T0 = 1_700_000_000.0
 SPAN_S = 3000.0          # all operations inside the guide's default one-hour window
@@ -258,7 +259,8 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=plain(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100k entries, 3 repeats (CI)")
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=9)

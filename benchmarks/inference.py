@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.results import summary_ms, write_results
+from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
 
@@ -144,7 +145,8 @@ def print_table(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     configure_auth_env()
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=plain(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI): 20 requests, tiny llama")
     args = parser.parse_args(argv)
     r = run(args.quick)

@@ -59,6 +59,7 @@ import orjson
 from benchmarks.results import results_dir, summary_ms, write_json
 from events.errors import InputError
 from events.state import PoolState, browsers_alive
+from webpool.helptext import plain
 
 log = logging.getLogger(__name__)
 
@@ -1172,7 +1173,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=plain(__doc__.split("\n\n")[0]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size: kill_actor, disconnect x failover x high, "
                                                             "2 trials; overhead at none and medium")
     parser.add_argument("--trials", type=int, help="trials per (fault, strategy, level); default 20")

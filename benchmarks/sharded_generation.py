@@ -41,6 +41,7 @@ import numpy as np
 
 from benchmarks.results import summary, write_results
 from events.state import sessions_with_tokens
+from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,8 @@ def print_table(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     configure_auth_env()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=plain(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size: tiny-llama, 3 runs each")
     args = parser.parse_args(argv)
     r = run(args.quick)

@@ -1,6 +1,6 @@
-"""The ``webpool`` command line: demo, doctor, log, status, analyze, bench.
+"""The webpool command line: a pool of headless browsers used as AI accelerators, driven through Ray.
 
-Errors print as one line with the fix; ``--debug`` shows the traceback.
+An error prints as one line saying what to do; --debug shows the whole traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
 if TYPE_CHECKING:
@@ -886,14 +887,27 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+_EXAMPLES = """examples:
+  webpool demo                      the whole story in two minutes (starts and stops its own Ray)
+  webpool doctor                    what this machine has: browser, runtime files, models, Ray
+  webpool status --watch            a live view of the running pool named "webpool"
+  webpool log tail -n 20            the newest events of the pool's log
+  webpool analyze --png             latency trends and advice from the log, with a plot
+  webpool bench recovery --quick    measure recovery latency (results/*.json)
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="webpool", description=__doc__)
+    parser = argparse.ArgumentParser(prog="webpool", description=plain(__doc__), epilog=_EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo on an embedded local Ray")
-    demo.add_argument("--browsers", type=int, default=3)
-    demo.add_argument("--shards", type=int, default=2)
-    demo.add_argument("--tokens", type=int, default=16)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="run the demo on a local Ray started for it: real browsers, real models, "
+                                       "a browser killed and recovered",
+                          description=plain(cmd_demo.__doc__))
+    demo.add_argument("--browsers", type=int, default=3, help="most browsers the demo's pool starts (default 3)")
+    demo.add_argument("--shards", type=int, default=2, help="browsers SmolLM2 is split over (default 2)")
+    demo.add_argument("--tokens", type=int, default=16, help="tokens SmolLM2 generates (default 16)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("doctor", help="check browser, runtime files, models and Ray").set_defaults(func=cmd_doctor)
     _add_log_parser(sub)
