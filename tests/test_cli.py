@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,19 @@ def test_analyze_log_of_the_pool(pool, wide, capsys, tmp_path):
     assert f"--model 'nope': no operations of it in the log; there: {MODEL}" in capsys.readouterr().out
 
 
+def test_status_watch_redraws_the_live_pool(pool, wide, capsys):
+    """Not a terminal (captured): each redraw is printed after a rule with its frame number, as top -b does."""
+    assert cli.main(_status_args(pool, "--watch", "--count", "3", "--interval", "0.2")) == 0
+    out = capsys.readouterr().out
+    frames = out.split("webpool status, frame ")[1:]
+    assert [f.split(",")[0] for f in frames] == ["1", "2", "3"], out[-2000:]
+    for frame in frames:
+        assert f"pool {POOL!r}" in frame and "operations in flight" in frame
+        browser = _row(frame, pool["browser_id"])
+        assert pool["backend"] in browser and MODEL in browser
+        assert "recent recoveries" in frame and "not answering" not in frame
+
+
 def test_bench_runs_the_benchmark_module(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WEBPOOL_RESULTS", str(tmp_path))
     assert cli.main(["bench", "history", "--entries", "2000", "--repeats", "1"]) == 0
@@ -212,3 +226,50 @@ def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
     assert "recovered: True" in out
     assert "identical to CPU onnxruntime: True" in out
     assert "recovery statistics" in out and _row(out, "recovery_successes").split("│")[2].strip() != "0"
+
+
+def test_status_watch_outlives_the_pool_restarting(pool):
+    """Last in this module: it kills the pool's process. `webpool status --watch` in its own process shows the
+    pool not answering while Ray restarts it, then the restarted pool (rebuilt from its log: a later seq)."""
+    import os as _os
+    import queue
+    import signal
+    import threading
+
+    env = {**os.environ, "COLUMNS": "200"}
+    watcher = subprocess.Popen([sys.executable, "-m", "webpool.cli", *_status_args(
+        pool, "--watch", "--interval", "0.5", "--timeout", "2", "--count", "600")], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def until(predicate, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and watcher.poll() is None:
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            if predicate():
+                return
+        raise AssertionError(f"the watch did not show it (rc {watcher.poll()}):\n" + "".join(seen[-60:]))
+
+    def seqs() -> list[int]:
+        return [int(line.split("event log at seq ")[1].split(";")[0]) for line in seen if "event log at seq " in line]
+
+    try:
+        until(lambda: len(seqs()) >= 2, 120)
+        before = seqs()[-1]
+        _os.kill(ray.get(pool["handle"].pid.remote()), signal.SIGKILL)
+        until(lambda: any("the pool is not answering" in line for line in seen), 120)
+        gap = len(seen)
+        until(lambda: any("event log at seq " in line for line in seen[gap:]), 180)
+        assert seqs()[-1] > before, "the restarted pool shows its log, with the restart recorded"
+        assert watcher.poll() is None, "the view goes on"
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=30)
+    # The restarted pool answers requests (and the fixture's shutdown reaches it).
+    out = ray.get(pool["handle"].infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
+    assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES)).max() <= 1e-4

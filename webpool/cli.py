@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import datetime
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from rich.text import Text
 
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
+from webpool.render import entry_time, table
 
 if TYPE_CHECKING:
     from events.schema import Recorded
@@ -316,10 +316,6 @@ def _log_copy(args: argparse.Namespace) -> Iterator[_LogCopy]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _entry_time(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
 def _print_events(records: list[Recorded], title: str, as_json: bool) -> None:
     """Records as a table (seq, time, kind, subject, data) or, with --json, one JSON object a line in
     the seed's transaction-log shape (seq, timestamp, action, subject, data)."""
@@ -345,7 +341,7 @@ def _print_events(records: list[Recorded], title: str, as_json: bool) -> None:
         if len(data) > _DATA_CHARS:
             data = data[: _DATA_CHARS - 1] + "…"
         # Text, not markup: event data is whatever callers sent ("[red]" stays "[red]").
-        table.add_row(str(rec.seq), _entry_time(rec.ts), rec.kind, Text(rec.subject), Text(data))
+        table.add_row(str(rec.seq), entry_time(rec.ts), rec.kind, Text(rec.subject), Text(data))
     console.print(table)
 
 
@@ -445,44 +441,33 @@ def _replay_summary(state: PoolState, location: str, source: str, events: int, f
     }
 
 
-def _table(title: str, columns: list[str], rows: list[list], empty: str = "none") -> Table:
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(Text("" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)) for v in row))
-    if not rows:
-        table.add_row(Text(empty), *([""] * (len(columns) - 1)))
-    return table
-
-
 def _print_replay(doc: dict) -> None:
     span = ""
     if doc["first_ts"] is not None and doc["last_ts"] is not None:
-        span = f", {_entry_time(doc['first_ts'])} .. {_entry_time(doc['last_ts'])}"
+        span = f", {entry_time(doc['first_ts'])} .. {entry_time(doc['last_ts'])}"
     console.print(Text(f"{doc['location']}: state at seq {doc['last_seq']} from {doc['source']} "
                        f"({doc['events_replayed']} events folded in {doc['replay_s'] * 1000:.0f} ms{span})"))
-    console.print(_table("browsers by status", ["status", "browsers"], [list(kv) for kv in
+    console.print(table("browsers by status", ["status", "browsers"], [list(kv) for kv in
                                                                           doc["browsers_by_status"].items()]))
-    console.print(_table("browsers", ["browser", "type", "status", "standby", "pid", "failures", "last failure",
+    console.print(table("browsers", ["browser", "type", "status", "standby", "pid", "failures", "last failure",
                                       "memory MB", "models"],
                          [[b["browser_id"], b["browser_type"], b["status"], b["standby"], b["pid"], b["failures"],
                            b["last_failure"], b["memory_mb"], len(b["models"])] for b in doc["browsers"]]))
-    console.print(_table("models per browser", ["browser", "model", "shard", "backend", "sha256", "load ms"],
+    console.print(table("models per browser", ["browser", "model", "shard", "backend", "sha256", "load ms"],
                          [[b["browser_id"], m["model"], m["shard"] or "all", m["backend"], m["sha256"][:12],
                            m["load_ms"]] for b in doc["browsers"] for m in b["models"]]))
-    console.print(_table("open operations", ["op", "model", "browser", "kind", "started seq", "started"],
+    console.print(table("open operations", ["op", "model", "browser", "kind", "started seq", "started"],
                          [[o["op_id"], o["model"], o["browser_id"], o["kind"], o["started_seq"],
-                           _entry_time(o["started_ts"])] for o in doc["open_operations"]]))
-    console.print(_table("sessions", ["session", "model", "tokens", "shards", "opened seq", "resumes"],
+                           entry_time(o["started_ts"])] for o in doc["open_operations"]]))
+    console.print(table("sessions", ["session", "model", "tokens", "shards", "opened seq", "resumes"],
                          [[s["session_id"], s["model"], s["tokens"], s["shards"], s["opened_seq"], s["resumes"]]
                           for s in doc["sessions"]]))
-    console.print(_table("open recoveries", ["recovery", "browser", "strategy", "attempt", "category", "steps"],
+    console.print(table("open recoveries", ["recovery", "browser", "strategy", "attempt", "category", "steps"],
                          [list(r.values()) for r in doc["open_recoveries"]]))
     stats = doc["recovery_statistics"]
-    console.print(_table("recovery statistics", ["statistic", "value"],
+    console.print(table("recovery statistics", ["statistic", "value"],
                          [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in stats.items()]))
-    console.print(_table("metrics", ["counter", "value"],
+    console.print(table("metrics", ["counter", "value"],
                          [[k, f"{v:g}" if isinstance(v, float) else v] for k, v in doc["metrics"].items()]))
 
 
@@ -528,137 +513,40 @@ def cmd_log_replay(args: argparse.Namespace) -> int:
 
 # --- status: a running pool, asked through Ray -------------------------------------------------------
 
-_FAILURE_KINDS = ("BrowserFailed", "OperationFailed")
-
-
-class PoolNotFoundError(RuntimeError):
-    """No Ray cluster to connect to, or no pool actor of that name in it."""
-
-
-def _start_hint(name: str, namespace: str) -> str:
-    return (f"start a pool from Python with `ray.init(namespace={namespace!r})` and "
-            f"`ResourcePool.options(name={name!r}, lifetime='detached').remote()` (see README), "
-            "or pass --address/--namespace/--name")
-
-
-def _unreachable(address: str) -> str | None:
-    """Why a ``host:port`` Ray address cannot be reached, or None. Ray itself keeps retrying an
-    unreachable address for minutes; one TCP connect says it at once."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return None    # "auto", ray:// client addresses, ...: Ray resolves those
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _connect(address: str, namespace: str):
-    """Ray, connected to ``address``: an already initialised Ray is reused (tests, notebooks)."""
-    import ray
-
-    if ray.is_initialized():
-        current = ray.get_runtime_context().gcs_address
-        if address not in ("auto", current):
-            raise PoolNotFoundError(f"this process is already connected to Ray at {current}, not {address}")
-        return ray, False
-    why = _unreachable(address)
-    if why is not None:
-        raise PoolNotFoundError(f"cannot connect to Ray at {address!r} ({why}): start Ray with `ray start --head` "
-                                "and pass the address it prints, then " + _start_hint("webpool", namespace))
-    try:
-        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise PoolNotFoundError(f"cannot connect to Ray at {address!r} ({str(exc).splitlines()[0]}): start Ray "
-                                "with `ray start --head` (a cluster with token authentication also needs its token "
-                                "in RAY_AUTH_TOKEN), then " + _start_hint("webpool", namespace)) from None
-    return ray, True
-
-
-def status_document(state: PoolState, health: dict[str, dict], events: list[dict], stats: dict,
-                    pool: dict[str, str]) -> dict:
-    """What ``webpool status`` shows, as plain data (the --json output)."""
-    from events.state import models_on
-
-    browsers = []
-    for b in sorted(state.browsers.values(), key=lambda b: b.launched_seq):
-        browsers.append({
-            "browser_id": b.browser_id, "browser_type": b.browser_type, "status": b.status, "standby": b.standby,
-            "backend_caps": list(b.backend_caps), "failures": b.failures,
-            "last_failure": b.last_failure.value if b.last_failure else None,
-            "models": [{"model": m.model, "shard": m.shard, "backend": m.backend}
-                       for m in models_on(state, b.browser_id)],
-        })
-    reports = {}
-    for browser_id, report in sorted(health.items()):
-        if "error" in report:
-            reports[browser_id] = {"error": report["error"], "category": report.get("category")}
-        else:
-            reports[browser_id] = {"memory_mib": report["memory_bytes"] / 2**20, "pids": len(report["pids"]),
-                                   "blocked_requests": report["blocked_requests"],
-                                   "models": list(report["models"])}
-    failures = [{"seq": e["seq"], "timestamp": e["timestamp"], "kind": e["action"], "subject": e["subject"],
-                 "category": e["data"].get("category"), "error": e["data"].get("error")}
-                for e in events if e["action"] in _FAILURE_KINDS]
-    return {**pool, "last_seq": state.last_seq, "browsers": browsers, "health": reports,
-            "recent_failures": failures, "events_scanned": len(events), "recovery_statistics": stats}
-
-
-def _print_status(doc: dict) -> None:
-    console.print(Text(f"pool {doc['name']!r} (namespace {doc['namespace']!r}, Ray at {doc['address']}): "
-                       f"event log at seq {doc['last_seq']}"))
-    console.print(_table("browsers", ["browser", "type", "status", "standby", "backend caps", "failures", "models"],
-                         [[b["browser_id"], b["browser_type"], b["status"], b["standby"],
-                           ",".join(b["backend_caps"]), b["failures"],
-                           ", ".join(f"{m['model']}{'[' + m['shard'] + ']' if m['shard'] else ''} ({m['backend']})"
-                                     for m in b["models"]) or "-"]
-                          for b in doc["browsers"]], empty="no browsers yet"))
-    console.print(_table("health (live browsers, as they report now)",
-                         ["browser", "memory MiB", "processes", "blocked requests", "models / error"],
-                         [[bid, None, None, None, f"{h['category']}: {h['error']}"] if "error" in h else
-                          [bid, h["memory_mib"], h["pids"], h["blocked_requests"], ", ".join(h["models"]) or "-"]
-                          for bid, h in doc["health"].items()], empty="no live browsers"))
-    console.print(_table(f"recent failures (in the last {doc['events_scanned']} events)",
-                         ["seq", "time", "kind", "subject", "category", "error"],
-                         [[f["seq"], _entry_time(f["timestamp"]), f["kind"], f["subject"], f["category"],
-                           (f["error"] or "")[:_DATA_CHARS]] for f in doc["recent_failures"]]))
-    console.print(_table("recovery statistics", ["statistic", "value"],
-                         [[k, f"{v:.3f}" if isinstance(v, float) else v]
-                          for k, v in doc["recovery_statistics"].items()]))
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    """Browsers, models, health, recent failures and recovery statistics of a running pool."""
+    """Browsers, models, health, recent failures and recoveries, and recovery statistics of a running pool;
+    with --watch, a live view of them."""
     import orjson
+
+    from webpool import status
 
     if args.events < 1:
         raise ValueError(f"--events must be >= 1, got {args.events}")
-    ray, connected_here = _connect(args.address, args.namespace)
+    if args.interval <= 0:
+        raise ValueError(f"--interval must be > 0, got {args.interval}")
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    # A live view asks often and shows a pool that does not answer soon; one read waits longer.
+    timeout = args.timeout if args.timeout is not None else (5.0 if args.watch else 60.0)
+    ray, connected_here = status.connect(args.address, args.namespace)
     try:
-        try:
-            pool = ray.get_actor(args.name, namespace=args.namespace)
-        except ValueError:
-            named = sorted(f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True))
-            found = f"named actors there: {', '.join(named[:10])}" if named else "no named actors there"
-            raise PoolNotFoundError(f"no pool named {args.name!r} in namespace {args.namespace!r} ({found}); "
-                                    + _start_hint(args.name, args.namespace)) from None
-        # Health first: a browser found dead now is recorded before the state is read.
-        health = ray.get(pool.health.remote(), timeout=args.timeout)
-        state, events, stats = ray.get([pool.get_state.remote(), pool.recent_events.remote(args.events),
-                                        pool.get_recovery_statistics.remote()], timeout=args.timeout)
-        where = {"name": args.name, "namespace": args.namespace,
-                 "address": ray.get_runtime_context().gcs_address}
-        doc = status_document(state, health, events, stats, where)
+        def read() -> dict:
+            return status.fetch(ray, args.name, args.namespace, args.events, timeout)
+
+        if args.watch:
+            status.find_pool(ray, args.name, args.namespace)       # no such pool: say so now, not every second
+            unavailable = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, TimeoutError)
+            status.watch(read, console, args.interval, args.count, unavailable)
+            return 0
+        doc = read()
     finally:
         if connected_here:
             ray.shutdown()
     if args.json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        _print_status(doc)
+        for part in status.tables(doc):
+            console.print(part)
     return 0
 
 
@@ -730,7 +618,7 @@ def plot_latency(table, path: Path, title: str) -> int:
             ax.plot(x[~ok], np.zeros(int((~ok).sum())), "x", color="red", markersize=8, clip_on=False)
     if int(pc.sum(pc.equal(table.column("status"), "failed")).as_py() or 0):
         ax.plot([], [], "x", color="red", label="failed operation")
-    ax.set_xlabel(f"seconds since {_entry_time(t0)}")
+    ax.set_xlabel(f"seconds since {entry_time(t0)}")
     ax.set_ylabel("duration (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title(title)
@@ -757,15 +645,15 @@ def _print_analysis(doc: dict) -> None:
     span = "the whole log" if doc["window_seconds"] is None else f"the last {doc['window_seconds']:g} s of the log"
     filters = [f"{k} {doc[k]}" for k in ("model", "browser_type") if doc[k]]
     console.print(Text(f"{doc['location']}: {doc['operations']} finished operations, analysed over {span} "
-                       f"(ending {_entry_time(doc['now'])})" + (f"; {', '.join(filters)}" if filters else "")))
+                       f"(ending {entry_time(doc['now'])})" + (f"; {', '.join(filters)}" if filters else "")))
     cols = ["ops", "success", "avg ms", "p50 ms", "p95 ms", "min ms", "max ms", "trend", "magnitude", "improvement"]
-    console.print(_table("trends per model", ["model", *cols], _trend_rows(doc["by_model"])))
-    console.print(_table("trends per browser type (browser/backend)", ["browser type", *cols],
+    console.print(table("trends per model", ["model", *cols], _trend_rows(doc["by_model"])))
+    console.print(table("trends per browser type (browser/backend)", ["browser type", *cols],
                          _trend_rows(doc["by_browser_type"])))
-    console.print(_table("recommended browser type per model", ["model", "browser type", "why"],
+    console.print(table("recommended browser type per model", ["model", "browser type", "why"],
                          [[m, r["browser_type"] or "-", r["reason"]]
                           for m, r in doc["recommended_browser_type"].items()]))
-    console.print(_table("recommendations", ["key", "description", "recommendation"],
+    console.print(table("recommendations", ["key", "description", "recommendation"],
                          [[k, r["description"], r["recommendation"]] for k, r in doc["recommendations"].items()],
                          empty="none: no degrading model, failure pattern or better browser type found"))
     if doc["anomalies"]:
@@ -852,14 +740,19 @@ def _add_log_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_status_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="browsers, models, health, recent failures and recovery statistics "
-                                      "of a running pool")
+    p = sub.add_parser("status", help="browsers, models, health, recent failures and recoveries of a running "
+                                      "pool; --watch for a live view")
     p.add_argument("--address", default="auto", help="Ray address (default: auto, the local cluster)")
     p.add_argument("--namespace", default="webpool", help="Ray namespace of the pool actor (default: webpool)")
     p.add_argument("--name", default="webpool", help="name of the pool actor (default: webpool)")
     p.add_argument("--events", type=int, default=200, help="recent events scanned for failures (default 200)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the pool's answers")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the pool's answers (default 60; 5 with --watch)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    p.add_argument("--watch", action="store_true",
+                   help="a live view, redrawn every --interval seconds until Ctrl-C; it waits out a pool restart")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws with --watch (default 1)")
+    p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many redraws")
     p.set_defaults(func=cmd_status)
 
 
