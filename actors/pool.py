@@ -94,6 +94,9 @@ class PoolCore:
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
         self.request_timeout = request_timeout
         self.name = name or f"webpool-{uuid.uuid4().hex[:8]}"
+        self._options = {"backend": backend, "num_threads": num_threads, "memory_limit_mb": memory_limit_mb,
+                         "health_interval": health_interval, "adaptive_scaling": adaptive_scaling,
+                         "scale_down_idle_s": scale_down_idle_s}    # the rest of what PoolConfigured records
         self._admitted = 0                               # requests inside infer/generate right now
         self._background: set[asyncio.Future] = set()
         self._closed = False
@@ -127,8 +130,21 @@ class PoolCore:
                 log.warning("pool rebuilt from its log", extra={"pool": self.name, "last_seq": self.state.last_seq,
                                                                 "closed": len(ended)})
                 await self.log.record(*ended)
+            configured = self._configured()
+            if dict(self.state.config) != {"level": configured.level, "options": configured.options,
+                                           "recovery_strategy": configured.recovery_strategy}:
+                await self.log.record(configured)
             self._spawn(self.reconciler.run())
             self._started = True
+
+    def _configured(self) -> ev.PoolConfigured:
+        """This pool's configuration as an event (options as JSON data: the log says how the pool ran)."""
+        ft = {f.name: getattr(self.ft, f.name) for f in dataclasses.fields(self.ft)}
+        options = {"max_connections": self.max_connections, "max_queued_requests": self.max_queued_requests,
+                   "browser_preferences": self.browser_preferences, "request_timeout": self.request_timeout,
+                   "fault_tolerance": {k: getattr(v, "value", v) for k, v in ft.items()}, **self._options}
+        return ev.PoolConfigured(level=self.ft.level.value, recovery_strategy=self.ft.recovery_strategy.value,
+                                 options=options)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future:
         task = asyncio.ensure_future(coro)

@@ -54,6 +54,7 @@ from events.schema import (
     OperationCompleted,
     OperationFailed,
     OperationStarted,
+    PoolConfigured,
     Recorded,
 )
 
@@ -553,6 +554,8 @@ class PerformanceHistoryTracker:
         self.log = logger or logging.getLogger(__name__)
         self.last_seq = 0
         self.anomalies: dict[str, int] = {}
+        # The pool's fault-tolerance level as its log last recorded it (PoolConfigured); None before any.
+        self.fault_tolerance_level: str | None = None
         self._browser_type: dict[str, str] = {}            # browser_id -> browser type of its latest launch
         self._backends: dict[str, dict[str, str]] = {}     # browser_id -> model -> backend
         self._pending: dict[str, tuple] = {}               # op_id -> (started_ts, model, browser_id, type, kind)
@@ -620,6 +623,8 @@ class PerformanceHistoryTracker:
             self._backends[e.browser_id] = {}              # a fresh process holds no models
         elif isinstance(e, ModelLoaded):
             self._backends.setdefault(e.browser_id, {})[e.model] = e.backend
+        elif isinstance(e, PoolConfigured):
+            self.fault_tolerance_level = e.level if e.level in LEVELS else None
         return False
 
     def observe_many(self, records: Iterable[Recorded]) -> int:
@@ -697,8 +702,9 @@ class PerformanceHistoryTracker:
     def get_performance_recommendations(self, fault_tolerance_level: str | None = None,
                                         time_window_seconds: float | None = 3600,
                                         now: float | None = None) -> dict[str, Any]:
-        """See ``performance_recommendations``."""
-        return performance_recommendations(self.table, fault_tolerance_level=fault_tolerance_level,
+        """See ``performance_recommendations``; the level defaults to the one the log recorded."""
+        level = fault_tolerance_level if fault_tolerance_level is not None else self.fault_tolerance_level
+        return performance_recommendations(self.table, fault_tolerance_level=level,
                                            time_window_seconds=time_window_seconds, now=now,
                                            min_relative_change=self.min_relative_change)
 

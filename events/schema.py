@@ -30,9 +30,9 @@ from typing import Any, ClassVar, Union
 from events.errors import FailureCategory, InvalidEventError
 
 # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted;
-# 4: BrowserLaunched.backend, BrowserRecoveryDeferred. A payload of an older version lacks the newer fields: it
-# is decoded through the constructor, which fills them with their defaults.
-SCHEMA_VERSION = 4
+# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured. A payload of an older version lacks
+# the newer fields: it is decoded through the constructor, which fills them with their defaults.
+SCHEMA_VERSION = 5
 
 _INT64_MAX = 2**63 - 1
 
@@ -318,6 +318,17 @@ class PoolScaled(Event):
     reason: str
 
 
+@event_kind(None)
+class PoolConfigured(Event):
+    """How the pool runs from here on: its fault-tolerance level, recovery strategy and every option it was
+    started with (JSON data). Recorded when a pool opens its log with a configuration other than the last
+    one the log holds, so the log says how each stretch of it ran."""
+
+    level: str
+    recovery_strategy: str
+    options: dict
+
+
 @event_kind("browser_id")
 class PageRequestsBlocked(Event):
     """The page tried to reach something other than its own origin (fetch, WebSocket, navigation):
@@ -520,6 +531,7 @@ __all__ = [
     "OperationFailed",
     "OperationStarted",
     "PageRequestsBlocked",
+    "PoolConfigured",
     "PoolScaled",
     "Recorded",
     "RecoveryCompleted",

@@ -42,6 +42,7 @@ from events.schema import (
     OperationFailed,
     OperationStarted,
     PageRequestsBlocked,
+    PoolConfigured,
     PoolScaled,
     Recorded,
     RecoveryCompleted,
@@ -58,8 +59,8 @@ from events.schema import (
 
 # Bump when what a projection keeps changes: snapshots of another version are ignored (full replay).
 # 2: perf windows, draining, last_active_ts; 3: sessions count resumes; 4: promoted shards;
-# 5: a browser's chosen backend and its recovery deferred to a session's end
-STATE_VERSION = 5
+# 5: a browser's chosen backend and its recovery deferred to a session's end; 6: the pool's configuration
+STATE_VERSION = 6
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
@@ -168,7 +169,8 @@ class SessionState:
     promoted: tuple[int, ...] = ()   # shards whose shadow took over from the primary, in order
 
 
-_MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "perf", "metrics")
+_MAPS = ("browsers", "models", "operations", "resources", "recoveries", "sessions", "perf", "metrics",
+         "config")
 # Operations that measure a browser serving requests (a "replay" is recovery work: not judged).
 MEASURED_KINDS = frozenset({"infer", "generate"})
 
@@ -187,6 +189,8 @@ class PoolState:
     sessions: Mapping[str, SessionState] = dataclasses.field(default_factory=dict)
     perf: Mapping[tuple[str, str], PerfWindow] = dataclasses.field(default_factory=dict)
     metrics: Mapping[str, int | float] = dataclasses.field(default_factory=dict)
+    # The last PoolConfigured: {"level", "recovery_strategy", "options"}; empty before the first one.
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class _Draft:
@@ -350,6 +354,12 @@ def _browser_draining(d: _Draft, rec: Recorded, e: BrowserDraining) -> None:
 
 def _pool_scaled(d: _Draft, rec: Recorded, e: PoolScaled) -> None:
     d.count("pool_scaled_" + e.direction)
+
+
+def _pool_configured(d: _Draft, rec: Recorded, e: PoolConfigured) -> None:
+    d.maps["config"] = {"level": e.level, "recovery_strategy": e.recovery_strategy, "options": e.options}
+    d.owned.add("config")
+    d.count("pool_configured")
 
 
 def _browser_quarantined(d: _Draft, rec: Recorded, e: BrowserQuarantined) -> None:
@@ -541,6 +551,7 @@ _HANDLERS: dict[type, Any] = {
     PageRequestsBlocked: _page_requests_blocked,
     BrowserDraining: _browser_draining,
     PoolScaled: _pool_scaled,
+    PoolConfigured: _pool_configured,
     RequestRejected: _request_rejected,
     ModelLoaded: _model_loaded,
     ModelUnloaded: _model_unloaded,
@@ -632,7 +643,8 @@ def state_to_json(state: PoolState) -> bytes:
         "last_seq": state.last_seq,
         "last_ts": state.last_ts,
         "metrics": dict(state.metrics),
-        **{n: list(getattr(state, n).values()) for n in _MAPS if n != "metrics"},
+        "config": dict(state.config),
+        **{n: list(getattr(state, n).values()) for n in _MAPS if n not in ("metrics", "config")},
     }
     return orjson.dumps(doc)
 
@@ -676,7 +688,7 @@ def state_from_json(data: bytes) -> PoolState:
         return PoolState(
             last_seq=doc["last_seq"], last_ts=doc["last_ts"], browsers=browsers, models=models,
             operations=operations, resources=resources, recoveries=recoveries, sessions=sessions, perf=perf,
-            metrics=doc["metrics"],
+            metrics=doc["metrics"], config=doc["config"],
         )
     except SnapshotError:
         raise

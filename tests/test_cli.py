@@ -151,6 +151,7 @@ def test_analyze_log_of_the_pool(pool, wide, capsys, tmp_path):
         assert analysis["success_rate"] == pytest.approx(done / (done + failed))
         assert 0 < analysis["min_duration_ms"] <= analysis["p50_duration_ms"] <= analysis["max_duration_ms"]
     assert doc["recommended_browser_type"][MODEL]["browser_type"] == browser_type
+    assert doc["fault_tolerance_level"] == "low", "the pool's PoolConfigured event says how it ran"
     assert doc["png_operations"] == done + failed
     image = imread(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[:2] == (500, 1000)

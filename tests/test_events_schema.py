@@ -63,6 +63,7 @@ CONTRACT = {
     "RequestRejected": ("model", "reason", "admitted", "limit"),
     "BrowserDraining": ("browser_id", "reason"),
     "PoolScaled": ("direction", "browsers", "reason"),
+    "PoolConfigured": ("level", "recovery_strategy", "options"),
 }
 
 SUBJECTS = {

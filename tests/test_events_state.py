@@ -31,6 +31,7 @@ from events.schema import (
     OperationFailed,
     OperationStarted,
     PageRequestsBlocked,
+    PoolConfigured,
     PoolScaled,
     Recorded,
     RecoveryCompleted,
@@ -171,6 +172,15 @@ def test_browser_draining():
 def test_pool_scaled():
     s = run(PoolScaled("up", 2, "4 requests in flight on 1 browser"), PoolScaled("down", 1, "idle 30 s"))
     assert s.metrics == {"pool_scaled_up": 1, "pool_scaled_down": 1}
+
+
+def test_pool_configured_the_last_one_holds():
+    assert run().config == {}
+    first = PoolConfigured("medium", "progressive", {"max_connections": 2, "fault_tolerance": {"vote_k": 3}})
+    s = run(first, PoolConfigured("high", "failover", {"max_connections": 4}))
+    assert s.config == {"level": "high", "recovery_strategy": "failover", "options": {"max_connections": 4}}
+    assert s.metrics == {"pool_configured": 2}
+    assert state_from_json(state_to_json(s)) == s
 
 
 def test_operations_fill_the_performance_window_of_their_browser_and_model():

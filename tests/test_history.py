@@ -30,6 +30,7 @@ from events.schema import (
     OperationCompleted,
     OperationFailed,
     OperationStarted,
+    PoolConfigured,
     Recorded,
     SnapshotWritten,
 )
@@ -347,6 +348,26 @@ def test_crashes_at_low_level_suggest_higher_fault_tolerance():
     assert fault_tolerance_advice("none", 1000, {"connection": 5})[0] == "low"
     assert fault_tolerance_advice("low", 1000, {"connection": 50}) is None
     assert fault_tolerance_advice("none", 1000, {"crash": 2}) is None
+
+
+def test_the_level_the_log_recorded_is_the_default_for_the_advice():
+    log, now = two_browser_log()
+    tracker = PerformanceHistoryTracker()
+    tracker.observe_many(log.records)
+    assert tracker.fault_tolerance_level is None
+    assert "level is unknown" in tracker.get_performance_recommendations(now=now)["recommendations"][
+        "fault_tolerance_level"]["description"]
+    for level, advised in (("low", True), ("medium", False)):
+        log.add(log.records[-1].ts, PoolConfigured(level=level, recovery_strategy="progressive", options={}))
+        tracker.observe_many(log.records)
+        assert tracker.fault_tolerance_level == level
+        recs = tracker.get_performance_recommendations(now=now)["recommendations"]
+        assert ("fault_tolerance_level" in recs) is advised, recs.get("fault_tolerance_level")
+        if advised:
+            assert "level is low" in recs["fault_tolerance_level"]["description"]
+    # A level given by the caller still wins over the log's.
+    assert "fault_tolerance_level" in tracker.get_performance_recommendations(
+        fault_tolerance_level="none", now=now)["recommendations"]
 
 
 def test_bad_input_raises_typed_errors():

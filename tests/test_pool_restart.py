@@ -56,6 +56,9 @@ def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_requ
     # Every request in flight was answered from the new incarnation: each text completed there.
     completed = [e for e in events if e["action"] == "OperationCompleted" and e["seq"] > restart_seq]
     assert len(completed) >= len(TEXTS)
+    # The configuration is recorded once, first: the restarted incarnation, configured alike, adds none.
+    configured = [e for e in events if e["action"] == "PoolConfigured"]
+    assert [e["seq"] for e in configured] == [1] and configured[0]["data"]["level"] == state.config["level"]
 
     ray.get(pool.shutdown.remote())
     assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), NAME, location)

@@ -590,6 +590,7 @@ def analysis_document(tracker, location: str, model: str | None, browser_type: s
     recs = tracker.get_performance_recommendations(time_window_seconds=window, now=now)["recommendations"]
     return {"location": location, "operations": table.num_rows, "now": now, "window_seconds": window,
             "model": model, "browser_type": browser_type, "anomalies": dict(tracker.anomalies),
+            "fault_tolerance_level": tracker.fault_tolerance_level,
             "by_model": by_model, "by_browser_type": by_type,
             "recommended_browser_type": {m: {"browser_type": r["browser_type"], "reason": r["reason"]}
                                          for m, r in recommended.items()},
@@ -645,7 +646,8 @@ def _print_analysis(doc: dict) -> None:
     span = "the whole log" if doc["window_seconds"] is None else f"the last {doc['window_seconds']:g} s of the log"
     filters = [f"{k} {doc[k]}" for k in ("model", "browser_type") if doc[k]]
     console.print(Text(f"{doc['location']}: {doc['operations']} finished operations, analysed over {span} "
-                       f"(ending {entry_time(doc['now'])})" + (f"; {', '.join(filters)}" if filters else "")))
+                       f"(ending {entry_time(doc['now'])})" + (f"; {', '.join(filters)}" if filters else "")
+                       + f"; fault-tolerance level {doc['fault_tolerance_level'] or 'not in the log'}"))
     cols = ["ops", "success", "avg ms", "p50 ms", "p95 ms", "min ms", "max ms", "trend", "magnitude", "improvement"]
     console.print(table("trends per model", ["model", *cols], _trend_rows(doc["by_model"])))
     console.print(table("trends per browser type (browser/backend)", ["browser type", *cols],
