@@ -119,6 +119,9 @@ class ShardChain:
         self.history: list[list[np.ndarray]] = [[] for _ in stages]
         self.replays: list[dict[str, Any]] = []
         self.page_ms = 0.0
+        # Time lost to failures: failed calls, replacing the shard, replaying its cache; the decode speed
+        # leaves it out (a run that recovered decodes as fast as one that did not, and says how long it lost).
+        self.recovery_ms = 0.0
         # Per stage, summed over the calls since reset_timings(): in-page compute, and the rest of the call
         # (Ray, evaluate, base64), which is the cost of crossing into that stage (the analyzer's hop).
         self.compute_ms = [0.0] * len(stages)
@@ -132,6 +135,7 @@ class ShardChain:
     async def _step_stage(self, i: int, x: dict[str, np.ndarray]) -> dict[str, Any]:
         replacements = 0
         replay_from: ShardStage | None = None      # the failed stage whose cache the current one must rebuild
+        t_first = time.perf_counter()
         while True:
             try:
                 if replay_from is not None:
@@ -139,9 +143,12 @@ class ShardChain:
                     replay_from = None
                 t0 = time.perf_counter()
                 result = await self._run_with_shadow(i, x)
+                t1 = time.perf_counter()
                 self.page_ms += result["ms"]
                 self.compute_ms[i] += result["ms"]
-                self.call_ms[i] += max((time.perf_counter() - t0) * 1000 - result["ms"], 0.0)
+                self.call_ms[i] += max((t1 - t0) * 1000 - result["ms"], 0.0)
+                if replacements:                              # an attempt failed before this one
+                    self.recovery_ms += (t0 - t_first) * 1000
                 self.history[i].append(next(iter(x.values())))
                 return result["outputs"]
             except Exception as exc:
@@ -243,6 +250,7 @@ async def generate_tokens(chain: ShardChain, prompt_ids: list[int], max_new_toke
     prefill_ms = (time.perf_counter() - t0) * 1000
     chain.reset_timings()
     t1 = time.perf_counter()
+    recovery_before_decode = chain.recovery_ms
     decoded = 0
     while not finished:
         rng = token_rng(seed, len(new_ids)) if temperature > 0 else None
@@ -254,7 +262,7 @@ async def generate_tokens(chain: ShardChain, prompt_ids: list[int], max_new_toke
             break
         values, indices = await chain.forward([token])
         decoded += 1
-    decode_s = time.perf_counter() - t1
+    decode_s = time.perf_counter() - t1 - (chain.recovery_ms - recovery_before_decode) / 1000
     per_token = 1 / decoded if decoded else 0.0
     return {
         "token_ids": new_ids,
@@ -263,6 +271,8 @@ async def generate_tokens(chain: ShardChain, prompt_ids: list[int], max_new_toke
         "promotions": chain.promotions,
         "metrics": {
             "prefill_ms": prefill_ms,
+            # Decode figures leave out recovery_ms (failed calls, replacements, replays): see ShardChain.
+            "recovery_ms": chain.recovery_ms,
             "decode_ms_per_token": decode_s * 1000 / decoded if decoded else None,
             "decode_tokens_per_s": decoded / decode_s if decoded and decode_s > 0 else None,
             "page_ms": chain.page_ms,

@@ -226,6 +226,7 @@ def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
     assert "2. browser process killed mid-request" in out and "BrowserFailed" in out and "RecoveryCompleted" in out
     assert "recovered: True" in out
     assert "identical to CPU onnxruntime: True" in out
+    assert "tokens/s, not counting the" in out, "decode speed and the kill's cost are reported apart"
     assert "recovery statistics" in out and _row(out, "recovery_successes").split("│")[2].strip() != "0"
 
 

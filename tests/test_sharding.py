@@ -59,7 +59,7 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
     out = ray.get(pool.generate.remote("smollm2-135m", PROMPT, max_new_tokens=NEW_TOKENS, shards=shards))
     assert out["token_ids"] == expected
     assert len(set(out["browser_ids"])) == shards        # one browser per shard
-    assert out["metrics"]["replays"] == 0
+    assert out["metrics"]["replays"] == 0 and out["metrics"]["recovery_ms"] == 0
 
 
 def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float, top_p: float, seed: int) -> list[int]:
@@ -100,6 +100,8 @@ def test_shard_failure_mid_generation_changes_no_token(pool, expected, fault):
     out = ray.get(ref, timeout=300)
     assert out["token_ids"] == expected, "a shard failure must not change the output"
     assert out["metrics"]["replays"] >= 1
+    # The time the failure cost is reported apart from decoding, and is at least the replay's own.
+    assert out["metrics"]["recovery_ms"] >= sum(r["ms"] for r in out["replays"]) > 0
     events = ray.get(pool.recent_events.remote(2000))
     kinds = [(e["action"], e["subject"]) for e in events]
     assert ("BrowserFailed", victim) in kinds
