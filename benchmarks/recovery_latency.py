@@ -1039,7 +1039,7 @@ def print_tables(r: dict[str, Any]) -> None:
 
 def write_chart(r: dict[str, Any], path: Path) -> None:
     """Time to result per fault (groups) and strategy/level (bars), log scale; the Ray baseline last in each
-    group (a black bar where it answered, a note where it never did)."""
+    group (a black bar where it answered, a hatched bar marked "never" where it gave no correct answer)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend to set, renders with Agg
 
     faults = list(dict.fromkeys(c["fault"] for c in r["cases"]))
@@ -1064,22 +1064,31 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
                 hi.append(s["p95_ms"] - s["median_ms"])
                 ymax = max(ymax, s["p95_ms"])
         ax.bar(xs, ys, width, yerr=[[0.0] * len(hi), hi], capsize=2, label=f"{strategy} / {level}")
-    labelled = False
+    answered, never = False, []
     for j, fault in enumerate(faults):
         x = x_of(j, slots - 1)
         f = r["baseline"]["faults"].get(fault)
         if f is not None and f["verdict"] == "answered" and f["time_to_result"] is not None:
             ax.bar([x], [f["time_to_result"]["median_ms"]], width, color="black",
-                   label=None if labelled else "Ray baseline (max_restarts=1)")
-            labelled = True
+                   label=None if answered else "Ray baseline (max_restarts=1)")
+            answered = True
             ymax = max(ymax, f["time_to_result"]["median_ms"])
         elif f is not None:
-            ax.text(x, 1.3, "Ray baseline: " + f["verdict"], rotation=90, fontsize=7, va="bottom", ha="center")
+            never.append((x, f["verdict"]))
         notes = [by[(fault, s, lv)]["note"] for s, lv in series if (fault, s, lv) in by]
         if notes and all(n and n.startswith("no effect") for n in notes):
             ax.text(j, 1.3, notes[0].split(":")[0], rotation=90, fontsize=7, va="bottom", ha="center")
+    top = ymax * 3
+    # A baseline that gave no correct answer is a hatched bar to the top of the chart, marked "never":
+    # as visible as a bar, and not mistaken for a time.
+    for k, (x, verdict) in enumerate(never):
+        ax.bar([x], [top], width, facecolor="none", edgecolor="dimgray", hatch="///", linewidth=0.6,
+               label="Ray baseline: no correct answer" if k == 0 else None)
+        box = {"facecolor": "white", "edgecolor": "none", "pad": 1.0}
+        ax.text(x, top / 1.3, "never", fontsize=8, va="top", ha="center", weight="bold", bbox=box)
+        ax.text(x, 1.3, verdict[:40], rotation=90, fontsize=6, va="bottom", ha="center", bbox=box)
     ax.set_yscale("log")
-    ax.set_ylim(1.0, ymax * 3)
+    ax.set_ylim(1.0, top)
     ax.set_xlim(-0.5, len(faults) - 0.5)
     ax.set_xticks(range(len(faults)), faults, rotation=20)
     ax.set_ylabel("time to result, ms (median; whisker to p95)")

@@ -153,6 +153,7 @@ def test_analyze_log_of_the_pool(pool, wide, capsys, tmp_path):
     assert doc["recommended_browser_type"][MODEL]["browser_type"] == browser_type
     assert doc["fault_tolerance_level"] == "low", "the pool's PoolConfigured event says how it ran"
     assert doc["png_operations"] == done + failed
+    assert doc["png_browser_failures"] >= 1 and doc["png_recoveries"] >= 1, "the dropped connection is marked"
     image = imread(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[:2] == (500, 1000)
     assert image[..., :3].std() > 0.05, "the plot has content"

@@ -599,34 +599,60 @@ def analysis_document(tracker, location: str, model: str | None, browser_type: s
             "recommendations": recs}
 
 
-def plot_latency(table, path: Path, title: str) -> int:
-    """PNG of operation latency over time, one series per browser; failures as red crosses at the
-    bottom. Returns the number of operations plotted."""
+def plot_latency(table, path: Path, title: str, marks: dict[str, list] | None = None) -> int:
+    """PNG of operation latency over time. One colour per browser type (a browser's operations joined by a
+    thin line of its type's colour), so the plot reads the same with 2 browsers or 50; the legend sits
+    outside the axes. Failed operations are red crosses on the time axis; ``marks`` adds the log's browser
+    failures (red lines) and recoveries (green spans, start to end). Returns the operations plotted."""
     import numpy as np
     import pyarrow.compute as pc
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
+    marks = marks or {}
     ts = table.column("ts").to_numpy()
     t0 = float(ts.min())
     fig = Figure(figsize=(10, 5), dpi=100)
     ax = fig.add_subplot()
+    types = _distinct(table, "browser_type")
+    colours = {t: f"C{i % 10}" for i, t in enumerate(types)}
+    browsers_of: dict[str, int] = dict.fromkeys(types, 0)
+    done = table.column("duration_ms").to_numpy(zero_copy_only=False).astype(float)
     for browser_id in _distinct(table, "browser_id"):
         rows = table.filter(pc.equal(table.column("browser_id"), browser_id))
         x = rows.column("ts").to_numpy() - t0
         y = rows.column("duration_ms").to_numpy(zero_copy_only=False).astype(float)
         ok = ~np.isnan(y)
         kind = rows.column("browser_type")[0].as_py()
-        ax.plot(x[ok], y[ok], marker=".", linewidth=0.8, label=f"{browser_id} ({kind})")
+        browsers_of[kind] += 1
+        ax.plot(x[ok], y[ok], marker=".", markersize=4, linewidth=0.6, alpha=0.8, color=colours[kind])
         if (~ok).any():
-            ax.plot(x[~ok], np.zeros(int((~ok).sum())), "x", color="red", markersize=8, clip_on=False)
-    if int(pc.sum(pc.equal(table.column("status"), "failed")).as_py() or 0):
-        ax.plot([], [], "x", color="red", label="failed operation")
+            ax.plot(x[~ok], np.zeros(int((~ok).sum())), "x", color="red", markersize=8, clip_on=False, zorder=5)
+    for start, end in marks.get("recoveries", []):
+        ax.axvspan(start - t0, end - t0, color="green", alpha=0.15, linewidth=0)
+    for when in marks.get("failures", []):
+        ax.axvline(when - t0, color="red", linewidth=0.8, alpha=0.6)
+    handles = [Line2D([], [], color=colours[t], marker=".", linewidth=0.6,
+                      label=f"{t} ({browsers_of[t]} browser{'s' if browsers_of[t] != 1 else ''})") for t in types]
+    if np.isnan(done).any():
+        handles.append(Line2D([], [], color="red", marker="x", linewidth=0, label="failed operation"))
+    if marks.get("failures"):
+        handles.append(Line2D([], [], color="red", linewidth=0.8, label="browser failed"))
+    if marks.get("recoveries"):
+        handles.append(Patch(color="green", alpha=0.15, label="recovering"))
+    finite = done[~np.isnan(done)]
+    # Recoveries make a few requests 10-100x slower than the rest: a log scale keeps both readable.
+    if finite.size and finite.max() > 20 * max(float(np.median(finite)), 1e-9):
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.set_xlabel(f"seconds since {entry_time(t0)}")
     ax.set_ylabel("duration (ms)")
-    ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return table.num_rows
@@ -664,6 +690,29 @@ def _print_analysis(doc: dict) -> None:
         console.print(Text(f"history anomalies (e.g. operations whose start was compacted away): {doc['anomalies']}"))
 
 
+class _FaultMarks:
+    """Browser failures and recoveries (start, end) picked from the records on their way to the tracker."""
+
+    def __init__(self) -> None:
+        self.failures: list[float] = []
+        self.recoveries: list[tuple[float, float]] = []
+        self._started: dict[str, float] = {}
+
+    def seen(self, rec: Recorded) -> Recorded:
+        kind = rec.kind
+        if kind == "BrowserFailed":
+            self.failures.append(rec.ts)
+        elif kind == "RecoveryStarted":
+            self._started.setdefault(rec.subject, rec.ts)
+        elif kind == "RecoveryCompleted" and rec.subject in self._started:
+            self.recoveries.append((self._started.pop(rec.subject), rec.ts))
+        return rec
+
+    def within(self, start: float, end: float) -> dict[str, list]:
+        return {"failures": [t for t in self.failures if start <= t <= end],
+                "recoveries": [(a, b) for a, b in self.recoveries if b >= start and a <= end]}
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Performance trends and recommendations from the event log (read from a private copy)."""
     import orjson
@@ -676,7 +725,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with _log_copy(args) as copy:
         store = copy.open()
         tracker = PerformanceHistoryTracker(max_entries=args.max_entries)
-        tracker.observe_many(store.read(store.first_seq))
+        marks = _FaultMarks()
+        tracker.observe_many(marks.seen(rec) for rec in store.read(store.first_seq))
         doc = analysis_document(tracker, copy.location, args.model, args.browser_type, args.window)
     if args.png:
         table = tracker.table
@@ -686,7 +736,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 mask = pc.and_(mask, pc.equal(table.column(column), value))
         title = "latency per browser" + "".join(f", {v}" for v in (args.model, args.browser_type) if v)
         doc["png"] = str(args.png)
-        doc["png_operations"] = plot_latency(table.filter(mask), Path(args.png), title)
+        shown = marks.within(doc["now"] - (args.window or float("inf")), doc["now"])
+        doc["png_operations"] = plot_latency(table.filter(mask), Path(args.png), title, shown)
+        doc["png_browser_failures"], doc["png_recoveries"] = len(shown["failures"]), len(shown["recoveries"])
     if args.json:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
