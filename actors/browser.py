@@ -31,6 +31,7 @@ import numpy as np
 import ray
 from playwright.async_api import Browser, CDPSession, Page, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from actors import chromium, reaper
 from actors.constants import (
@@ -131,14 +132,36 @@ class BrowserCore:
         return self.info() | {"start_ms": ms}
 
     async def _launch_browser(self) -> None:
-        """A new Chromium process with a fresh profile, connected, with the runtime page open."""
+        """A new Chromium process with a fresh profile, connected, with the runtime page open.
+
+        A browser that does not come up is a BrowserFailure whose category comes from the signal: the
+        process exited or the page crashed (CRASH), a budget ran out (TIMEOUT), else UNKNOWN.
+        """
         assert self.exe is not None and self.temp_dir is not None
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
-        self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
-        await self._connect()
-        await self._open_page()
+        try:
+            self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
+            await self._connect()
+            await self._open_page()
+        except BrowserFailure:
+            raise
+        except Exception as exc:
+            raise self._start_failure(exc) from None
+
+    def _start_failure(self, exc: Exception) -> BrowserFailure:
+        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        if isinstance(exc, chromium.BrowserExitedError):
+            return BrowserFailure(self.browser_id, FailureCategory.CRASH, f"browser exited during start-up ({what})")
+        if self.proc is not None and self.proc.poll() is not None:
+            return BrowserFailure(self.browser_id, FailureCategory.CRASH,
+                                  f"browser exited with code {self.proc.returncode} during start-up ({what})")
+        if self.failure is not None:
+            return BrowserFailure(self.browser_id, self.failure[0], f"{self.failure[1]} during start-up")
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError | PlaywrightTimeoutError):
+            return BrowserFailure(self.browser_id, FailureCategory.TIMEOUT, f"start-up ran out of time ({what})")
+        return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN, f"start-up failed ({what})")
 
     async def _connect(self) -> None:
         assert self.pw is not None

@@ -109,6 +109,14 @@ def chromium_flags(user_data_dir: Path) -> list[str]:
     return flags
 
 
+class BrowserExitedError(RuntimeError):
+    """The browser process exited before it opened its DevTools port (``returncode``: its exit status)."""
+
+    def __init__(self, returncode: int, message: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -134,7 +142,7 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{exe.path} exited with code {proc.returncode} during start-up")
+            raise BrowserExitedError(proc.returncode, f"{exe.path} exited with code {proc.returncode} during start-up")
         try:
             first_line = port_file.read_text().splitlines()[0]
             return proc, int(first_line)

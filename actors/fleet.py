@@ -181,6 +181,8 @@ class Fleet:
                     raise classify(exc, browser_id) from None
                 log.warning("browser died before it started; launching elsewhere",
                             extra={"browser_id": browser_id, "nodes_excluded": sorted(excluded), "error": str(exc)})
+            except asyncio.TimeoutError as exc:      # BROWSER_START_TIMEOUT: the actor never answered
+                raise classify(exc, browser_id) from None
 
     async def _start_on(self, browser_id: str, browser_type: str, standby: bool,
                         avoid_nodes: frozenset[str], excluded: set[str]) -> None:

@@ -57,6 +57,8 @@ from events.errors import (
     NoBrowserAvailableError,
     NoMajorityError,
     PoolBusyError,
+    WebpoolError,
+    describe,
     show,
 )
 from events.state import ALIVE_STATUSES, PoolState, browsers_alive, recovery_statistics
@@ -241,7 +243,8 @@ class PoolCore:
         """Run ``call(op_id)`` on a browser as one recorded operation (started -> completed | failed).
 
         Any browser-side failure is classified, recorded (OperationFailed, BrowserFailed) and raised
-        as BrowserFailure.
+        as BrowserFailure; so is an error of no documented type (a Playwright or runtime error), which a
+        caller must never see raw. Input errors and the pool's own errors go to the caller unchanged.
         """
         op_id = uuid.uuid4().hex
         # Leased before the first await: placement must see this browser busy from the moment it was chosen.
@@ -251,17 +254,22 @@ class PoolCore:
             t0 = time.perf_counter()
             try:
                 result = await call(op_id)
-            except (BrowserFailure, ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            except BaseException as exc:
+                cause = getattr(exc, "cause", None) or exc
+                if (isinstance(cause, InputError | WebpoolError) and not isinstance(cause, BrowserFailure)) \
+                        or not isinstance(exc, Exception):
+                    # The caller's input, the pool's own answer (no browser, busy, no majority), or a
+                    # cancellation: the browser is fine, and the error goes to the caller as it is.
+                    await self.log.record(ev.OperationFailed(op_id=op_id, category="unknown",
+                                                             error=describe(exc)))
+                    raise
+                # Anything else the browser's side raised (a BrowserFailure, a dead actor, a time budget,
+                # or an error of no documented type) is the browser failing: recorded, and recovered.
                 failure = classify(exc, browser_id)
                 await self.log.record(ev.OperationFailed(op_id=op_id, category=failure.category.value,
                                                          error=str(failure)[:500]))
                 await self.fleet.mark_failed(failure)
                 raise failure from None
-            except BaseException as exc:
-                cause = getattr(exc, "cause", None) or exc
-                await self.log.record(ev.OperationFailed(op_id=op_id, category="unknown",
-                                                         error=f"{type(cause).__name__}: {cause}"[:500]))
-                raise
         duration_ms = (time.perf_counter() - t0) * 1000
         await self.log.record(ev.OperationCompleted(op_id=op_id, duration_ms=duration_ms,
                                                     metrics=result.get("metrics", {})))

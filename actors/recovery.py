@@ -35,7 +35,7 @@ from actors.decisions.recovery import (
 )
 from actors.fleet import Fleet
 from events import schema as ev
-from events.errors import ActorUnreachable, BrowserFailure, RecoveryStepError
+from events.errors import ActorUnreachable, BrowserFailure, RecoveryStepError, describe
 from events.state import CLOSED_STATUSES, browsers_alive
 from sharding.models.registry import ModelArtifact
 
@@ -120,7 +120,7 @@ class RecoveryExecutor:
                     serving = await asyncio.wait_for(self._step(step, browser_id), RECOVERY_STEP_TIMEOUT)
                 ok, error = True, None
             except Exception as exc:   # a failed step is recorded and the plan goes on
-                ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
+                ok, error = False, describe(exc)
                 log.warning("recovery step failed", extra={"browser_id": browser_id, "step": step, "error": error})
             done.append(step)
             await self.log.record(ev.RecoveryStepFinished(recovery_id=recovery_id, step=step, success=ok,

@@ -20,6 +20,14 @@ _short.maxstring = _short.maxother = 60
 _short.maxlevel = 3
 
 
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` of an error for a log or a message: the error a remote call raised (Ray's
+    wrapper carries it as ``cause``, with the remote traceback in its own text), its message's first line."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
+
+
 def show(value: Any) -> str:
     """The caller's value for an error message: bounded in size, never failing (huge ints, deep nesting)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 
 def alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
@@ -10,3 +14,73 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (children, their children, ...), from /proc."""
+    children, found, todo = _children_map(), set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def is_browser_main_process(pid: int) -> bool:
+    """A browser's main process (the one webpool launches with a DevTools port), not a renderer/zygote."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(a.startswith(b"--remote-debugging-port=") for a in args) and not any(
+        a.startswith(b"--type=") for a in args)
+
+
+class BrowserStartKiller:
+    """SIGKILLs every browser main process that appears below ``root`` (this test process: its Ray and
+    every browser the pool starts) after it was created, as soon as it is seen (polled every ~2 ms,
+    well inside a start-up), up to ``limit`` kills (None: until stopped). Victims are picked by PID
+    from /proc, never by name."""
+
+    def __init__(self, root: int, limit: int | None = None) -> None:
+        self.root, self.limit = root, limit
+        self.killed: list[int] = []
+        self._before = {p for p in descendants(root) if is_browser_main_process(p)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BrowserStartKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            if self.limit is not None and len(self.killed) >= self.limit:
+                return
+            for pid in descendants(self.root) - self._before - set(self.killed):
+                if is_browser_main_process(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
+                    except ProcessLookupError:
+                        pass

@@ -16,7 +16,7 @@ from actors.decisions.recovery import (
     pick_failover_target,
     plan_steps,
 )
-from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
+from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError, describe
 
 C = FailureCategory
 
@@ -44,6 +44,18 @@ def test_classify_uses_the_signal_not_the_message():
     assert classify(ray.exceptions.RayActorError(), "b1").category is C.CRASH
     # Words in a message decide nothing.
     assert classify(RuntimeError("timeout out of memory crash"), "b1").category is C.UNKNOWN
+
+
+def test_an_error_of_no_documented_type_is_an_unknown_failure_described_by_what_was_raised_remotely():
+    class RemoteWrapper(Exception):       # as Ray's RayTaskError: the remote traceback in its text, the error in .cause
+        def __init__(self, cause: Exception) -> None:
+            super().__init__("ray::BrowserActor.run() (pid=1)\nTraceback (most recent call last):\n  ...")
+            self.cause = cause
+
+    failure = classify(RemoteWrapper(RuntimeError("Target page, context or browser has been closed\nCall log:")), "b1")
+    assert isinstance(failure, BrowserFailure) and failure.browser_id == "b1" and failure.category is C.UNKNOWN
+    assert failure.detail == "RuntimeError: Target page, context or browser has been closed"
+    assert describe(ValueError("")) == "ValueError: "
 
 
 @pytest.mark.parametrize("category", list(C))

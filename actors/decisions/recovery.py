@@ -31,7 +31,7 @@ from actors.constants import (
     DEFAULT_VOTE_COSINE,
     DEFAULT_VOTE_K,
 )
-from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError
+from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError, describe
 
 
 class FaultToleranceLevel(str, Enum):
@@ -138,7 +138,7 @@ def classify(exc: BaseException, browser_id: str) -> BrowserFailure:
         return BrowserFailure(browser_id, FailureCategory.CRASH, "browser actor process died")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return BrowserFailure(browser_id, FailureCategory.TIMEOUT, "no answer within the budget")
-    return BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"{type(exc).__name__}: {exc}")
+    return BrowserFailure(browser_id, FailureCategory.UNKNOWN, describe(exc))
 
 
 def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_open: bool,

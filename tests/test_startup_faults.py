@@ -1,0 +1,69 @@
+"""A browser that dies while it starts is a failure like any other: typed, recorded, recovered, bounded.
+
+The faults are real: every browser main process that appears below this test process is SIGKILLed as
+soon as it is seen (tests/procs.py: picked by PID from /proc), before or while it opens its DevTools
+port. Answers are checked against the numpy reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import ray
+from procs import BrowserStartKiller, descendants, is_browser_main_process
+
+from events.errors import NoBrowserAvailableError
+from events.state import browsers_alive, open_operations
+from sharding.models import minilm
+from webpool import ResourcePool
+
+pytestmark = [pytest.mark.ray, pytest.mark.browser]
+
+MODEL = "all-minilm-l6-v2"
+SENTENCES = ["A browser that dies while it starts.", "It is replaced, and the request is answered."]
+
+
+def _browser_processes() -> set[int]:
+    return {p for p in descendants(os.getpid()) if is_browser_main_process(p)}
+
+
+def test_a_browser_killed_while_starting_is_recovered_and_one_killed_every_time_ends_typed(ray_local, tmp_path):
+    reference = minilm.reference_embed(SENTENCES)
+    before = _browser_processes()
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=30.0,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "progressive",
+                                                "max_recovery_attempts": 2})
+    try:
+        # 1. The first browser dies while starting: the request is answered, through a recovery.
+        with BrowserStartKiller(os.getpid(), limit=1) as killer:
+            out = ray.get(pool.infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
+        assert len(killer.killed) == 1
+        assert np.abs(out["embedding"] - reference).max() <= 1e-4
+        assert out["recovered"] and "during start-up" in out["original_error"], out.get("original_error")
+        assert "crash" in out["original_error"], "a process that exited is a CRASH"
+
+        # 2. Every browser dies while starting (the serving one is killed to make the pool start others):
+        #    the request ends with the documented error, and nothing is left running.
+        with BrowserStartKiller(os.getpid()) as killer:
+            ray.get(pool.inject_fault.remote(out["browser_id"], "kill_browser"))
+            with pytest.raises(NoBrowserAvailableError) as raised:
+                ray.get(pool.infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
+            assert "recovery exhausted" in str(raised.value) and "during start-up" in str(raised.value)
+            state = ray.get(pool.get_state.remote())
+            assert killer.killed, "the pool tried to start browsers"
+            assert browsers_alive(state) == [] and open_operations(state) == [] and not state.recoveries
+            assert ray.get(pool.health.remote()) == {}
+            assert _browser_processes() - before == set(), "a browser process outlived its failed start"
+        events = ray.get(pool.recent_events.remote(state.last_seq + 10))
+        steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished"]
+        errors = [s["error"] for s in steps if not s["success"]]
+        assert any("BrowserFailure: " in e and "during start-up" in e for e in errors), errors
+
+        # 3. The faults stop: the same pool serves again.
+        again = ray.get(pool.infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
+        assert np.abs(again["embedding"] - reference).max() <= 1e-4
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
