@@ -137,10 +137,15 @@ class Sessions:
         return result | {"session_id": session_id, "browser_id": stages[0].browser_id}
 
     async def coordinator(self, model: str) -> Any:
-        """The ShardCoordinator actor of ``model`` (one per sharded model), started on first use next to the pool."""
+        """The ShardCoordinator actor of ``model`` (one per sharded model), started on first use on the pool's node.
+
+        Hard affinity: it lives and dies with the pool's node, never with a browser's (a soft one was seen
+        placed on a worker node under load, so losing that node cost the session a take-over). A pool that
+        loses its node is restarted elsewhere and starts coordinators of its own.
+        """
         async with self.locks(f"coordinator:{model}"):
             if model not in self._coordinators:
-                node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+                node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 me = ray.get_runtime_context().current_actor
                 self._coordinators[model] = coordinator.ShardCoordinator.options(
                     scheduling_strategy=node).remote(me, model)

@@ -154,7 +154,11 @@ class ShardChain:
             except Exception as exc:
                 # A replacement that fails too (during its replay or after) is replaced in turn, up to a bound.
                 if self.recover is None or replacements >= self.max_replacements:
-                    raise
+                    cause = getattr(exc, "cause", None) or exc
+                    if isinstance(cause, InputError):
+                        raise cause from None
+                    # Typed, and naming this shard's browser: the pool must not blame the session's first one.
+                    raise classify(exc, self.stages[i].browser_id) from None
                 replacements += 1
                 failed = self.stages[i]
                 self.stages[i] = await self.recover(i, failed, exc)
@@ -309,6 +313,10 @@ class ShardCoordinator:
     def pid(self) -> int:
         """This coordinator's process id (for fault injection: kill it and Ray starts another)."""
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this coordinator runs on."""
+        return ray.get_runtime_context().get_node_id()
 
     async def generate(self, session_id: str, stages: list[ShardStage], shadows: list[ShardStage | None],
                        prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, temperature: float,

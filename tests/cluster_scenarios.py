@@ -180,6 +180,8 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
     node = _state(pool).browsers[shard_browser].node_id
     out["shard_nodes"] = [_state(pool).browsers[s["browser_id"]].node_id for s in session.plan["shards"]]
     out["shard_victim"] = {"browser_id": shard_browser, "node_id": node, "tokens_before": len(session.tokens)}
+    coordinator = ray.get(pool.coordinator.remote(GENERATE), timeout=60)
+    out["shard_coordinator_node"] = ray.get(coordinator.node_id.remote(), timeout=60)
     seq0, t_removed = _state(pool).last_seq, time.time()
     cluster.remove_node(_node_of(cluster, node), allow_graceful=False)
     try:

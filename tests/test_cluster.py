@@ -62,6 +62,7 @@ def test_a_sharded_generation_survives_losing_a_shards_node(observed):
     _no_error(observed, "sharded")
     assert "shard_error" not in observed, observed.get("shard_error")
     assert len(set(observed["shard_nodes"])) == 2, "the two shards prefer distinct nodes"
+    assert observed["shard_coordinator_node"] == observed["head_node"], "the coordinator sits with the pool"
     assert observed["shard_tokens"] == observed["shard_expected"], "losing a node must not change a token"
     # The lost shard is replaced and its cache replayed inside the session, not the request re-run.
     assert observed["shard_replays"] >= 1, "\n".join(
