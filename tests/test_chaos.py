@@ -106,3 +106,84 @@ def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_p
         time.sleep(0.2)
     assert [p for p in seen_pids if alive(p)] == [], "no orphan browser process"
     assert [d for d in seen_dirs if os.path.exists(d)] == [], "no temp folder left"
+
+
+SIGKILL_REQUESTS = 64
+SIGKILL_MIN_KILLS = 8
+
+
+def test_sigkill_to_any_browser_process_every_few_seconds_gives_right_answers_or_documented_errors(
+        ray_local, tmp_path):
+    """A SIGKILL to a random process of a random browser (main, renderer, GPU, zygote, utility: whichever its
+    health report lists) every 1.5-3 s, while two clients send requests: each request is answered
+    correctly or ends with an error of a documented type (events/errors.py), never a Playwright or bare
+    runtime exception; every started operation ends; the state is the replay of the disk."""
+    import signal
+
+    from events import errors as documented
+
+    rng = random.Random(20261202)
+    texts = [f"sigkill sentence {i}: any process of a browser may die at any moment" for i in range(12)]
+    reference = minilm.reference_embed(texts)
+    pool = ResourcePool.remote(max_connections=3, event_log=str(tmp_path / "events"), request_timeout=5.0,
+                               name="sigkill-pool", health_interval=0.5,
+                               fault_tolerance={"level": "high", "recovery_strategy": "progressive",
+                                                "max_recovery_attempts": 5})
+    ray.get([pool.infer.remote("all-minilm-l6-v2", {"text": t}) for t in texts[:6]])    # grow the pool
+    kills: list[tuple[str, str, int]] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.wait(rng.uniform(1.5, 3.0)):
+            health = ray.get(pool.health.remote())
+            candidates = [(b, role, pid) for b, h in sorted(health.items())
+                          for role, pid in sorted(h.get("pids", {}).items())]
+            if candidates:
+                browser_id, role, pid = rng.choice(candidates)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append((browser_id, role, pid))
+                except ProcessLookupError:
+                    pass
+
+    outcomes: list[tuple[int, str]] = []       # (request, "ok" | "wrong" | the error's type)
+    lock = threading.Lock()
+
+    def client(which: range) -> None:
+        for n in which:
+            i = n % len(texts)
+            try:
+                out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": texts[i]}), timeout=300)
+                what = "ok" if np.abs(out["embedding"] - reference[i]).max() <= 1e-4 else "wrong"
+            except Exception as exc:
+                cause = getattr(exc, "cause", None) or exc
+                documented_type = isinstance(cause, documented.WebpoolError | documented.InputError)
+                what = f"{'documented' if documented_type else 'UNDOCUMENTED'} {type(cause).__name__}: " \
+                       f"{str(cause).splitlines()[0][:200] if str(cause) else ''}"
+            with lock:
+                outcomes.append((n, what))
+
+    monkey = threading.Thread(target=killer, daemon=True)
+    clients = [threading.Thread(target=client, args=(range(k, SIGKILL_REQUESTS, 2),)) for k in range(2)]
+    monkey.start()
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(600)
+    extra = SIGKILL_REQUESTS
+    deadline = time.monotonic() + 120
+    while len(kills) < SIGKILL_MIN_KILLS and time.monotonic() < deadline:   # a fast machine: more faults
+        client(range(extra, extra + 4))
+        extra += 4
+    stop.set()
+    monkey.join(30)
+
+    assert len(outcomes) >= SIGKILL_REQUESTS
+    assert not [o for o in outcomes if o[1] == "wrong"], "an answer differs from the reference"
+    assert not [o for o in outcomes if o[1].startswith("UNDOCUMENTED")], outcomes
+    assert len(kills) >= SIGKILL_MIN_KILLS, kills
+    state = ray.get(pool.get_state.remote())
+    assert open_operations(state) == [] and state.metrics.get("recovery_successes", 0) >= 1
+    ray.get(pool.shutdown.remote())
+    assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), "sigkill-pool", tmp_path / "events")
+    ray.kill(pool)
