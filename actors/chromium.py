@@ -152,7 +152,7 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
     raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Live (not zombie) processes descended from ``pid``, from /proc (the browser's renderers, GPU
     process and zygote)."""
     children: dict[int, list[int]] = {}
@@ -178,7 +178,7 @@ def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """Stop the browser and every process it started: SIGTERM to the browser, SIGKILL after ``grace``
     seconds; then SIGKILL to those of its children still there, and wait (bounded) until they are gone."""
     # Looked up first: once the browser is gone its children are no longer its children.
-    children = _descendants(proc.pid) if proc.poll() is None else []
+    children = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         proc.terminate()
         try:

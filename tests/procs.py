@@ -6,6 +6,8 @@ import os
 import signal
 import threading
 
+from actors.chromium import descendants
+
 
 def alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
@@ -14,31 +16,6 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (children, their children, ...), from /proc."""
-    children, found, todo = _children_map(), set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def is_browser_main_process(pid: int) -> bool:
@@ -77,7 +54,7 @@ class BrowserStartKiller:
         while not self._stop.wait(0.002):
             if self.limit is not None and len(self.killed) >= self.limit:
                 return
-            for pid in descendants(self.root) - self._before - set(self.killed):
+            for pid in set(descendants(self.root)) - self._before - set(self.killed):
                 if is_browser_main_process(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)

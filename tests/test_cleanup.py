@@ -55,9 +55,9 @@ def test_terminate_ends_what_the_browser_started():
 
     proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & sleep 60 & wait"])
     deadline = time.monotonic() + 10
-    while len(chromium._descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+    while len(chromium.descendants(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    children = chromium._descendants(proc.pid)
+    children = chromium.descendants(proc.pid)
     assert len(children) == 2
     chromium.terminate(proc, grace=0.5)
     assert proc.poll() is not None

@@ -12,8 +12,9 @@ import os
 import numpy as np
 import pytest
 import ray
-from procs import BrowserStartKiller, descendants, is_browser_main_process
+from procs import BrowserStartKiller, is_browser_main_process
 
+from actors.chromium import descendants
 from events.errors import NoBrowserAvailableError
 from events.state import browsers_alive, open_operations
 from sharding.models import minilm
