@@ -73,6 +73,14 @@ CASES = [
 ]
 
 
+# The category each fault must be read as (from its signal), and the steps each strategy may recover with.
+CATEGORY_OF = {"crash_page": "crash", "kill_renderer": "crash", "kill_browser": "crash", "kill_actor": "crash",
+               "hang": "timeout", "disconnect": "connection"}
+STEPS_OF = {"progressive": {"reconnect", "restart", "failover"}, "reconnect": {"reconnect"},
+            "restart": {"restart"}, "failover": {"failover"},
+            "parallel": {"parallel:reconnect", "parallel:restart", "parallel:failover"}}
+
+
 @pytest.mark.parametrize(("strategy", "fault"), CASES)
 def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strategy, fault):
     pool, browser_id = _pool(tmp_path, strategy)
@@ -86,11 +94,20 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     # the fault and recovers (the log must show it).
     after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
+    events = ray.get(pool.recent_events.remote(10_000))
     done = _finish(pool)
     stats = done["stats"]
     assert stats["recovery_attempts"] >= 1 and stats["recovery_successes"] >= 1
-    kinds = {r for r in done["state"].metrics if r.startswith("browser_failures.")}
-    assert kinds, "the failure is recorded with its category"
+    # The first failure of the faulted browser is read as the fault's category, from its signal...
+    failed = [e["data"] for e in events if e["action"] == "BrowserFailed" and e["subject"] == browser_id]
+    assert failed and failed[0]["category"] == CATEGORY_OF[fault], failed
+    # ... and its recovery runs the configured strategy and succeeds with one of that strategy's steps.
+    started = next(e for e in events if e["action"] == "RecoveryStarted" and e["data"]["browser_id"] == browser_id)
+    recovery = started["subject"]
+    assert started["data"]["strategy"] == strategy and started["data"]["category"] == CATEGORY_OF[fault]
+    steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished" and e["subject"] == recovery]
+    won = [s["step"] for s in steps if s["success"]]
+    assert len(won) == 1 and won[0] in STEPS_OF[strategy], steps
 
 
 def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):

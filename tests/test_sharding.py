@@ -76,7 +76,9 @@ def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float,
     return out
 
 
-def _wait_for_tokens(pool, n: int, ref=None, timeout: float = 120.0) -> str:
+def _wait_for_tokens(pool, n: int, ref=None, timeout: float = 600.0) -> str:
+    # A hang guard, not a speed limit: it returns as soon as a session has n tokens, and fails at once
+    # if the generation ends first (four browsers loading SmolLM shards took over 120 s on a loaded 2-core CI).
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ref is not None and ray.wait([ref], timeout=0)[0]:
