@@ -44,7 +44,7 @@ from actors.constants import (
     RUN_TIMEOUT,
 )
 from actors.page_server import PageServer
-from events.errors import BrowserFailure, FailureCategory, InputError, show
+from events.errors import BrowserFailure, FailureCategory, InputError, describe, show
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class BrowserCore:
             raise self._start_failure(exc) from None
 
     def _start_failure(self, exc: Exception) -> BrowserFailure:
-        what = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        what = describe(exc, limit=300)
         if isinstance(exc, chromium.BrowserExitedError):
             return BrowserFailure(self.browser_id, FailureCategory.CRASH, f"browser exited during start-up ({what})")
         if self.proc is not None and self.proc.poll() is not None:
