@@ -1,7 +1,9 @@
 """orjson encoding of events.
 
 A payload is the JSON object of the event's fields (orjson serialises the dataclass directly; enums
-become their values, tuples become lists). The kind travels beside the payload (a column in the store)
+become their values, tuples become lists), ended by a newline: a column of payloads is then
+newline-delimited JSON as it lies, which Arrow's JSON reader decodes in one call (``events.columnar``).
+The kind travels beside the payload (a column in the store)
 and the schema version in the segment's schema metadata, so payloads stay small. ``decode`` rebuilds
 the dataclass through its constructor, so the same checks that guard ``append`` guard reading.
 """
@@ -17,11 +19,11 @@ from events.schema import EVENT_TYPES, SCHEMA_VERSION, Event, Recorded
 
 
 def encode(event: Event) -> bytes:
-    """The event's fields as compact JSON bytes."""
+    """The event's fields as compact JSON bytes, ending in a newline."""
     if type(event) not in _KNOWN:
         raise InvalidEventError(f"not an event: {type(event).__name__}")
     try:
-        return orjson.dumps(event)
+        return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
     except (orjson.JSONEncodeError, TypeError) as exc:  # e.g. a lone surrogate in a str field
         raise InvalidEventError(f"{event.KIND} cannot be encoded: {exc}") from None
 

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from events.codec import decode, encode
+from events.columnar import replay_batches
 from events.errors import (
     BatchConflictError,
     CompactedRangeError,
@@ -842,6 +843,11 @@ class EventStore:
             for seq, ts, kind, payload in zip(seqs, tss, ks, payloads, strict=True):
                 yield Recorded(seq, ts, decode(kind, payload, version, trusted=True))
 
+    def read_batches(self, start_seq: int = 1, end_seq: int | None = None) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """The records of ``read(start_seq, end_seq)`` as checked Arrow batches, each with the schema version
+        its payloads were written under (what ``events.columnar.replay_batches`` folds)."""
+        return self._batches(start_seq, end_seq, None, None)
+
     def read_arrow(self, start_seq: int = 1, end_seq: int | None = None, kinds: Iterable[str] | None = None,
                    subject: str | None = None) -> pa.Table:
         """The same selection as ``read``, as an Arrow table with payloads still encoded."""
@@ -1010,8 +1016,8 @@ class EventStore:
         last = self._last_seq
         snap = self.latest_snapshot()
         if snap is None:
-            return replay(self.read(1, last))
-        return replay(self.read(snap.seq + 1, last), snap.state)
+            return replay_batches(self.read_batches(1, last))
+        return replay_batches(self.read_batches(snap.seq + 1, last), snap.state)
 
     def state(self) -> PoolState:
         """The projected state now: kept current when snapshot_every is set, else computed."""

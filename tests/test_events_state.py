@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from event_strategies import logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -417,58 +418,7 @@ def test_state_json_rejects_other_versions_and_garbage():
             state_from_json(bad)
 
 
-# --- properties over random event sequences ---
-
-BROWSERS = st.sampled_from(["b1", "b2", "b3"])
-OPS = st.sampled_from(["o1", "o2", "o3", "o4"])
-RECOVERIES = st.sampled_from(["r1", "r2"])
-SESSIONS = st.sampled_from(["s1", "s2"])
-MODELS = st.sampled_from(["minilm", "smollm2"])
-SHARDS = st.sampled_from([None, "0-9", "10-19"])
-CATS = st.sampled_from(FailureCategory)
-TEXT = st.text(max_size=6)
-MS = st.floats(0, 1e5, allow_nan=False)
-SMALL_JSON = st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.floats(-1e3, 1e3) | st.text(max_size=3),
-                             max_size=3)
-
-pool_events = st.one_of(
-    st.builds(BrowserLaunched, BROWSERS, st.sampled_from(["chromium", "edge"]), st.lists(TEXT, max_size=2).map(tuple),
-              st.none() | st.integers(1, 99999), TEXT, st.booleans()),
-    st.builds(BrowserConnected, BROWSERS),
-    st.builds(BrowserDisconnected, BROWSERS, TEXT),
-    st.builds(BrowserFailed, BROWSERS, CATS, TEXT),
-    st.builds(BrowserRetired, BROWSERS, TEXT),
-    st.builds(BrowserRoleChanged, BROWSERS, st.booleans()),
-    st.builds(BrowserQuarantined, BROWSERS, TEXT),
-    st.builds(BrowserHealthReported, BROWSERS, MS, st.lists(MODELS, max_size=2).map(tuple)),
-    st.builds(ModelLoaded, BROWSERS, MODELS, SHARDS, TEXT, st.sampled_from(["wasm", "webgpu"]), MS),
-    st.builds(ModelUnloaded, BROWSERS, MODELS, SHARDS),
-    st.builds(OperationStarted, OPS, MODELS, BROWSERS, st.sampled_from(["infer", "generate"]), TEXT),
-    st.builds(OperationCompleted, OPS, MS, SMALL_JSON),
-    st.builds(OperationFailed, OPS, CATS, TEXT),
-    st.builds(RecoveryStarted, RECOVERIES, BROWSERS, st.sampled_from(["reconnect", "restart", "failover"]),
-              st.integers(1, 3), CATS),
-    st.builds(RecoveryStepFinished, RECOVERIES, TEXT, st.booleans(), MS, st.none() | TEXT),
-    st.builds(RecoveryCompleted, RECOVERIES, BROWSERS, st.booleans(), st.none() | BROWSERS, MS),
-    st.builds(SessionOpened, SESSIONS, MODELS, SMALL_JSON),
-    st.builds(TokensAppended, SESSIONS, st.lists(st.integers(0, 49151), max_size=4).map(tuple)),
-    st.builds(SessionResumed, SESSIONS, st.integers(0, 4), st.integers(2, 4)),
-    st.builds(ShardPromoted, SESSIONS, st.integers(0, 2), BROWSERS, BROWSERS),
-    st.builds(SessionClosed, SESSIONS, TEXT),
-    st.builds(SnapshotWritten, st.integers(0, 100), TEXT),
-)
-
-
-@st.composite
-def logs(draw) -> list[Recorded]:
-    events = draw(st.lists(pool_events, max_size=80))
-    gaps = draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(events), max_size=len(events)))
-    ts, out = 1.7e9, []
-    for i, (e, gap) in enumerate(zip(events, gaps, strict=True)):
-        ts += gap
-        out.append(Recorded(i + 1, ts, e))
-    return out
-
+# --- properties over random event sequences (tests/event_strategies.py) ---
 
 @settings(max_examples=300, deadline=None)
 @given(logs(), st.data())
