@@ -10,7 +10,10 @@ and a retried append returns the records of the first one instead of writing the
 order calls of an async actor, nor any call that is retried; a writer that needs its batches in order
 waits for each acknowledgement (or sends one ``append_batch``).
 
-An append returns only once the batch is durable under the store's fsync policy.
+An append returns only once the batch is durable under the store's fsync policy. Appends that arrive
+together are committed together (group commit): each call waits in a queue that one committer drains,
+writing every waiting batch with one write and one sync decision (``EventStore.append_group``), in the
+order the calls arrived; each batch keeps its own checksum and batch id.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class StateLog:
                                       snapshot_every=snapshot_every, compression=compression)
         self._open_s = time.perf_counter() - t0
         self._changed: asyncio.Event | None = None
+        # Group commit: appends waiting for the committer, and the committer task while it runs.
+        self._queue: list[tuple[list[Event], str | None, asyncio.Future]] = []
+        self._committer: asyncio.Task | None = None
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         log.info("StateLog on %s: %s at seq %d in %.3f s (pid %d)", self._store.location,
                  "restarted" if restarted else "started", self._store.last_seq, self._open_s, os.getpid())
@@ -69,15 +75,38 @@ class StateLog:
 
     async def append(self, event: Event, batch_id: str | None = None) -> Recorded:
         """Record one event; returns it with its seq."""
-        (rec,) = self._store.append([event], batch_id=batch_id)
-        self._notify()
+        (rec,) = await self.append_batch([event], batch_id)
         return rec
 
     async def append_batch(self, events: Sequence[Event], batch_id: str | None = None) -> list[Recorded]:
-        """Record events as one batch (one group commit), in the given order."""
-        recs = self._store.append(events, batch_id=batch_id)
-        self._notify()
-        return recs
+        """Record events as one batch, in the given order; committed with whatever other appends wait."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((list(events), batch_id, done))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit())
+        return await done
+
+    async def _commit(self) -> None:
+        """Drain the queue: each round writes every waiting append as one group."""
+        try:
+            while self._queue:
+                # One turn of the loop lets appends that have already arrived join this group.
+                await asyncio.sleep(0)
+                group, self._queue = self._queue, []
+                try:
+                    outcomes = self._store.append_group([(events, batch_id) for events, batch_id, _ in group])
+                except Exception as exc:      # the write failed: no append of the group is recorded
+                    outcomes = [exc] * len(group)
+                for (_, _, done), outcome in zip(group, outcomes, strict=True):
+                    if done.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        done.set_exception(outcome)
+                    else:
+                        done.set_result(outcome)
+                self._notify()
+        finally:
+            self._committer = None
 
     async def read(self, start_seq: int = 1, end_seq: int | None = None, kinds: Sequence[str] | None = None,
                    subject: str | None = None, limit: int | None = None) -> list[Recorded]:

@@ -684,30 +684,70 @@ class EventStore:
         is written and the original records are returned; a different batch under the same id raises
         ``BatchConflictError``.
         """
-        if batch_id is not None and (type(batch_id) is not str or not batch_id):
-            raise InvalidEventError(f"batch_id must be a non-empty str or None, got {batch_id!r}")
-        events = list(events)
-        payloads = [encode(e) for e in events]  # also rejects non-events
+        (outcome,) = self.append_group([(events, batch_id)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def append_group(self, requests: Sequence[tuple[Sequence[Event], str | None]]) -> list[list[Recorded] | Exception]:
+        """Group commit: record several appends, in order, with one write and one sync decision.
+
+        Each request is ``(events, batch_id)`` with ``append``'s meaning, and stays its own batch on disk
+        (its own checksum and batch id). Returns, per request, its records or the error that request alone
+        caused (an invalid event or batch id, a batch id conflict). A failed write fails the whole call
+        and records none of it. Every returned record is durable under the fsync policy.
+        """
+        outcomes: list[list[Recorded] | Exception | None] = []
+        prepared: list[tuple[int, list[Event], list[bytes], str | None]] = []
+        for i, (events, batch_id) in enumerate(requests):
+            try:
+                if batch_id is not None and (type(batch_id) is not str or not batch_id):
+                    raise InvalidEventError(f"batch_id must be a non-empty str or None, got {batch_id!r}")
+                events = list(events)
+                prepared.append((i, events, [encode(e) for e in events], batch_id))  # encode rejects non-events
+                outcomes.append(None)
+            except InvalidEventError as exc:
+                outcomes.append(exc)
         with self._lock:
             self._check_open()
-            if not events:
-                return []
-            kinds = [e.KIND for e in events]
-            if batch_id is not None and batch_id in self._dedup:
-                return self._replayed_batch(batch_id, kinds, payloads)
-            recs = self._append_locked(events, kinds, payloads, batch_id)
-            if self._state is not None:
-                self._state = replay(recs, self._state)
+            to_write, repeats, ids = [], [], set()
+            for item in prepared:
+                i, events, payloads, batch_id = item
+                if not events:
+                    outcomes[i] = []
+                elif batch_id is not None and batch_id in ids:
+                    repeats.append(item)                 # the same append twice in one group (a retry)
+                elif batch_id is not None and batch_id in self._dedup:
+                    outcomes[i] = self._replayed_outcome(batch_id, events, payloads)
+                else:
+                    to_write.append(item)
+                    if batch_id is not None:
+                        ids.add(batch_id)
+            written = self._write_group_locked(to_write)
+            for i, recs in written.items():
+                outcomes[i] = recs
+            for i, events, payloads, batch_id in repeats:
+                outcomes[i] = self._replayed_outcome(batch_id, events, payloads)
+            if written and self._state is not None:
+                for i in sorted(written):
+                    self._state = replay(written[i], self._state)
                 if self._last_seq - self._last_snapshot_seq >= self._snapshot_every:
                     try:
                         self._write_snapshot_locked(self._state)
                     except Exception:
-                        # The batch is recorded; failing its append now would invite a duplicate retry.
+                        # The batches are recorded; failing their appends now would invite duplicate retries.
                         # A snapshot only shortens restarts, so log loudly and try again later.
                         log.exception("event log %s: automatic snapshot at seq %d failed",
                                       self._b.describe(), self._state.last_seq)
                         self._last_snapshot_seq = self._last_seq
-            return recs
+        return outcomes  # type: ignore[return-value]
+
+    def _replayed_outcome(self, batch_id: str, events: list[Event], payloads: list[bytes]
+                          ) -> list[Recorded] | BatchConflictError:
+        try:
+            return self._replayed_batch(batch_id, [e.KIND for e in events], payloads)
+        except BatchConflictError as exc:
+            return exc
 
     def _replayed_batch(self, batch_id: str, kinds: list[str], payloads: list[bytes]) -> list[Recorded]:
         first, n, crc = self._dedup[batch_id]
@@ -720,26 +760,43 @@ class EventStore:
 
     def _append_locked(self, events: list[Event], kinds: list[str], payloads: list[bytes],
                        batch_id: str | None) -> list[Recorded]:
-        n = len(events)
-        first = self._last_seq + 1
-        ts = time.time()
-        subjects = [e.subject for e in events]
-        batch = pa.record_batch(
-            [
-                pa.array(np.arange(first, first + n, dtype=np.int64)),
-                pa.array(np.full(n, ts, dtype=np.float64)),
-                pa.array(kinds, pa.string()),
-                pa.array(subjects, pa.string()),
-                pa.array(payloads, pa.binary()),
-            ],
-            schema=SEGMENT_SCHEMA,
-        )
-        meta = {"crc32": str(_batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
+        return self._write_group_locked([(0, events, payloads, batch_id)])[0]
+
+    def _write_group_locked(self, items: list[tuple[int, list[Event], list[bytes], str | None]]
+                            ) -> dict[int, list[Recorded]]:
+        """Write each item as its own record batch, then all of them with one write call and one sync
+        decision. On a failed write the segment is cut back to before the group and nothing is recorded."""
+        if not items:
+            return {}
         if self._writer is None:
-            self._start_segment(first)
-        before = self._active_bytes
+            self._start_segment(self._last_seq + 1)
+        before_bytes, before_seq = self._active_bytes, self._last_seq
+        before_batches = len(self._active_batches)
+        remembered: list[str] = []
+        out: dict[int, list[Recorded]] = {}
+        ts = time.time()
         try:
-            self._writer.write_batch(batch, custom_metadata=meta)
+            for i, events, payloads, batch_id in items:
+                n = len(events)
+                first = self._last_seq + 1
+                batch = pa.record_batch(
+                    [
+                        pa.array(np.arange(first, first + n, dtype=np.int64)),
+                        pa.array(np.full(n, ts, dtype=np.float64)),
+                        pa.array([e.KIND for e in events], pa.string()),
+                        pa.array([e.subject for e in events], pa.string()),
+                        pa.array(payloads, pa.binary()),
+                    ],
+                    schema=SEGMENT_SCHEMA,
+                )
+                meta = {"crc32": str(_batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
+                self._writer.write_batch(batch, custom_metadata=meta)
+                self._active_batches.append(batch)
+                self._last_seq = first + n - 1
+                if batch_id is not None:
+                    self._remember(batch_id, first, n, _content_crc(batch))
+                    remembered.append(batch_id)
+                out[i] = [Recorded(first + k, ts, e) for k, e in enumerate(events)]
             data = self._collector.take()
             self._file.write(data)
             if self._fsync == "always":
@@ -750,16 +807,16 @@ class EventStore:
                 if time.monotonic() - self._last_sync >= self._fsync_interval_s:
                     self._sync_locked()
         except BaseException:
-            self._abandon_segment(before)
+            for batch_id in remembered:
+                self._dedup.pop(batch_id, None)
+            del self._active_batches[before_batches:]
+            self._last_seq = before_seq
+            self._abandon_segment(before_bytes)
             raise
         self._active_bytes += len(data)
-        self._active_batches.append(batch)
-        self._last_seq = first + n - 1
-        if batch_id is not None:
-            self._remember(batch_id, first, n, _content_crc(batch))
         if self._active_bytes >= self._segment_bytes:
             self._seal_segment()
-        return [Recorded(first + i, ts, e) for i, e in enumerate(events)]
+        return out
 
     def _start_segment(self, first: int) -> None:
         self._file = self._b.create(_seg_name(first))

@@ -333,6 +333,53 @@ def test_batch_ids_make_appends_idempotent_across_reopen(backend):
             store.append(batch, batch_id="")
 
 
+def test_a_group_commit_keeps_each_append_its_own_batch_and_answers_each_alone(backend):
+    """append_group: every request is its own batch (own id, own checksum) in request order; one request's
+    bad event or conflicting id fails that request only; an id repeated in the group is written once."""
+    a, b = workload(2)[1:]
+    with backend.open() as store:
+        store.append([BrowserConnected("b1")], batch_id="earlier")
+        out = store.append_group([(a, "g-a"), (["not an event"], "g-bad"), (b, None), (a, "g-a"),
+                                  ([BrowserConnected("b2")], "earlier"), ([], None)])
+        assert [r.event for r in out[0]] == a and out[3] == out[0]
+        assert isinstance(out[1], InvalidEventError)
+        assert [r.event for r in out[2]] == b and out[2][0].seq == out[0][-1].seq + 1
+        assert isinstance(out[4], BatchConflictError) and out[5] == []
+        assert store.last_seq == 1 + len(a) + len(b)
+    with backend.open() as store:       # reopened: the ids are known, every batch reads back
+        assert store.append(a, batch_id="g-a") == out[0]
+        assert list(store.read(2)) == out[0] + out[2]
+
+
+def test_a_group_is_one_write_and_one_fsync(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    with EventStore.open(tmp_path / "log", fsync="always") as store:
+        store.append([BrowserConnected("b1")])
+        synced.clear()
+        out = store.append_group([(batch, f"id-{i}") for i, batch in enumerate(workload(16))])
+        assert len(synced) == 1 and all(isinstance(o, list) for o in out)
+
+
+def test_a_failed_group_write_records_none_of_the_group(tmp_path, monkeypatch):
+    from events import store as store_module
+
+    with EventStore.open(tmp_path / "log", fsync="always") as store:
+        kept = store.append([BrowserConnected("b1")], batch_id="kept")
+        real_write = store_module._LocalFile.write
+        monkeypatch.setattr(store_module._LocalFile, "write", lambda self, data: (_ for _ in ()).throw(
+            OSError(28, "No space left on device")))
+        with pytest.raises(OSError, match="No space"):
+            store.append_group([(workload(1)[0], "lost-1"), ([BrowserConnected("b2")], "lost-2")])
+        assert store.last_seq == 1
+        monkeypatch.setattr(store_module._LocalFile, "write", real_write)
+        again = store.append([BrowserConnected("b2")], batch_id="lost-2")    # the id was not taken
+        assert again[0].seq == 2
+    with EventStore.open(tmp_path / "log") as store:
+        assert list(store.read()) == kept + again
+
+
 @pytest.mark.parametrize("fsync", ["always", "interval", "never"])
 def test_every_fsync_policy_keeps_what_was_acknowledged(backend, fsync):
     with backend.open(fsync=fsync, fsync_interval_s=0.01) as store:

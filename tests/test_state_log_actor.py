@@ -123,20 +123,25 @@ def test_get_or_create_finds_the_named_actor_and_checks_its_location(ray_up, tmp
         ray.kill(a, no_restart=True)
 
 
-def test_kill_9_while_a_writer_appends_loses_no_acknowledged_event(state_log, tmp_path):
+WRITERS = 6
+
+
+def test_kill_9_while_writers_append_loses_no_acknowledged_event(state_log, tmp_path):
+    """Six writers append concurrently (so appends are group-committed together) while the StateLog is
+    SIGKILLed twice: every acknowledged batch is in the log once, at its seq, each writer's in its order."""
     log = state_log(fsync="always", snapshot_every=25)
-    acked: list = []  # (events, records) in acknowledgement order
+    acked: list = []  # (writer, events, records) in acknowledgement order
     errors: list = []
     stop = threading.Event()
 
-    def writer() -> None:
+    def writer(w: int) -> None:
         i = 0
         try:
             while not stop.is_set():
-                events = [OperationStarted(f"op{i}", "minilm", "b1", "infer", f"d{i}"),
-                          OperationCompleted(f"op{i}", 1.0, {"i": i})]
-                recs = ray.get(log.append_batch.remote(events, f"writer-{i}"), timeout=60)
-                acked.append((events, recs))
+                events = [OperationStarted(f"op{w}-{i}", "minilm", "b1", "infer", f"d{i}"),
+                          OperationCompleted(f"op{w}-{i}", 1.0, {"i": i})]
+                recs = ray.get(log.append_batch.remote(events, f"writer-{w}-{i}"), timeout=60)
+                acked.append((w, events, recs))
                 i += 1
         except Exception as exc:  # surfaced by the assertions below
             errors.append(exc)
@@ -147,11 +152,12 @@ def test_kill_9_while_a_writer_appends_loses_no_acknowledged_event(state_log, tm
             assert time.monotonic() < deadline, f"only {len(acked)} of {n} appends acknowledged"
             time.sleep(0.01)
 
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=writer, args=(w,), daemon=True) for w in range(WRITERS)]
+    for thread in threads:
+        thread.start()
     pids, restarts = [], []
     try:
-        for target in (40, 120):
+        for target in (40 * WRITERS, 120 * WRITERS):
             wait_acked(target)
             info = ray.get(log.info.remote())
             pids.append(info["pid"])
@@ -166,7 +172,8 @@ def test_kill_9_while_a_writer_appends_loses_no_acknowledged_event(state_log, tm
         wait_acked(len(acked) + 40)
     finally:
         stop.set()
-        thread.join(timeout=60)
+        for thread in threads:
+            thread.join(timeout=60)
     assert not errors, errors
     print(f"\nkill -9 x2: restarts served again after {[round(r, 2) for r in restarts]} s; "
           f"{len(acked)} batches acknowledged")
@@ -174,11 +181,13 @@ def test_kill_9_while_a_writer_appends_loses_no_acknowledged_event(state_log, tm
     def check(records: list) -> None:
         assert [r.seq for r in records] == list(range(1, len(records) + 1))  # no gap, no duplicate
         by_seq = {r.seq: r for r in records}
-        for _events, recs in acked:  # every acknowledged record is there, at the seq it was given
+        for _w, _events, recs in acked:  # every acknowledged record is there, at the seq it was given
             for r in recs:
                 assert by_seq[r.seq] == r
-        mine = [r.event for r in records if r.kind in ("OperationStarted", "OperationCompleted")]
-        assert mine == [e for events, _ in acked for e in events]  # in order, each exactly once
+        ops = [r.event for r in records if r.kind in ("OperationStarted", "OperationCompleted")]
+        for w in range(WRITERS):   # each writer's events in its order, each exactly once (writers end acked)
+            assert [e for e in ops if e.op_id.startswith(f"op{w}-")] == [e for a in acked if a[0] == w
+                                                                          for e in a[1]]
         state = replay(records)
         assert open_operations(state) == [] and not any(k.startswith("anomaly.") for k in state.metrics)
         assert state.metrics["operations_completed"] == len(acked)
