@@ -249,12 +249,16 @@ class PoolCore:
         op_id = uuid.uuid4().hex
         # Leased before the first await: placement must see this browser busy from the moment it was chosen.
         with self.fleet.lease(browser_id):
-            await self.log.record(ev.OperationStarted(op_id=op_id, model=model, browser_id=browser_id, kind=kind,
-                                                      input_digest=input_digest))
+            # The start is appended while the browser works: nothing is answered from this operation until
+            # its start is acknowledged, and its end is appended only after that (Ray does not order calls
+            # to the log, so the end must not race its start).
+            started = asyncio.ensure_future(self.log.record(ev.OperationStarted(
+                op_id=op_id, model=model, browser_id=browser_id, kind=kind, input_digest=input_digest)))
             t0 = time.perf_counter()
             try:
                 result = await call(op_id)
             except BaseException as exc:
+                await started
                 cause = getattr(exc, "cause", None) or exc
                 if (isinstance(cause, InputError | WebpoolError) and not isinstance(cause, BrowserFailure)) \
                         or not isinstance(exc, Exception):
@@ -270,7 +274,8 @@ class PoolCore:
                                                          error=str(failure)[:500]))
                 await self.fleet.mark_failed(failure)
                 raise failure from None
-        duration_ms = (time.perf_counter() - t0) * 1000
+            duration_ms = (time.perf_counter() - t0) * 1000
+            await started
         await self.log.record(ev.OperationCompleted(op_id=op_id, duration_ms=duration_ms,
                                                     metrics=result.get("metrics", {})))
         await self._drain_degraded(model)

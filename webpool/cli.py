@@ -28,6 +28,8 @@ from webpool.localray import configure_auth_env, start_local_ray
 from webpool.render import entry_time, table
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from events.schema import Recorded
     from events.state import PoolState
     from events.store import EventStore
@@ -474,35 +476,36 @@ def _print_replay(doc: dict) -> None:
 
 
 def cmd_log_replay(args: argparse.Namespace) -> int:
-    """Fold the log into the pool's projection (events.state.replay) and summarise it."""
+    """Fold the log into the pool's projection (events.columnar.replay_batches, which equals
+    events.state.replay) and summarise it."""
     import orjson
 
+    from events.columnar import replay_batches
     from events.errors import CompactedRangeError
-    from events.state import replay
 
     with _log_copy(args) as copy:
         store = copy.open(snapshots=True)
         first_ts: list[float] = []
         counted = 0
 
-        def records(start: int) -> Iterator[Recorded]:
+        def records(start: int) -> Iterator[tuple[pa.RecordBatch, int]]:
             nonlocal counted
-            for rec in store.read(start):
+            for batch, version in store.read_batches(start):
                 if not first_ts:
-                    first_ts.append(rec.ts)
-                counted += 1
-                yield rec
+                    first_ts.append(batch.column(1)[0].as_py())
+                counted += batch.num_rows
+                yield batch, version
 
         t0 = time.perf_counter()
         snap = store.latest_snapshot() if args.snapshot or store.first_seq > 1 else None
         if snap is not None and snap.seq >= store.first_seq - 1:
-            state = replay(records(snap.seq + 1), snap.state)
+            state = replay_batches(records(snap.seq + 1), snap.state)
             source = f"the snapshot at seq {snap.seq} + the events after it"
         elif store.first_seq > 1:
             raise CompactedRangeError(f"the log starts at seq {store.first_seq} (compacted) and no readable "
                                       "snapshot covers the events before it")
         else:
-            state = replay(records(1))
+            state = replay_batches(records(1))
             source = "every event (full replay)"
         doc = _replay_summary(state, copy.location, source, counted, first_ts[0] if first_ts else None,
                               time.perf_counter() - t0)
