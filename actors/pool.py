@@ -94,6 +94,7 @@ class PoolCore:
         self.max_queued_requests = max_queued_requests
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
+        self.ft.check_voters(max_connections)
         self.request_timeout = request_timeout
         self.name = name or f"webpool-{uuid.uuid4().hex[:8]}"
         self._options = {"backend": backend, "num_threads": num_threads, "memory_limit_mb": memory_limit_mb,
@@ -111,7 +112,7 @@ class PoolCore:
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self._browser_type("text_embedding"))
         self.sessions = Sessions(self.fleet, self.reconciler, self.ft, self.locks, self._run_op, self._place,
-                                 request_timeout)
+                                 request_timeout, max_connections)
 
     @property
     def state(self) -> PoolState:
@@ -339,25 +340,31 @@ class PoolCore:
             return result
 
     async def _voted(self, art: ModelArtifact, task: str, on: Callable[[str], Awaitable[dict[str, Any]]],
-                     vote: Callable[[dict[str, dict[str, Any]]], Any]) -> dict[str, Any]:
-        """Level critical: run on k distinct browsers, answer by majority, quarantine dissenters."""
-        k = max(1, min(self.ft.vote_k, self.max_connections))
+                     vote: Callable[[dict[str, dict[str, Any]], int], Any]) -> dict[str, Any]:
+        """Level critical: run on ``vote_k`` distinct browsers, answer by a majority of all ``vote_k`` (a
+        voter that failed counts against the majority), quarantine dissenters. Fewer than ``vote_k``
+        browsers available is a NoBrowserAvailableError, never a smaller vote."""
+        k = self.ft.vote_k
         chosen: list[str] = []
         for _ in range(k):
             try:
                 chosen.append(await self._place(art, task, avoid=frozenset(chosen)))
-            except NoBrowserAvailableError:
-                break
+            except NoBrowserAvailableError as exc:
+                raise NoBrowserAvailableError(f"level critical needs {k} browsers to vote; {len(chosen)} could "
+                                              f"take the request: {exc}") from None
         outcomes = await asyncio.gather(*(on(b) for b in chosen), return_exceptions=True)
         answers = {b: o for b, o in zip(chosen, outcomes, strict=True) if not isinstance(o, BaseException)}
         failures = [o for o in outcomes if isinstance(o, BrowserFailure)]
+        others = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, BrowserFailure)]
         if not answers:
-            raise failures[0] if failures else NoBrowserAvailableError("no browser answered")
+            raise failures[0] if failures else others[0]
         try:
-            result = vote(answers)
+            result = vote(answers, k)
         except NoMajorityError:
             if failures:
                 raise failures[0] from None   # recover the failed browser, then vote again
+            if others:
+                raise others[0] from None     # e.g. no browser for a voter's other shards
             raise
         for dissenter in result.dissenting:
             log.warning("browser outvoted", extra={"browser_id": dissenter, "agreeing": result.agreeing})
@@ -394,8 +401,8 @@ class PoolCore:
 
         async def attempt() -> dict[str, Any]:
             if self.ft.votes:
-                return await self._voted(art, spec.task, on, lambda answers: vote_embeddings(
-                    {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine))
+                return await self._voted(art, spec.task, on, lambda answers, voters: vote_embeddings(
+                    {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine, voters))
             return await on(await self._place(art, spec.task))
 
         return await self._with_recovery(attempt)

@@ -13,6 +13,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import uuid
@@ -50,9 +52,18 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class _Voters:
+    """The voters of one request at level critical: the browsers their chains have taken, and the lock
+    that places one voter's chain at a time, so that no two voters share a browser."""
+
+    taken: set[str] = dataclasses.field(default_factory=set)
+    placing: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
 class Sessions:
     def __init__(self, fleet: Fleet, reconciler: Reconciler, config: FaultToleranceConfig, locks: KeyedLocks,
-                 run_op: RunOp, place: Place, request_timeout: float) -> None:
+                 run_op: RunOp, place: Place, request_timeout: float, max_connections: int) -> None:
         self.fleet = fleet
         self.log = fleet.log
         self.reconciler = reconciler
@@ -61,6 +72,7 @@ class Sessions:
         self._run_op = run_op
         self._place = place
         self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self._coordinators: dict[str, Any] = {}          # model -> its ShardCoordinator actor
 
     # ----- a generation request ----------------------------------------------------------------------
@@ -73,18 +85,23 @@ class Sessions:
         validation.check_context(len(prompt_ids), req.max_new_tokens, model.config.max_context)
         validation.check_shards(req.shards, model.config.n_layers)
         ranges = even_layer_ranges(model.config.n_layers, req.shards)
+        self.config.check_voters(self.max_connections, req.shards, field="shards")
         arts = await self.fleet.artifacts_for(spec.name, ranges if req.shards > 1 else None)
 
-        async def on(avoid: frozenset[str] = frozenset()) -> dict[str, Any]:
+        async def on(avoid: frozenset[str] = frozenset(), voters: _Voters | None = None) -> dict[str, Any]:
             used: set[str] = set(avoid)
 
             async def stage_apart(art: ModelArtifact) -> coordinator.ShardStage:
-                """``art`` on a browser no other stage of this request uses."""
-                browser_id = await self._place(art, spec.task, avoid=frozenset(used))
+                """``art`` on a browser no other stage of this request (nor of another voter) uses."""
+                taken = voters.taken if voters else set()
+                browser_id = await self._place(art, spec.task, avoid=frozenset(used | taken))
                 used.add(browser_id)
                 return coordinator.ShardStage(browser_id, self.fleet.handle(browser_id), art)
 
-            stages = [await stage_apart(art) for art in arts]
+            async with voters.placing if voters else contextlib.nullcontext():
+                stages = [await stage_apart(art) for art in arts]
+                if voters:
+                    voters.taken.update(s.browser_id for s in stages)
             shadows: list[coordinator.ShardStage | None] = []
             for art in arts if self.config.shadows(req.shards) else []:
                 try:
@@ -94,9 +111,12 @@ class Sessions:
             return await self._run(spec.name, stages, shadows, prompt_ids, req, model.config.eos_id)
 
         async def attempt() -> dict[str, Any]:
-            if self.config.votes and req.shards == 1 and req.temperature == 0:
-                return await voted(arts[0], spec.task, lambda b: on(frozenset(live_ids()) - {b}),
-                                   lambda answers: vote_tokens({b: r["token_ids"] for b, r in answers.items()}))
+            if self.config.votes:
+                # Each voter runs the whole generation (greedy, or sampled with the request's seed: the same
+                # tokens either way) on browsers of its own; the first shard's browser is the one voted on.
+                voters = _Voters()
+                return await voted(arts[0], spec.task, lambda b: on(frozenset(live_ids()) - {b}, voters),
+                                   lambda answers, k: vote_tokens({b: r["token_ids"] for b, r in answers.items()}, k))
             return await on()
 
         result = await with_recovery(attempt)

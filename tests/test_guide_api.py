@@ -105,6 +105,10 @@ def test_classification_uses_the_real_type(error, category):
     (lambda: ResourcePoolBridgeIntegration(fault_tolerance_options={"levle": "high"}), "fault_tolerance"),
     (lambda: ResourcePoolBridgeIntegration(fault_tolerance_options={"level": "max"}), "fault_tolerance.level"),
     (lambda: ResourcePoolBridgeIntegration(max_conections=2), "pool_options"),
+    (lambda: ResourcePoolBridgeIntegration(max_connections=2, fault_tolerance_options={"level": "critical"}),
+     "fault_tolerance.vote_k"),
+    (lambda: ResourcePoolBridgeIntegration(fault_tolerance_options={"level": "critical", "vote_k": 1}),
+     "fault_tolerance.vote_k"),
 ])
 def test_bad_arguments_get_typed_errors(make, field):
     with pytest.raises(InputError) as info:

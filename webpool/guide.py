@@ -436,6 +436,7 @@ class ResourcePoolBridgeIntegration:
         if not isinstance(adaptive_scaling, bool):
             raise InputError("adaptive_scaling", f"must be a bool, got {adaptive_scaling!r}")
         self.fault_tolerance = FaultToleranceConfig.from_options(fault_tolerance_options)   # validates now
+        self.fault_tolerance.check_voters(max_connections)
         known = set(inspect.signature(PoolCore.__init__).parameters) - {"self"}
         unknown = set(pool_options) - known
         if unknown:

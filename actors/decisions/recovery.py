@@ -114,10 +114,24 @@ class FaultToleranceConfig:
         """Level critical runs each request on ``vote_k`` browsers and answers by majority."""
         return self.level is FaultToleranceLevel.CRITICAL
 
+    def check_voters(self, max_connections: int, shards: int = 1, field: str = "fault_tolerance.vote_k") -> None:
+        """Level critical needs ``vote_k`` >= 2 independent runs of a request, each on its own ``shards``
+        browsers, inside ``max_connections``: otherwise a clear InputError, never a vote of fewer."""
+        if not self.votes:
+            return
+        if self.vote_k < 2:
+            raise InputError("fault_tolerance.vote_k", f"level critical answers by majority over vote_k >= 2 "
+                                                       f"browsers, got vote_k={self.vote_k}")
+        needed = self.vote_k * shards
+        if needed > max_connections:
+            per = f"{shards} shards each, " if shards > 1 else ""
+            raise InputError(field, f"level critical runs {self.vote_k} voters ({per}{needed} browsers) but "
+                                    f"max_connections={max_connections}; raise max_connections or lower vote_k")
+
     def shadows(self, shards: int) -> bool:
         """Whether a generation over ``shards`` browsers runs each shard on a shadow too (level high and up):
         a shard failure then costs no prefix re-run, for a second forward per shard per step."""
-        return shards > 1 and self.shadow_shards and self.keeps_standby
+        return shards > 1 and self.shadow_shards and self.keeps_standby and not self.votes
 
 
 def classify(exc: BaseException, browser_id: str) -> BrowserFailure:

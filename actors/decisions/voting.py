@@ -1,8 +1,9 @@
 """Voting over redundant runs (fault-tolerance level critical). Pure functions.
 
-An answer wins when a strict majority of browsers agree on it; browsers that disagree with the
-winner are dissenters (the pool quarantines them). No majority -> no answer (an error), because
-picking one of several disagreeing answers would be a guess.
+An answer wins when a strict majority of the browsers asked agree on it (``voters``: those that were
+asked, including any that failed to answer, so a lone survivor never wins alone); browsers that
+disagree with the winner are dissenters (the pool quarantines them). No majority -> no answer (an
+error), because picking one of several disagreeing answers would be a guess.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ class Vote:
     dissenting: tuple[str, ...]
 
 
-def _majority(answers: dict[str, Any], agree) -> Vote:
+def _majority(answers: dict[str, Any], agree, voters: int | None) -> Vote:
     ids = sorted(answers)
+    voters = len(ids) if voters is None else voters
     best: list[str] = []
     for candidate in ids:
         group = [b for b in ids if agree(answers[candidate], answers[b])]
         if len(group) > len(best):
             best = group
-    if len(best) * 2 <= len(ids):
-        raise NoMajorityError(f"no majority among {len(ids)} answers (largest agreeing group: {best})")
+    if len(best) * 2 <= voters:
+        raise NoMajorityError(f"no majority of {voters} voters among {len(ids)} answers "
+                              f"(largest agreeing group: {best})")
     return Vote(answers[best[0]], tuple(best), tuple(b for b in ids if b not in best))
 
 
-def vote_embeddings(answers: dict[str, np.ndarray], min_cosine: float = 0.999) -> Vote:
+def vote_embeddings(answers: dict[str, np.ndarray], min_cosine: float = 0.999, voters: int | None = None) -> Vote:
     """Embeddings agree when every row's cosine similarity is at least ``min_cosine``."""
 
     def agree(a: np.ndarray, b: np.ndarray) -> bool:
@@ -44,9 +47,9 @@ def vote_embeddings(answers: dict[str, np.ndarray], min_cosine: float = 0.999) -
         cos = (a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1) + 1e-30)
         return bool((cos >= min_cosine).all())
 
-    return _majority(answers, agree)
+    return _majority(answers, agree, voters)
 
 
-def vote_tokens(answers: dict[str, list[int]]) -> Vote:
-    """Greedy generations agree when their token ids are identical."""
-    return _majority(answers, lambda a, b: list(a) == list(b))
+def vote_tokens(answers: dict[str, list[int]], voters: int | None = None) -> Vote:
+    """Generations (greedy, or sampled with the request's seed) agree when their token ids are identical."""
+    return _majority(answers, lambda a, b: list(a) == list(b), voters)
