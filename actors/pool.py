@@ -415,7 +415,7 @@ class PoolCore:
 
         async def work() -> dict[str, Any]:
             await self._ensure_log()
-            return await self.sessions.generate(spec, req, self._voted, self._with_recovery, self._live_ids)
+            return await self.sessions.generate(spec, req, self._voted, self._with_recovery)
 
         return await self._detached(spec.name, work)
 

@@ -13,7 +13,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -57,8 +56,17 @@ class _Voters:
     """The voters of one request at level critical: the browsers their chains have taken, and the lock
     that places one voter's chain at a time, so that no two voters share a browser."""
 
-    taken: set[str] = dataclasses.field(default_factory=set)
+    firsts: set[str] = dataclasses.field(default_factory=set)     # each voter's first-shard browser
+    taken: set[str] = dataclasses.field(default_factory=set)      # every browser a voter's chain uses
     placing: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    def run(self, on: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[[str], Awaitable[dict[str, Any]]]:
+        """What the vote calls per voter: ``on`` with this voter's first browser. Every voter's first
+        browser is known before any chain is placed (the vote makes all the calls before awaiting one)."""
+        def voter(first: str) -> Awaitable[dict[str, Any]]:
+            self.firsts.add(first)
+            return on(self, first)
+        return voter
 
 
 class Sessions:
@@ -78,8 +86,8 @@ class Sessions:
     # ----- a generation request ----------------------------------------------------------------------
     async def generate(self, spec: ModelSpec, req: validation.GenerationRequest,
                        voted: Callable[..., Awaitable[dict[str, Any]]],
-                       with_recovery: Callable[[Callable[[], Awaitable[dict[str, Any]]]], Awaitable[dict[str, Any]]],
-                       live_ids: Callable[[], list[str]]) -> dict[str, Any]:
+                       with_recovery: Callable[[Callable[[], Awaitable[dict[str, Any]]]], Awaitable[dict[str, Any]]]
+                       ) -> dict[str, Any]:
         model = await asyncio.to_thread(llama_model, spec.name)
         prompt_ids = model.encode(req.prompt)
         validation.check_context(len(prompt_ids), req.max_new_tokens, model.config.max_context)
@@ -88,19 +96,25 @@ class Sessions:
         self.config.check_voters(self.max_connections, req.shards, field="shards")
         arts = await self.fleet.artifacts_for(spec.name, ranges if req.shards > 1 else None)
 
-        async def on(avoid: frozenset[str] = frozenset(), voters: _Voters | None = None) -> dict[str, Any]:
-            used: set[str] = set(avoid)
+        async def on(voters: _Voters | None = None, first: str | None = None) -> dict[str, Any]:
+            """One run of the generation. As one of ``voters``, its first shard runs on ``first`` (the browser
+            the vote placed) and its other shards on browsers no other voter uses."""
+            used: set[str] = set()
 
             async def stage_apart(art: ModelArtifact) -> coordinator.ShardStage:
                 """``art`` on a browser no other stage of this request (nor of another voter) uses."""
-                taken = voters.taken if voters else set()
-                browser_id = await self._place(art, spec.task, avoid=frozenset(used | taken))
+                avoid = used | (voters.taken | voters.firsts if voters else set())
+                browser_id = await self._place(art, spec.task, avoid=frozenset(avoid))
                 used.add(browser_id)
                 return coordinator.ShardStage(browser_id, self.fleet.handle(browser_id), art)
 
-            async with voters.placing if voters else contextlib.nullcontext():
+            if voters is None or first is None:
                 stages = [await stage_apart(art) for art in arts]
-                if voters:
+            else:
+                used.add(first)
+                async with voters.placing:
+                    stages = [coordinator.ShardStage(first, self.fleet.handle(first), arts[0])]
+                    stages += [await stage_apart(art) for art in arts[1:]]
                     voters.taken.update(s.browser_id for s in stages)
             shadows: list[coordinator.ShardStage | None] = []
             for art in arts if self.config.shadows(req.shards) else []:
@@ -115,7 +129,7 @@ class Sessions:
                 # Each voter runs the whole generation (greedy, or sampled with the request's seed: the same
                 # tokens either way) on browsers of its own; the first shard's browser is the one voted on.
                 voters = _Voters()
-                return await voted(arts[0], spec.task, lambda b: on(frozenset(live_ids()) - {b}, voters),
+                return await voted(arts[0], spec.task, voters.run(on),
                                    lambda answers, k: vote_tokens({b: r["token_ids"] for b, r in answers.items()}, k))
             return await on()
 
