@@ -56,6 +56,7 @@ class StateLog:
         snapshot_every: int | None = 10_000,
         compression: str | None = None,
     ) -> None:
+        self._started_at = time.time()     # wall clock, so a benchmark can split a restart into its parts
         t0 = time.perf_counter()
         self._store = EventStore.open(location, fsync=fsync, segment_bytes=segment_bytes,
                                       snapshot_every=snapshot_every, compression=compression)
@@ -179,6 +180,7 @@ class StateLog:
             "last_seq": self._store.last_seq,
             "first_seq": self._store.first_seq,
             "open_s": self._open_s,
+            "started_at": self._started_at,
             "restarted": ctx.was_current_actor_reconstructed,
         }
 
