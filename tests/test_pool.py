@@ -15,7 +15,7 @@ from procs import alive
 
 from events.errors import InputError
 from events.schema import BrowserLaunched
-from events.state import browsers_alive, open_operations
+from events.state import browsers_alive, open_operations, replay
 from events.store import EventStore
 from sharding.models import llama, minilm
 from sharding.models.registry import ModelNotFoundError
@@ -28,7 +28,7 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A ma
 @pytest.fixture(scope="module")
 def pool(ray_local, tmp_path_factory):
     handle = ResourcePool.options(name="webpool-test", lifetime="detached").remote(
-        max_connections=2, event_log=str(tmp_path_factory.mktemp("pool-events")))
+        max_connections=2, event_log=str(tmp_path_factory.mktemp("pool-events")), name="webpool-test")
     yield handle
     health = ray.get(handle.health.remote())
     ray.get(handle.shutdown.remote())
@@ -112,11 +112,17 @@ def test_javascript_looking_input_is_plain_data(pool):
 
 
 def test_every_operation_ends_and_state_is_the_log_projection(pool):
+    """The pool's state equals both folds of its log's records up to the state's seq, read back from
+    the StateLog (the pool keeps running: later tests use it)."""
     state = ray.get(pool.get_state.remote())
     assert open_operations(state) == []
     ops = state.metrics
     assert ops.get("operations_started", 0) == ops.get("operations_completed", 0) + ops.get("operations_failed", 0)
     assert 1 <= len(browsers_alive(state)) <= 2
+    state_log = ray.get_actor("webpool-test-log", namespace=ray.get_runtime_context().namespace)
+    records = ray.get(state_log.read.remote(1, state.last_seq))
+    assert [r.seq for r in records] == list(range(1, state.last_seq + 1))
+    assert replay(records) == state
 
 
 def test_detached_pool_is_found_by_another_driver(pool, ray_local):
