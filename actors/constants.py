@@ -34,6 +34,13 @@ STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its de
 # Requests admitted at once (running or waiting for a browser); one more gets PoolBusyError at once.
 # Below Ray's own limit on an async actor's concurrent calls (1000), so the bound is ours, not Ray's queue.
 DEFAULT_MAX_QUEUED_REQUESTS = 256
+# ...and rows (texts) admitted at once: 64-text requests weigh 64 times a single sentence.
+DEFAULT_MAX_QUEUED_ROWS = 4096
+ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: the rows ahead at this window's answer rate
+# Dynamic batching of embedding requests (actors/batching.py): rows per page run, and how long a free
+# browser waits for a batch to fill. A request arriving at an idle pool waits at most this long.
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_BATCH_WAIT_MS = 2.0
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
 

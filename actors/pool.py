@@ -23,26 +23,33 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import ray
 
+from actors.batching import Batcher
 from actors.constants import (
+    ANSWER_RATE_WINDOW_S,
+    BUSY_THRESHOLD,
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_MAX_QUEUED_ROWS,
     DEFAULT_NUM_THREADS,
     HEALTH_INTERVAL,
     RUN_TIMEOUT,
     SCALE_DOWN_IDLE_S,
 )
-from actors.decisions import adaptive, placement, validation
+from actors.decisions import adaptive, batching, placement, validation
 from actors.decisions.reconcile import ended_by_restart
 from actors.decisions.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryStrategy, classify
 from actors.decisions.voting import vote_embeddings
@@ -71,6 +78,34 @@ log = logging.getLogger(__name__)
 TASK_FAMILIES = ("text_embedding", "text_generation")
 
 
+class _AnswerRate:
+    """Rows answered per second over the last ``ANSWER_RATE_WINDOW_S``: what a refused client's retry
+    hint is computed from (an observation of this process, like the admitted counts; not pool state)."""
+
+    def __init__(self) -> None:
+        self._answers: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, rows: int) -> None:
+        self._answers.append((time.monotonic(), rows))
+
+    def rows_per_s(self) -> float | None:
+        now = time.monotonic()
+        while self._answers and self._answers[0][0] < now - ANSWER_RATE_WINDOW_S:
+            self._answers.popleft()
+        if not self._answers:
+            return None
+        return sum(rows for _, rows in self._answers) / max(now - self._answers[0][0], 0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Embedding:
+    """One embedding request, tokenized: what a batch is made of."""
+
+    request: validation.EmbeddingRequest
+    feeds: dict[str, Any]
+    digest: str
+
+
 class PoolCore:
     def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  browser_preferences: dict[str, str] | None = None,
@@ -80,8 +115,11 @@ class PoolCore:
                  request_timeout: float = RUN_TIMEOUT, memory_limit_mb: int | None = None,
                  health_interval: float = HEALTH_INTERVAL,
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
-                 adaptive_scaling: bool = False, scale_down_idle_s: float = SCALE_DOWN_IDLE_S) -> None:
-        for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests)):
+                 max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
+                 adaptive_scaling: bool = False, scale_down_idle_s: float = SCALE_DOWN_IDLE_S,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
+        for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests),
+                             ("max_queued_rows", max_queued_rows), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(field, f"must be a positive int, got {show(value)}")
         if not isinstance(adaptive_scaling, bool):
@@ -90,8 +128,11 @@ class PoolCore:
                 or not scale_down_idle_s > 0:
             raise InputError("scale_down_idle_s",
                              f"must be a positive number, got {show(scale_down_idle_s)}")
+        if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, int | float) or not batch_wait_ms >= 0:
+            raise InputError("batch_wait_ms", f"must be a number >= 0, got {show(batch_wait_ms)}")
         self.max_connections = max_connections
         self.max_queued_requests = max_queued_requests
+        self.max_queued_rows = max_queued_rows
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
         self.ft.check_voters(max_connections)
@@ -99,8 +140,11 @@ class PoolCore:
         self.name = name or f"webpool-{uuid.uuid4().hex[:8]}"
         self._options = {"backend": backend, "num_threads": num_threads, "memory_limit_mb": memory_limit_mb,
                          "health_interval": health_interval, "adaptive_scaling": adaptive_scaling,
-                         "scale_down_idle_s": scale_down_idle_s}    # the rest of what PoolConfigured records
+                         "scale_down_idle_s": scale_down_idle_s, "max_batch_size": max_batch_size,
+                         "batch_wait_ms": batch_wait_ms}    # the rest of what PoolConfigured records
         self._admitted = 0                               # requests inside infer/generate right now
+        self._admitted_rows = 0                          # their rows (texts; a generation counts one)
+        self._answer_rate = _AnswerRate()
         self._background: set[asyncio.Future] = set()
         self._closed = False
         self._started = False
@@ -111,6 +155,9 @@ class PoolCore:
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self._browser_type("text_embedding"))
+        # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
+        self.batcher = None if max_batch_size == 1 else Batcher(
+            self._embed_batch, lambda: self.max_connections, max_batch_size, batch_wait_ms / 1000, self._spawn)
         self.sessions = Sessions(self.fleet, self.reconciler, self.ft, self.locks, self._run_op, self._place,
                                  request_timeout, max_connections)
 
@@ -144,6 +191,7 @@ class PoolCore:
         """This pool's configuration as an event (options as JSON data: the log says how the pool ran)."""
         ft = {f.name: getattr(self.ft, f.name) for f in dataclasses.fields(self.ft)}
         options = {"max_connections": self.max_connections, "max_queued_requests": self.max_queued_requests,
+                   "max_queued_rows": self.max_queued_rows,
                    "browser_preferences": self.browser_preferences, "request_timeout": self.request_timeout,
                    "fault_tolerance": {k: getattr(v, "value", v) for k, v in ft.items()}, **self._options}
         return ev.PoolConfigured(level=self.ft.level.value, recovery_strategy=self.ft.recovery_strategy.value,
@@ -156,29 +204,41 @@ class PoolCore:
         return task
 
     @contextlib.asynccontextmanager
-    async def _admission(self, model: str) -> AsyncIterator[None]:
-        """Admit a request, or refuse it with PoolBusyError when ``max_queued_requests`` are in.
+    async def _admission(self, model: str, rows: int) -> AsyncIterator[None]:
+        """Admit a request of ``rows`` rows, or refuse it with PoolBusyError when ``max_queued_requests``
+        requests, or ``max_queued_rows`` rows with it, are in (a request alone is always admitted). The
+        error says when to retry: the rows ahead at the pool's recent answer rate.
 
-        The check and the count happen with no await between them, so the bound is exact.
+        The check and the count happen with no await between them, so the bounds are exact.
         """
-        if self._admitted >= self.max_queued_requests:
-            admitted = self._admitted
+        over_rows = self._admitted and self._admitted_rows + rows > self.max_queued_rows
+        if self._admitted >= self.max_queued_requests or over_rows:
+            admitted, admitted_rows = self._admitted, self._admitted_rows
+            retry = batching.retry_after_s(admitted_rows, self._answer_rate.rows_per_s())
+            rejected = (ev.RequestRejected(model=model, reason="busy_rows", admitted=admitted_rows,
+                                           limit=self.max_queued_rows) if over_rows else
+                        ev.RequestRejected(model=model, reason="busy", admitted=admitted,
+                                           limit=self.max_queued_requests))
             await self._ensure_log()
-            await self.log.record(ev.RequestRejected(model=model, reason="busy", admitted=admitted,
-                                                     limit=self.max_queued_requests))
-            raise PoolBusyError(f"pool busy: {admitted} requests in progress (max_queued_requests="
-                                f"{self.max_queued_requests}); retry later")
+            await self.log.record(rejected)
+            raise PoolBusyError(f"pool busy: {admitted} requests ({admitted_rows} rows) in progress "
+                                f"(max_queued_requests={self.max_queued_requests}, max_queued_rows="
+                                f"{self.max_queued_rows}); retry in {retry:.2f} s", retry_after_s=retry)
         self._admitted += 1
+        self._admitted_rows += rows
         try:
             yield
+            self._answer_rate.add(rows)
         finally:
             self._admitted -= 1
+            self._admitted_rows -= rows
 
-    async def _detached(self, model: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def _detached(self, model: str, work: Callable[[], Awaitable[dict[str, Any]]],
+                        rows: int = 1) -> dict[str, Any]:
         """Run an admitted request as the pool's own task: a caller that goes away (Ray cancels the calls
         of a driver that dies) does not cancel the work, which ends in OperationCompleted or -Failed."""
         async def admitted() -> dict[str, Any]:
-            async with self._admission(model):
+            async with self._admission(model, rows):
                 return await work()
 
         return await asyncio.shield(self._spawn(admitted()))
@@ -200,8 +260,10 @@ class PoolCore:
             for b in browsers_alive(self.state) if not b.standby and not b.draining
         ]
 
-    async def _place(self, art: ModelArtifact, task: str, avoid: frozenset[str] = frozenset()) -> str:
-        """A live browser holding ``art``: found, or made so by loading it (launching if allowed).
+    async def _place(self, art: ModelArtifact, task: str, avoid: frozenset[str] = frozenset(),
+                     busy_at: int = BUSY_THRESHOLD) -> str:
+        """A live browser holding ``art``: found, or made so by loading it (launching if allowed);
+        ``busy_at`` as in ``placement.place``.
 
         When no live browser holding ``art`` is free but one that held it is being recovered, the
         request first waits for that recovery (at most its own time budget): the recovery brings the
@@ -218,7 +280,7 @@ class PoolCore:
                 if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
                     raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
                                                   f"(max_connections={self.max_connections})")
-                decision = placement.place(art.key, views, self.max_connections, browser_type, avoid)
+                decision = placement.place(art.key, views, self.max_connections, browser_type, avoid, busy_at)
                 recovering = [] if waited or decision.action == "use" else recovery.restoring(art.key, avoid)
                 if not recovering:
                     browser_id = decision.browser_id
@@ -241,23 +303,31 @@ class PoolCore:
     # ----- operations ---------------------------------------------------------------------------------
     async def _run_op(self, browser_id: str, model: str, kind: str, input_digest: str,
                       call: Callable[[str], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Run ``call(op_id)`` on a browser as one recorded operation (started -> completed | failed).
+        """Run ``call(op_id)`` on a browser as one recorded operation (see ``_run_ops``)."""
+        return await self._run_ops(browser_id, model, kind, [input_digest], lambda op_ids: call(op_ids[0]))
+
+    async def _run_ops(self, browser_id: str, model: str, kind: str, input_digests: Sequence[str],
+                       call: Callable[[list[str]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run ``call(op_ids)`` on a browser as one recorded operation per input (started -> completed |
+        failed): several when a batch of requests shares one page run. Their starts are appended together,
+        and so are their ends; each end's metrics are the call's ``metrics`` and its ``op_metrics[i]``.
 
         Any browser-side failure is classified, recorded (OperationFailed, BrowserFailed) and raised
         as BrowserFailure; so is an error of no documented type (a Playwright or runtime error), which a
         caller must never see raw. Input errors and the pool's own errors go to the caller unchanged.
         """
-        op_id = uuid.uuid4().hex
+        op_ids = [uuid.uuid4().hex for _ in input_digests]
         # Leased before the first await: placement must see this browser busy from the moment it was chosen.
         with self.fleet.lease(browser_id):
-            # The start is appended while the browser works: nothing is answered from this operation until
-            # its start is acknowledged, and its end is appended only after that (Ray does not order calls
-            # to the log, so the end must not race its start).
-            started = asyncio.ensure_future(self.log.record(ev.OperationStarted(
-                op_id=op_id, model=model, browser_id=browser_id, kind=kind, input_digest=input_digest)))
+            # The starts are appended while the browser works: nothing is answered from these operations
+            # until their starts are acknowledged, and their ends are appended only after that (Ray does not
+            # order calls to the log, so an end must not race its start).
+            started = asyncio.ensure_future(self.log.record(*(ev.OperationStarted(
+                op_id=op_id, model=model, browser_id=browser_id, kind=kind, input_digest=input_digest)
+                for op_id, input_digest in zip(op_ids, input_digests, strict=True))))
             t0 = time.perf_counter()
             try:
-                result = await call(op_id)
+                result = await call(op_ids)
             except BaseException as exc:
                 await started
                 cause = getattr(exc, "cause", None) or exc
@@ -265,20 +335,22 @@ class PoolCore:
                         or not isinstance(exc, Exception):
                     # The caller's input, the pool's own answer (no browser, busy, no majority), or a
                     # cancellation: the browser is fine, and the error goes to the caller as it is.
-                    await self.log.record(ev.OperationFailed(op_id=op_id, category="unknown",
-                                                             error=describe(exc)))
+                    await self.log.record(*(ev.OperationFailed(op_id=op_id, category="unknown",
+                                                               error=describe(exc)) for op_id in op_ids))
                     raise
                 # Anything else the browser's side raised (a BrowserFailure, a dead actor, a time budget,
                 # or an error of no documented type) is the browser failing: recorded, and recovered.
                 failure = classify(exc, browser_id)
-                await self.log.record(ev.OperationFailed(op_id=op_id, category=failure.category.value,
-                                                         error=str(failure)[:500]))
+                await self.log.record(*(ev.OperationFailed(op_id=op_id, category=failure.category.value,
+                                                           error=str(failure)[:500]) for op_id in op_ids))
                 await self.fleet.mark_failed(failure)
                 raise failure from None
             duration_ms = (time.perf_counter() - t0) * 1000
             await started
-        await self.log.record(ev.OperationCompleted(op_id=op_id, duration_ms=duration_ms,
-                                                    metrics=result.get("metrics", {})))
+        metrics = result.get("metrics", {})
+        own = result.get("op_metrics") or [{}] * len(op_ids)
+        await self.log.record(*(ev.OperationCompleted(op_id=op_id, duration_ms=duration_ms, metrics=metrics | m)
+                                for op_id, m in zip(op_ids, own, strict=True)))
         await self._drain_degraded(model)
         result.setdefault("metrics", {})["duration_ms"] = duration_ms
         return result
@@ -379,33 +451,58 @@ class PoolCore:
     async def infer(self, model_name: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Embed ``{"text": str}`` (one vector) or ``{"texts": [str, ...]}`` (a matrix)."""
         spec, request = validation.embedding_request(model_name, inputs)
-        return await self._detached(spec.name, lambda: self._infer(spec, request))
+        return await self._detached(spec.name, lambda: self._infer(spec, request), rows=len(request.texts))
 
     async def _infer(self, spec: ModelSpec, request: validation.EmbeddingRequest) -> dict[str, Any]:
         feeds = minilm.tokenize(request.texts)
+        job = _Embedding(request, feeds, digest(*feeds.values()))
         await self._ensure_log()
         [art] = await self.fleet.artifacts_for(spec.name)
-        input_digest = digest(*feeds.values())
 
         async def on(browser_id: str) -> dict[str, Any]:
-            handle = self.fleet.handle(browser_id)
-
-            async def call(_op_id: str) -> dict[str, Any]:
-                out = await handle.run.remote(art.key, feeds, fetch=["embedding"], timeout=self.request_timeout)
-                emb = out["outputs"]["embedding"]
-                return {"embedding": emb[0] if request.single else emb, "metrics": {"page_ms": out["ms"]}}
-
-            result = await self._run_op(browser_id, spec.name, "infer", input_digest, call)
-            return result | {"model": spec.name, "browser_id": browser_id,
-                             "backend": self.state.browsers[browser_id].backend}
+            [answer] = await self._embed_on(browser_id, art, [job])
+            return answer
 
         async def attempt() -> dict[str, Any]:
             if self.ft.votes:
                 return await self._voted(art, spec.task, on, lambda answers, voters: vote_embeddings(
                     {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine, voters))
+            if self.batcher is not None:
+                return await self.batcher.submit(art.key, (art, job), len(request.texts))
             return await on(await self._place(art, spec.task))
 
         return await self._with_recovery(attempt)
+
+    async def _embed_batch(self, payloads: Sequence[tuple[ModelArtifact, _Embedding]]) -> list[dict[str, Any]]:
+        """The batcher's run: one batch of one model's requests, placed as one request would be."""
+        art = payloads[0][0]
+        browser_id = await self._place(art, "text_embedding", busy_at=1)
+        return await self._embed_on(browser_id, art, [job for _, job in payloads])
+
+    async def _embed_on(self, browser_id: str, art: ModelArtifact, jobs: list[_Embedding]) -> list[dict[str, Any]]:
+        """Embedding requests run on a browser in one page run, each its own recorded operation; one answer
+        per request, with its own rows. A request's ``page_ms`` is its rows' share of the run's."""
+        handle = self.fleet.handle(browser_id)
+        rows = [len(j.request.texts) for j in jobs]
+        total = sum(rows)
+
+        async def call(_op_ids: list[str]) -> dict[str, Any]:
+            out = await handle.run.remote(art.key, minilm.join([j.feeds for j in jobs]), fetch=["embedding"],
+                                          timeout=self.request_timeout)
+            batch = {} if len(jobs) == 1 else {"batch_requests": len(jobs), "batch_rows": total,
+                                               "batch_page_ms": out["ms"]}
+            return {"embedding": out["outputs"]["embedding"], "metrics": batch,
+                    "op_metrics": [{"page_ms": out["ms"] * n / total} for n in rows]}
+
+        result = await self._run_ops(browser_id, art.model, "infer", [j.digest for j in jobs], call)
+        backend = self.state.browsers[browser_id].backend
+        answers, at = [], 0
+        for job, n, own in zip(jobs, rows, result["op_metrics"], strict=True):
+            emb = result["embedding"][at:at + n]
+            at += n
+            answers.append({"embedding": emb[0] if job.request.single else emb, "metrics": result["metrics"] | own,
+                            "model": art.model, "browser_id": browser_id, "backend": backend})
+        return answers
 
     async def generate(self, model_name: str, prompt: str, max_new_tokens: int = 16, shards: int = 1,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> dict[str, Any]:

@@ -84,7 +84,7 @@ _FLUSHES: dict[str, tuple[str, ...]] = {
 # Explicit schemas: a payload of another shape fails to parse, and its chunk takes the reference path.
 _STARTED_SCHEMA = pa.schema([(n, pa.string()) for n in ("op_id", "model", "browser_id", "kind", "input_digest")])
 _COMPLETED_SCHEMA = pa.schema([("op_id", pa.string()), ("duration_ms", pa.float64()),
-                               ("metrics", pa.struct([("page_ms", pa.float64())]))])
+                               ("metrics", pa.struct([("page_ms", pa.float64()), ("batch_requests", pa.int64())]))])
 _FAILED_SCHEMA = pa.schema([("op_id", pa.string()), ("category", pa.string()), ("error", pa.string())])
 _TOKENS_SCHEMA = pa.schema([("session_id", pa.string()), ("token_ids", pa.list_(pa.int64()))])
 _CATEGORIES = pa.array([c.value for c in FailureCategory], pa.string())
@@ -208,6 +208,7 @@ class _Chunk:
         self.service_ms = np.where(page.is_null().to_numpy(zero_copy_only=False), duration,
                                    page.fill_null(0.0).to_numpy(zero_copy_only=False))
         self.duration_ms = duration
+        self.batched = self.completed["metrics"].field("batch_requests").is_valid().to_numpy(zero_copy_only=False)
         self.browsers, self.b_code = _codes(self.started["browser_id"])
         self.models, self.m_code = _codes(self.started["model"])
         self.kinds, self.k_code = _codes(self.started["kind"])
@@ -362,7 +363,8 @@ class _Chunk:
             mine = rows[keys == key]
             b, m = browsers[who[mine[0], 0]], models[who[mine[0], 1]]
             ok = typ[mine[-PERF_WINDOW:]] == C
-            with_ms = mine[typ[mine] == C][-PERF_WINDOW:]
+            completed = mine[typ[mine] == C]
+            with_ms = completed[~self.batched[completion_of[completed]]][-PERF_WINDOW:]
             w = d.r("perf").get((b, m)) or PerfWindow(b, m)
             d.w("perf")[(b, m)] = dataclasses.replace(
                 w, recent_ms=(*w.recent_ms, *self.service_ms[completion_of[with_ms]].tolist())[-PERF_WINDOW:],

@@ -110,7 +110,15 @@ class NoBrowserAvailableError(WebpoolError):
 
 
 class PoolBusyError(WebpoolError):
-    """The pool's request queue is full; retry later."""
+    """The pool's request queue is full; retry after ``retry_after_s`` seconds (the pool's estimate of
+    when the work ahead of it will be done, from its recent answer rate)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.retry_after_s))
 
 
 class NoMajorityError(WebpoolError):

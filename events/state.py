@@ -436,7 +436,12 @@ def _op_completed(d: _Draft, rec: Recorded, e: OperationCompleted) -> None:
     if b is not None:
         d.w("browsers")[op.browser_id] = dataclasses.replace(b, failures=0, last_active_ts=rec.ts)
     page_ms = e.metrics.get("page_ms")
-    _measure(d, op, True, float(page_ms) if isinstance(page_ms, int | float) else e.duration_ms)
+    if e.metrics.get("batch_requests") is not None:
+        # One page run answered several requests: a request's share of it depends on its batch's size, so
+        # it is no service time to judge a browser by (a batched op counts in the outcomes only).
+        _measure(d, op, True, None)
+    else:
+        _measure(d, op, True, float(page_ms) if isinstance(page_ms, int | float) else e.duration_ms)
     d.count("operations_completed")
     d.count("operation_ms_total", e.duration_ms)
 

@@ -96,9 +96,13 @@ PAGE_METRICS = st.fixed_dictionaries({}, optional={
     "page_ms": st.floats(0, 1e4, allow_nan=False) | st.integers(0, 10_000) | st.none(),
     "backend": st.sampled_from(["wasm", "webgpu"]),
     "batch": st.integers(1, 8),
+    # A request answered by a shared page run (actors/batching.py): not a service-time sample.
+    "batch_requests": st.integers(2, 16) | st.none(),
+    "batch_rows": st.integers(2, 64),
 })
 # A page time of another type, which the projection ignores (the columnar fold leaves such a log to it).
-odd_completions = st.builds(OperationCompleted, OPS, MS, st.fixed_dictionaries({"page_ms": st.booleans() | TEXT}))
+odd_completions = st.builds(OperationCompleted, OPS, MS, st.fixed_dictionaries({"page_ms": st.booleans() | TEXT})
+                            | st.fixed_dictionaries({"batch_requests": TEXT}))
 hot_events = st.one_of(
     st.builds(OperationStarted, OPS, MODELS, BROWSERS, st.sampled_from(["infer", "generate", "replay"]), TEXT),
     st.builds(OperationCompleted, OPS, MS, PAGE_METRICS),

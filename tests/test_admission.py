@@ -5,6 +5,7 @@ that tries to send data out is blocked, and the attempt shows up in the log and 
 from __future__ import annotations
 
 import collections
+import time
 
 import numpy as np
 import pytest
@@ -18,11 +19,12 @@ from webpool import PoolBusyError, ResourcePool
 
 MODEL = "all-minilm-l6-v2"
 QUEUE_BOUND = 6
+ROWS_BOUND = 40
 
 
 @pytest.fixture(scope="module")
 def pool(ray_local, tmp_path_factory):
-    handle = ResourcePool.remote(max_connections=1, max_queued_requests=QUEUE_BOUND,
+    handle = ResourcePool.remote(max_connections=1, max_queued_requests=QUEUE_BOUND, max_queued_rows=ROWS_BOUND,
                                  event_log=str(tmp_path_factory.mktemp("admission-events")),
                                  fault_tolerance={"level": "medium"})
     ray.get(handle.infer.remote(MODEL, {"text": "warm up"}))
@@ -49,6 +51,7 @@ def test_a_flood_beyond_the_queue_bound_gets_busy_errors_and_loses_nothing(pool)
             out = ray.get(ref)
         except PoolBusyError as exc:
             assert "max_queued_requests=6" in str(exc)
+            assert 0.05 <= exc.retry_after_s <= 30.0 and f"retry in {exc.retry_after_s:.2f} s" in str(exc)
             busy.append(i)
             continue
         assert np.abs(out["embedding"] - reference[i]).max() <= 1e-4, i
@@ -72,6 +75,30 @@ def test_a_flood_beyond_the_queue_bound_gets_busy_errors_and_loses_nothing(pool)
     assert len(browsers_alive(state)) == 1
     out = ray.get(pool.infer.remote(MODEL, {"text": texts[0]}))
     assert np.abs(out["embedding"] - reference[0]).max() <= 1e-4
+
+
+def test_the_door_counts_rows_and_says_when_to_come_back(pool):
+    """Requests of 16 texts: the third at once would bring the admitted rows past ROWS_BOUND (40) while
+    fewer than QUEUE_BOUND requests are in; it is refused with a retry hint from the answer rate, and
+    a client that waits that long is served."""
+    texts = [f"row {i} of a large request" for i in range(16)]
+    seq0 = ray.get(pool.get_state.remote()).last_seq
+    refs = [pool.infer.remote(MODEL, {"texts": texts}) for _ in range(5)]
+    answered, busy = 0, []
+    for ref in refs:
+        try:
+            ray.get(ref)
+            answered += 1
+        except PoolBusyError as exc:
+            busy.append(exc)
+    assert answered >= 2 and busy, (answered, busy)
+    assert all("max_queued_rows=40" in str(e) and e.retry_after_s > 0 for e in busy)
+    rejected = [e for e in _all_events(pool) if e["seq"] > seq0 and e["action"] == "RequestRejected"]
+    assert [e["data"]["reason"] for e in rejected] == ["busy_rows"] * len(busy)
+    assert all(e["data"]["admitted"] + 16 > ROWS_BOUND == e["data"]["limit"] for e in rejected)
+    time.sleep(busy[0].retry_after_s)
+    out = ray.get(pool.infer.remote(MODEL, {"texts": texts}))
+    assert np.abs(out["embedding"] - minilm.reference_embed(texts)).max() <= 1e-4
 
 
 def test_a_page_trying_to_send_data_out_is_blocked_and_recorded(pool):

@@ -755,7 +755,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {"inference": "benchmarks.inference", "event-log": "benchmarks.event_log",
               "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency",
-              "sharded-generation": "benchmarks.sharded_generation"}
+              "sharded-generation": "benchmarks.sharded_generation", "throughput": "benchmarks.throughput"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -47,10 +47,11 @@ class Placement:
 
 
 def place(key: str, browsers: list[BrowserView], max_connections: int, browser_type: str,
-          avoid: frozenset[str] = frozenset()) -> Placement:
+          avoid: frozenset[str] = frozenset(), busy_at: int = BUSY_THRESHOLD) -> Placement:
     """Where to run artifact ``key``.
 
-    1. a browser of the wanted type that already holds it and is not busy: the one expected to answer
+    1. a browser of the wanted type that already holds it and is not busy (fewer than ``busy_at`` runs on
+       it; a batch of requests, which should not queue behind another, uses 1): the one expected to answer
        first ((in flight + 1) x its expected cost; a browser whose cost is still unknown is tried first,
        so that it gets known), least busy first when nothing is known;
     2. else a new browser, while the pool is below ``max_connections``;
@@ -62,7 +63,7 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
     holding = [b for b in candidates if key in b.models and b.browser_type == browser_type]
     best = min(holding, key=lambda b: ((b.in_flight + 1) * (b.cost or 0.0), b.in_flight, b.browser_id)) \
         if holding else None
-    if best is not None and best.in_flight < BUSY_THRESHOLD:
+    if best is not None and best.in_flight < busy_at:
         return Placement("use", best.browser_id)
     if len(browsers) < max_connections:
         return Placement("launch", None)

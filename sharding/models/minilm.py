@@ -160,6 +160,18 @@ def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
     }
 
 
+def join(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several requests' ``tokenize`` outputs as one batch: rows in order, padded as ``tokenize`` pads
+    (masked [PAD] tokens, which mean pooling ignores), so each request's rows embed as they would alone."""
+    if len(feeds) == 1:
+        return feeds[0]
+    seq = max(f["input_ids"].shape[1] for f in feeds)
+    pads = {"input_ids": _tokenizer().token_to_id("[PAD]"), "attention_mask": 0, "token_type_ids": 0}
+    return {name: np.concatenate([np.pad(f[name], ((0, 0), (0, seq - f[name].shape[1])), constant_values=pad)
+                                  for f in feeds])
+            for name, pad in pads.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # numpy reference (float64, written from the BERT definition, independent of the graph builder)
 

@@ -1,0 +1,45 @@
+"""Queueing decisions: when the next batch of a model's queued requests starts and which requests it
+takes (actors/batching.py acts on them), and when a refused client should come back. Pure functions
+over row counts, rates and clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def take(rows: Sequence[int], max_rows: int, free_slots: int = 1) -> int:
+    """How many queued requests (their row counts, oldest first) the next batch takes.
+
+    The queue is shared evenly between the ``free_slots`` batches that can start now (each browser gets
+    its part, rather than one browser all of it while another idles), at most ``max_rows`` rows a batch.
+    Requests are taken in arrival order while their rows fit; the oldest is always taken, so a request
+    larger than the share runs alone and none waits behind a later one.
+    """
+    if not rows:
+        return 0
+    share = min(max_rows, -(-sum(rows) // max(1, free_slots)))
+    taken, total = 1, rows[0]
+    for n in rows[1:]:
+        if total + n > share:
+            break
+        taken, total = taken + 1, total + n
+    return taken
+
+
+def delay(queued_rows: int, oldest_waited_s: float, max_rows: int, wait_s: float) -> float:
+    """Seconds to hold a free slot before starting the next batch: none once the queue fills a batch
+    or its oldest request has waited ``wait_s``; else the rest of that wait (more requests may join)."""
+    if queued_rows <= 0:
+        raise ValueError("nothing is queued")
+    if queued_rows >= max_rows:
+        return 0.0
+    return max(0.0, wait_s - oldest_waited_s)
+
+
+def retry_after_s(queued_rows: int, rows_per_s: float | None, floor_s: float = 0.05, ceiling_s: float = 30.0) -> float:
+    """When a client refused at the door should retry: the time the pool needs to answer the rows ahead
+    of it at its recent rate (``rows_per_s``; None before any answer: a second), within [floor, ceiling]."""
+    if not rows_per_s or rows_per_s <= 0:
+        return 1.0
+    return min(ceiling_s, max(floor_s, queued_rows / rows_per_s))

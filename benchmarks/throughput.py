@@ -1,0 +1,351 @@
+"""Serving under load: many clients, one pool, batching off and on, against CPU onnxruntime in the same run.
+
+For browsers = 1 and 2 and batching off (``max_batch_size=1``) and on (the pool's defaults), a pool
+serves MiniLM requests of 1 and of 8 distinct sentences from 1, 4, 16 and 64 client threads of this
+driver, each sending its next request when its last one is answered. Each cell runs ``trials``
+windows of ``trial_s`` seconds after a ramp window of the same length; a window's throughput counts
+the requests answered in it, and every answer's latency is kept. Every answer is compared with the
+numpy reference for its own texts (a wrong or mixed-up row counts as wrong, never dropped).
+
+Baseline: CPU onnxruntime on the same ONNX file and the same cores (all of them, and one thread),
+each at its best batch size, measured in this run. Then the kill run: 16 clients, 2 browsers,
+batching on, level high; one serving browser is SIGKILLed mid-load, and the answers per 250 ms show
+the dip and the recovery (PNG).
+
+Writes ``results/throughput.json`` and ``results/throughput_kill.png``.
+Run: ``python -m benchmarks.throughput [--quick]`` (or ``webpool bench throughput``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.results import results_dir, summary, summary_ms, write_results
+from webpool.helptext import plain
+from webpool.localray import configure_auth_env, start_local_ray
+
+MODEL = "all-minilm-l6-v2"
+TOLERANCE = 1e-4                     # max abs difference from the float64 numpy reference, per element
+TEXTS = [f"request {i}: {topic} under load, sentence {i % 7}" for i, topic in enumerate(
+    ["browsers", "pools", "actors", "logs", "batches", "recovery", "shards", "tokens"] * 16)]
+BIN_S = 0.25                         # the kill run's timeline resolution
+
+
+@dataclass
+class Load:
+    """Client threads sending requests in a loop; every answer checked, timed and kept."""
+
+    pool: Any
+    clients: int
+    rows: int
+    reference: dict[str, np.ndarray]
+    done: list[tuple[float, float]] = field(default_factory=list)      # (answered at, latency s)
+    wrong: int = 0
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(self.clients)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def _client(self, c: int) -> None:
+        import ray
+
+        n = 0
+        while not self._stop.is_set():
+            first = (c * 31 + n * self.rows) % len(TEXTS)
+            texts = [TEXTS[(first + i) % len(TEXTS)] for i in range(self.rows)]
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                out = ray.get(self.pool.infer.remote(MODEL, {"texts": texts}))
+            except Exception as exc:          # counted: a request that fails is reported, never dropped
+                self.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            t1 = time.perf_counter()
+            expected = np.stack([self.reference[t] for t in texts])
+            if out["embedding"].shape != expected.shape or np.abs(out["embedding"] - expected).max() > TOLERANCE:
+                self.wrong += 1
+            self.done.append((t1, t1 - t0))
+
+
+def measure_cell(pool: Any, clients: int, rows: int, trials: int, trial_s: float,
+                 reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    load = Load(pool, clients, rows, reference)
+    start = time.perf_counter()
+    load.start()
+    time.sleep(trial_s * (trials + 1))
+    load.stop()
+    windows = [start + trial_s * (i + 1) for i in range(trials + 1)]      # the first window is the ramp
+    per_trial = [sum(1 for t, _ in load.done if lo <= t < hi) / trial_s for lo, hi in itertools.pairwise(windows)]
+    latencies = [lat * 1000 for t, lat in load.done if windows[0] <= t < windows[-1]]
+    lat = np.asarray(latencies) if latencies else np.zeros(0)
+    return {
+        "clients": clients, "rows_per_request": rows, "trials": trials, "trial_s": trial_s,
+        "ramp_s": trial_s, "answered": len(load.done), "wrong": load.wrong, "errors": len(load.errors),
+        "error_examples": load.errors[:3],
+        "requests_per_s": summary(per_trial), "rows_per_s_median": float(np.median(per_trial)) * rows,
+        "latency": summary_ms(latencies) | ({"p99_ms": float(np.percentile(lat, 99))} if len(lat) else {}),
+    }
+
+
+def native_baseline(threads_list: list[int], batches: list[int], trials: int) -> dict[str, Any]:
+    """CPU onnxruntime on the pool's ONNX file: rows/s at each batch size and thread count (``trials``
+    runs of ~0.3 s each), and the best."""
+    import onnxruntime as ort
+
+    from sharding.models import minilm
+    from sharding.models.registry import artifacts
+
+    [art] = artifacts(MODEL)
+    out: dict[str, Any] = {}
+    for threads in threads_list:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(art.path), so, providers=["CPUExecutionProvider"])
+        cells = {}
+        for batch in batches:
+            feeds = minilm.tokenize([TEXTS[i % len(TEXTS)] for i in range(batch)])
+            session.run(None, feeds)
+            per_trial = []
+            for _ in range(trials):
+                t0, n = time.perf_counter(), 0
+                while time.perf_counter() - t0 < 0.3:
+                    session.run(None, feeds)
+                    n += 1
+                per_trial.append(n * batch / (time.perf_counter() - t0))
+            cells[str(batch)] = summary(per_trial)
+        best = max(cells, key=lambda b: cells[b]["median"])
+        out[f"{threads}_threads"] = {"by_batch": cells, "best_batch": int(best),
+                                     "best_rows_per_s_median": cells[best]["median"]}
+    return out
+
+
+def kill_run(reference: dict[str, np.ndarray], seconds: float, kill_at: float, warm_s: float,
+             temp: Path) -> dict[str, Any]:
+    """16 clients on 2 browsers (batching on, level high); the busiest serving browser is SIGKILLed."""
+    import ray
+
+    from events.state import browsers_alive
+    from webpool import ResourcePool
+
+    pool = ResourcePool.remote(max_connections=2, event_log=str(temp / "events-kill"),
+                               fault_tolerance={"level": "high", "recovery_strategy": "failover"})
+    try:
+        _warm(pool, 2, warm_s)
+        load = Load(pool, 16, 1, reference)
+        start = time.perf_counter()
+        load.start()
+        time.sleep(kill_at)
+        state = ray.get(pool.get_state.remote())
+        victim = next(b.browser_id for b in browsers_alive(state) if not b.standby)
+        killed_at = time.perf_counter() - start
+        ray.get(pool.inject_fault.remote(victim, "kill_browser"))
+        time.sleep(max(0.0, seconds - kill_at))
+        load.stop()
+        stats = ray.get(pool.get_recovery_statistics.remote())
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+    bins = np.zeros(int(np.ceil(seconds / BIN_S)))
+    for t, _ in load.done:
+        i = int((t - start) / BIN_S)
+        if 0 <= i < len(bins):
+            bins[i] += 1
+    rate = bins / BIN_S
+    before = rate[int(1.0 / BIN_S):int(killed_at / BIN_S)]       # after a 1 s ramp, up to the kill
+    steady = float(np.median(before)) if len(before) else 0.0
+    low = np.flatnonzero(rate[int(killed_at / BIN_S):] < steady / 2)
+    # The dip: from the kill to the end of the last low bin that follows it without a long recovery between.
+    dip_bins = 0
+    for i in low.tolist():
+        if i - dip_bins > int(1.0 / BIN_S):
+            break
+        dip_bins = i + 1
+    return {
+        "clients": 16, "browsers": 2, "level": "high", "killed": victim, "killed_at_s": killed_at,
+        "seconds": seconds, "bin_s": BIN_S, "answers_per_s": rate.tolist(), "steady_answers_per_s": steady,
+        "dip_s": dip_bins * BIN_S, "answered": len(load.done), "wrong": load.wrong, "errors": len(load.errors),
+        "error_examples": load.errors[:3], "recovery_statistics": stats,
+    }
+
+
+def _warm(pool: Any, browsers: int, seconds: float) -> None:
+    """Launch the browsers and let V8 tier up the runtime's hot code (the first runs are slower)."""
+    import ray
+
+    ray.get([pool.infer.remote(MODEL, {"text": TEXTS[i]}) for i in range(4 * browsers)])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ray.get([pool.infer.remote(MODEL, {"texts": TEXTS[i:i + 8]}) for i in range(0, 8 * browsers, 8)])
+
+
+def run(quick: bool, trials: int | None = None, trial_s: float | None = None) -> dict[str, Any]:
+    import ray
+
+    from sharding.models import minilm
+    from webpool import ResourcePool
+
+    trials = trials or (2 if quick else 10)
+    trial_s = trial_s or (0.5 if quick else 1.0)
+    browsers_list = [1] if quick else [1, 2]
+    clients_list = [1, 4] if quick else [1, 4, 16, 64]
+    rows_list = [1] if quick else [1, 8]
+    warm_s = 1.0 if quick else 3.0
+    reference = dict(zip(TEXTS, minilm.reference_embed(TEXTS), strict=True))
+    results: dict[str, Any] = {
+        "benchmark": "throughput", "quick": quick,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "model": MODEL, "tolerance": TOLERANCE, "cells": [],
+    }
+    temp = Path(tempfile.mkdtemp(prefix="wpbench-", dir="/tmp"))
+    started_ray = not ray.is_initialized()       # a test shares its session's Ray
+    if started_ray:
+        start_local_ray(temp / "ray")
+    try:
+        for browsers in browsers_list:
+            for batching in (False, True):
+                options = {} if batching else {"max_batch_size": 1}
+                pool = ResourcePool.remote(max_connections=browsers,
+                                           event_log=str(temp / f"events-{browsers}-{batching}"), **options)
+                try:
+                    _warm(pool, browsers, warm_s)
+                    for rows in rows_list:
+                        for clients in clients_list:
+                            cell = measure_cell(pool, clients, rows, trials, trial_s, reference)
+                            results["cells"].append({"browsers": browsers, "batching": batching} | cell)
+                            _progress(results["cells"][-1])
+                finally:
+                    ray.get(pool.shutdown.remote())
+                    ray.kill(pool)
+        results["kill"] = kill_run(reference, 4.0 if quick else 12.0, 1.5 if quick else 4.0, warm_s, temp)
+    finally:
+        if started_ray:
+            ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    threads = sorted({1, os.cpu_count() or 1})
+    results["native_onnxruntime"] = native_baseline(threads, [1, 8] if quick else [1, 8, 16, 32, 64],
+                                                     trials=3 if quick else 10)
+    results["targets"] = targets(results)
+    return results
+
+
+def _progress(cell: dict[str, Any]) -> None:
+    print(f"  browsers={cell['browsers']} batching={'on' if cell['batching'] else 'off'} "
+          f"rows={cell['rows_per_request']} clients={cell['clients']}: "
+          f"{cell['requests_per_s']['median']:.1f} req/s, p50 {cell['latency']['median_ms']:.0f} ms, "
+          f"wrong {cell['wrong']}, errors {cell['errors']}", flush=True)
+
+
+def _cell(r: dict[str, Any], browsers: int, batching: bool, rows: int, clients: int) -> dict[str, Any] | None:
+    wanted = (browsers, batching, rows, clients)
+    return next((c for c in r["cells"]
+                 if (c["browsers"], c["batching"], c["rows_per_request"], c["clients"]) == wanted), None)
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, from this run's own cells (None where the run did not measure the cell)."""
+    browsers = max(c["browsers"] for c in r["cells"])
+    clients = max(c["clients"] for c in r["cells"] if c["clients"] <= 16)
+    on, off = _cell(r, browsers, True, 1, clients), _cell(r, browsers, False, 1, clients)
+    one = _cell(r, browsers, True, 1, 1)
+    native = max(v["best_rows_per_s_median"] for v in r["native_onnxruntime"].values())
+
+    def ratio(a: dict | None, b: dict | float | None) -> float | None:
+        if a is None or b is None:
+            return None
+        return a["requests_per_s"]["median"] / (b if isinstance(b, float) else b["requests_per_s"]["median"])
+
+    kill = r.get("kill", {})
+    return {
+        "case": f"{clients} clients, {browsers} browser(s), single sentences",
+        "vs_one_sequential_client": {"ratio": ratio(on, one), "target": 5.0},
+        "vs_batching_off": {"ratio": ratio(on, off), "target": 2.0},
+        "vs_native_onnxruntime_best": {"ratio": ratio(on, float(native)), "target": 0.6},
+        "p99_over_p50": {"ratio": on["latency"]["p99_ms"] / on["latency"]["median_ms"] if on else None, "target": 3.0},
+        "p50_ms": {"value": on["latency"]["median_ms"] if on else None, "target": 150.0},
+        "kill": {"wrong": kill.get("wrong"), "errors": kill.get("errors"), "dip_s": kill.get("dip_s"),
+                 "target_dip_s": 1.5},
+    }
+
+
+def plot_kill(kill: dict[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: no global backend to set, renders with Agg
+
+    fig = Figure(figsize=(8, 3.2))
+    ax = fig.add_subplot()
+    rate = kill["answers_per_s"]
+    ax.step([i * kill["bin_s"] for i in range(len(rate))], rate, where="post", color="#1f77b4",
+            label=f"answers/s ({kill['bin_s'] * 1000:.0f} ms bins)")
+    ax.axvline(kill["killed_at_s"], color="#d62728", linestyle="--", label="browser SIGKILLed")
+    ax.axhline(kill["steady_answers_per_s"], color="#7f7f7f", linestyle=":", label="steady (median before)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("answers per second")
+    ax.set_title(f"16 clients, 2 browsers, level high: {kill['answered']} answered, {kill['wrong']} wrong, "
+                 f"{kill['errors']} errors; dip {kill['dip_s']:.2f} s")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"webpool throughput ({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    for col in ("browsers", "rows/req", "clients", "batching", "req/s (median)", "p50 ms", "p95 ms", "p99 ms",
+                "wrong", "errors"):
+        t.add_column(col)
+    for c in r["cells"]:
+        t.add_row(str(c["browsers"]), str(c["rows_per_request"]), str(c["clients"]), "on" if c["batching"] else "off",
+                  f"{c['requests_per_s']['median']:.1f}", f"{c['latency']['median_ms']:.0f}",
+                  f"{c['latency']['p95_ms']:.0f}", f"{c['latency']['p99_ms']:.0f}", str(c["wrong"]), str(c["errors"]))
+    Console().print(t)
+    for name, v in r["native_onnxruntime"].items():
+        print(f"native onnxruntime, {name.replace('_', ' ')}: best {v['best_rows_per_s_median']:.0f} rows/s "
+              f"(batch {v['best_batch']})")
+    for name, v in r["targets"].items():
+        print(f"{name}: {v}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    configure_auth_env()
+    parser = argparse.ArgumentParser(description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI): 1 browser, 1 and 4 clients")
+    parser.add_argument("--trials", type=int, help="windows per cell (default 10; quick 2)")
+    parser.add_argument("--trial-s", type=float, help="seconds per window (default 1.0; quick 0.5)")
+    args = parser.parse_args(argv)
+    r = run(args.quick, args.trials, args.trial_s)
+    out = write_results("throughput", args.quick, r)
+    png = plot_kill(r["kill"], results_dir() / f"throughput_kill{'-quick' if args.quick else ''}.png")
+    print_table(r)
+    print(f"wrote {out} and {png}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
