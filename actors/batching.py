@@ -2,9 +2,10 @@
 
 A page runs one inference at a time, and most of a small request's time in it is per-run overhead,
 so requests that queue behind a busy browser are better run together. Requests join a queue per
-model; a batch starts when a slot is free (at most ``slots()`` batches of a model run at once, one per
-browser the pool may use) and either the queue fills ``max_rows`` rows or its oldest request has
-waited ``wait_s`` (actors/decisions/batching.py decides both).
+model; a batch starts when a slot is free (at most ``slots()`` batches of a model are in flight at
+once: the pool gives two per browser it may use, so the next batch travels to a page while one runs)
+and either the queue fills ``max_rows`` rows or its oldest request has waited ``wait_s``
+(actors/decisions/batching.py decides both).
 
 Guarantees:
 - Each request is in exactly one batch per ``submit``; its caller gets the result the run gave for

@@ -41,6 +41,9 @@ ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: the rows ahe
 # browser waits for a batch to fill. A request arriving at an idle pool waits at most this long.
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 2.0
+# Batches of one model in flight per browser: the next batch travels to the page while one runs (with one,
+# the page idles between batches while results and inputs cross Ray and CDP).
+BATCHES_PER_BROWSER = 2
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
 

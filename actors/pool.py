@@ -38,6 +38,7 @@ import ray
 from actors.batching import Batcher
 from actors.constants import (
     ANSWER_RATE_WINDOW_S,
+    BATCHES_PER_BROWSER,
     BUSY_THRESHOLD,
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH_SIZE,
@@ -157,7 +158,8 @@ class PoolCore:
                                      standby_type=lambda: self._browser_type("text_embedding"))
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
-            self._embed_batch, lambda: self.max_connections, max_batch_size, batch_wait_ms / 1000, self._spawn)
+            self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
+            batch_wait_ms / 1000, self._spawn)
         self.sessions = Sessions(self.fleet, self.reconciler, self.ft, self.locks, self._run_op, self._place,
                                  request_timeout, max_connections)
 
@@ -481,7 +483,8 @@ class PoolCore:
 
     async def _embed_on(self, browser_id: str, art: ModelArtifact, jobs: list[_Embedding]) -> list[dict[str, Any]]:
         """Embedding requests run on a browser in one page run, each its own recorded operation; one answer
-        per request, with its own rows. A request's ``page_ms`` is its rows' share of the run's."""
+        per request, with its own rows. A request's ``page_ms`` is its rows' share of the run's, and its
+        ``rows`` how many texts it had."""
         handle = self.fleet.handle(browser_id)
         rows = [len(j.request.texts) for j in jobs]
         total = sum(rows)
@@ -492,7 +495,7 @@ class PoolCore:
             batch = {} if len(jobs) == 1 else {"batch_requests": len(jobs), "batch_rows": total,
                                                "batch_page_ms": out["ms"]}
             return {"embedding": out["outputs"]["embedding"], "metrics": batch,
-                    "op_metrics": [{"page_ms": out["ms"] * n / total} for n in rows]}
+                    "op_metrics": [{"page_ms": out["ms"] * n / total, "rows": n} for n in rows]}
 
         result = await self._run_ops(browser_id, art.model, "infer", [j.digest for j in jobs], call)
         backend = self.state.browsers[browser_id].backend

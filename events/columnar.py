@@ -84,7 +84,8 @@ _FLUSHES: dict[str, tuple[str, ...]] = {
 # Explicit schemas: a payload of another shape fails to parse, and its chunk takes the reference path.
 _STARTED_SCHEMA = pa.schema([(n, pa.string()) for n in ("op_id", "model", "browser_id", "kind", "input_digest")])
 _COMPLETED_SCHEMA = pa.schema([("op_id", pa.string()), ("duration_ms", pa.float64()),
-                               ("metrics", pa.struct([("page_ms", pa.float64()), ("batch_requests", pa.int64())]))])
+                               ("metrics", pa.struct([("page_ms", pa.float64()), ("rows", pa.int64()),
+                                                      ("batch_requests", pa.int64())]))])
 _FAILED_SCHEMA = pa.schema([("op_id", pa.string()), ("category", pa.string()), ("error", pa.string())])
 _TOKENS_SCHEMA = pa.schema([("session_id", pa.string()), ("token_ids", pa.list_(pa.int64()))])
 _CATEGORIES = pa.array([c.value for c in FailureCategory], pa.string())
@@ -204,9 +205,12 @@ class _Chunk:
         self.failure_of = _index(rows[F], n)[self.ops_pos]
         page = self.completed["metrics"].field("page_ms")
         duration = self.completed["duration_ms"].to_numpy(zero_copy_only=False)
-        # What _measure records for a completion: the page's own time where it reported one.
-        self.service_ms = np.where(page.is_null().to_numpy(zero_copy_only=False), duration,
-                                   page.fill_null(0.0).to_numpy(zero_copy_only=False))
+        # What _measure records for a completion (state._service_ms): the page's own time where it reported
+        # one, per row where a request had several.
+        service = np.where(page.is_null().to_numpy(zero_copy_only=False), duration,
+                           page.fill_null(0.0).to_numpy(zero_copy_only=False))
+        per = self.completed["metrics"].field("rows").fill_null(1).to_numpy(zero_copy_only=False)
+        self.service_ms = np.where(per > 1, service / np.maximum(per, 1), service)
         self.duration_ms = duration
         self.batched = self.completed["metrics"].field("batch_requests").is_valid().to_numpy(zero_copy_only=False)
         self.browsers, self.b_code = _codes(self.started["browser_id"])

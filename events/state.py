@@ -244,6 +244,21 @@ def _touch(d: _Draft, browser_id: str, ts: float) -> None:
         d.w("browsers")[browser_id] = dataclasses.replace(b, last_active_ts=ts)
 
 
+def _service_ms(e: OperationCompleted) -> float | None:
+    """A completed operation's service time per row (what browsers are compared by): the page's own time
+    (``metrics.page_ms``; else the whole duration) over the request's ``metrics.rows`` (texts; 1 when
+    absent or not a positive int), so a browser that served larger requests does not look slower.
+    None for a request answered by a page run it shared (``metrics.batch_requests``): its share depends
+    on its batch's size, so it is no service time to judge a browser by."""
+    m = e.metrics
+    if m.get("batch_requests") is not None:
+        return None
+    page_ms = m.get("page_ms")
+    ms = float(page_ms) if isinstance(page_ms, int | float) else e.duration_ms
+    rows = m.get("rows")
+    return ms / rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 1 else ms
+
+
 def _measure(d: _Draft, op: OperationState, ok: bool, duration_ms: float | None) -> None:
     """Add an operation to its (browser, model) window. ``duration_ms`` is its service time: the time the
     page itself reported running it (``metrics.page_ms``: no queueing, no transport) where it did."""
@@ -435,13 +450,7 @@ def _op_completed(d: _Draft, rec: Recorded, e: OperationCompleted) -> None:
     b = d.r("browsers").get(op.browser_id)
     if b is not None:
         d.w("browsers")[op.browser_id] = dataclasses.replace(b, failures=0, last_active_ts=rec.ts)
-    page_ms = e.metrics.get("page_ms")
-    if e.metrics.get("batch_requests") is not None:
-        # One page run answered several requests: a request's share of it depends on its batch's size, so
-        # it is no service time to judge a browser by (a batched op counts in the outcomes only).
-        _measure(d, op, True, None)
-    else:
-        _measure(d, op, True, float(page_ms) if isinstance(page_ms, int | float) else e.duration_ms)
+    _measure(d, op, True, _service_ms(e))
     d.count("operations_completed")
     d.count("operation_ms_total", e.duration_ms)
 

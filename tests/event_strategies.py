@@ -99,10 +99,11 @@ PAGE_METRICS = st.fixed_dictionaries({}, optional={
     # A request answered by a shared page run (actors/batching.py): not a service-time sample.
     "batch_requests": st.integers(2, 16) | st.none(),
     "batch_rows": st.integers(2, 64),
+    "rows": st.integers(-1, 64) | st.none(),
 })
 # A page time of another type, which the projection ignores (the columnar fold leaves such a log to it).
 odd_completions = st.builds(OperationCompleted, OPS, MS, st.fixed_dictionaries({"page_ms": st.booleans() | TEXT})
-                            | st.fixed_dictionaries({"batch_requests": TEXT}))
+                            | st.fixed_dictionaries({"batch_requests": TEXT}) | st.fixed_dictionaries({"rows": TEXT}))
 hot_events = st.one_of(
     st.builds(OperationStarted, OPS, MODELS, BROWSERS, st.sampled_from(["infer", "generate", "replay"]), TEXT),
     st.builds(OperationCompleted, OPS, MS, PAGE_METRICS),
