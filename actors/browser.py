@@ -6,9 +6,17 @@ Guarantees:
   actor's start-up sweep, which checks that the owning PID is gone).
 - Inputs reach the page only as ``evaluate`` arguments; tensors cross as base64; model bytes are
   fetched by the page from the actor's loopback server, never sent through Playwright messages.
-- A browser that crashes, disconnects or hangs is detected from real signals (page ``crash``,
-  browser ``disconnected``, process exit, time budgets) and every later call raises
-  ``BrowserFailure`` with that category, so the actor is never a silent zombie.
+- A browser that crashes, disconnects or hangs is detected from real signals, and the category
+  follows from which signal came, never from how long one waited: the process's exit (a pidfd the
+  kernel makes readable) is CRASH, the page's ``crash`` event (CDP ``Inspector.targetCrashed``) is
+  CRASH, a lost CDP connection is CONNECTION if the browser still answers on its own DevTools port,
+  a spent time budget is TIMEOUT. Every later call raises ``BrowserFailure`` with that category, so
+  the actor is never a silent zombie.
+- A call's error is the request's fault (``InputError``) only when the runtime says so: it answers
+  every call with ``{value}`` or a typed ``{error}``; a ``RequestError`` is the caller's, any other
+  error the browser's.
+- Playwright reaches the browser through a loopback relay (``actors.cdp_relay``), so the
+  ``disconnect`` fault cuts a real connection and the real handler classifies it.
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from actors import chromium, reaper
+from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
     DEFAULT_NUM_THREADS,
+    DEVTOOLS_PROBE_WAIT,
     EXFILTRATE_COUNT_WAIT,
+    FAILURE_SIGNAL_WAIT,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
@@ -99,12 +110,15 @@ class BrowserCore:
         self.temp_dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.server: PageServer | None = None
+        self.relay: CdpRelay | None = None           # Playwright <-> the browser's DevTools port
+        self.ws_path = ""                            # the browser's CDP WebSocket path
         self.pw: Playwright | None = None
         self.browser: Browser | None = None
         self.page: Page | None = None
         self.page_cdp: CDPSession | None = None     # opened before any hang: terminateExecution works
         self.capabilities: dict[str, Any] = {}
         self.failure: tuple[FailureCategory, str] | None = None
+        self._failed = asyncio.Event()                # set with ``failure``: a failed call awaits it
         self.blocked_requests: list[str] = []
         self._closing = False
         self.generation = 0                           # browser processes started by this actor
@@ -142,7 +156,14 @@ class BrowserCore:
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
         try:
-            self.proc, self.port = await chromium.launch(self.exe, self.temp_dir / f"profile-{self.generation}")
+            self.proc, self.port, self.ws_path = await chromium.launch(
+                self.exe, self.temp_dir / f"profile-{self.generation}")
+            self._watch_exit(self.proc)
+            if self.relay is None:
+                self.relay = CdpRelay()
+                await self.relay.start(self.port)
+            else:
+                self.relay.retarget(self.port)
             await self._connect()
             await self._open_page()
         except BrowserFailure:
@@ -164,8 +185,8 @@ class BrowserCore:
         return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN, f"start-up failed ({what})")
 
     async def _connect(self) -> None:
-        assert self.pw is not None
-        self.browser = await self.pw.chromium.connect_over_cdp(f"http://127.0.0.1:{self.port}")
+        assert self.pw is not None and self.relay is not None
+        self.browser = await self.pw.chromium.connect_over_cdp(f"ws://127.0.0.1:{self.relay.port}{self.ws_path}")
         self.browser.on("disconnected", self._on_disconnected)
 
     async def _open_page(self) -> None:
@@ -175,9 +196,7 @@ class BrowserCore:
         await self._attach_page()
         await self.page.goto(self.server.base_url + "index.html", timeout=PAGE_READY_WAIT * 1000)
         await self.page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
-        self.capabilities = await self.page.evaluate(
-            "(opts) => window.webpool.init(opts)", {"numThreads": self.num_threads}
-        )
+        self.capabilities = await self._call("init", [{"numThreads": self.num_threads}], PAGE_READY_WAIT)
 
     async def _attach_page(self) -> None:
         assert self.page is not None
@@ -208,7 +227,7 @@ class BrowserCore:
             except (PlaywrightError, asyncio.TimeoutError):
                 pass
             self._closing = False
-        self.failure = None
+        self._clear_failure()
         await self._connect()
         assert self.browser is not None and self.server is not None
         ours = [p for p in self.browser.contexts[0].pages if p.url.startswith(self.server.base_url)]
@@ -216,7 +235,7 @@ class BrowserCore:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "runtime page is gone; cannot reconnect")
         self.page = ours[0]
         await self._attach_page()
-        page = await self._evaluate("() => window.webpool.health()", None, HEALTH_TIMEOUT)
+        page = await self._call("health", [], HEALTH_TIMEOUT)
         return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
 
     async def restart(self) -> dict[str, Any]:
@@ -233,7 +252,7 @@ class BrowserCore:
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
         self._closing = False
-        self.failure = None
+        self._clear_failure()
         self.corrupt_outputs = False
         await self._launch_browser()
         return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000}
@@ -262,6 +281,8 @@ class BrowserCore:
             self.pw = None
         if self.proc is not None:
             chromium.terminate(self.proc)
+        if self.relay is not None:
+            await self.relay.close()
         if self.server is not None:
             await self.server.stop()
         if self.temp_dir is not None:
@@ -269,29 +290,84 @@ class BrowserCore:
             self.temp_dir = None
 
     # ----- failure signals ----------------------------------------------------------------------
+    def _watch_exit(self, proc: subprocess.Popen) -> None:
+        """Learn of the browser process's exit from the kernel: its pidfd becomes readable then."""
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):      # no pidfd (Linux < 5.3): the lost connection still tells
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            if proc is self.proc and not self._closing:
+                self._fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
+
+        loop.add_reader(fd, exited)
+
     def _on_crash(self, _page: Page) -> None:
         self._fail(FailureCategory.CRASH, "page crashed")
 
     def _on_disconnected(self, _browser: Browser) -> None:
-        if self._closing:
+        if self._closing or self.failure is not None:
             return
-        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect())
+        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc))
 
-    async def _classify_disconnect(self) -> None:
-        # The kernel closes a killed browser's socket before its process becomes waitable: wait
-        # briefly for the exit, so a dead browser is a CRASH and a live one a lost CONNECTION.
-        for _ in range(25):
-            if self.proc is not None and self.proc.poll() is not None:
-                self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
-                return
-            await asyncio.sleep(0.01)
-        self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost")
+    async def _classify_disconnect(self, proc: subprocess.Popen | None) -> None:
+        """A lost CDP connection: CONNECTION if the browser still answers on its own DevTools port, else
+        the browser is going down and its exit (CRASH) is the signal to wait for."""
+        if proc is None or proc.poll() is not None:
+            self._fail(FailureCategory.CRASH, f"browser process exited ({None if proc is None else proc.returncode})")
+            return
+        if await self._devtools_answers():
+            if proc is self.proc:
+                self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost (the browser lives)")
+            return
+        try:
+            await asyncio.wait_for(self._failed.wait(), FAILURE_SIGNAL_WAIT)
+        except asyncio.TimeoutError:
+            self._fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
+
+    async def _devtools_answers(self) -> bool:
+        """True if the browser's own DevTools port answers an HTTP request (it is alive and serving)."""
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port),
+                                                    DEVTOOLS_PROBE_WAIT)
+            writer.write(b"GET /json/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status = await asyncio.wait_for(reader.readline(), DEVTOOLS_PROBE_WAIT)
+            return status.startswith(b"HTTP/1.1 200")
+        except (OSError, asyncio.TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
 
     def _fail(self, category: FailureCategory, detail: str) -> None:
         if self.failure is None:
             self.failure = (category, detail)
+            self._failed.set()
             log.warning("browser failed", extra={"browser_id": self.browser_id, "category": category.value,
                                                  "detail": detail})
+
+    def _clear_failure(self) -> None:
+        self.failure = None
+        self._failed.clear()
+
+    async def _signalled_failure(self, exc: PlaywrightError) -> BrowserFailure:
+        """The failure behind a call Playwright could not finish (the target or the connection went).
+
+        The signal that says which (crash event, process exit, lost connection) is on its way, within
+        milliseconds: wait for it. ``FAILURE_SIGNAL_WAIT`` only guards against one never coming.
+        """
+        try:
+            await asyncio.wait_for(self._failed.wait(), FAILURE_SIGNAL_WAIT)
+        except asyncio.TimeoutError:
+            return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN,
+                                  f"a page call failed and no failure signal came: {describe(exc, limit=200)}")
+        assert self.failure is not None
+        return BrowserFailure(self.browser_id, *self.failure)
 
     async def _route(self, route) -> None:
         url = route.request.url
@@ -318,34 +394,34 @@ class BrowserCore:
         if self.failure is not None:
             raise BrowserFailure(self.browser_id, *self.failure)
 
-    async def _evaluate(self, expression: str, arg: Any, timeout: float, work: bool = False) -> Any:
-        """Evaluate with a time budget, turning real failure signals into BrowserFailure.
-        ``work``: a model load or run (health reports do not probe the page while one is under way)."""
+    async def _call(self, name: str, args: list[Any], timeout: float, work: bool = False) -> Any:
+        """Call the runtime's ``name`` with ``args`` (both data) within a time budget; its typed errors
+        become InputError or BrowserFailure, and a call the browser did not finish a BrowserFailure of
+        the signal's category. ``work``: a model load or run (health reports do not probe the page while
+        one is under way)."""
         self._check()
         assert self.page is not None
         page = self.page
         self.work_in_flight += work
         try:
-            return await asyncio.wait_for(page.evaluate(expression, arg), timeout)
+            answer = await asyncio.wait_for(page.evaluate("([n, a]) => window.webpool.call(n, a)", [name, args]),
+                                            timeout)
         except asyncio.TimeoutError:
             await self._terminate_script()
             raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
                                  f"no answer within {timeout:.1f} s") from None
         except PlaywrightError as exc:
-            # A crash/disconnect event may trail the failed call by a few ms; give it the chance to land.
-            for _ in range(30):
-                if self.failure is not None or (self.proc is not None and self.proc.poll() is not None):
-                    break
-                await asyncio.sleep(0.01)
-            self._check()
-            if page is not self.page or page.is_closed() or self.browser is None or not self.browser.is_connected():
-                # The connection this call ran on was closed under it (a reconnect or restart by
-                # recovery): the call's fate is unknown, which is a connection failure, not bad input.
+            if page is not self.page:
+                # A reconnect or restart by recovery replaced the page under the call: its fate is
+                # unknown, which is a connection failure, not bad input.
                 raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION,
                                      "connection was replaced during the call") from None
-            raise _page_error(self.browser_id, exc) from None
+            raise await self._signalled_failure(exc) from None
         finally:
             self.work_in_flight -= work
+        if "error" in answer:
+            raise _runtime_error(self.browser_id, answer["error"])
+        return answer["value"]
 
     async def _terminate_script(self) -> None:
         if self.page_cdp is not None:
@@ -369,8 +445,7 @@ class BrowserCore:
         assert self.server is not None
         url = self.server.put_blob(key, view)
         try:
-            result = await self._evaluate("([k, u, b]) => window.webpool.load(k, u, b)", [key, url, backend],
-                                          LOAD_MODEL_TIMEOUT, work=True)
+            result = await self._call("load", [key, url, backend], LOAD_MODEL_TIMEOUT, work=True)
         finally:
             self.server.drop_blob(url)
         return result | {"backend": backend, "sha256": sha256}
@@ -389,15 +464,14 @@ class BrowserCore:
                              else {k: encode_tensor(v) for k, v in initial_state.items()}),
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
-        result = await self._evaluate("([k, f, o]) => window.webpool.run(k, f, o)", [key, encoded, opts], timeout,
-                                     work=True)
+        result = await self._call("run", [key, encoded, opts], timeout, work=True)
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 
     async def drop_state(self, state: str) -> bool:
-        return await self._evaluate("(s) => window.webpool.dropState(s)", state, HEALTH_TIMEOUT)
+        return await self._call("dropState", [state], HEALTH_TIMEOUT)
 
     async def unload_model(self, key: str) -> bool:
-        return await self._evaluate("(k) => window.webpool.unload(k)", key, LOAD_MODEL_TIMEOUT)
+        return await self._call("unload", [key], LOAD_MODEL_TIMEOUT)
 
     # ----- health -------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -412,8 +486,7 @@ class BrowserCore:
             page = self._last_page_health or {"models": [], "backends": {}, "states": [], "jsHeapBytes": 0,
                                               "gpuDeviceLost": None}
         else:
-            page = self._last_page_health = await self._evaluate("() => window.webpool.health()", None,
-                                                                 HEALTH_TIMEOUT)
+            page = self._last_page_health = await self._call("health", [], HEALTH_TIMEOUT)
         pids = await self.process_ids()
         memory = sum(_pss_bytes(pid) for pid in pids.values())
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
@@ -448,11 +521,8 @@ class BrowserCore:
                 info = await session.send("SystemInfo.getProcessInfo")
             finally:
                 await session.detach()
-        except PlaywrightError:
-            await asyncio.sleep(0.3)          # let the crash/disconnect signal that explains it land
-            self._check()
-            raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION, "browser stopped answering CDP") \
-                from None
+        except PlaywrightError as exc:
+            raise await self._signalled_failure(exc) from None
         pids: dict[str, int] = {"browser": self.proc.pid}
         for i, proc in enumerate(info["processInfo"]):
             if proc["type"] != "browser":
@@ -486,7 +556,8 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
-    hang: ``while(true){}`` in the page; disconnect: drop the CDP connection (the browser lives on);
+    hang: ``while(true){}`` in the page; disconnect: cut the CDP connection at the relay (the browser
+    lives on);
     exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
     corrupt_output: the page returns wrong numbers from then on (a dissenter for voting);
     exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked);
@@ -515,11 +586,11 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
             lambda f: f.exception())
     elif kind == "exhaust_memory":
         try:
-            await core.page.evaluate("(mb) => window.webpool.allocateBallast(mb)", int(mb))
-        except PlaywrightError as exc:      # the renderer ran out of memory before the ceiling was seen
+            await core._call("allocateBallast", [int(mb)], LOAD_MODEL_TIMEOUT)
+        except BrowserFailure as exc:      # the renderer ran out of memory before the ceiling was seen
             return {"fault": kind, "browser_id": core.browser_id, "effect": str(exc).splitlines()[0]}
     elif kind == "corrupt_output":
-        await core.page.evaluate("() => window.webpool.setCorrupt(true)")
+        await core._call("setCorrupt", [True], HEALTH_TIMEOUT)
     elif kind == "slow":
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor <= 100:
             raise InputError("factor", f"must be a number in [1, 100], got {show(factor)}")
@@ -538,10 +609,10 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
         return {"fault": kind, "browser_id": core.browser_id, "attempts": attempts,
                 "blocked": len(core.blocked_requests) - before}
     elif kind == "disconnect":
-        core._closing = True      # our own disconnect is not a failure signal...
-        await core.browser.close()
-        core._closing = False
-        core._fail(FailureCategory.CONNECTION, "CDP connection dropped (injected)")
+        # Both ends of Playwright's connection are closed under it, the browser untouched: what follows
+        # (the disconnected event, the probe of the browser's own port) is the production path.
+        assert core.relay is not None
+        return {"fault": kind, "browser_id": core.browser_id, "sockets_closed": core.relay.cut()}
     return {"fault": kind, "browser_id": core.browser_id, "pids": pids}
 
 
@@ -557,19 +628,21 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-def _page_error(browser_id: str, exc: PlaywrightError) -> Exception:
-    """Classify an error thrown by the runtime in a live page, by the JavaScript error's class.
+def _runtime_error(browser_id: str, error: dict[str, str]) -> Exception:
+    """The exception for a typed error the runtime answered a call with.
 
-    DeviceLostError -> DEVICE_LOST; a RangeError from an allocation -> MEMORY (the page could not get
-    memory); anything else means the request was bad, not the browser.
+    RequestError -> InputError (the request was bad; the browser is fine); DeviceLostError ->
+    DEVICE_LOST; a failed allocation -> MEMORY; anything else is the browser's fault (UNKNOWN), never
+    blamed on the request by default.
     """
-    message = str(exc).split("\n")[0].removeprefix("Page.evaluate: ")
-    name, _, rest = message.partition(": ")
+    name, message = str(error.get("name", "Error")), str(error.get("message", ""))
+    if name == "RequestError":
+        return InputError("inputs", message)
     if name == "DeviceLostError":
-        return BrowserFailure(browser_id, FailureCategory.DEVICE_LOST, rest)
-    if (name == "RangeError" and "alloc" in rest.lower()) or "out of memory" in message.lower():
-        return BrowserFailure(browser_id, FailureCategory.MEMORY, message)
-    return InputError("inputs", rest if name == "Error" else message)
+        return BrowserFailure(browser_id, FailureCategory.DEVICE_LOST, message)
+    if (name == "RangeError" and "alloc" in message.lower()) or "out of memory" in message.lower():
+        return BrowserFailure(browser_id, FailureCategory.MEMORY, f"{name}: {message}")
+    return BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"the runtime failed: {name}: {message[:300]}")
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)

@@ -125,8 +125,9 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subprocess.Popen, int]:
-    """Start the browser; returns the process and its DevTools port (read from DevToolsActivePort).
+async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subprocess.Popen, int, str]:
+    """Start the browser; returns the process, its DevTools port and the browser's WebSocket path
+    (``/devtools/browser/<id>``), both read from DevToolsActivePort.
 
     Must be called from a thread that lives as long as the browser should (the actor's event loop
     thread): PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
@@ -144,10 +145,12 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
         if proc.poll() is not None:
             raise BrowserExitedError(proc.returncode, f"{exe.path} exited with code {proc.returncode} during start-up")
         try:
-            first_line = port_file.read_text().splitlines()[0]
-            return proc, int(first_line)
-        except (FileNotFoundError, IndexError, ValueError):
-            await asyncio.sleep(0.01)
+            port, path = port_file.read_text().splitlines()[:2]
+            if path.startswith("/devtools/browser/"):
+                return proc, int(port), path
+        except (FileNotFoundError, ValueError):          # not there yet, or half written
+            pass
+        await asyncio.sleep(0.01)
     terminate(proc)
     raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
 

@@ -20,6 +20,11 @@ LOAD_MODEL_TIMEOUT = 180.0         # fetch + InferenceSession.create (SmolLM2 fp
 RUN_TIMEOUT = 60.0                 # one run() of a loaded model
 HEALTH_TIMEOUT = 5.0
 
+# Failure signals. Guards only: the signals themselves arrive in milliseconds (a pidfd ~10 ms after
+# a SIGKILL, the crash event with the failed call, docs/facts.md "Failure signals").
+FAILURE_SIGNAL_WAIT = 5.0          # a call Playwright could not finish waits this long for the signal that explains it
+DEVTOOLS_PROBE_WAIT = 1.0          # a lost connection: does the browser still answer on its own DevTools port?
+
 # Recovery: every step and every browser start has a deadline, so no request can wait forever.
 BROWSER_START_TIMEOUT = 90.0       # launch + connect + page (a loaded 2-core machine: ~1-10 s)
 RECOVERY_STEP_TIMEOUT = 240.0      # one reconnect / restart / failover, model reloads included

@@ -24,6 +24,20 @@ let gpuDeviceLostReport = new Promise(() => {});   // settles when the current d
 const DEVICE_LOST_GRACE_MS = 1000;
 const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
 
+// An error the request caused, in a page that is fine: the actor turns it into an InputError. Any
+// other error a call ends in is the browser's (recovered by the pool): a request is blamed only when
+// the runtime says so.
+class RequestError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "RequestError";
+  }
+}
+
+// onnxruntime's status codes that mean the caller's feeds or model were wrong (ORT_INVALID_ARGUMENT,
+// ORT_INVALID_PROTOBUF, ORT_INVALID_GRAPH); onnxruntime-web puts the code into the message.
+const ORT_REQUEST_ERROR = /ERROR_CODE: (2|7|10)\b/;
+
 function b64ToBytes(b64) {
   if (Uint8Array.fromBase64) return Uint8Array.fromBase64(b64);
   const bin = atob(b64);
@@ -44,11 +58,11 @@ function bytesToB64(bytes) {
 
 function toTensor(name, spec) {
   const Ctor = DTYPES[spec.dtype];
-  if (!Ctor) throw new TypeError(`input ${name}: unsupported dtype ${spec.dtype}`);
+  if (!Ctor) throw new RequestError(`input ${name}: unsupported dtype ${spec.dtype}`);
   const bytes = b64ToBytes(spec.b64);
   const count = spec.dims.reduce((a, b) => a * b, 1);
   if (bytes.byteLength !== count * Ctor.BYTES_PER_ELEMENT) {
-    throw new RangeError(`input ${name}: ${bytes.byteLength} bytes do not fit dims ${spec.dims} of ${spec.dtype}`);
+    throw new RequestError(`input ${name}: ${bytes.byteLength} bytes do not fit dims ${spec.dims} of ${spec.dtype}`);
   }
   // Copy into an aligned buffer: base64 output is not guaranteed to be aligned for 8-byte types.
   const data = new Ctor(count);
@@ -96,11 +110,33 @@ export async function init(options) {
   return capabilities;
 }
 
+const loading = new Map();    // model key -> the load under way (a second load of the key joins it)
+
+// Idempotent: a key names its content, so loading a model the page already holds on that backend
+// answers at once (a load whose answer was lost with a connection is retried after a reconnect).
 export async function load(key, url, backend) {
-  if (sessions.has(key)) throw new Error(`model ${key} is already loaded`);
-  if (!capabilities.backends.includes(backend)) {
-    throw new Error(`backend ${backend} is not available in this browser (has ${capabilities.backends})`);
+  if (loading.has(key)) await loading.get(key).catch(() => undefined);
+  const held = sessions.get(key);
+  if (held) {
+    if (held.backend !== backend) {
+      throw new RequestError(`model ${key} is already loaded on ${held.backend}, not ${backend}`);
+    }
+    return { fetchMs: 0, createMs: 0, bytes: 0, alreadyLoaded: true,
+             inputNames: held.inputNames, outputNames: held.outputNames };
   }
+  if (!capabilities.backends.includes(backend)) {
+    throw new RequestError(`backend ${backend} is not available in this browser (has ${capabilities.backends})`);
+  }
+  const pending = loadNow(key, url, backend);
+  loading.set(key, pending);
+  try {
+    return await pending;
+  } finally {
+    loading.delete(key);
+  }
+}
+
+async function loadNow(key, url, backend) {
   const t0 = performance.now();
   const response = await fetch(url);
   if (!response.ok) throw new Error(`fetching model ${key}: HTTP ${response.status}`);
@@ -111,19 +147,32 @@ export async function load(key, url, backend) {
            inputNames: session.inputNames, outputNames: session.outputNames };
 }
 
+// onnxruntime rejects feeds that do not match the graph (a missing input: a TypeError from its
+// JavaScript checks; a wrong type or shape: an invalid-argument status) before it runs anything.
+function asRequestError(err) {
+  const message = String((err && err.message) || err);
+  if ((err instanceof TypeError && /'feeds'|'fetches'/.test(message)) || ORT_REQUEST_ERROR.test(message)) {
+    return new RequestError(message);
+  }
+  return err;
+}
+
 async function createSession(key, bytes, backend) {
-  const session = await ort.InferenceSession.create(bytes, {
-    executionProviders: [backend],
-    graphOptimizationLevel: "all",
-  });
+  let session;
+  try {
+    session = await ort.InferenceSession.create(bytes, {
+      executionProviders: [backend],
+      graphOptimizationLevel: "all",
+    });
+  } catch (err) {
+    throw asRequestError(err);
+  }
   if (backend === "webgpu" && ort.env.webgpu.device) {
     const device = await ort.env.webgpu.device;
     gpuDeviceLostReport = device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
   }
   sessions.set(key, {
     session, backend,
-    // A WebGPU session keeps its bytes so it can be recreated on a new device after device loss.
-    bytes: backend === "webgpu" ? bytes : null,
     inputNames: session.inputNames, outputNames: session.outputNames,
     queue: Promise.resolve(),
   });
@@ -136,7 +185,7 @@ async function createSession(key, bytes, backend) {
 // page boundary. `opts.initialState` starts the state afresh (replacing any state of that name).
 export function run(key, feeds, opts) {
   const entry = sessions.get(key);
-  if (!entry) return Promise.reject(new Error(`model ${key} is not loaded`));
+  if (!entry) return Promise.reject(new RequestError(`model ${key} is not loaded`));
   if (entry.backend === "webgpu" && gpuDeviceLost) return Promise.reject(deviceLostError());
   // One run at a time per session: onnxruntime-web sessions are not reentrant.
   const result = entry.queue.then(() => runNow(entry, key, feeds, opts));
@@ -148,6 +197,17 @@ function deviceLostError() {
   const err = new Error(`WebGPU device lost (${gpuDeviceLost.reason}): ${gpuDeviceLost.message}`);
   err.name = "DeviceLostError";
   return err;
+}
+
+// The request names exactly the model's inputs: checked here, so a wrong name is the request's error
+// by the page's own word, not read out of onnxruntime's message.
+function checkInputNames(session, inputs) {
+  const missing = session.inputNames.filter((n) => !(n in inputs));
+  const unknown = Object.keys(inputs).filter((n) => !session.inputNames.includes(n));
+  if (missing.length || unknown.length) {
+    throw new RequestError(`inputs do not match the model's (${session.inputNames.join(", ")}): ` +
+      `missing ${missing.join(", ") || "none"}; unknown ${unknown.join(", ") || "none"}`);
+  }
 }
 
 async function runNow(entry, key, feeds, opts) {
@@ -163,10 +223,11 @@ async function runNow(entry, key, feeds, opts) {
       for (const [name, spec] of Object.entries(opts.initialState || {})) state.tensors.set(name, toTensor(name, spec));
       states.set(opts.state, state);
     } else if (state.key !== key) {
-      throw new Error(`state ${opts.state} belongs to model ${state.key}, not ${key}`);
+      throw new RequestError(`state ${opts.state} belongs to model ${state.key}, not ${key}`);
     }
     for (const [name, tensor] of state.tensors) inputs[name] = tensor;
   }
+  checkInputNames(entry.session, inputs);
   let outputs;
   try {
     const running = entry.session.run(inputs);
@@ -182,7 +243,7 @@ async function runNow(entry, key, feeds, opts) {
       await Promise.race([gpuDeviceLostReport, new Promise((r) => setTimeout(r, DEVICE_LOST_GRACE_MS))]);
     }
     if (entry.backend === "webgpu" && gpuDeviceLost) throw deviceLostError();
-    throw err;
+    throw asRequestError(err);
   }
   if (state) {
     for (const [outName, inName] of opts.statePairs) {
@@ -215,21 +276,6 @@ export function allocateBallast(mb) {
   return faults.ballast.length;
 }
 
-// After WebGPU device loss: a new device, then every webgpu session created again from its bytes.
-export async function reinitDevice() {
-  const lost = gpuDeviceLost;
-  gpuDeviceLost = null;
-  const recreated = [];
-  for (const [key, entry] of sessions) {
-    if (entry.backend !== "webgpu") continue;
-    await entry.session.release().catch(() => undefined);
-    sessions.delete(key);
-    await createSession(key, entry.bytes, "webgpu");
-    recreated.push(key);
-  }
-  return { lost, recreated };
-}
-
 export function dropState(id) {
   const state = states.get(id);
   if (!state) return false;
@@ -246,6 +292,22 @@ export async function unload(key) {
   await entry.session.release();
   sessions.delete(key);
   return true;
+}
+
+// The one entry the actor calls: ``name`` of an exported function and its arguments, both data. The
+// answer is an envelope, so the actor can tell the runtime's own errors (typed, by name) from a call
+// the browser never finished (Playwright raises for those): {value} or {error: {name, message}}.
+const API = { init, load, run, dropState, unload, health, setCorrupt, allocateBallast };
+
+export async function call(name, args) {
+  const fn = Object.hasOwn(API, name) ? API[name] : null;
+  try {
+    if (!fn) throw new RequestError(`no runtime function ${String(name).slice(0, 80)}`);
+    return { value: await fn(...args) };
+  } catch (err) {
+    const isError = err instanceof Error;
+    return { error: { name: isError ? err.name : "Error", message: isError ? err.message : String(err) } };
+  }
 }
 
 export function health() {
