@@ -13,7 +13,6 @@ The steps, each returning the id of the browser now serving the failed one's wor
 - parallel:  all three at once; the first success wins. A fast failure does not cancel the others;
              browsers the losers bring up stay in the pool (a restarted or failover browser holding
              the models serves as capacity), failed attempts are cleaned up.
-- reinit_device: WebGPU device loss recovered in place (a new device, the sessions created again).
 """
 
 from __future__ import annotations
@@ -139,8 +138,7 @@ class RecoveryExecutor:
                 "steps": done, "duration_ms": duration_ms, "error": error}
 
     async def _step(self, step: str, browser_id: str) -> str:
-        return await {"reconnect": self.reconnect, "restart": self.restart, "failover": self.failover,
-                      "reinit_device": self.reinit_device}[step](browser_id)
+        return await {"reconnect": self.reconnect, "restart": self.restart, "failover": self.failover}[step](browser_id)
 
     # ----- the steps: each returns the id of the browser now serving the failed one's work -----
     async def reconnect(self, browser_id: str) -> str:
@@ -148,11 +146,6 @@ class RecoveryExecutor:
         missing = self.fleet.keys_on(browser_id) - set(result["models"])
         if missing:
             raise RecoveryStepError(f"reconnected, but the page lost {sorted(missing)}")
-        await self.log.record(ev.BrowserConnected(browser_id=browser_id))
-        return browser_id
-
-    async def reinit_device(self, browser_id: str) -> str:
-        await self.fleet.handle(browser_id).reinit_device.remote()
         await self.log.record(ev.BrowserConnected(browser_id=browser_id))
         return browser_id
 

@@ -11,7 +11,8 @@ The five strategies:
              TIMEOUT failures: a crashed page has nothing to reconnect to); with a warm standby up,
              failover comes before restart (it is the cheaper step).
 - parallel:  all three at once; the first success wins.
-WebGPU device loss is first recovered in place: a new device and the sessions created again.
+WebGPU device loss is recovered like a crash (restart or failover): onnxruntime-web keeps the one
+device it started with for the life of the page, so a lost device cannot be replaced in place.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_
     if circuit_open:
         return ["failover"]
     strategy = config.recovery_strategy
-    steps: list[str] = ["reinit_device"] if category is FailureCategory.DEVICE_LOST else []
+    steps: list[str] = []
     if strategy is RecoveryStrategy.PARALLEL:
         return [*steps, "parallel"]
     if strategy in (RecoveryStrategy.PROGRESSIVE, RecoveryStrategy.COORDINATED):
