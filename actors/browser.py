@@ -201,9 +201,11 @@ class BrowserCore:
     async def _attach_page(self) -> None:
         assert self.page is not None
         self.page.on("crash", self._on_crash)
-        await self.page.route("**/*", self._route)
-        await self.page.route_web_socket(lambda _url: True, self._route_web_socket)
-        self.page_cdp = await self.page.context.new_cdp_session(self.page)
+        # Three independent round trips to the page, at once (a reconnect waits for all of them).
+        _, _, self.page_cdp = await asyncio.gather(
+            self.page.route("**/*", self._route),
+            self.page.route_web_socket(lambda _url: True, self._route_web_socket),
+            self.page.context.new_cdp_session(self.page))
 
     # ----- recovery in place ----------------------------------------------------------------------
     async def reconnect(self) -> dict[str, Any]:
@@ -228,15 +230,21 @@ class BrowserCore:
                 pass
             self._closing = False
         self._clear_failure()
+        phases = {"close": time.perf_counter()}
         await self._connect()
+        phases["connect"] = time.perf_counter()
         assert self.browser is not None and self.server is not None
         ours = [p for p in self.browser.contexts[0].pages if p.url.startswith(self.server.base_url)]
         if not ours:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "runtime page is gone; cannot reconnect")
         self.page = ours[0]
         await self._attach_page()
+        phases["attach"] = time.perf_counter()
         page = await self._call("health", [], HEALTH_TIMEOUT)
-        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
+        phases["health"] = time.perf_counter()
+        marks = [t0, *phases.values()]      # where the time went, for benchmarks/failure_signals.py
+        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000,
+                "phases_ms": {name: (b - a) * 1000 for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
 
     async def restart(self) -> dict[str, Any]:
         """Replace the browser process (the old one is killed); its models must be loaded again."""

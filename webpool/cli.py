@@ -754,6 +754,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # --- bench: the benchmark modules, run as they run alone ---------------------------------------------
 
 BENCHMARKS = {"inference": "benchmarks.inference", "event-log": "benchmarks.event_log",
+              "failure-signals": "benchmarks.failure_signals",
               "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency",
               "sharded-generation": "benchmarks.sharded_generation", "throughput": "benchmarks.throughput"}
 
