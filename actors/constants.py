@@ -20,8 +20,8 @@ LOAD_MODEL_TIMEOUT = 180.0         # fetch + InferenceSession.create (SmolLM2 fp
 RUN_TIMEOUT = 60.0                 # one run() of a loaded model
 HEALTH_TIMEOUT = 5.0
 
-# Failure signals. Guards only: the signals themselves arrive in milliseconds (a pidfd ~10 ms after
-# a SIGKILL, the crash event with the failed call, docs/facts.md "Failure signals").
+# Failure signals. Guards only: the signals themselves arrive in milliseconds (a pidfd ~40 ms after a
+# SIGKILL, a renderer's crash event ~100 ms; docs/facts.md "Faults, as the browser reports them").
 FAILURE_SIGNAL_WAIT = 5.0          # a call Playwright could not finish waits this long for the signal that explains it
 DEVTOOLS_PROBE_WAIT = 1.0          # a lost connection: does the browser still answer on its own DevTools port?
 
