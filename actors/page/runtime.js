@@ -147,11 +147,11 @@ async function loadNow(key, url, backend) {
            inputNames: session.inputNames, outputNames: session.outputNames };
 }
 
-// onnxruntime rejects feeds that do not match the graph (a missing input: a TypeError from its
-// JavaScript checks; a wrong type or shape: an invalid-argument status) before it runs anything.
+// onnxruntime rejects a feed of the wrong type or shape (or bytes that are no model) with a status
+// code in its message; input names were checked before (checkInputNames).
 function asRequestError(err) {
   const message = String((err && err.message) || err);
-  if ((err instanceof TypeError && /'feeds'|'fetches'/.test(message)) || ORT_REQUEST_ERROR.test(message)) {
+  if (ORT_REQUEST_ERROR.test(message)) {
     return new RequestError(message);
   }
   return err;
