@@ -475,6 +475,16 @@ class BrowserCore:
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 
+    async def warm_up_round(self, key: str, feeds: list[dict[str, np.ndarray]]) -> float:
+        """Run model ``key`` once on each of ``feeds`` (outputs dropped); returns the page time of the round.
+        The pool repeats rounds until the model's WebAssembly is optimised (actors/decisions/warmup.py)."""
+        opts = {"fetch": [], "state": None, "statePairs": [], "initialState": None}
+        ms = 0.0
+        for f in feeds:
+            encoded = {name: encode_tensor(v) for name, v in f.items()}
+            ms += (await self._call("run", [key, encoded, opts], RUN_TIMEOUT, work=True))["ms"]
+        return ms
+
     async def drop_state(self, state: str) -> bool:
         return await self._call("dropState", [state], HEALTH_TIMEOUT)
 

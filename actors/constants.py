@@ -56,6 +56,13 @@ BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type
 DEFAULT_CHECKPOINT_INTERVAL = 60.0   # log snapshots (level high and up): bounds the replay a restart needs
 DEFAULT_MAX_RECOVERY_ATTEMPTS = 3    # per request, and consecutive failures before a browser's circuit opens
 DEFAULT_STANDBY_BROWSERS = 1         # warm spares at level high and up: failover without a cold start
+# A standby's warm-up runs (actors/decisions/warmup.py): V8 optimises a page's WebAssembly only after it has
+# done some work, ~1.5 s of page time for MiniLM here (docs/facts.md). Warm-up stops when this much page time
+# is spent and the last two rounds are within the ratio of the fastest, or at the round / time caps.
+WARMUP_MIN_WORK_MS = 3000.0
+WARMUP_SETTLE_RATIO = 1.25
+WARMUP_MAX_ROUNDS = 40
+WARMUP_MAX_S = 30.0
 DEFAULT_VOTE_K = 3                   # browsers per request at level critical (a majority of 3 survives one liar)
 DEFAULT_VOTE_COSINE = 0.999          # embeddings agree at this cosine (fp32 runs of one model differ ~1e-6)
 DEFAULT_BACKOFF_S = 0.05             # before retry n of a request: DEFAULT_BACKOFF_S * 2**(n-1)

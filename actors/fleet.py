@@ -1,7 +1,7 @@
 """The fleet: the one owner of the pool's browser actor handles, model bytes and leases.
 
 Everything that starts, loads, restarts, retires or stops a browser goes through here, and each change
-is recorded in the log before the fleet returns (BrowserLaunched, ModelLoaded, BrowserFailed,
+is recorded in the log before the fleet returns (BrowserLaunched, ModelLoaded, ModelWarmedUp, BrowserFailed,
 BrowserRetired, BrowserQuarantined). Placement and recovery use the fleet through its public methods;
 what the fleet holds that the log does not is I/O: actor handles, object-store refs of model bytes,
 and leases (requests using a browser right now), which balance by construction (``lease`` is a
@@ -24,10 +24,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
-from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT
+from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, WARMUP_MAX_S
 from actors.decisions import placement
 from actors.decisions.reconcile import keys_on
 from actors.decisions.recovery import classify
+from actors.decisions.warmup import warmed_up
 from actors.pool_log import PoolLog
 from events import schema as ev
 from events.errors import BrowserFailure
@@ -256,6 +257,29 @@ class Fleet:
         async with self.locks(f"load:{browser_id}:{art.key}"):
             if art.key not in self.keys_on(browser_id):
                 await self.load(browser_id, art)
+
+    async def warm_up(self, browser_id: str, art: ModelArtifact) -> bool:
+        """Run warm-up rounds of ``art`` on a standby until ``warmed_up`` says its WebAssembly is optimised
+        (ModelWarmedUp), within ``WARMUP_MAX_S``. Stops without recording when the browser stops being a
+        standby (a failover took it: its real work comes first). Returns whether it recorded the warm-up;
+        a failure is recorded and raised as BrowserFailure."""
+        feeds = await asyncio.to_thread(registry.warmup_feeds, art)
+        rounds: list[float] = []
+        deadline = time.monotonic() + WARMUP_MAX_S
+        with self.lease(browser_id):
+            while not warmed_up(rounds) and time.monotonic() < deadline:
+                state = self.log.state.browsers.get(browser_id)
+                if state is None or not state.standby or state.status not in ALIVE_STATUSES:
+                    return False
+                try:
+                    rounds.append(await self._handles[browser_id].warm_up_round.remote(art.key, feeds))
+                except (BrowserFailure, ray.exceptions.RayActorError) as exc:
+                    failure = classify(exc, browser_id)
+                    await self.mark_failed(failure)
+                    raise failure from None
+        await self.log.record(ev.ModelWarmedUp(browser_id=browser_id, model=art.model, shard=art.shard,
+                                               rounds=len(rounds), first_ms=rounds[0], last_ms=rounds[-1]))
+        return True
 
     # ----- ending browsers ---------------------------------------------------------------------------
     async def mark_failed(self, failure: BrowserFailure) -> None:

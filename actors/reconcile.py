@@ -33,7 +33,7 @@ from actors.decisions.reconcile import (
     ScaleDown,
     decide,
     hot_keys,
-    keys_on,
+    warm_keys_on,
 )
 from actors.decisions.recovery import FaultToleranceConfig, classify
 from actors.fleet import Fleet, KeyedLocks
@@ -182,7 +182,8 @@ class Reconciler:
         return report
 
     async def _keep_standby(self) -> None:
-        """Keep ``standby_browsers`` warm spares holding every model that serves traffic now."""
+        """Keep ``standby_browsers`` warm spares holding every model that serves traffic now, each warmed up
+        (actors/decisions/warmup.py) so the first request a spare takes runs at full speed."""
         try:
             while not self.closed:
                 state = self.log.state
@@ -191,11 +192,13 @@ class Reconciler:
                 if len(spares) < self.policy.standby_browsers:
                     await self.fleet.launch(self._standby_type(), standby=True)
                     continue
-                missing = [(b.browser_id, key) for b in spares for key in sorted(hot - keys_on(state, b.browser_id))]
-                if not missing:
+                cold = [(b.browser_id, key) for b in spares for key in sorted(hot - warm_keys_on(state, b.browser_id))]
+                if not cold:
                     return
-                for browser_id, key in missing:
-                    await self.fleet.ensure_loaded(browser_id, await self.fleet.artifact_by_key(key))
+                for browser_id, key in cold:
+                    art = await self.fleet.artifact_by_key(key)
+                    await self.fleet.ensure_loaded(browser_id, art)
+                    await self.fleet.warm_up(browser_id, art)
         except Exception as exc:
             log.warning("standby replenishment failed", extra={"error": str(exc)})
 

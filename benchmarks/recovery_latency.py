@@ -75,6 +75,8 @@ NOT_MEASURED: dict[str, str] = {}
 # scenario script (a process of its own: one process joins one Ray cluster).
 CLUSTER_SCENARIOS = Path(__file__).resolve().parent.parent / "tests" / "cluster_scenarios.py"
 OVERHEAD_TEXT = "A man is eating food."
+AFTER_KILL_POOL = ("failover", "high")    # the pool the after-kill trials run on
+AFTER_KILL_NORMAL = 5                     # requests with no fault before each kill (their median is the base)
 ANSWER_TIMEOUT = 120.0              # seconds a single request may take before the trial counts as failed
 OPEN_TIMEOUT = 300.0                # a new pool's first request: launch + model load (the pool allows 180 s to load)
 SETTLE_TIMEOUT = 120.0              # seconds for a pool to be back to its steady shape between trials
@@ -110,6 +112,9 @@ class Config:
     overhead_requests: int = 200       # per level, sequential; the same number again with 4 in flight
     concurrency: int = 4
     vanished_node: bool = True         # the multi-node scenario (~3 min): a node removed under load
+    # A one-sentence request right after a SIGKILL of the serving browser, vs the same with no fault (level
+    # high, failover: what a client notices of a failover to the warm standby).
+    after_kill_trials: int = 10
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(name, f"must be an int >= 1, got {value!r}")
+        if not isinstance(self.after_kill_trials, int) or self.after_kill_trials < 0:
+            raise InputError("after_kill_trials", f"must be an int >= 0, got {self.after_kill_trials!r}")
         if not isinstance(self.baseline_other_trials, int) or self.baseline_other_trials < 0:
             raise InputError("baseline_other_trials", f"must be an int >= 0, got {self.baseline_other_trials!r}")
         for name in ("zombie_wait_s", "request_timeout", "health_interval"):
@@ -135,7 +142,8 @@ class Config:
 
 QUICK = Config(faults=("kill_actor", "disconnect"), strategies=("failover",), levels=("high",),
                trials=2, batch=16, baseline_kill_trials=1, baseline_other_trials=1, zombie_wait_s=3.0,
-               overhead_levels=("none", "medium"), overhead_requests=10, vanished_node=False, quick=True)
+               overhead_levels=("none", "medium"), overhead_requests=10, vanished_node=False, after_kill_trials=1,
+               quick=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +216,7 @@ def pool_not_ready(state: PoolState, model: str, standby_wanted: int) -> str | N
     """Why the pool is not (yet) in its steady shape for a trial, or None when it is.
 
     Steady: nothing recovering or running, at least one serving browser, every live browser holding the
-    model (none half-launched), and at level high ``standby_wanted`` warm spares.
+    model (none half-launched), and at level high ``standby_wanted`` spares that have warmed the model up.
     """
     if state.recoveries:
         return f"{len(state.recoveries)} recovery(ies) running"
@@ -221,9 +229,10 @@ def pool_not_ready(state: PoolState, model: str, standby_wanted: int) -> str | N
         return f"browser(s) {empty} hold no {model} yet"
     if not any(not b.standby for b in alive):
         return "no serving browser"
-    spares = sum(1 for b in alive if b.standby)
+    warm = {k[0] for k, m in state.models.items() if k[1] == model and m.warmed_up}
+    spares = sum(1 for b in alive if b.standby and b.browser_id in warm)
     if spares < standby_wanted:
-        return f"{spares} of {standby_wanted} standby browser(s) warm"
+        return f"{spares} of {standby_wanted} standby browser(s) warmed up"
     return None
 
 
@@ -547,6 +556,55 @@ def pool_trial(session: PoolSession, fault: str) -> dict[str, Any]:
     }
 
 
+def after_kill_trial(session: PoolSession, text_reference: np.ndarray) -> dict[str, Any]:
+    """A one-sentence request sent as soon as ``kill_browser`` returns (SIGKILL of the serving browser), timed
+    to its correct answer, against the median of ``AFTER_KILL_NORMAL`` of the same request just before."""
+    import ray
+
+    pool = session.pool
+    normal = [_answer(pool.infer.remote(MODEL, {"texts": [OVERHEAD_TEXT]}), text_reference, time.perf_counter())
+              for _ in range(AFTER_KILL_NORMAL)]
+    if not all(a["correct"] for a in normal):
+        raise RuntimeError(f"a request with no fault was answered wrongly: {normal}")
+    state = ray.get(pool.get_state.remote())
+    serving = [b.browser_id for b in browsers_alive(state) if not b.standby]
+    spares = [b.browser_id for b in browsers_alive(state) if b.standby]
+    ray.get(pool.inject_fault.remote(serving[0], "kill_browser"), timeout=60)
+    answer = _answer(pool.infer.remote(MODEL, {"texts": [OVERHEAD_TEXT]}), text_reference, time.perf_counter())
+    normal_ms = float(np.median([a["ms"] for a in normal]))
+    return {"killed": serving[0], "standby": spares[0] if spares else None, "answered_by": answer.get("browser_id"),
+            "correct": answer["correct"], "error": answer["error"], "normal_ms": normal_ms,
+            "after_kill_ms": answer["ms"], "ratio": answer["ms"] / normal_ms}
+
+
+def run_after_kill(session: PoolSession, advance: Callable[[str], None]) -> dict[str, Any]:
+    """``after_kill_trials`` of ``after_kill_trial`` on a (failover, high) pool, each on a settled pool."""
+    from sharding.models import minilm
+
+    text_reference = minilm.reference_embed([OVERHEAD_TEXT])
+    n = session.cfg.after_kill_trials
+    trials: list[dict[str, Any]] = []
+    for i in range(n):
+        advance(f"one sentence right after a SIGKILL ({i + 1}/{n})")
+        session.ready_for_next()
+        try:
+            trials.append(after_kill_trial(session, text_reference))
+        except Exception as exc:     # counted, not dropped; the next trial gets a fresh pool
+            log.warning("after-kill trial failed", extra={"error": str(exc)})
+            trials.append({"correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            session.broken = f"after-kill trial failed: {str(exc)[:200]}"
+    timed = [t for t in trials if t["correct"]]
+    return {
+        "trials": trials,
+        "all_correct": len(timed) == len(trials),
+        "answered_by_standby": sum(1 for t in timed if t["answered_by"] == t["standby"]),
+        "normal": summary_ms([t["normal_ms"] for t in timed]),
+        "after_kill": summary_ms([t["after_kill_ms"] for t in timed]),
+        "ratio_median": float(np.median([t["ratio"] for t in timed])) if timed else None,
+        "ratio_p95": float(np.percentile([t["ratio"] for t in timed], 95)) if timed else None,
+    }
+
+
 def summarize_case(trials: list[dict[str, Any]]) -> dict[str, Any]:
     outcomes: dict[str, int] = {}
     for t in trials:
@@ -611,8 +669,10 @@ def run_fault(session: PoolSession, fault: str, advance: Callable[[str], None]) 
 
 
 def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Callable[[str], None],
-                   cases: list[dict[str, Any]], sessions: dict[str, Any], checkpoint: Callable[[], None]) -> None:
-    """Every (strategy, level) pool through every fault; appends to ``cases`` and ``sessions`` as it goes."""
+                   cases: list[dict[str, Any]], sessions: dict[str, Any], checkpoint: Callable[[], None],
+                   after_kill: dict[str, Any]) -> None:
+    """Every (strategy, level) pool through every fault; appends to ``cases`` and ``sessions`` as it goes.
+    The (failover, high) pool then runs the after-kill trials into ``after_kill``."""
     for strategy in cfg.strategies:
         for level in cfg.levels:
             session = PoolSession(strategy, level, cfg, event_root, work)
@@ -647,6 +707,14 @@ def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Calla
                     cases.append({"fault": fault, "strategy": strategy, "level": level, "backend": session.backend,
                                   "summary": case_summary, "note": case_note(fault, trials, session.backend),
                                   "trials": trials})
+                    checkpoint()
+                if (strategy, level) == AFTER_KILL_POOL and cfg.after_kill_trials:
+                    if error is None:
+                        after_kill.update(run_after_kill(session, advance))
+                    else:
+                        for _ in range(cfg.after_kill_trials):
+                            advance("one sentence right after a SIGKILL (not measured)")
+                        after_kill.update({"error": error})
                     checkpoint()
             finally:
                 sessions[f"{strategy}/{level}"] = {"pool_replacements": session.replacements,
@@ -926,10 +994,13 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
                                  "(the one in flight, else the next one, sent as soon as the first answered)",
             "beyond_request_median_ms": "median time to result minus the median of the same batch with no "
                                         "fault (steady_request): what the fault cost beyond running it again",
+            "after_kill": "level high, failover, a warmed-up standby: a one-sentence request sent as soon as "
+                          "inject_fault(serving browser, 'kill_browser') returned, timed to its correct answer, "
+                          "vs the median of 5 of the same request with no fault just before (ratio per trial)",
             "kill_actor": "pool: pool.inject_fault(browser, 'kill_actor') = ray.kill(no_restart=True) of the "
                           "browser actor; baseline: SIGKILL of its actor process (so Ray restarts it)",
         },
-        "baseline": None, "cases": [], "pools": {},
+        "baseline": None, "cases": [], "pools": {}, "after_kill": {},
         "overhead": {"levels": {}, "text": OVERHEAD_TEXT,
                      "pool": "max_connections=1 (critical: 3, vote_k=3, no standby), default health interval and "
                              "request timeout"},
@@ -942,7 +1013,8 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
         phases["baseline_s"] = round(time.perf_counter() - t0, 1)
         checkpoint(r)
         t0 = time.perf_counter()
-        run_pool_cases(cfg, work, temp / "events", advance, r["cases"], r["pools"], lambda: checkpoint(r))
+        run_pool_cases(cfg, work, temp / "events", advance, r["cases"], r["pools"], lambda: checkpoint(r),
+                       r["after_kill"])
         _baseline_ratios(r["cases"], r["baseline"])
         phases["recovery_cases_s"] = round(time.perf_counter() - t0, 1)
         checkpoint(r)
@@ -1010,6 +1082,7 @@ def print_tables(r: dict[str, Any]) -> None:
         t.add_row(c["fault"], c["strategy"], c["level"], str(s["trials"]), _fmt(s["detection"]), _fmt(s["recovery"]),
                   _fmt(s["time_to_result"]), "—" if beyond is None else f"{beyond:.0f}", vs_text, note)
     console.print(t)
+    console.print(after_kill_line(r))
 
     b = Table(title=f"Ray baseline: {r['baseline']['actor']}; cold start {_fmt(r['baseline']['cold_start'])} ms")
     for col in ("fault", "trials", "time to result (median / p95 ms)", "verdict"):
@@ -1100,6 +1173,18 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def after_kill_line(r: dict[str, Any]) -> str:
+    a = r.get("after_kill") or {}
+    if not a:
+        return "A request right after a SIGKILL: not measured in this run."
+    if a.get("error") or a["after_kill"] is None:
+        return f"A request right after a SIGKILL: not measured ({(a.get('error') or 'no correct answer')[:200]})."
+    return (f"A one-sentence request sent right after a SIGKILL of the serving browser (level high, failover): "
+            f"{_fmt(a['after_kill'])} ms (p50 / p95) against {_fmt(a['normal'])} ms with no fault; ratio "
+            f"{a['ratio_median']:.2f}x p50, {a['ratio_p95']:.2f}x p95; {len(a['trials'])} trials, all correct: "
+            f"{'yes' if a['all_correct'] else 'NO'}, {a['answered_by_standby']} answered by the standby.")
+
+
 def markdown(r: dict[str, Any]) -> str:
     """The results as the README shows them: time to result per (fault, strategy, level), medians and p95,
     the Ray baseline, and the overhead ratios; with the date, the machine and its load."""
@@ -1128,6 +1213,7 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{'—' if beyond is None else f'{beyond:.0f}'} | "
                      f"{'—' if detect is None else f'{detect:.0f}'} | {'—' if recover is None else f'{recover:.0f}'} | "
                      f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
+    lines += ["", after_kill_line(r)]
     v = r.get("vanished_node")
     if v and not v.get("error"):
         lines += ["", f"A node vanishing under load ({v['setup']}): {v['requests']} requests, all correct: "
@@ -1174,7 +1260,8 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         if not args.quick:
             changes["baseline_kill_trials"] = args.trials
     for name in ("batch", "zombie_wait_s", "request_timeout", "health_interval", "memory_limit_mb",
-                 "overhead_requests", "baseline_kill_trials", "baseline_other_trials", "vanished_node"):
+                 "overhead_requests", "baseline_kill_trials", "baseline_other_trials", "vanished_node",
+                 "after_kill_trials"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -1203,6 +1290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--request-timeout", type=float, dest="request_timeout")
     parser.add_argument("--health-interval", type=float, dest="health_interval")
     parser.add_argument("--memory-limit-mb", type=int, dest="memory_limit_mb")
+    parser.add_argument("--after-kill-trials", type=int, dest="after_kill_trials",
+                        help="one-sentence requests right after a SIGKILL, on the failover/high pool (default 10)")
     parser.add_argument("--no-vanished-node", dest="vanished_node", action="store_false", default=None,
                         help="skip the multi-node scenario (a node removed under load)")
     parser.add_argument("--vanished-node-only", action="store_true",
@@ -1237,7 +1326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kill = "kill_actor" in cfg.faults
     total = (len(cfg.faults) * len(cfg.strategies) * len(cfg.levels) * cfg.trials + len(cfg.overhead_levels)
              + (cfg.baseline_kill_trials if kill else 0) + (len(cfg.faults) - kill) * cfg.baseline_other_trials
-             + cfg.vanished_node)
+             + cfg.vanished_node
+             + (cfg.after_kill_trials if AFTER_KILL_POOL[0] in cfg.strategies and AFTER_KILL_POOL[1] in cfg.levels
+                else 0))
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "recovery_latency-quick" if cfg.quick else "recovery_latency"

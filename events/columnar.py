@@ -37,6 +37,7 @@ from events.schema import (
     BrowserHealthReported,
     ModelLoaded,
     ModelUnloaded,
+    ModelWarmedUp,
     OperationCompleted,
     OperationFailed,
     OperationStarted,
@@ -76,7 +77,7 @@ _FAMILIES = (OPS, TOKENS, HEALTH)
 # Which families a cold event must find up to date. A kind not named here reads or writes browsers
 # (or may, in a later version): it waits for all three, which is always correct.
 _FLUSHES: dict[str, tuple[str, ...]] = {
-    **{k.KIND: () for k in (ModelLoaded, ModelUnloaded, PoolScaled, PoolConfigured, RequestRejected,
+    **{k.KIND: () for k in (ModelLoaded, ModelUnloaded, ModelWarmedUp, PoolScaled, PoolConfigured, RequestRejected,
                             SnapshotWritten, RecoveryStepFinished, RecoveryCompleted)},
     **{k.KIND: (TOKENS,) for k in (SessionOpened, SessionResumed, ShardPromoted, SessionClosed)},
 }

@@ -30,9 +30,9 @@ from typing import Any, ClassVar, Union
 from events.errors import FailureCategory, InvalidEventError
 
 # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted;
-# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured. A payload of an older version lacks
-# the newer fields: it is decoded through the constructor, which fills them with their defaults.
-SCHEMA_VERSION = 5
+# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured; 6: ModelWarmedUp. A payload of an
+# older version lacks the newer fields: it is decoded through the constructor, which fills them with their defaults.
+SCHEMA_VERSION = 6
 
 _INT64_MAX = 2**63 - 1
 
@@ -370,6 +370,20 @@ class ModelLoaded(Event):
 
 
 @event_kind("browser_id")
+class ModelWarmedUp(Event):
+    """A loaded model ran ``rounds`` warm-up rounds on representative inputs until its page time settled
+    (``first_ms`` -> ``last_ms`` per round): V8 has compiled its hot WebAssembly with the optimising
+    tier, so the first real request there runs at full speed."""
+
+    browser_id: str
+    model: str
+    shard: str | None
+    rounds: int
+    first_ms: float
+    last_ms: float
+
+
+@event_kind("browser_id")
 class ModelUnloaded(Event):
     browser_id: str
     model: str
@@ -527,6 +541,7 @@ __all__ = [
     "Event",
     "ModelLoaded",
     "ModelUnloaded",
+    "ModelWarmedUp",
     "OperationCompleted",
     "OperationFailed",
     "OperationStarted",

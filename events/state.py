@@ -38,6 +38,7 @@ from events.schema import (
     BrowserRoleChanged,
     ModelLoaded,
     ModelUnloaded,
+    ModelWarmedUp,
     OperationCompleted,
     OperationFailed,
     OperationStarted,
@@ -101,6 +102,7 @@ class ModelState:
     backend: str
     load_ms: float
     loaded_seq: int
+    warmed_up: bool = False     # has run its warm-up (ModelWarmedUp): a first request runs at full speed
 
 
 @_frozen
@@ -420,6 +422,16 @@ def _model_loaded(d: _Draft, rec: Recorded, e: ModelLoaded) -> None:
     d.count("models_loaded")
 
 
+def _model_warmed_up(d: _Draft, rec: Recorded, e: ModelWarmedUp) -> None:
+    key = (e.browser_id, e.model, e.shard)
+    model = d.r("models").get(key)
+    if model is None:
+        d.anomaly(rec)
+        return
+    d.w("models")[key] = dataclasses.replace(model, warmed_up=True)
+    d.count("models_warmed_up")
+
+
 def _model_unloaded(d: _Draft, rec: Recorded, e: ModelUnloaded) -> None:
     key = (e.browser_id, e.model, e.shard)
     if key not in d.r("models"):
@@ -569,6 +581,7 @@ _HANDLERS: dict[type, Any] = {
     RequestRejected: _request_rejected,
     ModelLoaded: _model_loaded,
     ModelUnloaded: _model_unloaded,
+    ModelWarmedUp: _model_warmed_up,
     OperationStarted: _op_started,
     OperationCompleted: _op_completed,
     OperationFailed: _op_failed,

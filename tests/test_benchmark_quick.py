@@ -65,7 +65,11 @@ def test_pool_shape_between_trials():
     assert rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=0) is None
     assert "standby" in rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=1)
     assert "hold no" in rl.pool_not_ready(_state(*serving, launched("s1", standby=True)), rl.MODEL, 1)
-    warm = _state(*serving, launched("s1", standby=True), loaded("s1"))
+    cold = _state(*serving, launched("s1", standby=True), loaded("s1"))
+    assert "warmed up" in rl.pool_not_ready(cold, rl.MODEL, 1)
+    warm = _state(*serving, launched("s1", standby=True), loaded("s1"),
+                  ev.ModelWarmedUp(browser_id="s1", model=rl.MODEL, shard=None, rounds=5, first_ms=900.0,
+                                   last_ms=250.0))
     assert rl.pool_not_ready(warm, rl.MODEL, 1) is None and rl.pool_unfit(warm, 1) is None
     failed = _state(*serving, launched("b2"), loaded("b2"),
                     ev.BrowserFailed(browser_id="b1", category="crash", error="gone"))
@@ -129,6 +133,13 @@ def test_quick_run_writes_sane_results(ray_local, tmp_path):
             # The answer comes after the recovery it waited for (two clocks: allow 50 ms).
             assert t["time_to_result_ms"] + 50 >= t["detection_ms"] + t["recovery_ms"], t
             assert t["trace"] and any("BrowserFailed" in line for line in t["trace"])
+
+    # A one-sentence request right after a SIGKILL of the serving browser: answered correctly, and timed.
+    after = r["after_kill"]
+    assert len(after["trials"]) == cfg.after_kill_trials == 1 and after["all_correct"], after
+    _check_summary(after["after_kill"])
+    _check_summary(after["normal"])
+    assert after["ratio_median"] > 0 and "right after a SIGKILL" in rl.markdown(r)
 
     # The baseline: an actor kill is answered after Ray restarts it; a dropped CDP connection is a zombie.
     base = r["baseline"]["faults"]

@@ -46,6 +46,7 @@ CONTRACT = {
     "BrowserHealthReported": ("browser_id", "memory_mb", "loaded"),
     "ModelLoaded": ("browser_id", "model", "shard", "sha256", "backend", "load_ms"),
     "ModelUnloaded": ("browser_id", "model", "shard"),
+    "ModelWarmedUp": ("browser_id", "model", "shard", "rounds", "first_ms", "last_ms"),
     "OperationStarted": ("op_id", "model", "browser_id", "kind", "input_digest"),
     "OperationCompleted": ("op_id", "duration_ms", "metrics"),
     "OperationFailed": ("op_id", "category", "error"),

@@ -28,6 +28,7 @@ from events.schema import (
     BrowserRoleChanged,
     ModelLoaded,
     ModelUnloaded,
+    ModelWarmedUp,
     OperationCompleted,
     OperationFailed,
     OperationStarted,
@@ -146,6 +147,15 @@ def test_model_loaded():
     s = run(launched(), ModelLoaded("b1", "smollm2", "10-19", "abc", "wasm", 4100.0))
     assert s.models == {("b1", "smollm2", "10-19"): ModelState("b1", "smollm2", "10-19", "abc", "wasm", 4100.0, 2)}
     assert s.metrics["models_loaded"] == 1
+
+
+def test_model_warmed_up():
+    s = run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 1.0), ModelWarmedUp("b1", "m", None, 4, 410.0, 21.5))
+    assert s.models[("b1", "m", None)].warmed_up and s.metrics["models_warmed_up"] == 1
+    assert not run(launched(), ModelLoaded("b1", "m", None, "h", "wasm", 1.0)).models[("b1", "m", None)].warmed_up
+    load = ModelLoaded("b1", "m", None, "h", "wasm", 1.0)
+    reloaded = run(launched(), load, ModelWarmedUp("b1", "m", None, 4, 1.0, 1.0), load)
+    assert not reloaded.models[("b1", "m", None)].warmed_up       # a new load starts cold
 
 
 def test_model_unloaded():
@@ -338,6 +348,7 @@ def test_every_kind_has_a_test_above():
         BrowserConnected("ghost"), BrowserDisconnected("ghost", "x"), BrowserFailed("ghost", FailureCategory.CRASH, ""),
         BrowserRetired("ghost", "x"), BrowserHealthReported("ghost", 1.0, ()),
         ModelLoaded("ghost", "m", None, "h", "wasm", 1.0), ModelUnloaded("b1", "never-loaded", None),
+        ModelWarmedUp("b1", "never-loaded", None, 1, 1.0, 1.0),
         OperationCompleted("ghost", 1.0, {}), OperationFailed("ghost", FailureCategory.CRASH, ""),
         RecoveryStepFinished("ghost", "s", True, 1.0, None), RecoveryCompleted("ghost", "b", True, None, 1.0),
         TokensAppended("ghost", (1,)), SessionClosed("ghost", "x"),

@@ -230,16 +230,19 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
                                fault_tolerance={"level": "high", "recovery_strategy": "failover",
                                                 "standby_browsers": 1})
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm"}))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:       # the standby comes up in the background, model loaded
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:       # the standby comes up in the background, model loaded and warmed up
         state = ray.get(pool.get_state.remote())
         spares = [b for b in state.browsers.values() if b.standby and b.status == "launched"]
-        if spares and any(m[0] == spares[0].browser_id for m in state.models):
+        if spares and any(m.warmed_up for k, m in state.models.items() if k[0] == spares[0].browser_id):
             break
         time.sleep(0.2)
     else:
         raise AssertionError("no warm standby")
     standby = spares[0].browser_id
+    [warm_up] = [e for e in ray.get(pool.recent_events.remote(500))
+                 if e["action"] == "ModelWarmedUp" and e["subject"] == standby]
+    assert warm_up["data"]["rounds"] >= 1, warm_up
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4

@@ -18,6 +18,7 @@ from actors.decisions.reconcile import (
     hot_keys,
     lost_to_nodes,
     standby_short,
+    warm_keys_on,
 )
 from events.errors import FailureCategory
 from events.schema import (
@@ -26,6 +27,7 @@ from events.schema import (
     BrowserRecoveryDeferred,
     BrowserRetired,
     ModelLoaded,
+    ModelWarmedUp,
     OperationFailed,
     OperationStarted,
     Recorded,
@@ -98,13 +100,17 @@ def test_health_checks_skip_leased_browsers_and_those_being_recovered_or_checked
     assert decide(s, seen(health_due=False), RECOVERS) == []
 
 
-def test_spares_are_kept_only_once_a_model_serves_and_until_they_hold_it():
+def test_spares_are_kept_only_once_a_model_serves_and_until_they_hold_it_warmed_up():
     assert not standby_short(state(up("b1")), 1)                           # nothing hot to keep warm
     serving = (up("b1"), loaded("b1"))
     assert hot_keys(state(*serving)) == {KEY}
     assert standby_short(state(*serving), 1)                               # no spare yet
     assert standby_short(state(*serving, up("s1", standby=True)), 1)       # a spare without the model
-    assert not standby_short(state(*serving, up("s1", standby=True), loaded("s1")), 1)
+    assert standby_short(state(*serving, up("s1", standby=True), loaded("s1")), 1)   # holds it, not warmed up
+    spare = (up("s1", standby=True), loaded("s1"), ModelWarmedUp("s1", "m", None, 5, 900.0, 210.0))
+    assert not standby_short(state(*serving, *spare), 1)
+    assert warm_keys_on(state(*serving, *spare), "s1") == {KEY} and warm_keys_on(state(*serving), "b1") == set()
+    assert standby_short(state(*serving, *spare, loaded("s1")), 1)        # a reload starts cold again
     assert not standby_short(state(*serving), 0)
     assert decide(state(*serving), seen(), HIGH) == [KeepStandby()]
     assert decide(state(*serving), seen(standby_busy=True), HIGH) == []

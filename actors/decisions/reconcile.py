@@ -116,6 +116,11 @@ def keys_on(state: PoolState, browser_id: str) -> frozenset[str]:
     return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, browser_id))
 
 
+def warm_keys_on(state: PoolState, browser_id: str) -> frozenset[str]:
+    """Artifact keys of the models on ``browser_id`` that have run their warm-up (ModelWarmedUp)."""
+    return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, browser_id) if m.warmed_up)
+
+
 def hot_keys(state: PoolState) -> frozenset[str]:
     """Artifact keys held by browsers that serve traffic: what a warm spare must hold too."""
     return frozenset().union(*(keys_on(state, b.browser_id) for b in browsers_alive(state)
@@ -123,15 +128,16 @@ def hot_keys(state: PoolState) -> frozenset[str]:
 
 
 def standby_short(state: PoolState, wanted: int) -> bool:
-    """Fewer warm spares than ``wanted``, or a spare missing a hot model. Nothing is short before a model
-    serves: a spare keeps warm what serves traffic, and an idle pool has nothing to keep warm."""
+    """Fewer warm spares than ``wanted``, or a spare missing a hot model or not yet warmed up on one. Nothing
+    is short before a model serves: a spare keeps warm what serves traffic, and an idle pool has nothing to
+    keep warm."""
     hot = hot_keys(state)
     if wanted <= 0 or not hot:
         return False
     spares = [b for b in browsers_alive(state) if b.standby]
     if len(spares) < wanted:
         return True
-    return any(hot - keys_on(state, b.browser_id) for b in spares)
+    return any(hot - warm_keys_on(state, b.browser_id) for b in spares)
 
 
 def to_health_check(state: PoolState, leases: Mapping[str, int]) -> list[str]:

@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from events.errors import InputError, ModelNotFoundError
 
 Task = Literal["text_embedding", "text_generation"]
@@ -116,3 +118,32 @@ def artifact(name: str, shard: str | None) -> ModelArtifact:
     a, b = (int(x) for x in shard.split("-"))
     s = llama.build_llama_onnx(llama_model(name), a, b)
     return ModelArtifact(name, shard, s.path, s.sha256, s.meta)
+
+
+# Warm-up inputs have the shapes real requests have, so the kernels V8 optimises are the ones requests run:
+# a batch of ordinary sentences (one sentence does too little work per run to reach V8's tier-up budget
+# in a few runs), and for a llama shard a prompt's prefill then one decode step over its cache.
+WARMUP_TEXTS = tuple(f"Warm-up sentence {i}: a man is eating food while a woman plays the violin nearby."
+                     for i in range(8))
+WARMUP_PROMPT_TOKENS = 16
+
+
+def warmup_feeds(art: ModelArtifact) -> list[dict[str, np.ndarray]]:
+    """Inputs for the warm-up runs of ``art`` (run in order, each one round); outputs are not used."""
+    if get_spec(art.model).family == "bert":
+        from sharding.models import minilm
+
+        return [minilm.tokenize(list(WARMUP_TEXTS))]
+    meta, n = art.meta, WARMUP_PROMPT_TOKENS
+    config, first = meta["config"], meta["inputs"][0]
+    _batch, kv_heads, _past, head_dim = meta["kv_shape"]
+
+    def step(tokens: int, past: int) -> dict[str, np.ndarray]:
+        if first == "input_ids":
+            x = (np.arange(tokens, dtype=np.int64) % config["vocab"])[None]
+        else:
+            x = np.random.default_rng(tokens).standard_normal((1, tokens, config["hidden"])).astype(np.float32)
+        cache = np.zeros((1, kv_heads, past, head_dim), np.float32)
+        return {first: x, **{name: cache for _present, name in meta["state"]}}
+
+    return [step(n, 0), step(1, n)]
