@@ -52,6 +52,7 @@ from actors.constants import (
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
+    RESUME_SETTLE_WAIT,
     RUN_TIMEOUT,
 )
 from actors.page_server import PageServer
@@ -246,6 +247,20 @@ class BrowserCore:
         return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000,
                 "phases_ms": {name: (b - a) * 1000 for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
 
+    async def resume(self) -> dict[str, Any]:
+        """Go on with the same connection and page after a hang that a time budget ended by terminating the
+        page's script: nothing is re-attached or reloaded. Fails with BrowserFailure unless the browser
+        process lives, no failure signal came, the page answers, and every model's run queue settles within
+        ``RESUME_SETTLE_WAIT`` (a run cut off mid-way never does: that page needs replacing).
+        """
+        t0 = time.perf_counter()
+        self._check()
+        page = await self._call("settled", [RESUME_SETTLE_WAIT * 1000], HEALTH_TIMEOUT)
+        if not page["settled"]:
+            raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
+                                 "a run is still unfinished after its script was terminated; cannot resume")
+        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
+
     async def restart(self) -> dict[str, Any]:
         """Replace the browser process (the old one is killed); its models must be loaded again."""
         t0 = time.perf_counter()
@@ -412,8 +427,10 @@ class BrowserCore:
         page = self.page
         self.work_in_flight += work
         try:
-            answer = await asyncio.wait_for(page.evaluate("([n, a]) => window.webpool.call(n, a)", [name, args]),
-                                            timeout)
+            # The page does not start a call whose deadline has passed (same host, same clock).
+            deadline_ms = (time.time() + timeout) * 1000
+            answer = await asyncio.wait_for(
+                page.evaluate("([n, a, d]) => window.webpool.call(n, a, d)", [name, args, deadline_ms]), timeout)
         except asyncio.TimeoutError:
             await self._terminate_script()
             raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
@@ -520,6 +537,7 @@ class BrowserCore:
             "model_backends": page["backends"],
             "states": page["states"],
             "js_heap_bytes": page["jsHeapBytes"],
+            "runs_started": page.get("runsStarted", 0),
             "gpu_device_lost": page["gpuDeviceLost"],
             "pids": pids,
             "memory_bytes": memory,
@@ -650,14 +668,16 @@ def _runtime_error(browser_id: str, error: dict[str, str]) -> Exception:
     """The exception for a typed error the runtime answered a call with.
 
     RequestError -> InputError (the request was bad; the browser is fine); DeviceLostError ->
-    DEVICE_LOST; a failed allocation -> MEMORY; anything else is the browser's fault (UNKNOWN), never
-    blamed on the request by default.
+    DEVICE_LOST; DeadlineExceeded -> TIMEOUT; a failed allocation -> MEMORY; anything else is the browser's
+    fault (UNKNOWN), never blamed on the request by default.
     """
     name, message = str(error.get("name", "Error")), str(error.get("message", ""))
     if name == "RequestError":
         return InputError("inputs", message)
     if name == "DeviceLostError":
         return BrowserFailure(browser_id, FailureCategory.DEVICE_LOST, message)
+    if name == "DeadlineExceeded":          # the page reached the call only after its budget ran out
+        return BrowserFailure(browser_id, FailureCategory.TIMEOUT, message)
     if (name == "RangeError" and "alloc" in message.lower()) or "out of memory" in message.lower():
         return BrowserFailure(browser_id, FailureCategory.MEMORY, f"{name}: {message}")
     return BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"the runtime failed: {name}: {message[:300]}")

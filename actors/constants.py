@@ -28,6 +28,10 @@ DEVTOOLS_PROBE_WAIT = 1.0          # a lost connection: does the browser still a
 # Recovery: every step and every browser start has a deadline, so no request can wait forever.
 BROWSER_START_TIMEOUT = 90.0       # launch + connect + page (a loaded 2-core machine: ~1-10 s)
 RECOVERY_STEP_TIMEOUT = 240.0      # one reconnect / restart / failover, model reloads included
+# Resume (a hang ended by terminating the page's script): the page must answer and every model's run queue
+# settle within this; a run cut off mid-way never settles, and the next step replaces the page.
+RESUME_SETTLE_WAIT = 1.0
+RESUME_TIMEOUT = HEALTH_TIMEOUT + RESUME_SETTLE_WAIT + 1.0
 
 # Pool.
 DEFAULT_MAX_CONNECTIONS = 4
@@ -56,6 +60,7 @@ BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type
 DEFAULT_CHECKPOINT_INTERVAL = 60.0   # log snapshots (level high and up): bounds the replay a restart needs
 DEFAULT_MAX_RECOVERY_ATTEMPTS = 3    # per request, and consecutive failures before a browser's circuit opens
 DEFAULT_STANDBY_BROWSERS = 1         # warm spares at level high and up: failover without a cold start
+STANDBY_DEFER_S = 2.0                # a missing spare is started once no request is in flight, or after this
 # A standby's warm-up runs (actors/decisions/warmup.py): V8 optimises a page's WebAssembly only after it has
 # done some work, ~1.5 s of page time for MiniLM here (docs/facts.md). Warm-up stops when this much page time
 # is spent and the last two rounds are within the ratio of the fastest, or at the round / time caps.

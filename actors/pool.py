@@ -52,7 +52,13 @@ from actors.constants import (
 )
 from actors.decisions import adaptive, batching, placement, validation
 from actors.decisions.reconcile import ended_by_restart
-from actors.decisions.recovery import FaultToleranceConfig, FaultToleranceLevel, RecoveryStrategy, classify
+from actors.decisions.recovery import (
+    FaultToleranceConfig,
+    FaultToleranceLevel,
+    RecoveryStrategy,
+    classify,
+    retry_delay,
+)
 from actors.decisions.voting import vote_embeddings
 from actors.fleet import Fleet, KeyedLocks
 from actors.pool_log import PoolLog
@@ -405,7 +411,9 @@ class PoolCore:
                 if not outcome["success"]:
                     log.warning("recovery failed", extra={"browser_id": failure.browser_id,
                                                          "error": outcome["error"]})
-                await asyncio.sleep(self.ft.backoff_s * 2 ** (len(failures) - 1))
+                delay = retry_delay(len(failures), outcome["success"], self.ft.backoff_s)
+                if delay:
+                    await asyncio.sleep(delay)
                 continue
             if failures:
                 result["recovered"] = True

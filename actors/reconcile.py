@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from actors.constants import HEALTH_TIMEOUT
+from actors.constants import HEALTH_TIMEOUT, STANDBY_DEFER_S
 from actors.decisions import adaptive
 from actors.decisions.reconcile import (
     Action,
@@ -190,6 +190,9 @@ class Reconciler:
                 hot = hot_keys(state)
                 spares = [b for b in browsers_alive(state) if b.standby]
                 if len(spares) < self.policy.standby_browsers:
+                    # A new browser's start-up, model load and warm-up take seconds of CPU: requests in flight
+                    # (the rerun of a failed-over request among them) go first, for at most STANDBY_DEFER_S.
+                    await self.log.until(lambda s: not s.operations, STANDBY_DEFER_S)
                     await self.fleet.launch(self._standby_type(), standby=True)
                     continue
                 cold = [(b.browser_id, key) for b in spares for key in sorted(hot - warm_keys_on(state, b.browser_id))]

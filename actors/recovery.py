@@ -6,6 +6,8 @@ Only the reconcile loop (actors/reconcile.py) starts recoveries; requests, healt
 coordinator report failures to it and await the outcome.
 
 The steps, each returning the id of the browser now serving the failed one's work:
+- resume:    after a hang its time budget ended (the page's script terminated): the same page and
+             connection go on if the page answers and no run was cut off mid-way.
 - reconnect: re-attach over CDP to the same, still running browser; its page (and models) are kept.
 - restart:   a new browser process under the same id; the models the log says it held are loaded again.
 - failover:  another browser (a warm standby first, then a live one, else a new one) takes the failed
@@ -24,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from actors.constants import RECOVERY_STEP_TIMEOUT
+from actors.constants import RECOVERY_STEP_TIMEOUT, RESUME_TIMEOUT
 from actors.decisions.recovery import (
     Candidate,
     FaultToleranceConfig,
@@ -116,7 +118,8 @@ class RecoveryExecutor:
                     serving, winner = await asyncio.wait_for(self._parallel(browser_id), RECOVERY_STEP_TIMEOUT)
                     step = f"parallel:{winner}"
                 else:
-                    serving = await asyncio.wait_for(self._step(step, browser_id), RECOVERY_STEP_TIMEOUT)
+                    serving = await asyncio.wait_for(self._step(step, browser_id),
+                                                     RESUME_TIMEOUT if step == "resume" else RECOVERY_STEP_TIMEOUT)
                 ok, error = True, None
             except Exception as exc:   # a failed step is recorded and the plan goes on
                 ok, error = False, describe(exc)
@@ -138,9 +141,18 @@ class RecoveryExecutor:
                 "steps": done, "duration_ms": duration_ms, "error": error}
 
     async def _step(self, step: str, browser_id: str) -> str:
-        return await {"reconnect": self.reconnect, "restart": self.restart, "failover": self.failover}[step](browser_id)
+        return await {"resume": self.resume, "reconnect": self.reconnect, "restart": self.restart,
+                      "failover": self.failover}[step](browser_id)
 
     # ----- the steps: each returns the id of the browser now serving the failed one's work -----
+    async def resume(self, browser_id: str) -> str:
+        result = await self.fleet.handle(browser_id).resume.remote()
+        missing = self.fleet.keys_on(browser_id) - set(result["models"])
+        if missing:
+            raise RecoveryStepError(f"resumed, but the page lost {sorted(missing)}")
+        await self.log.record(ev.BrowserConnected(browser_id=browser_id))
+        return browser_id
+
     async def reconnect(self, browser_id: str) -> str:
         result = await self.fleet.handle(browser_id).reconnect.remote()
         missing = self.fleet.keys_on(browser_id) - set(result["models"])

@@ -569,12 +569,15 @@ def after_kill_trial(session: PoolSession, text_reference: np.ndarray) -> dict[s
     state = ray.get(pool.get_state.remote())
     serving = [b.browser_id for b in browsers_alive(state) if not b.standby]
     spares = [b.browser_id for b in browsers_alive(state) if b.standby]
+    seq0 = _last_seq(pool)
     ray.get(pool.inject_fault.remote(serving[0], "kill_browser"), timeout=60)
+    fault_ts = time.time()
     answer = _answer(pool.infer.remote(MODEL, {"texts": [OVERHEAD_TEXT]}), text_reference, time.perf_counter())
     normal_ms = float(np.median([a["ms"] for a in normal]))
     return {"killed": serving[0], "standby": spares[0] if spares else None, "answered_by": answer.get("browser_id"),
             "correct": answer["correct"], "error": answer["error"], "normal_ms": normal_ms,
-            "after_kill_ms": answer["ms"], "ratio": answer["ms"] / normal_ms}
+            "after_kill_ms": answer["ms"], "ratio": answer["ms"] / normal_ms,
+            "trace": event_trace(_events_since(pool, seq0), fault_ts)}
 
 
 def run_after_kill(session: PoolSession, advance: Callable[[str], None]) -> dict[str, Any]:

@@ -5,6 +5,8 @@
 - a SIGKILLed browser is CRASH, with or without calls in flight (its exit, from a pidfd, or the port
   that refuses after the connection drops);
 - a renderer killed or a page crashed under concurrent runs is CRASH for every run, never bad input;
+- a hang is TIMEOUT at its budget, and the page goes on (resume) once its script is terminated, unless
+  the termination cut a run off mid-way;
 - the runtime's typed errors: a bad request is InputError, anything else the browser's.
 """
 
@@ -90,6 +92,7 @@ def test_relay_closes_a_client_whose_upstream_refuses():
 @pytest.mark.parametrize(("error", "expected"), [
     ({"name": "RequestError", "message": "input ids: 3 bytes do not fit"}, InputError),
     ({"name": "DeviceLostError", "message": "destroyed"}, FailureCategory.DEVICE_LOST),
+    ({"name": "DeadlineExceeded", "message": "the caller's deadline passed"}, FailureCategory.TIMEOUT),
     ({"name": "RangeError", "message": "Array buffer allocation failed"}, FailureCategory.MEMORY),
     ({"name": "Error", "message": "failed to call OrtRun(). ERROR_CODE: 6"}, FailureCategory.UNKNOWN),
     ({"name": "TypeError", "message": "x is not a function"}, FailureCategory.UNKNOWN),
@@ -206,6 +209,40 @@ def _health_failure(handle, deadline_s: float = 60.0) -> BrowserFailure | None:
             return exc
         time.sleep(0.05)
     return None
+
+
+def test_a_hang_is_a_timeout_and_the_same_page_resumes_with_its_model(served):
+    handle, art, _ = served
+    pid = ray.get(handle.health.remote())["pids"]["browser"]
+    runs = ray.get(handle.health.remote())["runs_started"]
+    ray.get(handle.inject_fault.remote("hang"))
+    with pytest.raises(BrowserFailure) as err:       # its budget ends the hung script (terminateExecution)
+        ray.get(handle.run.remote(art.key, minilm.tokenize(SENTENCES), fetch=["embedding"], timeout=1.0))
+    assert err.value.category is FailureCategory.TIMEOUT, err.value
+    back = ray.get(handle.resume.remote())                   # the loop was terminated: nothing to replace
+    assert art.key in back["models"]
+    after = ray.get(handle.health.remote())
+    assert after["pids"]["browser"] == pid
+    # The run that waited behind the loop reached the page after its deadline: it was never started.
+    assert after["runs_started"] == runs
+    _check_answer(handle, art, SENTENCES[:3])
+
+
+def test_a_run_its_budget_cut_off_mid_way_cannot_be_resumed(served):
+    """Terminating a script inside a model run leaves that run unfinished for good (and every later run
+    of the model behind it): resume refuses, and a restart serves again."""
+    handle, art, load = served
+    ray.get(handle.inject_fault.remote("slow", factor=20))   # the run is surely under way at its deadline
+    try:
+        with pytest.raises(BrowserFailure) as err:
+            ray.get(handle.run.remote(art.key, minilm.tokenize(SENTENCES), fetch=["embedding"], timeout=1.0))
+        assert err.value.category is FailureCategory.TIMEOUT, err.value
+        with pytest.raises(BrowserFailure, match="cannot resume"):
+            ray.get(handle.resume.remote())
+    finally:
+        ray.get(handle.restart.remote())
+        load()
+    _check_answer(handle, art, SENTENCES[:2])
 
 
 def test_loading_a_model_the_page_holds_is_idempotent(served):

@@ -107,7 +107,8 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     assert started["data"]["strategy"] == strategy and started["data"]["category"] == CATEGORY_OF[fault]
     steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished" and e["subject"] == recovery]
     won = [s["step"] for s in steps if s["success"]]
-    assert len(won) == 1 and won[0] in STEPS_OF[strategy], steps
+    # A hang ended by its budget leaves the page usable: it is resumed in place, whatever the strategy.
+    assert len(won) == 1 and won[0] in ({"resume"} if fault == "hang" else STEPS_OF[strategy]), steps
 
 
 def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):

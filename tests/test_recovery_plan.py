@@ -15,6 +15,7 @@ from actors.decisions.recovery import (
     classify,
     pick_failover_target,
     plan_steps,
+    retry_delay,
 )
 from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError, describe
 
@@ -61,8 +62,26 @@ def test_an_error_of_no_documented_type_is_an_unknown_failure_described_by_what_
 @pytest.mark.parametrize("category", list(C))
 def test_none_and_low(category):
     assert plan_steps(cfg("none"), category, circuit_open=False) == []
-    assert plan_steps(cfg("low"), category, circuit_open=False) == ["reconnect"]
+    resume = ["resume"] if category is C.TIMEOUT else []
+    assert plan_steps(cfg("low"), category, circuit_open=False) == [*resume, "reconnect"]
     assert plan_steps(cfg("low"), category, circuit_open=True) == []
+
+
+def test_the_first_retry_after_a_successful_recovery_goes_at_once_later_ones_back_off():
+    assert retry_delay(1, recovered=True, backoff_s=0.05) == 0.0
+    assert retry_delay(1, recovered=False, backoff_s=0.05) == 0.05
+    assert retry_delay(2, recovered=True, backoff_s=0.05) == 0.1
+    assert retry_delay(3, recovered=False, backoff_s=0.05) == 0.2
+
+
+@pytest.mark.parametrize("strategy", ["reconnect", "restart", "failover", "progressive", "parallel"])
+def test_a_hang_resumes_the_same_page_first_whatever_the_strategy(strategy):
+    """A TIMEOUT means the browser actor terminated the hung script: the page is tried as it is first."""
+    steps = plan_steps(cfg("medium", strategy), C.TIMEOUT, circuit_open=False)
+    assert steps[0] == "resume" and len(steps) >= 2
+    assert plan_steps(cfg("high", strategy), C.TIMEOUT, circuit_open=True) == ["failover"]
+    assert "resume" not in plan_steps(cfg("medium", strategy), C.TIMEOUT, False, reachable=False)
+    assert "resume" not in plan_steps(cfg("medium", strategy), C.CRASH, circuit_open=False)
 
 
 @pytest.mark.parametrize("strategy", ["reconnect", "restart", "failover"])
@@ -73,7 +92,7 @@ def test_single_strategies_are_their_one_step(strategy):
 def test_progressive_reconnects_only_where_something_is_left_to_reconnect_to():
     p = cfg("medium")
     assert plan_steps(p, C.CONNECTION, False) == ["reconnect", "restart", "failover"]
-    assert plan_steps(p, C.TIMEOUT, False) == ["reconnect", "restart", "failover"]
+    assert plan_steps(p, C.TIMEOUT, False) == ["resume", "reconnect", "restart", "failover"]
     assert plan_steps(p, C.CRASH, False) == ["restart", "failover"]
     assert plan_steps(p, C.MEMORY, False) == ["restart", "failover"]
 

@@ -2,6 +2,10 @@
 steps of each strategy, and the choice of a failover target. No actor calls and no event loop here; the
 recovery executor (actors/recovery.py) carries these decisions out.
 
+A hang comes first: a TIMEOUT failure means a time budget ran out and the browser actor terminated the
+page's script, so the page is usually fine again. Every strategy first tries ``resume`` (the same page,
+if it answers and no run was cut off mid-way): nothing is restarted for a loop that has already ended.
+
 The five strategies:
 - reconnect: re-attach over CDP to the same, still running browser; its page (and models) are kept.
 - restart:   a new browser process under the same id; the models the log says it held are loaded again.
@@ -165,15 +169,17 @@ def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_
     failover onto it, which is cheaper than a restart, and restarts only if that fails.
     ``reachable``: False when the browser's actor itself did not answer (ActorUnreachable): progressive
     then skips reconnect, itself a call to that actor (on a vanished node it only waits to fail).
+    A TIMEOUT starts with ``resume`` (the hung script was terminated; see the module docstring).
     """
     if config.level is FaultToleranceLevel.NONE:
         return []
+    resume = ["resume"] if category is FailureCategory.TIMEOUT and reachable else []
     if config.level is FaultToleranceLevel.LOW:
-        return [] if circuit_open else ["reconnect"]
+        return [] if circuit_open else [*resume, "reconnect"]
     if circuit_open:
         return ["failover"]
     strategy = config.recovery_strategy
-    steps: list[str] = []
+    steps: list[str] = resume
     if strategy is RecoveryStrategy.PARALLEL:
         return [*steps, "parallel"]
     if strategy in (RecoveryStrategy.PROGRESSIVE, RecoveryStrategy.COORDINATED):
@@ -181,6 +187,15 @@ def plan_steps(config: FaultToleranceConfig, category: FailureCategory, circuit_
             steps.append("reconnect")
         return [*steps, "failover", "restart"] if warm_standby else [*steps, "restart", "failover"]
     return [*steps, strategy.value]
+
+
+def retry_delay(failures: int, recovered: bool, backoff_s: float) -> float:
+    """Seconds a request waits before its next attempt, after ``failures`` failed ones. The first retry
+    after a recovery that succeeded goes at once (the failed browser's work has a new home, and waiting
+    only adds to what the caller sees); otherwise exponential backoff, ``backoff_s * 2**(failures-1)``."""
+    if failures == 1 and recovered:
+        return 0.0
+    return backoff_s * 2 ** (failures - 1)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ let gpuDeviceLostReport = new Promise(() => {});   // settles when the current d
 // A GPU process that dies mid-run fails the run a moment before WebGPU reports the device lost.
 const DEVICE_LOST_GRACE_MS = 1000;
 const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
+let runsStarted = 0;          // model runs this page has started (health reports it)
 
 // An error the request caused, in a page that is fine: the actor turns it into an InputError. Any
 // other error a call ends in is the browser's (recovered by the pool): a request is blamed only when
@@ -183,14 +184,28 @@ async function createSession(key, bytes, backend) {
 // (e.g. a generation's KV cache) kept in the page: inputs listed in `opts.statePairs` ([output, input])
 // are taken from the state and refreshed from the outputs after the run, so the cache never crosses the
 // page boundary. `opts.initialState` starts the state afresh (replacing any state of that name).
-export function run(key, feeds, opts) {
+export function run(key, feeds, opts, deadline = null) {
   const entry = sessions.get(key);
   if (!entry) return Promise.reject(new RequestError(`model ${key} is not loaded`));
   if (entry.backend === "webgpu" && gpuDeviceLost) return Promise.reject(deviceLostError());
-  // One run at a time per session: onnxruntime-web sessions are not reentrant.
-  const result = entry.queue.then(() => runNow(entry, key, feeds, opts));
+  // One run at a time per session: onnxruntime-web sessions are not reentrant. A run whose turn comes
+  // after its caller's deadline is not started (see `call`).
+  const result = entry.queue.then(() => {
+    if (expired(deadline)) throw deadlineError();
+    return runNow(entry, key, feeds, opts);
+  });
   entry.queue = result.catch(() => undefined);
   return result;
+}
+
+function expired(deadline) {
+  return deadline !== null && deadline !== undefined && performance.timeOrigin + performance.now() > deadline;
+}
+
+function deadlineError() {
+  const err = new Error("the caller's deadline passed before the call started");
+  err.name = "DeadlineExceeded";
+  return err;
 }
 
 function deviceLostError() {
@@ -212,6 +227,7 @@ function checkInputNames(session, inputs) {
 
 async function runNow(entry, key, feeds, opts) {
   const t0 = performance.now();
+  runsStarted += 1;
   const inputs = {};
   for (const [name, spec] of Object.entries(feeds)) inputs[name] = toTensor(name, spec);
   let state = null;
@@ -297,17 +313,30 @@ export async function unload(key) {
 // The one entry the actor calls: ``name`` of an exported function and its arguments, both data. The
 // answer is an envelope, so the actor can tell the runtime's own errors (typed, by name) from a call
 // the browser never finished (Playwright raises for those): {value} or {error: {name, message}}.
-const API = { init, load, run, dropState, unload, health, setCorrupt, allocateBallast };
+const API = { init, load, run, dropState, unload, health, settled, setCorrupt, allocateBallast };
 
-export async function call(name, args) {
+// `deadline` (ms since the epoch, the actor's clock: same host) is when the actor stops waiting. A call
+// that starts after it has no caller left: when a hung script is terminated, the calls queued behind it
+// would otherwise all run for nobody, holding up the page's recovery by their whole run time.
+export async function call(name, args, deadline = null) {
   const fn = Object.hasOwn(API, name) ? API[name] : null;
   try {
     if (!fn) throw new RequestError(`no runtime function ${String(name).slice(0, 80)}`);
-    return { value: await fn(...args) };
+    if (expired(deadline)) throw deadlineError();
+    return { value: await (fn === run ? run(...args, deadline) : fn(...args)) };
   } catch (err) {
     const isError = err instanceof Error;
     return { error: { name: isError ? err.name : "Error", message: isError ? err.message : String(err) } };
   }
+}
+
+// After the actor terminated a hung script: has every model's run queue settled within `waitMs`? A run
+// cut off mid-way by the termination never settles (its finally blocks never run), and every later run of
+// that model would wait behind it: then this page cannot be resumed and the pool replaces it.
+export async function settled(waitMs) {
+  const queues = Promise.all(Array.from(sessions.values(), (e) => e.queue)).then(() => true);
+  const timer = new Promise((resolve) => setTimeout(() => resolve(false), waitMs));
+  return { settled: await Promise.race([queues, timer]), models: Array.from(sessions.keys()) };
 }
 
 export function health() {
@@ -318,6 +347,7 @@ export function health() {
     states: Array.from(states.keys()),
     jsHeapBytes: mem.usedJSHeapSize || 0,
     gpuDeviceLost,
+    runsStarted,
     capabilities,
   };
 }
