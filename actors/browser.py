@@ -212,7 +212,8 @@ class BrowserCore:
     async def reconnect(self) -> dict[str, Any]:
         """Re-attach to the same, still running browser and page: page state (models) is kept.
 
-        Fails with BrowserFailure if the browser process or the page is gone (nothing to reconnect to).
+        Fails with BrowserFailure if the browser process or the page is gone (nothing to reconnect to), or
+        a model's run queue does not settle within ``RESUME_SETTLE_WAIT`` (see ``resume``).
         """
         t0 = time.perf_counter()
         if self.proc is None or self.proc.poll() is not None:
@@ -241,8 +242,13 @@ class BrowserCore:
         self.page = ours[0]
         await self._attach_page()
         phases["attach"] = time.perf_counter()
-        page = await self._call("health", [], HEALTH_TIMEOUT)
+        # The page must also be usable: a run that a terminated script cut off mid-way blocks its model's
+        # runs for good, and a reconnect would only hand the same stuck page back.
+        page = await self._call("settled", [RESUME_SETTLE_WAIT * 1000], HEALTH_TIMEOUT)
         phases["health"] = time.perf_counter()
+        if not page["settled"]:
+            raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
+                                 "a run in the page is still unfinished; cannot reconnect")
         marks = [t0, *phases.values()]      # where the time went, for benchmarks/failure_signals.py
         return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000,
                 "phases_ms": {name: (b - a) * 1000 for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}

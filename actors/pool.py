@@ -151,6 +151,8 @@ class PoolCore:
                          "batch_wait_ms": batch_wait_ms}    # the rest of what PoolConfigured records
         self._admitted = 0                               # requests inside infer/generate right now
         self._admitted_rows = 0                          # their rows (texts; a generation counts one)
+        self._no_requests = asyncio.Event()              # set while no request is admitted
+        self._no_requests.set()
         self._answer_rate = _AnswerRate()
         self._background: set[asyncio.Future] = set()
         self._closed = False
@@ -161,7 +163,8 @@ class PoolCore:
                            memory_limit_mb=memory_limit_mb, backend=backend)
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
-                                     standby_type=lambda: self._browser_type("text_embedding"))
+                                     standby_type=lambda: self._browser_type("text_embedding"),
+                                     until_no_requests=self._until_no_requests)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
@@ -234,12 +237,23 @@ class PoolCore:
                                 f"{self.max_queued_rows}); retry in {retry:.2f} s", retry_after_s=retry)
         self._admitted += 1
         self._admitted_rows += rows
+        self._no_requests.clear()
         try:
             yield
             self._answer_rate.add(rows)
         finally:
             self._admitted -= 1
             self._admitted_rows -= rows
+            if not self._admitted:
+                self._no_requests.set()
+
+    async def _until_no_requests(self, timeout: float) -> bool:
+        """Wait until no request is admitted (or ``timeout`` s); returns whether none is."""
+        try:
+            await asyncio.wait_for(self._no_requests.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _detached(self, model: str, work: Callable[[], Awaitable[dict[str, Any]]],
                         rows: int = 1) -> dict[str, Any]:

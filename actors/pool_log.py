@@ -96,20 +96,6 @@ class PoolLog:
                         self._pending.setdefault(rec.seq, rec)
                 self._apply_pending()
 
-    async def until(self, holds: Callable[[PoolState], bool], timeout: float) -> bool:
-        """Wait until ``holds(state)`` is true, or ``timeout`` seconds; returns whether it holds."""
-        deadline = time.monotonic() + timeout
-        async with self._applied:
-            while not holds(self.state):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(self._applied.wait(), remaining)
-                except asyncio.TimeoutError:
-                    return holds(self.state)
-        return True
-
     def _apply_pending(self) -> None:
         advanced = False
         while (rec := self._pending.pop(self.state.last_seq + 1, None)) is not None:

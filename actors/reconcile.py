@@ -52,7 +52,8 @@ WAKE_KINDS = frozenset({"ModelLoaded", "BrowserRoleChanged", "BrowserFailed", "B
 class Reconciler:
     def __init__(self, fleet: Fleet, config: FaultToleranceConfig, locks: KeyedLocks,
                  spawn: Callable[[Awaitable[Any]], asyncio.Future], *, health_interval: float,
-                 adaptive_scaling: bool, scale_down_idle_s: float, standby_type: Callable[[], str]) -> None:
+                 adaptive_scaling: bool, scale_down_idle_s: float, standby_type: Callable[[], str],
+                 until_no_requests: Callable[[float], Awaitable[bool]]) -> None:
         self.fleet = fleet
         self.log = fleet.log
         self.config = config
@@ -63,6 +64,7 @@ class Reconciler:
         self.adaptive_scaling = adaptive_scaling
         self.scale_down_idle_s = scale_down_idle_s
         self._standby_type = standby_type
+        self._until_no_requests = until_no_requests
         self.policy = Policy(recovers=config.recovers,
                              standby_browsers=config.standby_browsers if config.keeps_standby else 0)
         self._wake = asyncio.Event()
@@ -191,8 +193,8 @@ class Reconciler:
                 spares = [b for b in browsers_alive(state) if b.standby]
                 if len(spares) < self.policy.standby_browsers:
                     # A new browser's start-up, model load and warm-up take seconds of CPU: requests in flight
-                    # (the rerun of a failed-over request among them) go first, for at most STANDBY_DEFER_S.
-                    await self.log.until(lambda s: not s.operations, STANDBY_DEFER_S)
+                    # (a failed-over request's rerun among them) go first, for at most STANDBY_DEFER_S.
+                    await self._until_no_requests(STANDBY_DEFER_S)
                     await self.fleet.launch(self._standby_type(), standby=True)
                     continue
                 cold = [(b.browser_id, key) for b in spares for key in sorted(hot - warm_keys_on(state, b.browser_id))]

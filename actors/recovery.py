@@ -146,18 +146,17 @@ class RecoveryExecutor:
 
     # ----- the steps: each returns the id of the browser now serving the failed one's work -----
     async def resume(self, browser_id: str) -> str:
-        result = await self.fleet.handle(browser_id).resume.remote()
-        missing = self.fleet.keys_on(browser_id) - set(result["models"])
-        if missing:
-            raise RecoveryStepError(f"resumed, but the page lost {sorted(missing)}")
-        await self.log.record(ev.BrowserConnected(browser_id=browser_id))
-        return browser_id
+        return await self._same_page(browser_id, self.fleet.handle(browser_id).resume, "resumed")
 
     async def reconnect(self, browser_id: str) -> str:
-        result = await self.fleet.handle(browser_id).reconnect.remote()
+        return await self._same_page(browser_id, self.fleet.handle(browser_id).reconnect, "reconnected")
+
+    async def _same_page(self, browser_id: str, method: Any, done: str) -> str:
+        """Resume or reconnect: the same page goes on, and must still hold every model the log says it does."""
+        result = await method.remote()
         missing = self.fleet.keys_on(browser_id) - set(result["models"])
         if missing:
-            raise RecoveryStepError(f"reconnected, but the page lost {sorted(missing)}")
+            raise RecoveryStepError(f"{done}, but the page lost {sorted(missing)}")
         await self.log.record(ev.BrowserConnected(browser_id=browser_id))
         return browser_id
 

@@ -75,6 +75,7 @@ NOT_MEASURED: dict[str, str] = {}
 # scenario script (a process of its own: one process joins one Ray cluster).
 CLUSTER_SCENARIOS = Path(__file__).resolve().parent.parent / "tests" / "cluster_scenarios.py"
 OVERHEAD_TEXT = "A man is eating food."
+STEADY_WARM, STEADY_SAMPLES = 4, 5        # a new pool's requests before / for its steady request time
 AFTER_KILL_POOL = ("failover", "high")    # the pool the after-kill trials run on
 AFTER_KILL_NORMAL = 5                     # requests with no fault before each kill (their median is the base)
 ANSWER_TIMEOUT = 120.0              # seconds a single request may take before the trial counts as failed
@@ -379,7 +380,11 @@ class PoolSession:
             raise RuntimeError(f"pool {self.strategy}/{self.level} did not open: {type(exc).__name__}: "
                                f"{str(exc)[:200]}; last events: {trace}") from exc
         self.backend = first["backend"]
-        for _ in range(2):
+        # The serving browser's first runs are on V8's baseline code: the steady time is taken after
+        # STEADY_WARM requests, as the median of STEADY_SAMPLES.
+        for _ in range(STEADY_WARM):
+            ray.get(self.pool.infer.remote(MODEL, {"texts": self.work.texts}), timeout=ANSWER_TIMEOUT)
+        for _ in range(STEADY_SAMPLES):
             t0 = time.perf_counter()
             ray.get(self.pool.infer.remote(MODEL, {"texts": self.work.texts}), timeout=ANSWER_TIMEOUT)
             self.steady_request_ms.append((time.perf_counter() - t0) * 1000)

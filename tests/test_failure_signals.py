@@ -230,7 +230,7 @@ def test_a_hang_is_a_timeout_and_the_same_page_resumes_with_its_model(served):
 
 def test_a_run_its_budget_cut_off_mid_way_cannot_be_resumed(served):
     """Terminating a script inside a model run leaves that run unfinished for good (and every later run
-    of the model behind it): resume refuses, and a restart serves again."""
+    of the model behind it): resume and reconnect refuse, and a restart serves again."""
     handle, art, load = served
     ray.get(handle.inject_fault.remote("slow", factor=20))   # the run is surely under way at its deadline
     try:
@@ -239,6 +239,8 @@ def test_a_run_its_budget_cut_off_mid_way_cannot_be_resumed(served):
         assert err.value.category is FailureCategory.TIMEOUT, err.value
         with pytest.raises(BrowserFailure, match="cannot resume"):
             ray.get(handle.resume.remote())
+        with pytest.raises(BrowserFailure, match="cannot reconnect"):     # the same stuck page: no
+            ray.get(handle.reconnect.remote())
     finally:
         ray.get(handle.restart.remote())
         load()
