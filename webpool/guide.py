@@ -336,12 +336,14 @@ class ResourcePoolRecoveryManager:
     async def _progressive_recovery(self, browser_id: str, failure_category: FailureCategory) -> dict[str, Any]:
         """The guide's progressive strategy, as the pool plans it (actors/decisions/recovery.py): reconnect
         (only for CONNECTION and TIMEOUT: a crashed page has nothing to reconnect to), then restart, then
-        failover; with a warm standby up, failover before restart; a lost WebGPU device first in place."""
+        failover; with a warm standby up, failover before restart; a hang first resumed in place."""
         self.logger.info("Attempting progressive recovery for browser %s", browser_id)
         result = await self._pool_recovery(browser_id, failure_category, RecoveryStrategy.PROGRESSIVE)
         if result["success"] and result["steps"]:
-            # As in the guide, a progressive recovery answers as the strategy that worked.
-            result["strategy"] = result["steps"][-1]
+            # As in the guide, a progressive recovery answers as the strategy that worked; a resume kept the
+            # same browser and page, which is the guide's reconnect (``steps`` says which it was).
+            last = result["steps"][-1]
+            result["strategy"] = "reconnect" if last == "resume" else last
         return result
 
     async def _pool_recovery(self, browser_id: str, failure_category: FailureCategory,
