@@ -169,12 +169,14 @@ def trial_latencies(events: Sequence[dict[str, Any]], browser_id: str, fault_ts:
     ``events`` are the records after the fault; ``fault_ts`` is the wall-clock time (``time.time``) the
     fault was injected. Detection: fault -> the browser's first BrowserFailed. Recovery: that BrowserFailed
     -> the first RecoveryCompleted for the browser after it (successful or not: ``recovery_success`` says).
+    Rerun start: fault -> the first OperationStarted after that recovery (the work starting again: what
+    the fault cost before the request runs anew, without the rerun's own time).
     """
     evs = sorted(events, key=lambda e: e["seq"])
     failed = [e for e in evs if e["action"] == "BrowserFailed" and e["data"]["browser_id"] == browser_id]
     out: dict[str, Any] = {"detected": bool(failed), "detection_ms": None, "category": None,
                            "recovery_ms": None, "recovery_success": None, "recovery_steps": [], "winning_step": None,
-                           "replacement": None, "failures_recorded": len(failed)}
+                           "replacement": None, "failures_recorded": len(failed), "rerun_start_ms": None}
     if not failed:
         return out
     first = failed[0]
@@ -192,6 +194,9 @@ def trial_latencies(events: Sequence[dict[str, Any]], browser_id: str, fault_ts:
                replacement=done["data"]["replacement"],
                recovery_steps=[{"step": s["step"], "success": s["success"], "ms": s["duration_ms"]} for s in steps],
                winning_step=next((s["step"] for s in steps if s["success"]), None))
+    rerun = next((e for e in evs if e["action"] == "OperationStarted" and e["seq"] > done["seq"]), None)
+    if rerun is not None:
+        out["rerun_start_ms"] = (rerun["timestamp"] - fault_ts) * 1000
     return out
 
 
@@ -623,6 +628,7 @@ def summarize_case(trials: list[dict[str, Any]]) -> dict[str, Any]:
         "outcomes": outcomes,
         "detection": summary_ms([t["detection_ms"] for t in trials if t["detection_ms"] is not None]),
         "recovery": summary_ms([t["recovery_ms"] for t in recovered if t["recovery_success"]]),
+        "rerun_start": summary_ms([t["rerun_start_ms"] for t in trials if t.get("rerun_start_ms") is not None]),
         "time_to_result": summary_ms([t["time_to_result_ms"] for t in trials if t["time_to_result_ms"] is not None]),
         "recovery_successes": sum(1 for t in recovered if t["recovery_success"]),
         "recovery_failures": sum(1 for t in recovered if not t["recovery_success"]),
@@ -1002,6 +1008,8 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
                                  "(the one in flight, else the next one, sent as soon as the first answered)",
             "beyond_request_median_ms": "median time to result minus the median of the same batch with no "
                                         "fault (steady_request): what the fault cost beyond running it again",
+            "rerun_start_ms": "fault -> the first OperationStarted after the browser's recovery completed: when "
+                              "the work started again (the rerun's own time excluded)",
             "after_kill": "level high, failover, a warmed-up standby: a one-sentence request sent as soon as "
                           "inject_fault(serving browser, 'kill_browser') returned, timed to its correct answer, "
                           "vs the median of 5 of the same request with no fault just before (ratio per trial)",
@@ -1073,7 +1081,7 @@ def print_tables(r: dict[str, Any]) -> None:
     t = Table(title=f"Recovery latency, median / p95 ms ({r['date']}, {m['cpus']} CPUs, load "
                     f"{m['load_average_1m_before']}→{m['load_average_1m_after']}{', quick' if r['quick'] else ''})")
     for col in ("fault", "strategy", "level", "n", "detect", "recover", "time to result", "TTR - request",
-                "vs Ray baseline", "outcomes / note"):
+                "rerun starts", "vs Ray baseline", "outcomes / note"):
         t.add_column(col)
     for c in r["cases"]:
         s = c["summary"]
@@ -1088,7 +1096,8 @@ def print_tables(r: dict[str, Any]) -> None:
         note = c["note"] or ", ".join(f"{k}:{v}" for k, v in s["outcomes"].items())
         beyond = s.get("beyond_request_median_ms")
         t.add_row(c["fault"], c["strategy"], c["level"], str(s["trials"]), _fmt(s["detection"]), _fmt(s["recovery"]),
-                  _fmt(s["time_to_result"]), "—" if beyond is None else f"{beyond:.0f}", vs_text, note)
+                  _fmt(s["time_to_result"]), "—" if beyond is None else f"{beyond:.0f}", _fmt(s.get("rerun_start")),
+                  vs_text, note)
     console.print(t)
     console.print(after_kill_line(r))
 
@@ -1201,8 +1210,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"{m['load_average_1m_before']}→{m['load_average_1m_after']}, {r['config']['trials']} trial(s) per case"
              f"{', quick' if r['quick'] else ''}; all answers checked against the numpy reference "
              f"(max abs error ≤ {r['config']['tolerance']:g}).", "",
-             "| fault | strategy | level | time to result p50 / p95 ms | beyond the request p50 ms | detect p50 ms "
-             "| recover p50 ms | vs Ray baseline | correct |", "|---|---|---|---|---|---|---|---|---|"]
+             "| fault | strategy | level | time to result p50 / p95 ms | beyond the request p50 ms "
+             "| rerun starts p50 / p95 ms | detect p50 ms | recover p50 ms | vs Ray baseline | correct |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         s = c["summary"]
         vs = c.get("vs_baseline")
@@ -1218,7 +1228,7 @@ def markdown(r: dict[str, Any]) -> str:
         ttr = _fmt(s["time_to_result"]) if s["time_to_result"] else (c["note"] or "—")
         beyond = s.get("beyond_request_median_ms")
         lines.append(f"| {c['fault']} | {c['strategy']} | {c['level']} | {ttr} | "
-                     f"{'—' if beyond is None else f'{beyond:.0f}'} | "
+                     f"{'—' if beyond is None else f'{beyond:.0f}'} | {_fmt(s.get('rerun_start'))} | "
                      f"{'—' if detect is None else f'{detect:.0f}'} | {'—' if recover is None else f'{recover:.0f}'} | "
                      f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
     lines += ["", after_kill_line(r)]

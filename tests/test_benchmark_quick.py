@@ -36,12 +36,14 @@ def test_trial_latencies_from_the_event_log():
             error=None),
         _ev(15, 100.120, "RecoveryCompleted", recovery_id="r1", browser_id="b1", success=True, replacement="b2",
             duration_ms=90.0),
+        _ev(16, 100.135, "OperationStarted", op_id="o2", model="m", browser_id="b2", kind="infer", input_digest="d"),
     ]
     lat = rl.trial_latencies(events, "b1", fault_ts=100.0)
     assert lat["detected"] and lat["category"] == "crash"
     assert lat["detection_ms"] == pytest.approx(20.0, abs=1e-6)
     assert lat["recovery_ms"] == pytest.approx(100.0, abs=1e-6)   # 100.020 -> 100.120, not the older recovery
     assert lat["recovery_success"] is True and lat["replacement"] == "b2" and lat["winning_step"] == "failover"
+    assert lat["rerun_start_ms"] == pytest.approx(135.0, abs=1e-6)   # the work starts again on b2
     assert rl.recovery_settled(events, "b1")
     nothing = rl.trial_latencies([e for e in events if e["action"] != "BrowserFailed"], "b1", fault_ts=100.0)
     assert not nothing["detected"] and nothing["detection_ms"] is None and nothing["recovery_ms"] is None
@@ -121,7 +123,7 @@ def test_quick_run_writes_sane_results(ray_local, tmp_path):
         summ = case["summary"]
         assert summ["trials"] == len(case["trials"]) == cfg.trials, case["note"]
         assert summ["all_answers_correct"], case
-        for key in ("detection", "recovery", "time_to_result", "steady_request"):
+        for key in ("detection", "recovery", "time_to_result", "steady_request", "rerun_start"):
             _check_summary(summ[key])
         for t in case["trials"]:
             assert t["outcome"] in ("recovered_in_flight", "recovered_next_request"), t
