@@ -242,13 +242,9 @@ class BrowserCore:
         self.page = ours[0]
         await self._attach_page()
         phases["attach"] = time.perf_counter()
-        # The page must also be usable: a run that a terminated script cut off mid-way blocks its model's
-        # runs for good, and a reconnect would only hand the same stuck page back.
-        page = await self._call("settled", [RESUME_SETTLE_WAIT * 1000], HEALTH_TIMEOUT)
+        # The page must also be usable: a reconnect would only hand a stuck page back.
+        page = await self._usable_page("reconnect")
         phases["health"] = time.perf_counter()
-        if not page["settled"]:
-            raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
-                                 "a run in the page is still unfinished; cannot reconnect")
         marks = [t0, *phases.values()]      # where the time went, for benchmarks/failure_signals.py
         return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000,
                 "phases_ms": {name: (b - a) * 1000 for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
@@ -261,11 +257,18 @@ class BrowserCore:
         """
         t0 = time.perf_counter()
         self._check()
+        page = await self._usable_page("resume")
+        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
+
+    async def _usable_page(self, action: str) -> dict[str, Any]:
+        """The page's models, once it answers and every model's run queue settles within
+        ``RESUME_SETTLE_WAIT``; a run a terminated script cut off mid-way never settles, and blocks its
+        model's runs for good: then BrowserFailure (``action`` says what could not be done)."""
         page = await self._call("settled", [RESUME_SETTLE_WAIT * 1000], HEALTH_TIMEOUT)
         if not page["settled"]:
             raise BrowserFailure(self.browser_id, FailureCategory.TIMEOUT,
-                                 "a run is still unfinished after its script was terminated; cannot resume")
-        return {"models": page["models"], "ms": (time.perf_counter() - t0) * 1000}
+                                 f"a run in the page is still unfinished; cannot {action}")
+        return page
 
     async def restart(self) -> dict[str, Any]:
         """Replace the browser process (the old one is killed); its models must be loaded again."""

@@ -263,7 +263,8 @@ class Fleet:
         (ModelWarmedUp), within ``WARMUP_MAX_S``. Stops without recording when the browser stops being a
         standby (a failover took it: its real work comes first). Returns whether it recorded the warm-up;
         a failure is recorded and raised as BrowserFailure."""
-        feeds = await asyncio.to_thread(registry.warmup_feeds, art)
+        # In the object store once: each round's call passes the reference, not the arrays again.
+        feeds = ray.put(await asyncio.to_thread(registry.warmup_feeds, art))
         rounds: list[float] = []
         deadline = time.monotonic() + WARMUP_MAX_S
         with self.lease(browser_id):
