@@ -102,8 +102,11 @@ class BrowserCore:
     """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor."""
 
     def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
-                 memory_limit_mb: int | None = None):
+                 memory_limit_mb: int | None = None, reporter: Any = None):
         self.browser_id = browser_id
+        # The pool actor (its ``browser_failed``): told of a failure the moment a signal shows it, so the pool
+        # recovers before a request or a health check would have met the dead browser. None in-process.
+        self.reporter = reporter
         self.requested_type = browser_type
         self.num_threads = num_threads
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
@@ -382,6 +385,12 @@ class BrowserCore:
             self._failed.set()
             log.warning("browser failed", extra={"browser_id": self.browser_id, "category": category.value,
                                                  "detail": detail})
+            if self.reporter is not None:
+                self.reporter.browser_failed.remote(self.browser_id, category.value, detail)
+
+    async def current_failure(self) -> tuple[str, str] | None:
+        """The failure this browser is in now (category, detail); None once a recovery step revived it."""
+        return None if self.failure is None else (self.failure[0].value, self.failure[1])
 
     def _clear_failure(self) -> None:
         self.failure = None

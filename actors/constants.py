@@ -68,6 +68,17 @@ WARMUP_MIN_WORK_MS = 3000.0
 WARMUP_SETTLE_RATIO = 1.25
 WARMUP_MAX_ROUNDS = 40
 WARMUP_MAX_S = 30.0
+# Hedged requests (level high; actors/decisions/hedging.py): a request still unanswered after the p95 of its
+# model's per-row page time x its rows + the transport is also sent to an idle browser holding the model.
+# Floor: below it a hedge chases noise; cap: the delay with too little history, and the most it waits.
+HEDGE_MIN_MS = 50.0
+HEDGE_MAX_MS = 2000.0
+HEDGE_TRANSPORT_MS = 30.0            # a request through Ray and CDP costs ~20-30 ms beyond its page time here
+HEDGE_MIN_SAMPLES = 5                # per-row service times before the p95 is trusted
+# The budget, a token bucket: each request adds HEDGE_BUDGET_RATIO of a token (5 % of requests at most,
+# over time), a hedge spends one; it holds at most HEDGE_BUDGET_BURST.
+HEDGE_BUDGET_RATIO = 0.05
+HEDGE_BUDGET_BURST = 3.0
 DEFAULT_VOTE_K = 3                   # browsers per request at level critical (a majority of 3 survives one liar)
 DEFAULT_VOTE_COSINE = 0.999          # embeddings agree at this cosine (fp32 runs of one model differ ~1e-6)
 DEFAULT_BACKOFF_S = 0.05             # before retry n of a request: DEFAULT_BACKOFF_S * 2**(n-1)

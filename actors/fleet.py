@@ -52,8 +52,9 @@ class KeyedLocks:
 
 class Fleet:
     def __init__(self, log_: PoolLog, locks: KeyedLocks, spawn: Callable[[Awaitable[Any]], asyncio.Future], *,
-                 num_threads: int, memory_limit_mb: int | None, backend: str) -> None:
+                 num_threads: int, memory_limit_mb: int | None, backend: str, reporter: Any = None) -> None:
         self.log = log_
+        self.reporter = reporter                        # the pool actor: browsers report their failures to it
         self.locks = locks
         self._spawn = spawn
         self.num_threads = num_threads
@@ -202,7 +203,7 @@ class Fleet:
         self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
             handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
-                                                            self.memory_limit_mb)
+                                                            self.memory_limit_mb, self.reporter)
             try:
                 info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot

@@ -3,7 +3,8 @@
 Every metric is derived from an event the pool has just applied (``observe``), so the numbers a
 Prometheus server scrapes from each node's metrics export port tell the same story as the log:
 requests by model and outcome, request latency, browser failures by category, recoveries by strategy
-and outcome, requests refused as busy, outside requests blocked, and the live browsers.
+and outcome, requests refused as busy, hedged requests (sent, won), outside requests blocked, and the
+live browsers.
 Ray exports them with its ``ray_`` prefix (e.g. ``ray_webpool_requests_total``).
 """
 
@@ -37,6 +38,9 @@ class PoolMetrics:
         self.recoveries = metrics.Counter(
             "webpool_recoveries", "Finished recoveries by strategy and outcome.",
             tag_keys=("pool", "strategy", "outcome"))
+        self.hedges = metrics.Counter(
+            "webpool_hedges", "Hedged requests by model and event (sent; won: the copy answered first).",
+            tag_keys=("pool", "model", "event"))
         self.blocked = metrics.Counter(
             "webpool_page_requests_blocked", "Outside requests a page attempted and was refused.", tag_keys=("pool",))
         self.browsers = metrics.Gauge(
@@ -61,6 +65,10 @@ class PoolMetrics:
             started = before.recoveries.get(e.recovery_id)
             strategy = started.strategy if started is not None else "unknown"
             self.recoveries.inc(1, {**tags, "strategy": strategy, "outcome": "success" if e.success else "failure"})
+        elif isinstance(e, ev.HedgeSent):
+            self.hedges.inc(1, {**tags, "model": e.model, "event": "sent"})
+        elif isinstance(e, ev.HedgeWon):
+            self.hedges.inc(1, {**tags, "model": e.model, "event": "won"})
         elif isinstance(e, ev.PageRequestsBlocked):
             self.blocked.inc(e.count, tags)
         if isinstance(e, ev.BrowserLaunched | ev.BrowserRetired | ev.BrowserFailed | ev.BrowserQuarantined

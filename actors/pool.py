@@ -50,8 +50,8 @@ from actors.constants import (
     RUN_TIMEOUT,
     SCALE_DOWN_IDLE_S,
 )
-from actors.decisions import adaptive, batching, placement, validation
-from actors.decisions.reconcile import ended_by_restart
+from actors.decisions import adaptive, batching, hedging, placement, validation
+from actors.decisions.reconcile import ended_by_restart, in_open_session, warm_keys_on
 from actors.decisions.recovery import (
     FaultToleranceConfig,
     FaultToleranceLevel,
@@ -67,6 +67,7 @@ from actors.sessions import Sessions, digest
 from events import schema as ev
 from events.errors import (
     BrowserFailure,
+    FailureCategory,
     InputError,
     NoBrowserAvailableError,
     NoMajorityError,
@@ -111,6 +112,14 @@ class _Embedding:
     request: validation.EmbeddingRequest
     feeds: dict[str, Any]
     digest: str
+
+
+def _own_handle() -> Any:
+    """This pool's actor handle, for its browsers to report to; None when the pool runs in-process."""
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:
+        return None
 
 
 class PoolCore:
@@ -160,12 +169,13 @@ class PoolCore:
         self.locks = KeyedLocks()
         self.log = PoolLog(self.name, event_log or str(cache_dir() / "events" / self.name))
         self.fleet = Fleet(self.log, self.locks, self._spawn, num_threads=num_threads,
-                           memory_limit_mb=memory_limit_mb, backend=backend)
+                           memory_limit_mb=memory_limit_mb, backend=backend, reporter=_own_handle())
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self._browser_type("text_embedding"),
                                      until_no_requests=self._until_no_requests)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
+        self.hedge_budget = hedging.Budget(self.ft.hedge_budget)   # level high: how many slow requests may be hedged
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
             batch_wait_ms / 1000, self._spawn)
@@ -487,15 +497,87 @@ class PoolCore:
             [answer] = await self._embed_on(browser_id, art, [job])
             return answer
 
-        async def attempt() -> dict[str, Any]:
-            if self.ft.votes:
-                return await self._voted(art, spec.task, on, lambda answers, voters: vote_embeddings(
-                    {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine, voters))
+        async def run() -> dict[str, Any]:
             if self.batcher is not None:
                 return await self.batcher.submit(art.key, (art, job), len(request.texts))
             return await on(await self._place(art, spec.task))
 
+        async def attempt() -> dict[str, Any]:
+            if self.ft.votes:
+                return await self._voted(art, spec.task, on, lambda answers, voters: vote_embeddings(
+                    {b: r["embedding"] for b, r in answers.items()}, self.ft.vote_cosine, voters))
+            if self.ft.hedges:
+                return await self._hedged(art, job, run, on)
+            return await run()
+
+        if self.ft.hedges:
+            self.hedge_budget.on_request()
         return await self._with_recovery(attempt)
+
+    def _row_ms(self, model: str) -> list[float]:
+        """Recent per-row page times of ``model`` on every live browser (the history's windows)."""
+        alive = {b.browser_id for b in browsers_alive(self.state)}
+        return [ms for (b, m), w in self.state.perf.items() if m == model and b in alive for ms in w.recent_ms]
+
+    def _hedge_target(self, art: ModelArtifact) -> str | None:
+        return hedging.pick_target([
+            hedging.Candidate(b.browser_id,
+                              art.key in (warm_keys_on(self.state, b.browser_id) if b.standby
+                                          else self.fleet.keys_on(b.browser_id)),
+                              self.fleet.leased(b.browser_id), b.standby,
+                              adaptive.expected_cost(self.state.perf.get((b.browser_id, art.model))))
+            for b in browsers_alive(self.state) if not b.draining])
+
+    async def _hedged(self, art: ModelArtifact, job: _Embedding, run: Callable[[], Awaitable[dict[str, Any]]],
+                      on: Callable[[str], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Level high: ``run()`` answers the request; if it has not after ``hedging.delay_ms``, a copy runs
+        ``on`` an idle browser holding the model (budget permitting) and the first answer is the request's.
+
+        Guarantees: the caller gets one answer, computed in full by one page run of its own inputs (a copy
+        is its own operation, never mixed with another run's rows). The run that loses goes on: its
+        operation ends in the log as any does, and a browser failure it meets is reported for recovery.
+        Both failing raises the first run's error (a BrowserFailure is recovered and retried as always).
+        """
+        rows = len(job.request.texts)
+        after_ms = hedging.delay_ms(self._row_ms(art.model), rows)
+        first = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({first}, timeout=after_ms / 1000)
+        target = None if done else self._hedge_target(art)
+        if target is None or not self.hedge_budget.try_spend():
+            return await first
+        hedge_id = uuid.uuid4().hex[:12]
+        copy = asyncio.ensure_future(on(target))
+        runs = (first, copy)
+        await self.log.record(ev.HedgeSent(hedge_id=hedge_id, browser_id=target, model=art.model, rows=rows,
+                                           after_ms=after_ms))
+        winner: asyncio.Future | None = None
+        pending = set(runs)
+        try:
+            while pending and winner is None:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                winner = next((t for t in (first, copy) if t in finished and t.exception() is None), None)
+        except BaseException:          # the caller went away: both runs go on unobserved
+            for task in runs:
+                task.add_done_callback(self._report_loser)
+            raise
+        for task in runs:
+            if task is not winner and (winner is not None or task is copy):
+                task.add_done_callback(self._report_loser)    # with no winner, the first run's error is raised
+        if winner is None:
+            return first.result()          # raises the first run's error
+        result = winner.result()
+        won = winner is copy
+        if won:
+            await self.log.record(ev.HedgeWon(hedge_id=hedge_id, browser_id=target, model=art.model))
+        return result | {"hedge": {"hedge_id": hedge_id, "browser_id": target, "after_ms": after_ms, "won": won}}
+
+    def _report_loser(self, task: asyncio.Future) -> None:
+        """A run nobody awaits any more: a browser failure it met is recovered; anything else is dropped."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, BrowserFailure):
+            self.reconciler.report_soon(exc)
 
     async def _embed_batch(self, payloads: Sequence[tuple[ModelArtifact, _Embedding]]) -> list[dict[str, Any]]:
         """The batcher's run: one batch of one model's requests, placed as one request would be."""
@@ -593,6 +675,23 @@ class PoolCore:
         # leaves the browser failed, not retired, for that next step.
         return await self.reconciler.report(BrowserFailure(browser_id, category, detail), config,
                                             retire_if_not_recovered=strategy != RecoveryStrategy.RECONNECT.value)
+
+    async def browser_failed(self, browser_id: str, category: str, detail: str) -> None:
+        """A browser actor saw its browser fail (process exit, page crash, lost connection): recovered now,
+        not when the next request or health check meets the dead browser. Ignored when the pool knows of
+        the failure already (the browser is not alive in the log), when an open generation session uses
+        the browser (the session handles its shards' failures), and when a recovery revived it since."""
+        await self._ensure_log()
+        state = self.state.browsers.get(browser_id)
+        if self._closed or state is None or state.status not in ALIVE_STATUSES \
+                or in_open_session(self.state, browser_id):
+            return
+        try:
+            now = await self.fleet.handle(browser_id).current_failure.remote()
+        except ray.exceptions.RayActorError:
+            now = (category, detail)         # its actor died since: still failed
+        if now is not None:
+            self.reconciler.report_soon(BrowserFailure(browser_id, FailureCategory(now[0]), now[1]))
 
     async def place(self, model_name: str) -> dict[str, Any]:
         """A live browser holding ``model_name`` (whole, unsharded), loading it (launching a browser if

@@ -11,8 +11,10 @@ numbers are taken:
   max abs error <= 1e-4) of the first request that met the fault. That is the request in flight,
   unless the fault landed only after it finished (a renderer busy in wasm handles ``Page.crash`` and
   a queued hang after the run); then it is the client's next request, sent as soon as the first
-  answered. Faults that break no request (a memory ceiling crossed; the GPU process on wasm) have no
-  time to result: their detection and recovery are still measured.
+  answered. At level high that request may be answered by its hedge (a copy sent to an idle browser
+  holding the model once it ran longer than nearly all requests do): outcome ``hedged_*``, and the time
+  to result can then come before the detection. Faults that break no request (a memory ceiling crossed;
+  the GPU process on wasm) have no time to result: their detection and recovery are still measured.
 
 The baseline, measured in the same run, is what a Ray user writes today: a plain Ray actor owning a
 BrowserCore with MiniLM loaded in ``__init__``, ``max_restarts=1, max_task_retries=1`` and nothing
@@ -471,7 +473,7 @@ def _answer(ref: Any, reference: np.ndarray, t0: float) -> dict[str, Any]:
     ms = (time.perf_counter() - t0) * 1000
     err = _max_err(out["embedding"], reference)
     return {"ms": ms, "correct": err <= TOLERANCE, "max_abs_err": err, "recovered": bool(out.get("recovered")),
-            "browser_id": out["browser_id"], "error": None}
+            "hedged": bool(out.get("hedge", {}).get("won")), "browser_id": out["browser_id"], "error": None}
 
 
 def _wait_in_flight(pool: Any, ref: Any, timeout: float = 30.0) -> str:
@@ -529,9 +531,10 @@ def pool_trial(session: PoolSession, fault: str) -> dict[str, Any]:
     answers = [_answer(ref, reference, t0)]
     # The request in flight came back untouched (the fault landed after it, or breaks no request): the
     # client's next request, sent at once, is the one that meets it.
-    if answers[0]["correct"] and not answers[0]["recovered"] and inject_error is None:
+    if answers[0]["correct"] and not (answers[0]["recovered"] or answers[0]["hedged"]) and inject_error is None:
         answers.append(_answer(pool.infer.remote(MODEL, {"texts": work.texts}), reference, t0))
-    met = next((a for a in answers if a["recovered"]), None)
+    # The request that met the fault: recovered and run again, or (level high) answered by its hedge.
+    met = next((a for a in answers if a["recovered"] or a["hedged"]), None)
 
     # Faults that broke no request are found by health checks: give them time to show in the log.
     observe_until = time.monotonic() + max(3 * session.cfg.health_interval, 2.0)
@@ -550,10 +553,9 @@ def pool_trial(session: PoolSession, fault: str) -> dict[str, Any]:
         outcome = "not_injected"
     elif not all(a["correct"] for a in answers):
         outcome = "failed"
-    elif met is answers[0]:
-        outcome = "recovered_in_flight"
     elif met is not None:
-        outcome = "recovered_next_request"
+        outcome = ("hedged" if met["hedged"] else "recovered") + (
+            "_in_flight" if met is answers[0] else "_next_request")
     else:
         outcome = "requests_unaffected"
     return {
@@ -955,10 +957,13 @@ def overhead_level(level: str, cfg: Config, event_root: Path, reference: np.ndar
             conc_ms.append((time.perf_counter() - started.pop(done)) * 1000)
             wrong += _max_err(ray.get(done)["embedding"], reference) > TOLERANCE
         conc_s = time.perf_counter() - t_start
+        stats = ray.get(pool.get_recovery_statistics.remote())
     finally:
         close_pool(pool)
     return {
         "browsers": browsers, "fault_tolerance": ft, "wrong_answers": int(wrong),
+        # Level high: slow requests copied to the standby (what hedging cost, with no fault at all).
+        "hedges": {"sent": stats["hedges_sent"], "won": stats["hedges_won"]},
         "sequential": {"requests_per_s": cfg.overhead_requests / seq_s, "latency": summary_ms(seq_ms)},
         "concurrent": {"in_flight": cfg.concurrency, "requests_per_s": cfg.overhead_requests / conc_s,
                        "latency": summary_ms(conc_ms)},
@@ -1245,16 +1250,19 @@ def markdown(r: dict[str, Any]) -> str:
               else f"- {fault}: {f['verdict']}" for fault, f in b["faults"].items()]
     levels = r["overhead"]["levels"]
     if levels:
-        lines += ["", "| level | req/s sequential | req/s 4 in flight | vs none (seq / conc) |", "|---|---|---|---|"]
+        lines += ["", "| level | req/s sequential | req/s 4 in flight | vs none (seq / conc) | hedges sent / won |",
+                  "|---|---|---|---|---|"]
         for level, x in levels.items():
             if "error" in x:
-                lines.append(f"| {level} | {x['error'][:60]} | | |")
+                lines.append(f"| {level} | {x['error'][:60]} | | | |")
                 continue
             vs = x.get("vs_none")
             seq, conc = x["sequential"], x["concurrent"]
             ratios = "" if vs is None else \
                 f"{vs['sequential']['throughput']:.2f} / {vs['concurrent']['throughput']:.2f}"
-            lines.append(f"| {level} | {seq['requests_per_s']:.1f} | {conc['requests_per_s']:.1f} | {ratios} |")
+            hedges = x.get("hedges") or {}
+            lines.append(f"| {level} | {seq['requests_per_s']:.1f} | {conc['requests_per_s']:.1f} | {ratios} | "
+                         f"{hedges.get('sent', 0)} / {hedges.get('won', 0)} |")
     return "\n".join(lines)
 
 

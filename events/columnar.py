@@ -35,6 +35,8 @@ from events.errors import FailureCategory
 from events.schema import (
     SCHEMA_VERSION,
     BrowserHealthReported,
+    HedgeSent,
+    HedgeWon,
     ModelLoaded,
     ModelUnloaded,
     ModelWarmedUp,
@@ -78,7 +80,7 @@ _FAMILIES = (OPS, TOKENS, HEALTH)
 # (or may, in a later version): it waits for all three, which is always correct.
 _FLUSHES: dict[str, tuple[str, ...]] = {
     **{k.KIND: () for k in (ModelLoaded, ModelUnloaded, ModelWarmedUp, PoolScaled, PoolConfigured, RequestRejected,
-                            SnapshotWritten, RecoveryStepFinished, RecoveryCompleted)},
+                            SnapshotWritten, RecoveryStepFinished, RecoveryCompleted, HedgeSent, HedgeWon)},
     **{k.KIND: (TOKENS,) for k in (SessionOpened, SessionResumed, ShardPromoted, SessionClosed)},
 }
 

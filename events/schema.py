@@ -30,9 +30,10 @@ from typing import Any, ClassVar, Union
 from events.errors import FailureCategory, InvalidEventError
 
 # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted;
-# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured; 6: ModelWarmedUp. A payload of an
-# older version lacks the newer fields: it is decoded through the constructor, which fills them with their defaults.
-SCHEMA_VERSION = 6
+# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured; 6: ModelWarmedUp; 7: HedgeSent, HedgeWon.
+# A payload of an older version lacks the newer fields: it is decoded through the constructor, which fills them
+# with their defaults.
+SCHEMA_VERSION = 7
 
 _INT64_MAX = 2**63 - 1
 
@@ -416,6 +417,27 @@ class OperationFailed(Event):
     error: str
 
 
+@event_kind("hedge_id")
+class HedgeSent(Event):
+    """A request of ``rows`` rows still unanswered after ``after_ms`` was also sent to ``browser_id`` (an
+    idle browser holding ``model``); the first answer is the request's. The copy runs as its own operation."""
+
+    hedge_id: str
+    browser_id: str
+    model: str
+    rows: int
+    after_ms: float
+
+
+@event_kind("hedge_id")
+class HedgeWon(Event):
+    """The copy ``hedge_id`` on ``browser_id`` answered the request (for ``model``) before its first run did."""
+
+    hedge_id: str
+    browser_id: str
+    model: str
+
+
 # --- recovery ---
 
 
@@ -539,6 +561,8 @@ __all__ = [
     "BrowserRetired",
     "BrowserRoleChanged",
     "Event",
+    "HedgeSent",
+    "HedgeWon",
     "ModelLoaded",
     "ModelUnloaded",
     "ModelWarmedUp",

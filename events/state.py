@@ -36,6 +36,8 @@ from events.schema import (
     BrowserRecoveryDeferred,
     BrowserRetired,
     BrowserRoleChanged,
+    HedgeSent,
+    HedgeWon,
     ModelLoaded,
     ModelUnloaded,
     ModelWarmedUp,
@@ -432,6 +434,14 @@ def _model_warmed_up(d: _Draft, rec: Recorded, e: ModelWarmedUp) -> None:
     d.count("models_warmed_up")
 
 
+def _hedge_sent(d: _Draft, rec: Recorded, e: HedgeSent) -> None:
+    d.count("hedges_sent")
+
+
+def _hedge_won(d: _Draft, rec: Recorded, e: HedgeWon) -> None:
+    d.count("hedges_won")
+
+
 def _model_unloaded(d: _Draft, rec: Recorded, e: ModelUnloaded) -> None:
     key = (e.browser_id, e.model, e.shard)
     if key not in d.r("models"):
@@ -585,6 +595,8 @@ _HANDLERS: dict[type, Any] = {
     OperationStarted: _op_started,
     OperationCompleted: _op_completed,
     OperationFailed: _op_failed,
+    HedgeSent: _hedge_sent,
+    HedgeWon: _hedge_won,
     RecoveryStarted: _recovery_started,
     RecoveryStepFinished: _recovery_step,
     RecoveryCompleted: _recovery_completed,
@@ -655,6 +667,8 @@ def recovery_statistics(state: PoolState) -> dict[str, int | float]:
         "recovery_successes": successes,
         "recovery_failures": int(m.get("recovery_failures", 0)),
         "success_rate": successes / attempts if attempts else 0.0,
+        "hedges_sent": int(m.get("hedges_sent", 0)),       # level high: slow requests also sent elsewhere
+        "hedges_won": int(m.get("hedges_won", 0)),         # ...and answered there first
         "active_browsers": sum(1 for b in state.browsers.values() if b.status in ALIVE_STATUSES),
         "total_browsers": len(state.browsers),
     }

@@ -19,6 +19,8 @@ from events.schema import (
     BrowserRecoveryDeferred,
     BrowserRetired,
     BrowserRoleChanged,
+    HedgeSent,
+    HedgeWon,
     ModelLoaded,
     ModelUnloaded,
     ModelWarmedUp,
@@ -45,6 +47,7 @@ BROWSERS = st.sampled_from(["b1", "b2", "b3"])
 OPS = st.sampled_from(["o1", "o2", "o3", "o4"])
 RECOVERIES = st.sampled_from(["r1", "r2"])
 SESSIONS = st.sampled_from(["s1", "s2"])
+HEDGES = st.sampled_from(["h1", "h2"])
 MODELS = st.sampled_from(["minilm", "smollm2"])
 SHARDS = st.sampled_from([None, "0-9", "10-19"])
 CATS = st.sampled_from(FailureCategory)
@@ -71,6 +74,8 @@ EVENTS_BY_KIND: dict[type, st.SearchStrategy] = {
     OperationStarted: st.builds(OperationStarted, OPS, MODELS, BROWSERS, st.sampled_from(["infer", "generate"]), TEXT),
     OperationCompleted: st.builds(OperationCompleted, OPS, MS, SMALL_JSON),
     OperationFailed: st.builds(OperationFailed, OPS, CATS, TEXT),
+    HedgeSent: st.builds(HedgeSent, HEDGES, BROWSERS, MODELS, st.integers(1, 64), MS),
+    HedgeWon: st.builds(HedgeWon, HEDGES, BROWSERS, MODELS),
     RecoveryStarted: st.builds(RecoveryStarted, RECOVERIES, BROWSERS,
                                st.sampled_from(["reconnect", "restart", "failover"]), st.integers(1, 3), CATS),
     RecoveryStepFinished: st.builds(RecoveryStepFinished, RECOVERIES, TEXT, st.booleans(), MS, st.none() | TEXT),

@@ -50,6 +50,8 @@ CONTRACT = {
     "OperationStarted": ("op_id", "model", "browser_id", "kind", "input_digest"),
     "OperationCompleted": ("op_id", "duration_ms", "metrics"),
     "OperationFailed": ("op_id", "category", "error"),
+    "HedgeSent": ("hedge_id", "browser_id", "model", "rows", "after_ms"),
+    "HedgeWon": ("hedge_id", "browser_id", "model"),
     "RecoveryStarted": ("recovery_id", "browser_id", "strategy", "attempt", "category"),
     "RecoveryStepFinished": ("recovery_id", "step", "success", "duration_ms", "error"),
     "RecoveryCompleted": ("recovery_id", "browser_id", "success", "replacement", "duration_ms"),
@@ -70,6 +72,7 @@ CONTRACT = {
 SUBJECTS = {
     "Browser": "browser_id", "Model": "browser_id", "Operation": "op_id", "Recovery": "recovery_id",
     "Session": "session_id", "Tokens": "session_id", "Shard": "session_id", "Page": "browser_id", "Request": "model",
+    "Hedge": "hedge_id",
 }
 
 # --- strategies built from each kind's type hints ---

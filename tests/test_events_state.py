@@ -26,6 +26,8 @@ from events.schema import (
     BrowserRecoveryDeferred,
     BrowserRetired,
     BrowserRoleChanged,
+    HedgeSent,
+    HedgeWon,
     ModelLoaded,
     ModelUnloaded,
     ModelWarmedUp,
@@ -156,6 +158,17 @@ def test_model_warmed_up():
     load = ModelLoaded("b1", "m", None, "h", "wasm", 1.0)
     reloaded = run(launched(), load, ModelWarmedUp("b1", "m", None, 4, 1.0, 1.0), load)
     assert not reloaded.models[("b1", "m", None)].warmed_up       # a new load starts cold
+
+
+def test_hedge_sent():
+    s = run(launched(), HedgeSent("h1", "b1", "m", 24, 180.0), HedgeSent("h2", "b1", "m", 1, 50.0))
+    assert s.metrics["hedges_sent"] == 2 and recovery_statistics(s)["hedges_sent"] == 2
+    assert s.browsers == run(launched()).browsers          # a hedge changes no browser: its run is an operation
+
+
+def test_hedge_won():
+    s = run(launched(), HedgeSent("h1", "b1", "m", 24, 180.0), HedgeWon("h1", "b1", "m"))
+    assert s.metrics["hedges_won"] == 1 and recovery_statistics(s)["hedges_won"] == 1
 
 
 def test_model_unloaded():
@@ -412,7 +425,8 @@ def test_queries():
     assert models_on(s, "nobody") == []
     assert [o.op_id for o in open_operations(s)] == ["early", "later"]
     assert recovery_statistics(s) == {"recovery_attempts": 3, "recovery_successes": 1, "recovery_failures": 1,
-                                      "success_rate": 1 / 3, "active_browsers": 2, "total_browsers": 4}
+                                      "success_rate": 1 / 3, "hedges_sent": 0, "hedges_won": 0,
+                                      "active_browsers": 2, "total_browsers": 4}
     assert recovery_statistics(PoolState())["success_rate"] == 0.0
 
 

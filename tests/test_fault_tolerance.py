@@ -111,6 +111,30 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     assert len(won) == 1 and won[0] in ({"resume"} if fault == "hang" else STEPS_OF[strategy]), steps
 
 
+def test_a_browser_that_dies_idle_is_recovered_on_its_own_signal(ray_local, tmp_path, reference):
+    """SIGKILL of an idle browser, with no request and no health check due for a minute: the browser actor
+    learns of the exit from the kernel (pidfd) and tells the pool, which records the failure and
+    recovers at once; the next request finds a serving browser."""
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=REQUEST_TIMEOUT,
+                               health_interval=60.0,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "restart"})
+    browser_id = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm up"}))["browser_id"]
+    ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+    deadline = time.monotonic() + 50           # well inside the health interval: no health pass has run
+    while not [e for e in ray.get(pool.recent_events.remote(1000))
+               if e["action"] == "RecoveryCompleted" and e["data"]["browser_id"] == browser_id]:
+        assert time.monotonic() < deadline, "the pool never learned of the dead browser"
+        time.sleep(0.05)
+    events = ray.get(pool.recent_events.remote(1000))
+    [failed] = [e["data"] for e in events if e["action"] == "BrowserFailed" and e["subject"] == browser_id]
+    assert failed["category"] == "crash" and "exited" in failed["error"], failed
+    assert not [e for e in events if e["action"] == "OperationFailed"], "no request met the dead browser"
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
+    assert out["browser_id"] == browser_id and not out.get("recovered")      # restarted in place, before it
+    assert np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    _finish(pool)
+
+
 def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):
     """After a dropped CDP connection, reconnect finds the same page with the model still loaded."""
     pool, browser_id = _pool(tmp_path, "reconnect")

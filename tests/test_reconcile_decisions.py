@@ -16,6 +16,7 @@ from actors.decisions.reconcile import (
     deferred_due,
     ended_by_restart,
     hot_keys,
+    in_open_session,
     lost_to_nodes,
     standby_short,
     warm_keys_on,
@@ -90,6 +91,15 @@ def test_a_deferred_recovery_starts_once_its_session_has_closed():
     assert isinstance(action, Recover) and action.browser_id == "b1" and action.category is FailureCategory.CRASH
     assert not action.unreachable and "killed" in action.detail
     assert decide(closed, seen(), NONE) == []
+
+
+def test_a_browser_in_an_open_session_is_left_to_the_session():
+    plan = {"shards": [{"browser_id": "b1", "artifact": KEY}, {"browser_id": "b2", "artifact": KEY}],
+            "shadows": [None, "b3"]}
+    opened = state(up("b1"), up("b2"), up("b3"), up("b4"), SessionOpened("s1", "m", plan))
+    assert [b for b in ("b1", "b2", "b3", "b4") if in_open_session(opened, b)] == ["b1", "b2", "b3"]
+    assert not in_open_session(state(up("b1"), SessionOpened("s1", "m", plan), SessionClosed("s1", "done")), "b1")
+    assert not in_open_session(state(up("b1"), SessionOpened("s1", "m", {})), "b1")     # a plan without shards
 
 
 def test_health_checks_skip_leased_browsers_and_those_being_recovered_or_checked():

@@ -111,6 +111,17 @@ def deferred_due(state: PoolState, recovering: frozenset[str] = frozenset()) -> 
             and b.status == "failed" and b.browser_id not in recovering]
 
 
+def in_open_session(state: PoolState, browser_id: str) -> bool:
+    """``browser_id`` runs a shard (or a shard's shadow) of an open generation session: a failure there is the
+    session's to handle (replace the shard, promote its shadow, or defer the recovery until it closes)."""
+    for session in state.sessions.values():
+        plan = session.plan
+        if browser_id in plan.get("shadows", ()) or any(s.get("browser_id") == browser_id
+                                                        for s in plan.get("shards", ())):
+            return True
+    return False
+
+
 def keys_on(state: PoolState, browser_id: str) -> frozenset[str]:
     """Artifact keys of the models the log says ``browser_id`` holds."""
     return frozenset(artifact_key(m.model, m.shard, m.sha256) for m in models_on(state, browser_id))

@@ -35,6 +35,7 @@ from actors.constants import (
     DEFAULT_STANDBY_BROWSERS,
     DEFAULT_VOTE_COSINE,
     DEFAULT_VOTE_K,
+    HEDGE_BUDGET_RATIO,
 )
 from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, InputError, describe
 
@@ -67,6 +68,8 @@ class FaultToleranceConfig:
     vote_cosine: float = DEFAULT_VOTE_COSINE               # embeddings agree when cosine >= this
     backoff_s: float = DEFAULT_BACKOFF_S                   # before attempt n: backoff_s * 2**(n-1)
     shadow_shards: bool = True               # level high and up: each shard of a sharded generation has a shadow
+    hedge: bool = True                       # level high: a slow embedding request is also sent to an idle browser
+    hedge_budget: float = HEDGE_BUDGET_RATIO     # ...for at most this share of requests, over time (0 < x <= 1)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> FaultToleranceConfig:
@@ -86,8 +89,12 @@ class FaultToleranceConfig:
         except ValueError:
             raise InputError("fault_tolerance.recovery_strategy",
                              f"must be one of {[v.value for v in RecoveryStrategy]}") from None
-        if not isinstance(options.get("shadow_shards", True), bool):
-            raise InputError("fault_tolerance.shadow_shards", f"must be a bool, got {options['shadow_shards']!r}")
+        for name in ("shadow_shards", "hedge"):
+            if not isinstance(options.get(name, True), bool):
+                raise InputError(f"fault_tolerance.{name}", f"must be a bool, got {options[name]!r}")
+        budget = options.get("hedge_budget", HEDGE_BUDGET_RATIO)
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+            raise InputError("fault_tolerance.hedge_budget", f"must be a number in (0, 1], got {budget!r}")
         for name in ("max_recovery_attempts", "standby_browsers", "vote_k"):
             value = options.get(name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -113,6 +120,12 @@ class FaultToleranceConfig:
     def checkpoints(self) -> bool:
         """Levels high and up snapshot the projection every ``checkpoint_interval``."""
         return self.keeps_standby
+
+    @property
+    def hedges(self) -> bool:
+        """Level high hedges slow embedding requests (actors/decisions/hedging.py) unless ``hedge`` is False;
+        level critical runs every request ``vote_k`` times already."""
+        return self.level is FaultToleranceLevel.HIGH and self.hedge
 
     @property
     def votes(self) -> bool:

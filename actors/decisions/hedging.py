@@ -1,0 +1,82 @@
+"""Hedged requests: when to send a second copy of a slow request, to which browser, and how many.
+
+A request still unanswered after the time nearly all requests of its size take (the p95 of the model's
+per-row page time, times its rows, plus the transport) is also sent to another browser that holds the
+model and is idle; the first answer wins (Dean & Barroso, "The Tail at Scale"). A hang, or a browser that
+died without a signal yet, then costs the caller about one more request time instead of a time budget
+and a recovery. A token bucket bounds the extra load.
+
+Pure: the pool (actors/pool.py) supplies the history, the candidates and the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from actors.constants import (
+    HEDGE_BUDGET_BURST,
+    HEDGE_BUDGET_RATIO,
+    HEDGE_MAX_MS,
+    HEDGE_MIN_MS,
+    HEDGE_MIN_SAMPLES,
+    HEDGE_TRANSPORT_MS,
+)
+
+
+def p95(samples: Sequence[float]) -> float:
+    """The nearest-rank 95th percentile (samples need not be sorted; at least one)."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def delay_ms(row_ms: Sequence[float], rows: int) -> float:
+    """How long a request of ``rows`` rows runs before it is hedged, from recent per-row page times of
+    its model (``row_ms``, every browser's). Too little history: the cap. Always within [floor, cap]."""
+    if len(row_ms) < HEDGE_MIN_SAMPLES:
+        return HEDGE_MAX_MS
+    return min(HEDGE_MAX_MS, max(HEDGE_MIN_MS, p95(row_ms) * max(rows, 1) + HEDGE_TRANSPORT_MS))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A live browser that could take a hedge."""
+
+    browser_id: str
+    holds_model: bool           # loaded (and, on a standby, warmed up): a hedge never waits for a load
+    in_flight: int              # requests using it now
+    standby: bool
+    cost: float | None = None   # expected ms per request of this model there (None: unknown)
+
+
+def pick_target(candidates: Sequence[Candidate]) -> str | None:
+    """The idle browser holding the model that is expected fastest (serving before standby on a tie);
+    None when none is idle. A busy browser is no hedge: the copy would queue behind its work (and the
+    request's own run is on a busy one)."""
+    idle = [c for c in candidates if c.holds_model and c.in_flight == 0]
+    if not idle:
+        return None
+    best = min(idle, key=lambda c: (c.cost if c.cost is not None else math.inf, c.standby, c.browser_id))
+    return best.browser_id
+
+
+class Budget:
+    """A token bucket: each request adds ``ratio`` of a token up to ``burst``; a hedge spends one.
+
+    A rate limiter of the request path, not pool state: a restarted pool starts with a full bucket.
+    """
+
+    def __init__(self, ratio: float = HEDGE_BUDGET_RATIO, burst: float = HEDGE_BUDGET_BURST) -> None:
+        self.ratio = ratio
+        self.burst = burst
+        self.tokens = burst
+
+    def on_request(self) -> None:
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def try_spend(self) -> bool:
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
