@@ -75,9 +75,11 @@ HEDGE_MIN_MS = 50.0
 HEDGE_MAX_MS = 2000.0
 HEDGE_TRANSPORT_MS = 30.0            # a request through Ray and CDP costs ~20-30 ms beyond its page time here
 HEDGE_MIN_SAMPLES = 5                # per-row service times before the p95 is trusted
-# The budget, a token bucket: each request adds HEDGE_BUDGET_RATIO of a token (5 % of requests at most,
-# over time), a hedge spends one; it holds at most HEDGE_BUDGET_BURST.
+# The budget, a token bucket: each request adds HEDGE_BUDGET_RATIO of a token (5 % of requests, over time),
+# and each second HEDGE_BUDGET_PER_S (one hedge every 5 s however light the traffic: a rare fault on a quiet
+# pool is hedged too, at a cost nobody notices); a hedge spends one; it holds at most HEDGE_BUDGET_BURST.
 HEDGE_BUDGET_RATIO = 0.05
+HEDGE_BUDGET_PER_S = 0.2
 HEDGE_BUDGET_BURST = 3.0
 DEFAULT_VOTE_K = 3                   # browsers per request at level critical (a majority of 3 survives one liar)
 DEFAULT_VOTE_COSINE = 0.999          # embeddings agree at this cosine (fp32 runs of one model differ ~1e-6)

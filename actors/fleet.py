@@ -314,10 +314,11 @@ class Fleet:
         ray.kill(handle)
 
     async def close_all(self) -> None:
-        """Retire every browser in the log and stop its actor (pool shutdown)."""
-        for browser_id in list(self._handles):
-            state = self.log.state.browsers.get(browser_id)
-            if state is not None and state.status not in CLOSED_STATUSES:
-                await self.log.record(ev.BrowserRetired(browser_id=browser_id, reason="pool shutdown"))
-            await self.stop(browser_id)
+        """Retire every browser in the log (one record) and stop their actors, all at once (pool shutdown)."""
+        browser_ids = list(self._handles)
+        retiring = [b for b in browser_ids if (s := self.log.state.browsers.get(b)) is not None
+                    and s.status not in CLOSED_STATUSES]
+        if retiring:
+            await self.log.record(*(ev.BrowserRetired(browser_id=b, reason="pool shutdown") for b in retiring))
+        await asyncio.gather(*(self.stop(b) for b in browser_ids))
         self._model_refs.clear()

@@ -175,7 +175,8 @@ class PoolCore:
                                      standby_type=lambda: self._browser_type("text_embedding"),
                                      until_no_requests=self._until_no_requests)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
-        self.hedge_budget = hedging.Budget(self.ft.hedge_budget)   # level high: how many slow requests may be hedged
+        # Level high: how many slow requests may be hedged.
+        self.hedge_budget = hedging.Budget(self.ft.hedge_budget, now=time.monotonic())
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
             batch_wait_ms / 1000, self._spawn)
@@ -511,7 +512,7 @@ class PoolCore:
             return await run()
 
         if self.ft.hedges:
-            self.hedge_budget.on_request()
+            self.hedge_budget.on_request(time.monotonic())
         return await self._with_recovery(attempt)
 
     def _row_ms(self, model: str) -> list[float]:
@@ -543,7 +544,7 @@ class PoolCore:
         first = asyncio.ensure_future(run())
         done, _ = await asyncio.wait({first}, timeout=after_ms / 1000)
         target = None if done else self._hedge_target(art)
-        if target is None or not self.hedge_budget.try_spend():
+        if target is None or not self.hedge_budget.try_spend(time.monotonic()):
             return await first
         hedge_id = uuid.uuid4().hex[:12]
         copy = asyncio.ensure_future(on(target))

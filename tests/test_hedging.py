@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import ray
 
-from actors.constants import HEDGE_BUDGET_BURST, HEDGE_BUDGET_RATIO, HEDGE_MAX_MS, HEDGE_MIN_MS, HEDGE_TRANSPORT_MS
+from actors.constants import (
+    HEDGE_BUDGET_BURST,
+    HEDGE_BUDGET_PER_S,
+    HEDGE_BUDGET_RATIO,
+    HEDGE_MAX_MS,
+    HEDGE_MIN_MS,
+    HEDGE_TRANSPORT_MS,
+)
 from actors.decisions import hedging
 from actors.decisions.recovery import FaultToleranceConfig
 from events.errors import InputError
@@ -44,18 +51,23 @@ def test_the_target_is_an_idle_browser_holding_the_model():
     assert hedging.pick_target([c("spare", True, 0, True), c("serving", True, 0, False)]) == "serving"
 
 
-def test_the_budget_allows_a_burst_then_its_ratio():
-    budget = hedging.Budget()
+def test_the_budget_allows_a_burst_then_its_ratio_and_its_time_refill():
+    budget = hedging.Budget(now=0.0)
     burst = int(HEDGE_BUDGET_BURST)
-    assert [budget.try_spend() for _ in range(burst + 1)] == [True] * burst + [False]
+    assert [budget.try_spend(0.0) for _ in range(burst + 1)] == [True] * burst + [False]
     for _ in range(round(1 / HEDGE_BUDGET_RATIO) - 1):
-        budget.on_request()
-    assert not budget.try_spend()                      # 19 requests: not yet a whole token
-    budget.on_request()
-    assert budget.try_spend() and not budget.try_spend()
+        budget.on_request(0.0)
+    assert not budget.try_spend(0.0)                   # 19 requests: not yet a whole token
+    budget.on_request(0.0)
+    assert budget.try_spend(0.0) and not budget.try_spend(0.0)
+    # A quiet pool: one token every 1 / HEDGE_BUDGET_PER_S seconds, with no request at all.
+    assert not budget.try_spend(0.5 / HEDGE_BUDGET_PER_S)
+    assert budget.try_spend(1.0 / HEDGE_BUDGET_PER_S) and not budget.try_spend(1.0 / HEDGE_BUDGET_PER_S)
+    assert not budget.try_spend(0.0)                   # a clock read earlier adds nothing
     for _ in range(1000):
-        budget.on_request()
-    assert budget.tokens == HEDGE_BUDGET_BURST         # a quiet spell saves up no more than the burst
+        budget.on_request(1.0 / HEDGE_BUDGET_PER_S)
+    budget.try_spend(10_000.0)
+    assert budget.tokens == HEDGE_BUDGET_BURST - 1     # saving up stops at the burst
 
 
 def test_hedging_is_on_at_high_only_and_can_be_turned_off():

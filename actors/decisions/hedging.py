@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from actors.constants import (
     HEDGE_BUDGET_BURST,
+    HEDGE_BUDGET_PER_S,
     HEDGE_BUDGET_RATIO,
     HEDGE_MAX_MS,
     HEDGE_MIN_MS,
@@ -62,20 +63,31 @@ def pick_target(candidates: Sequence[Candidate]) -> str | None:
 
 
 class Budget:
-    """A token bucket: each request adds ``ratio`` of a token up to ``burst``; a hedge spends one.
+    """A token bucket: each request adds ``ratio`` of a token and each second ``per_s``, up to ``burst``; a
+    hedge spends one. Under load the ratio bounds the extra work (a slow pool must not double its own
+    load); on a quiet pool the time refill lets a rare slow request be hedged all the same.
 
-    A rate limiter of the request path, not pool state: a restarted pool starts with a full bucket.
+    A rate limiter of the request path, not pool state: a restarted pool starts with a full bucket. The
+    caller passes the clock (``now``, seconds, monotonic).
     """
 
-    def __init__(self, ratio: float = HEDGE_BUDGET_RATIO, burst: float = HEDGE_BUDGET_BURST) -> None:
+    def __init__(self, ratio: float = HEDGE_BUDGET_RATIO, burst: float = HEDGE_BUDGET_BURST,
+                 per_s: float = HEDGE_BUDGET_PER_S, now: float = 0.0) -> None:
         self.ratio = ratio
         self.burst = burst
+        self.per_s = per_s
         self.tokens = burst
+        self._at = now
 
-    def on_request(self) -> None:
-        self.tokens = min(self.burst, self.tokens + self.ratio)
+    def _refill(self, add: float, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + add + self.per_s * max(0.0, now - self._at))
+        self._at = max(self._at, now)
 
-    def try_spend(self) -> bool:
+    def on_request(self, now: float) -> None:
+        self._refill(self.ratio, now)
+
+    def try_spend(self, now: float) -> bool:
+        self._refill(0.0, now)
         if self.tokens < 1.0:
             return False
         self.tokens -= 1.0
