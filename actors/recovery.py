@@ -125,13 +125,18 @@ class RecoveryExecutor:
                 ok, error = False, describe(exc)
                 log.warning("recovery step failed", extra={"browser_id": browser_id, "step": step, "error": error})
             done.append(step)
-            await self.log.record(ev.RecoveryStepFinished(recovery_id=recovery_id, step=step, success=ok,
-                                                          duration_ms=(time.perf_counter() - s0) * 1000, error=error))
+            finished = ev.RecoveryStepFinished(recovery_id=recovery_id, step=step, success=ok,
+                                               duration_ms=(time.perf_counter() - s0) * 1000, error=error)
             if ok:
                 break
+            await self.log.record(finished)
+        else:
+            finished = None
         duration_ms = (time.perf_counter() - t0) * 1000
         success = serving is not None
-        await self.log.record(ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
+        # The winning step and the completion in one record: the work waiting for them goes on a round trip sooner.
+        await self.log.record(*([finished] if finished is not None else []),
+                              ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
                                                    replacement=serving, duration_ms=duration_ms))
         if not success and retire_if_not_recovered:
             # Nothing revived it: a failed browser must not linger with a live actor and its processes.
