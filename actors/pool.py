@@ -174,9 +174,9 @@ class PoolCore:
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self._browser_type("text_embedding"),
                                      until_no_requests=self._until_no_requests)
-        # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         # Level high: how many slow requests may be hedged.
         self.hedge_budget = hedging.Budget(self.ft.hedge_budget, now=time.monotonic())
+        # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
             batch_wait_ms / 1000, self._spawn)
@@ -679,13 +679,14 @@ class PoolCore:
 
     async def browser_failed(self, browser_id: str, category: str, detail: str) -> None:
         """A browser actor saw its browser fail (process exit, page crash, lost connection): recovered now,
-        not when the next request or health check meets the dead browser. Ignored when the pool knows of
+        not when the next request or health check meets the dead browser. Ignored at level none (a failure
+        is then the error of the request that meets it, for its caller to handle), when the pool knows of
         the failure already (the browser is not alive in the log), when an open generation session uses
         the browser (the session handles its shards' failures), and when a recovery revived it since."""
         await self._ensure_log()
         state = self.state.browsers.get(browser_id)
-        if self._closed or state is None or state.status not in ALIVE_STATUSES \
-                or in_open_session(self.state, browser_id):
+        if not self.ft.recovers or self._closed or state is None or state.status not in ALIVE_STATUSES \
+                or in_open_session(self.state, browser_id) or not self.fleet.has_handle(browser_id):
             return
         try:
             now = await self.fleet.handle(browser_id).current_failure.remote()

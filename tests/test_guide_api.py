@@ -34,8 +34,9 @@ from webpool.guide import (
 )
 
 MODEL = "all-minilm-l6-v2"
+# The guide's six keys, and the pool's hedge counters (level high: requests also sent to an idle browser).
 STAT_KEYS = {"recovery_attempts", "recovery_successes", "recovery_failures", "success_rate", "active_browsers",
-             "total_browsers"}
+             "total_browsers", "hedges_sent", "hedges_won"}
 TOL = 1e-4
 
 
