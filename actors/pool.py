@@ -556,7 +556,7 @@ class PoolCore:
         try:
             while pending and winner is None:
                 finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                winner = next((t for t in (first, copy) if t in finished and t.exception() is None), None)
+                winner = next((t for t in runs if t in finished and t.exception() is None), None)
         except BaseException:          # the caller went away: both runs go on unobserved
             for task in runs:
                 task.add_done_callback(self._report_loser)
