@@ -27,11 +27,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import orjson
-from onnx import TensorProto, helper, numpy_helper
 
 from sharding.models.cache import build_cached, file_sha256
 from sharding.models.gguf_tokenizer import (
@@ -41,6 +40,9 @@ from sharding.models.gguf_tokenizer import (
     build_bpe_tokenizer,
     read_gguf_vocab,
 )
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +459,9 @@ def _convert_gguf(gguf_path: Path, record_sha: str, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # ONNX
+#
+# onnx is imported only where a graph is built or written: importing it takes ~1.3 s here (ml_dtypes),
+# and the processes that only plan, tokenize or serve built files (the pool actor above all) never need it.
 
 
 class _Graph:
@@ -469,12 +474,16 @@ class _Graph:
         self._n = 0
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        from onnx import helper
+
         self._n += 1
         name = out or f"{op_type.lower()}_{self._n}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=f"n{self._n}_{op_type}", **attrs))
         return name
 
     def op_multi(self, op_type: str, inputs: list[str], outs: list[str], **attrs) -> list[str]:
+        from onnx import helper
+
         self._n += 1
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"n{self._n}_{op_type}", **attrs))
         return outs
@@ -516,6 +525,8 @@ def _make_shard_graph(
     model: LlamaModel, a: int, b: int, top_k: int
 ) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray]]]:
     """The shard's model without initializers, and the initializers as (name, array)."""
+    from onnx import TensorProto, helper
+
     c = model.config
     first, last = a == 0, b == c.n_layers
     g = _Graph()
@@ -653,6 +664,8 @@ def _varint(n: int) -> bytes:
 
 
 def _tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
@@ -664,6 +677,8 @@ def write_onnx_streaming(path: Path, model: onnx.ModelProto, inits: Sequence[tup
     initializers followed by one GraphProto #5 record per tensor. Peak memory is one tensor, not
     three copies of every weight (which reached ~2.8 GB for SmolLM2). Returns the file size.
     """
+    import onnx
+
     if len(model.graph.initializer):
         raise LlamaError("model passed to write_onnx_streaming already has initializers")
     graph_head = model.graph.SerializeToString()
@@ -717,6 +732,8 @@ def build_llama_onnx(
     }
 
     def build(out: Path) -> None:
+        import onnx
+
         t0 = time.perf_counter()
         log.info("onnx %s [%d, %d): building graph", model.name, a, b)
         proto, inits = _make_shard_graph(model, a, b, top_k)

@@ -21,16 +21,18 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import orjson
-from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from events.errors import InputError
 from sharding.models.cache import build_cached, file_sha256
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +239,9 @@ def reference_embed(texts: list[str]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # ONNX graph
+#
+# onnx is imported only where the graph is built: importing it takes ~1.3 s here (ml_dtypes), and the
+# processes that only tokenize or serve the built file (the pool actor above all) never need it.
 
 
 class _GraphBuilder:
@@ -252,6 +257,8 @@ class _GraphBuilder:
     def tensor(self, name: str, array: np.ndarray) -> str:
         if name in self._names:
             raise ValueError(f"duplicate initializer {name}")
+        from onnx import numpy_helper
+
         self._names.add(name)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
@@ -266,6 +273,8 @@ class _GraphBuilder:
         return self.tensor(name, np.array(values, dtype=np.int64))
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
+        from onnx import helper
+
         self._count += 1
         out = f"{name}_{self._count}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
@@ -297,6 +306,8 @@ def _linear(g: _GraphBuilder, x: str, prefix: str, name: str) -> str:
 
 
 def _build_graph() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
     cfg, w = _config(), _weights()
     eps = float(cfg["layer_norm_eps"])
     heads = cfg["num_attention_heads"]
@@ -392,6 +403,8 @@ def _cache_parts() -> dict:
 
 
 def _build_into(folder: Path) -> None:
+    import onnx
+
     started = time.perf_counter()
     src, hashes = _source()
     # The cache key trusts the RECORD hashes, so check the bytes against them once, here.
