@@ -49,6 +49,7 @@ from actors.constants import (
     DEVTOOLS_PROBE_WAIT,
     EXFILTRATE_COUNT_WAIT,
     FAILURE_SIGNAL_WAIT,
+    HANG_ARM_WAIT,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
@@ -610,8 +611,8 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
-    hang: ``while(true){}`` in the page; disconnect: cut the CDP connection at the relay (the browser
-    lives on);
+    hang: ``while(true){}`` in the page, queued ahead of any later call; disconnect: cut the CDP connection
+    at the relay (the browser lives on);
     exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
     corrupt_output: the page returns wrong numbers from then on (a dissenter for voting);
     exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked);
@@ -636,8 +637,13 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
     elif kind == "hang":
-        asyncio.ensure_future(core.page.evaluate("() => { while (true) {} }")).add_done_callback(
-            lambda f: f.exception())
+        # Armed by an answered call, run as the page's next task: when this returns the loop is queued in
+        # the page ahead of any later call, so the call after a hang meets the hang. (A loop sent without
+        # waiting could reach the page after a call sent later: that call's run then started first.) A page
+        # busy with a run answers when the run yields; one already hung never does: the loop stays queued.
+        arming = asyncio.ensure_future(core.page.evaluate("() => { setTimeout(() => { while (true) {} }, 0); }"))
+        arming.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.wait([arming], timeout=HANG_ARM_WAIT)
     elif kind == "exhaust_memory":
         try:
             await core._call("allocateBallast", [int(mb)], LOAD_MODEL_TIMEOUT)
