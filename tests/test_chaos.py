@@ -1,4 +1,4 @@
-"""Chaos: 200+ requests over 4 browsers while a seeded random real fault strikes every 4-6 s.
+"""Chaos: 200+ requests, 16 at a time, over 4 browsers while a seeded random real fault strikes every 4-6 s.
 
 Every request must return the right embedding (numpy reference); the event log must have no gap
 and every started operation must end; the pool's state must equal a fresh replay of the segment files
@@ -24,7 +24,7 @@ from webpool import ResourcePool
 
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_actor", "disconnect", "hang")
 REQUESTS = 208
-WAVE = 8
+WAVE = 16               # in flight at once (4 per browser): each wave waits for its slowest, a recovery
 MIN_FAULTS = 6          # keep sending past REQUESTS until this many faults have struck (quiet machines)
 
 
