@@ -144,7 +144,7 @@ class Config:
 
 
 QUICK = Config(faults=("kill_actor", "disconnect"), strategies=("failover",), levels=("high",),
-               trials=2, batch=16, baseline_kill_trials=1, baseline_other_trials=1, zombie_wait_s=3.0,
+               trials=1, batch=16, baseline_kill_trials=1, baseline_other_trials=1, zombie_wait_s=3.0,
                overhead_levels=("none", "medium"), overhead_requests=10, vanished_node=False, after_kill_trials=1,
                quick=True)
 
@@ -1298,7 +1298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=plain(__doc__.split("\n\n")[0]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI size: kill_actor, disconnect x failover x high, "
-                                                            "2 trials; overhead at none and medium")
+                                                            "1 trial; overhead at none and medium")
     parser.add_argument("--trials", type=int, help="trials per (fault, strategy, level); default 20")
     parser.add_argument("--faults", nargs="+", choices=FAULTS)
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES)
