@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from prometheus import total, wait_until
 
 from actors.constants import (
     HEDGE_BUDGET_BURST,
@@ -94,7 +95,7 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
     # health_interval long: the request path, not a health check, meets the hang. The budget allows a hedge for
     # every request: slow warm-up requests (the machine is shared) must not spend the one the hang needs.
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=REQUEST_TIMEOUT,
-                               health_interval=60.0,
+                               health_interval=60.0, name="hedge-pool",
                                fault_tolerance={"level": "high", "standby_browsers": 1, "hedge_budget": 1.0})
     try:
         serving = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))["browser_id"]
@@ -141,6 +142,12 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
         state = ray.get(pool.get_state.remote())
         assert open_operations(state) == [], "both runs of the hedged request ended in the log"
         assert state.metrics["hedges_won"] >= 1
+        # The hedges reach Prometheus as the log counts them.
+        counts = {"sent": state.metrics["hedges_sent"], "won": state.metrics["hedges_won"]}
+        wait_until(lambda samples: [
+            f"{event}: {got} != {want}" for event, want in counts.items()
+            if (got := total(samples, "ray_webpool_hedges_total", pool="hedge-pool", model="all-minilm-l6-v2",
+                             event=event)) != want])
         after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
         assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
     finally:

@@ -1,0 +1,88 @@
+"""Every Prometheus metric of the pool (actors/metrics.py), read back from the node's export after a real
+run that moves it: answers and their latency, a busy refusal, outside requests a page attempted, a killed
+browser and its recovery, the live browsers. (Hedges are read back where a real hedge is sent:
+tests/test_hedging.py.) Each value is checked against what the run did or what the log says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+from prometheus import total, wait_until
+
+from events.errors import PoolBusyError
+from sharding.models import minilm
+from webpool import ResourcePool
+
+pytestmark = [pytest.mark.ray, pytest.mark.browser]
+
+MODEL = "all-minilm-l6-v2"
+POOL = "metrics-pool"
+TEXTS = [f"request {i}: the pool's numbers must tell the log's story" for i in range(16)]
+
+
+def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
+    reference = minilm.reference_embed(TEXTS)
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), name=POOL,
+                               max_queued_requests=1,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "restart"})
+    try:
+        answered = 0
+        for _ in range(3):
+            out = ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))
+            assert np.abs(out["embedding"] - reference).max() <= 1e-4
+            answered += 1
+        browser = out["browser_id"]
+        ray.get(pool.inject_fault.remote(browser, "exfiltrate"))
+        ray.get(pool.health.remote())                  # the check that finds the page's attempts
+        ray.get(pool.inject_fault.remote(browser, "kill_browser"))
+        out = ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))     # waits for the recovery
+        assert np.abs(out["embedding"] - reference).max() <= 1e-4
+        answered += 1
+        # One request admitted at a time: the others sent with it are refused at the door.
+        busy = 0
+        for ref in [pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(4)]:
+            try:
+                assert np.abs(ray.get(ref)["embedding"] - reference).max() <= 1e-4
+                answered += 1
+            except PoolBusyError:
+                busy += 1
+        assert busy >= 1, "four requests at once, one admitted at a time: some must be refused"
+
+        events = ray.get(pool.recent_events.remote(ray.get(pool.get_state.remote()).last_seq + 10))
+        blocked = sum(e["data"]["count"] for e in events if e["action"] == "PageRequestsBlocked")
+        crashes = len([e for e in events if e["action"] == "BrowserFailed" and e["data"]["category"] == "crash"])
+        recovered = len([e for e in events if e["action"] == "RecoveryCompleted" and e["data"]["success"]])
+        assert blocked >= 1 and crashes >= 1 and recovered >= 1, (blocked, crashes, recovered)
+
+        expected = {
+            ("ray_webpool_requests_total", "completed"): answered,
+            ("ray_webpool_requests_total", "busy"): busy,
+            ("ray_webpool_request_latency_ms_count", None): answered,
+            ("ray_webpool_browser_failures_total", "crash"): crashes,
+            ("ray_webpool_recoveries_total", "restart/success"): recovered,
+            ("ray_webpool_page_requests_blocked_total", None): blocked,
+            ("ray_webpool_active_browsers", None): 1,
+        }
+
+        def read(samples, name: str, which: str | None) -> float | None:
+            if name == "ray_webpool_requests_total":
+                return total(samples, name, pool=POOL, model=MODEL, outcome=which)
+            if name == "ray_webpool_request_latency_ms_count":
+                return total(samples, name, pool=POOL, model=MODEL)
+            if name == "ray_webpool_browser_failures_total":
+                return total(samples, name, pool=POOL, category=which)
+            if name == "ray_webpool_recoveries_total":
+                strategy, outcome = which.split("/")
+                return total(samples, name, pool=POOL, strategy=strategy, outcome=outcome)
+            return total(samples, name, pool=POOL)
+
+        def missing(samples) -> list[str]:
+            return [f"{name}[{which}] = {read(samples, name, which)}, expected {want}"
+                    for (name, which), want in expected.items() if read(samples, name, which) != want]
+
+        samples = wait_until(missing)
+        assert (total(samples, "ray_webpool_request_latency_ms_sum", pool=POOL, model=MODEL) or 0) > 0
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
