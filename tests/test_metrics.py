@@ -55,31 +55,19 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
         recovered = len([e for e in events if e["action"] == "RecoveryCompleted" and e["data"]["success"]])
         assert blocked >= 1 and crashes >= 1 and recovered >= 1, (blocked, crashes, recovered)
 
-        expected = {
-            ("ray_webpool_requests_total", "completed"): answered,
-            ("ray_webpool_requests_total", "busy"): busy,
-            ("ray_webpool_request_latency_ms_count", None): answered,
-            ("ray_webpool_browser_failures_total", "crash"): crashes,
-            ("ray_webpool_recoveries_total", "restart/success"): recovered,
-            ("ray_webpool_page_requests_blocked_total", None): blocked,
-            ("ray_webpool_active_browsers", None): 1,
-        }
-
-        def read(samples, name: str, which: str | None) -> float | None:
-            if name == "ray_webpool_requests_total":
-                return total(samples, name, pool=POOL, model=MODEL, outcome=which)
-            if name == "ray_webpool_request_latency_ms_count":
-                return total(samples, name, pool=POOL, model=MODEL)
-            if name == "ray_webpool_browser_failures_total":
-                return total(samples, name, pool=POOL, category=which)
-            if name == "ray_webpool_recoveries_total":
-                strategy, outcome = which.split("/")
-                return total(samples, name, pool=POOL, strategy=strategy, outcome=outcome)
-            return total(samples, name, pool=POOL)
+        expected = [      # (metric, its labels besides the pool's, the value the run must have given it)
+            ("ray_webpool_requests_total", {"model": MODEL, "outcome": "completed"}, answered),
+            ("ray_webpool_requests_total", {"model": MODEL, "outcome": "busy"}, busy),
+            ("ray_webpool_request_latency_ms_count", {"model": MODEL}, answered),
+            ("ray_webpool_browser_failures_total", {"category": "crash"}, crashes),
+            ("ray_webpool_recoveries_total", {"strategy": "restart", "outcome": "success"}, recovered),
+            ("ray_webpool_page_requests_blocked_total", {}, blocked),
+            ("ray_webpool_active_browsers", {}, 1),
+        ]
 
         def missing(samples) -> list[str]:
-            return [f"{name}[{which}] = {read(samples, name, which)}, expected {want}"
-                    for (name, which), want in expected.items() if read(samples, name, which) != want]
+            return [f"{name}{labels} = {got}, expected {want}" for name, labels, want in expected
+                    if (got := total(samples, name, pool=POOL, **labels)) != want]
 
         samples = wait_until(missing)
         assert (total(samples, "ray_webpool_request_latency_ms_sum", pool=POOL, model=MODEL) or 0) > 0
