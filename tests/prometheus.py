@@ -26,7 +26,7 @@ def scrape(port: int) -> Samples:
     out: Samples = []
     for line in text.splitlines():
         match = _SAMPLE.match(line)
-        if match and not line.startswith("#"):
+        if match:                               # a "# HELP" or "# TYPE" line never matches
             name, labels, value = match.groups()
             out.append((name, dict(_LABEL.findall(labels or "")), float(value)))
     return out
