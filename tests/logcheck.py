@@ -12,8 +12,21 @@ from pathlib import Path
 import ray
 
 from events.columnar import replay_batches
-from events.state import PoolState, replay
+from events.state import PoolState, open_operations, replay
 from events.store import EventStore
+
+
+def state_once_operations_end(pool: ray.actor.ActorHandle, timeout: float = 60.0) -> PoolState:
+    """The pool's state once no operation is open. A request can be answered while a run of it is still
+    going (the losing run of a hedged request, level high): that run ends in the log within its time
+    budget, so the wait is bounded; an operation still open at ``timeout`` fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = ray.get(pool.get_state.remote())
+        if not open_operations(state) or time.monotonic() > deadline:
+            assert open_operations(state) == [], "every started operation ends completed or failed"
+            return state
+        time.sleep(0.1)
 
 
 def assert_state_is_replay_of_disk(state: PoolState, pool_name: str, location: Path) -> None:

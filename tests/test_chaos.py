@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from logcheck import assert_state_is_replay_of_disk
+from logcheck import assert_state_is_replay_of_disk, state_once_operations_end
 from procs import alive
 
 from events.state import ALIVE_STATUSES, open_operations
@@ -190,8 +190,9 @@ def test_sigkill_to_any_browser_process_every_few_seconds_gives_right_answers_or
     assert not [o for o in outcomes if o[1] == "wrong"], "an answer differs from the reference"
     assert not [o for o in outcomes if o[1].startswith("UNDOCUMENTED")], outcomes
     assert len(kills) >= SIGKILL_MIN_KILLS, kills
-    state = ray.get(pool.get_state.remote())
-    assert open_operations(state) == [] and state.metrics.get("recovery_successes", 0) >= 1
+    # The losing run of a hedged request may still be going: it ends within its budget.
+    state = state_once_operations_end(pool, timeout=10 * 5.0)
+    assert state.metrics.get("recovery_successes", 0) >= 1
     ray.get(pool.shutdown.remote())
     assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), "sigkill-pool", tmp_path / "events")
     ray.kill(pool)
