@@ -478,7 +478,9 @@ class BrowserCore:
     async def load_model(self, key: str, model_bytes: np.ndarray, sha256: str, backend: str = "wasm") -> dict:
         """Create a session for ``model_bytes`` (verified against ``sha256``) on ``backend``."""
         view = memoryview(model_bytes).cast("B")
-        digest = hashlib.sha256(view).hexdigest()
+        # In a thread (hashlib lets go of the GIL): hashing hundreds of MB takes ~1 s here, and this actor's
+        # loop must keep answering the pool's probes meanwhile.
+        digest = (await asyncio.to_thread(hashlib.sha256, view)).hexdigest()
         if digest != sha256:
             raise InputError("model_bytes", f"model {key}: sha256 {digest[:16]}… does not match expected "
                              f"{sha256[:16]}…")
@@ -542,7 +544,9 @@ class BrowserCore:
         else:
             page = self._last_page_health = await self._call("health", [], HEALTH_TIMEOUT)
         pids = await self.process_ids()
-        memory = sum(_pss_bytes(pid) for pid in pids.values())
+        # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
+        # allocates a model, and this actor's loop must keep answering the pool's probes.
+        memory = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) for pid in pids.values()))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
             self._fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")
