@@ -38,6 +38,20 @@ RESUME_TIMEOUT = HEALTH_TIMEOUT + RESUME_SETTLE_WAIT + 1.0
 DEFAULT_MAX_CONNECTIONS = 4
 RECORD_GAP_WAIT = 5.0              # a gap in acknowledged seqs this old is read back from the log (a lost reply)
 HEALTH_INTERVAL = 2.0              # between passes of the reconcile loop's health checks (levels >= medium)
+# Probes (levels >= low): every live browser's actor is pinged this often, busy or not (a ping touches no
+# page). One unanswered past its deadline (while other browsers answer) means its process or node is gone:
+# Ray itself takes ~13 s to declare a vanished node dead at its default settings, and calls there wait that
+# long. The deadline is PROBE_DEADLINE_FACTOR x the slowest recent answer, within [PROBE_DEADLINE,
+# PROBE_DEADLINE_MAX]: a ping answers in a few ms on a quiet machine and took up to ~0.9 s while three pages
+# created SmolLM2 sessions on two cores (docs/facts.md "Probes").
+PROBE_INTERVAL = 0.25
+PROBE_DEADLINE = 1.0
+PROBE_DEADLINE_FACTOR = 4.0
+PROBE_DEADLINE_MAX = 10.0
+PROBE_RTT_WINDOW = 64              # answers the deadline looks back on (~4 s with four browsers)
+# A node whose browser answered no probe gets no new browser for this long (or until Ray lists it dead):
+# an actor placed on a vanished node waits for its start until BROWSER_START_TIMEOUT.
+SUSPECT_NODE_S = 60.0
 SCALE_DOWN_IDLE_S = 30.0           # adaptive_scaling: a serving browser idle this long is retired (one stays)
 STOP_BROWSER_WAIT = 10.0           # a browser's own close() before its actor is killed anyway
 STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its dead StateLog's name to free up

@@ -24,14 +24,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.browser import BrowserActor
 from actors.chromium import resolve_browser
-from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, WARMUP_MAX_S
+from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, SUSPECT_NODE_S, WARMUP_MAX_S
 from actors.decisions import placement
 from actors.decisions.reconcile import keys_on
 from actors.decisions.recovery import classify
 from actors.decisions.warmup import warmed_up
 from actors.pool_log import PoolLog
 from events import schema as ev
-from events.errors import BrowserFailure
+from events.errors import ActorUnreachable, BrowserFailure
 from events.state import ALIVE_STATUSES, CLOSED_STATUSES, browsers_alive, models_on
 from sharding.models import registry
 from sharding.models.registry import ModelArtifact, artifact_key_parts, artifacts
@@ -66,6 +66,9 @@ class Fleet:
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
         self._launching: dict[str, int] = {}             # node_id -> browsers being started there
+        # browser_id -> resolved when its actor is found unreachable: every call awaiting it ends then
+        self._cut: dict[str, asyncio.Future] = {}
+        self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
 
     # ----- handles and leases -------------------------------------------------------------------
     def handle(self, browser_id: str) -> Any:
@@ -86,6 +89,32 @@ class Fleet:
         finally:
             for b in browser_ids:
                 self._leases[b] -= 1
+
+    async def call(self, browser_id: str, ref: Any) -> Any:
+        """Await ``ref``, a call to ``browser_id``'s actor, unless that actor is cut off first (``cut_off``):
+        then the ActorUnreachable it was cut off with is raised at once. A call to an actor on a vanished node
+        otherwise waits until Ray declares the node dead (tens of seconds at Ray's default settings)."""
+        cut = self._cut.setdefault(browser_id, asyncio.get_running_loop().create_future())
+        answer = asyncio.ensure_future(ref)
+        await asyncio.wait({answer, cut}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            return answer.result()
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())   # its late end is nobody's error
+        raise cut.exception()
+
+    def cut_off(self, failure: ActorUnreachable) -> None:
+        """The browser's actor answers nothing: end every call awaiting it (``call``) with ``failure``, and
+        place no new browser on its node for ``SUSPECT_NODE_S``. A new actor under the same id starts clean."""
+        cut = self._cut.setdefault(failure.browser_id, asyncio.get_running_loop().create_future())
+        if not cut.done():
+            cut.set_exception(failure)
+            cut.exception()          # retrieved: a cut nobody was waiting on is not an unhandled error
+        state = self.log.state.browsers.get(failure.browser_id)
+        if state is not None and state.node_id:
+            self._suspect_nodes[state.node_id] = time.monotonic()
+
+    def is_cut_off(self, browser_id: str) -> bool:
+        return browser_id in self._cut and self._cut[browser_id].done()
 
     def leased(self, browser_id: str) -> int:
         return self._leases.get(browser_id, 0)
@@ -130,8 +159,8 @@ class Fleet:
 
     async def _model_ref(self, art: ModelArtifact) -> ray.ObjectRef:
         if art.sha256 not in self._model_refs:
-            data = await asyncio.to_thread(np.fromfile, art.path, np.uint8)
-            self._model_refs[art.sha256] = ray.put(data)
+            # Both in a thread: copying hundreds of MB into the object store would stall the loop (probes).
+            self._model_refs[art.sha256] = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
         return self._model_refs[art.sha256]
 
     # ----- starting browsers ------------------------------------------------------------------------
@@ -141,18 +170,25 @@ class Fleet:
             self._resolved_types[preferred] = resolve_browser(preferred).browser_type
         return self._resolved_types[preferred]
 
+    async def alive_node_ids(self) -> frozenset[str]:
+        """The nodes Ray lists as alive (its own verdict, suspects included)."""
+        return frozenset(n["NodeID"] for n in await asyncio.to_thread(ray.nodes) if n.get("Alive"))
+
     async def node_views(self) -> list[placement.NodeView]:
         """Live Ray nodes and the live browsers the log places on each (browsers still starting count as
-        serving there: two launches at once must not both pick the emptiest node)."""
+        serving there: two launches at once must not both pick the emptiest node). A suspect node (see
+        ``cut_off``) is left out: no new browser goes there."""
         nodes = await asyncio.to_thread(ray.nodes)
         alive = browsers_alive(self.log.state)
+        now = time.monotonic()
+        suspect = {n for n, t in self._suspect_nodes.items() if now - t < SUSPECT_NODE_S}
         return [
             placement.NodeView(
                 node_id=n["NodeID"], browser_slots=n.get("Resources", {}).get(placement.BROWSER_SLOTS),
                 serving=sum(1 for b in alive if b.node_id == n["NodeID"] and not b.standby)
                 + self._launching.get(n["NodeID"], 0),
                 standby=sum(1 for b in alive if b.node_id == n["NodeID"] and b.standby))
-            for n in nodes if n.get("Alive")
+            for n in nodes if n.get("Alive") and n["NodeID"] not in suspect
         ]
 
     async def launch(self, browser_type: str, standby: bool = False, avoid: frozenset[str] = frozenset()) -> str:
@@ -215,6 +251,8 @@ class Fleet:
 
     async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
+        if self.is_cut_off(browser_id):
+            del self._cut[browser_id]      # a new actor under the id: its calls are not cut off
         backend = placement.choose_backend(info["backends"], info["detail"], self.backend)
         await self.log.record(ev.BrowserLaunched(
             browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
@@ -227,12 +265,15 @@ class Fleet:
         (elsewhere if its node is dead) when the actor process itself is gone."""
         handle = self._handles[browser_id]
         previous = self.log.state.browsers[browser_id]
-        try:
-            info = await handle.restart.remote()
-            await self._record_launch(browser_id, handle, info, previous.standby)
-        except ray.exceptions.RayActorError:
-            ray.kill(handle)
-            await self.start(browser_id, previous.browser_type, previous.standby)
+        if not self.is_cut_off(browser_id):         # else there is nothing to restart in: its actor is silent
+            try:
+                info = await self.call(browser_id, handle.restart.remote())
+                await self._record_launch(browser_id, handle, info, previous.standby)
+                return
+            except (ray.exceptions.RayActorError, ActorUnreachable):
+                pass
+        ray.kill(handle)
+        await self.start(browser_id, previous.browser_type, previous.standby)
 
     # ----- models ------------------------------------------------------------------------------------
     async def load(self, browser_id: str, art: ModelArtifact) -> None:
@@ -243,8 +284,8 @@ class Fleet:
         # busy page for a hung one.
         with self.lease(browser_id):
             try:
-                await self._handles[browser_id].load_model.remote(art.key, await self._model_ref(art), art.sha256,
-                                                                  backend)
+                await self.call(browser_id, self._handles[browser_id].load_model.remote(
+                    art.key, await self._model_ref(art), art.sha256, backend))
             except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                 failure = classify(exc, browser_id)
                 await self.mark_failed(failure)
@@ -274,7 +315,8 @@ class Fleet:
                 if state is None or not state.standby or state.status not in ALIVE_STATUSES:
                     return False
                 try:
-                    rounds.append(await self._handles[browser_id].warm_up_round.remote(art.key, feeds))
+                    rounds.append(await self.call(browser_id,
+                                                  self._handles[browser_id].warm_up_round.remote(art.key, feeds)))
                 except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                     failure = classify(exc, browser_id)
                     await self.mark_failed(failure)
@@ -305,7 +347,11 @@ class Fleet:
     async def stop(self, browser_id: str) -> None:
         """Close the browser (its files removed) and kill its actor."""
         handle = self._handles.pop(browser_id, None)
+        cut = self._cut.pop(browser_id, None)
         if handle is None:
+            return
+        if cut is not None and cut.done():          # its actor answers nothing: no close() to wait for
+            ray.kill(handle)
             return
         try:
             await asyncio.wait_for(handle.close.remote(), STOP_BROWSER_WAIT)

@@ -66,6 +66,7 @@ from actors.reconcile import Reconciler
 from actors.sessions import Sessions, digest
 from events import schema as ev
 from events.errors import (
+    ActorUnreachable,
     BrowserFailure,
     FailureCategory,
     InputError,
@@ -164,6 +165,7 @@ class PoolCore:
         self._no_requests.set()
         self._answer_rate = _AnswerRate()
         self._background: set[asyncio.Future] = set()
+        self._growing: set[asyncio.Future] = set()       # browsers starting for placement (see _grow)
         self._closed = False
         self._started = False
         self.locks = KeyedLocks()
@@ -294,9 +296,12 @@ class PoolCore:
         ]
 
     async def _place(self, art: ModelArtifact, task: str, avoid: frozenset[str] = frozenset(),
-                     busy_at: int = BUSY_THRESHOLD) -> str:
+                     busy_at: int = BUSY_THRESHOLD, grow_meanwhile: bool = False) -> str:
         """A live browser holding ``art``: found, or made so by loading it (launching if allowed);
-        ``busy_at`` as in ``placement.place``.
+        ``busy_at`` and ``grow_meanwhile`` as in ``placement.place``.
+
+        A new browser starts outside the placement lock (it takes seconds): meanwhile other requests are
+        placed on the browsers there are, the starting ones counted towards ``max_connections``.
 
         When no live browser holding ``art`` is free but one that held it is being recovered, the
         request first waits for that recovery (at most its own time budget): the recovery brings the
@@ -307,31 +312,57 @@ class PoolCore:
         recovery = self.reconciler.recovery
         reservation = contextlib.ExitStack()
         while True:
+            new: asyncio.Future | None = None
             async with self.locks("placement"):
                 browser_type = self._browser_type(task)
                 views = self._views(art.model)
                 if avoid and len(views) >= self.max_connections and all(v.browser_id in avoid for v in views):
                     raise NoBrowserAvailableError(f"no browser outside {sorted(avoid)} for {art.key} "
                                                   f"(max_connections={self.max_connections})")
-                decision = placement.place(art.key, views, self.max_connections, browser_type, avoid, busy_at)
+                decision = placement.place(art.key, views, self.max_connections, browser_type, avoid, busy_at,
+                                           launching=len(self._growing), grow_meanwhile=grow_meanwhile)
                 recovering = [] if waited or decision.action == "use" else recovery.restoring(art.key, avoid)
-                if not recovering:
+                if not recovering and decision.action == "wait":
+                    recovering = list(self._growing)
+                elif not recovering:
                     browser_id = decision.browser_id
                     if decision.action == "launch":
                         busy = sum(v.in_flight for v in views)
                         await self.log.record(ev.PoolScaled(direction="up", browsers=len(views) + 1, reason=(
                             f"{busy} request(s) in flight on {len(views)} browser(s) for {art.key}" if views
                             else f"no browser yet for {art.key}")))
-                        browser_id = await self.fleet.launch(browser_type, avoid=avoid)
-                    assert browser_id is not None
-                    # Leased before the lock is released: the next placement sees this browser busy.
-                    reservation.enter_context(self.fleet.lease(browser_id))
-                    break
+                        new = self._grow(art, browser_type, avoid)
+                    if browser_id is not None:
+                        # Leased before the lock is released: the next placement sees this browser busy.
+                        reservation.enter_context(self.fleet.lease(browser_id))
+                        break
+            if new is not None:
+                browser_id = await new        # a failure to start is this request's, as it was its launch
+                reservation.enter_context(self.fleet.lease(browser_id))
+                break
             waited = True
             await asyncio.wait(recovering, timeout=self.request_timeout)
         with reservation:
             await self.fleet.ensure_loaded(browser_id, art)
         return browser_id
+
+    def _grow(self, art: ModelArtifact, browser_type: str, avoid: frozenset[str]) -> asyncio.Future:
+        """Start a browser holding ``art``, in the background; counted in ``_growing`` until it is up. A
+        failure nobody awaits is logged (the fleet has recorded it)."""
+        async def grow() -> str:
+            browser_id = await self.fleet.launch(browser_type, avoid=avoid)
+            await self.fleet.ensure_loaded(browser_id, art)
+            return browser_id
+
+        def done(task: asyncio.Future) -> None:
+            self._growing.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("growing the pool failed", extra={"model": art.model, "error": describe(task.exception())})
+
+        task = self._spawn(grow())
+        self._growing.add(task)
+        task.add_done_callback(done)
+        return task
 
     # ----- operations ---------------------------------------------------------------------------------
     async def _run_op(self, browser_id: str, model: str, kind: str, input_digest: str,
@@ -501,7 +532,7 @@ class PoolCore:
         async def run() -> dict[str, Any]:
             if self.batcher is not None:
                 return await self.batcher.submit(art.key, (art, job), len(request.texts))
-            return await on(await self._place(art, spec.task))
+            return await on(await self._place(art, spec.task, grow_meanwhile=True))
 
         async def attempt() -> dict[str, Any]:
             if self.ft.votes:
@@ -583,7 +614,7 @@ class PoolCore:
     async def _embed_batch(self, payloads: Sequence[tuple[ModelArtifact, _Embedding]]) -> list[dict[str, Any]]:
         """The batcher's run: one batch of one model's requests, placed as one request would be."""
         art = payloads[0][0]
-        browser_id = await self._place(art, "text_embedding", busy_at=1)
+        browser_id = await self._place(art, "text_embedding", busy_at=1, grow_meanwhile=True)
         return await self._embed_on(browser_id, art, [job for _, job in payloads])
 
     async def _embed_on(self, browser_id: str, art: ModelArtifact, jobs: list[_Embedding]) -> list[dict[str, Any]]:
@@ -595,8 +626,8 @@ class PoolCore:
         total = sum(rows)
 
         async def call(_op_ids: list[str]) -> dict[str, Any]:
-            out = await handle.run.remote(art.key, minilm.join([j.feeds for j in jobs]), fetch=["embedding"],
-                                          timeout=self.request_timeout)
+            out = await self.fleet.call(browser_id, handle.run.remote(
+                art.key, minilm.join([j.feeds for j in jobs]), fetch=["embedding"], timeout=self.request_timeout))
             batch = {} if len(jobs) == 1 else {"batch_requests": len(jobs), "batch_rows": total,
                                                "batch_page_ms": out["ms"]}
             return {"embedding": out["outputs"]["embedding"], "metrics": batch,
@@ -689,8 +720,8 @@ class PoolCore:
                 or in_open_session(self.state, browser_id) or not self.fleet.has_handle(browser_id):
             return
         try:
-            now = await self.fleet.handle(browser_id).current_failure.remote()
-        except ray.exceptions.RayActorError:
+            now = await self.fleet.call(browser_id, self.fleet.handle(browser_id).current_failure.remote())
+        except (ray.exceptions.RayActorError, ActorUnreachable):
             now = (category, detail)         # its actor died since: still failed
         if now is not None:
             self.reconciler.report_soon(BrowserFailure(browser_id, FailureCategory(now[0]), now[1]))

@@ -7,20 +7,32 @@ Guarantees:
 - What the loop does is decided by ``actors.decisions.reconcile.decide``, a pure function of the
   projected state and what the loop observed; each action it executes is recorded as events.
 - The loop wakes when the log records something it acts on (a model loaded, a browser promoted,
-  failed or retired, a session closed) and otherwise on its timers (health checks every
-  ``health_interval`` at levels >= medium, checkpoints every ``checkpoint_interval`` at levels >= high,
-  scale-down checks with ``adaptive_scaling``).
+  failed or retired, a session closed) and otherwise on its timers (probes every ``PROBE_INTERVAL`` at
+  levels >= low, health checks every ``health_interval`` at levels >= medium, checkpoints every
+  ``checkpoint_interval`` at levels >= high, scale-down checks with ``adaptive_scaling``).
+- No call waits on a browser whose actor answers no probe for ``PROBE_DEADLINE`` (a vanished node): it is
+  cut off (``Fleet.cut_off``: the calls awaiting it fail at once) and recovered elsewhere. Time the pool's
+  own loop was stalled does not count as a browser's silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from actors.constants import HEALTH_TIMEOUT, STANDBY_DEFER_S
+from actors.constants import (
+    HEALTH_TIMEOUT,
+    PROBE_DEADLINE,
+    PROBE_DEADLINE_FACTOR,
+    PROBE_DEADLINE_MAX,
+    PROBE_INTERVAL,
+    PROBE_RTT_WINDOW,
+    STANDBY_DEFER_S,
+)
 from actors.decisions import adaptive
 from actors.decisions.reconcile import (
     Action,
@@ -33,6 +45,8 @@ from actors.decisions.reconcile import (
     ScaleDown,
     decide,
     hot_keys,
+    probe_deadline,
+    silent,
     warm_keys_on,
 )
 from actors.decisions.recovery import FaultToleranceConfig, classify
@@ -70,6 +84,12 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._standby_task: asyncio.Future | None = None
         self._checking: dict[str, asyncio.Future] = {}
+        self._probes: dict[str, tuple[float, asyncio.Future]] = {}   # browser -> its unanswered probe (sent, call)
+        self._probe_rtts: collections.deque[float] = collections.deque(maxlen=PROBE_RTT_WINDOW)
+        self._newest_answer_sent = 0.0          # when the newest answered probe was sent (any browser)
+        self._last_pass = time.monotonic()
+        self._nodes_seen: frozenset[str] | None = None      # Ray's live nodes, read since the last pass
+        self._nodes_read: asyncio.Future | None = None
         self.closed = False
         self.log.watch(self._on_record)
 
@@ -104,9 +124,10 @@ class Reconciler:
         health_every = self.health_interval if self.config.checks_health else None
         checkpoint_every = self.config.checkpoint_interval if self.config.checkpoints else None
         scale_every = min(1.0, self.scale_down_idle_s / 4) if self.adaptive_scaling else None
-        due = {name: now + every for name, every in (("health", health_every), ("checkpoint", checkpoint_every),
-                                                     ("scale", scale_every)) if every is not None}
-        every = {"health": health_every, "checkpoint": checkpoint_every, "scale": scale_every}
+        probe_every = PROBE_INTERVAL if self.config.recovers else None
+        every = {"health": health_every, "checkpoint": checkpoint_every, "scale": scale_every,
+                 "probe": probe_every}
+        due = {name: now + t for name, t in every.items() if t is not None}
         while not self.closed:
             wait = min(due.values(), default=now + 60.0) - time.monotonic()
             if wait > 0:
@@ -121,13 +142,17 @@ class Reconciler:
                 due[name] = now + every[name]
             try:
                 await self.reconcile(fired)
+                if time.monotonic() - now > PROBE_DEADLINE / 2:
+                    log.warning("slow reconcile pass: %.0f ms (%s)", (time.monotonic() - now) * 1000, sorted(fired))
             except Exception as exc:   # one bad pass (the GCS briefly unreachable...) must not end the loop
                 log.warning("reconcile pass failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     async def reconcile(self, fired: set[str] = frozenset()) -> list[Action]:
         """One pass: observe, decide, execute. Returns the actions it executed."""
+        if "probe" in fired:
+            self._probe()
         seen = Observations(
-            alive_nodes=await self._alive_nodes() if "health" in fired else None,
+            alive_nodes=self._take_nodes(fired),
             leases=self.fleet.leases,
             recovering=self.recovery.recovering,
             health_due="health" in fired,
@@ -135,23 +160,79 @@ class Reconciler:
             standby_busy=self._standby_task is not None and not self._standby_task.done(),
             checking=frozenset(b for b, t in self._checking.items() if not t.done()),
             scale_down_due="scale" in fired,
+            silent=self._silent(),
         )
         actions = decide(self.log.state, seen, self.policy)
         for action in actions:
             await self._execute(action)
         return actions
 
-    async def _alive_nodes(self) -> frozenset[str] | None:
+    def _probe(self) -> None:
+        """Ping every live browser's actor that has no probe outstanding. A pause of the pool's own loop (a
+        long pass, the machine stalled) is added to every outstanding probe's start: it is not their silence."""
+        now = time.monotonic()
+        stalled = now - self._last_pass - PROBE_INTERVAL
+        self._last_pass = now
+        if stalled > PROBE_INTERVAL:
+            self._probes = {b: (sent + stalled, call) for b, (sent, call) in self._probes.items()}
+        for b in browsers_alive(self.log.state):
+            if b.browser_id in self._probes or not self.fleet.has_handle(b.browser_id) \
+                    or self.fleet.is_cut_off(b.browser_id):
+                continue
+            call = asyncio.ensure_future(self.fleet.handle(b.browser_id).ping.remote())
+            self._probes[b.browser_id] = (now, call)
+            call.add_done_callback(lambda f, b=b.browser_id: self._probe_answered(b, f))
+
+    def _silent(self) -> frozenset[str]:
+        """Browsers whose actor answers no probe (``decisions.reconcile.silent``): compared with the others
+        when there are others, and given a deadline that follows how slowly probes are answered now."""
+        others = len(browsers_alive(self.log.state)) > 1
+        return silent({b: sent for b, (sent, _) in self._probes.items()}, time.monotonic(),
+                      probe_deadline(self._probe_rtts, PROBE_DEADLINE, PROBE_DEADLINE_FACTOR, PROBE_DEADLINE_MAX),
+                      self._newest_answer_sent if others else None)
+
+    def _probe_answered(self, browser_id: str, call: asyncio.Future) -> None:
+        """Any end of the call is an answer: an actor that died raises at once, and that is for the requests
+        and health checks to report; only silence is the probe's."""
+        if not call.cancelled():
+            call.exception()
+        sent, mine = self._probes.get(browser_id, (0.0, None))
+        if mine is call:
+            del self._probes[browser_id]
+            waited = time.monotonic() - sent
+            self._probe_rtts.append(waited)
+            self._newest_answer_sent = max(self._newest_answer_sent, sent)
+            if waited > PROBE_DEADLINE / 2:
+                log.warning("slow probe answer from %s: %.0f ms", browser_id, waited * 1000,
+                            extra={"browser_id": browser_id, "ms": round(waited * 1000)})
+
+    def _take_nodes(self, fired: set[str]) -> frozenset[str] | None:
+        """The node list read since the last pass (once), and a new read started when a health pass is due.
+        Read in the background: listing nodes asks Ray's GCS, which can take seconds while a node is being
+        lost, and a pass must not wait on it (the probes would stop meanwhile)."""
+        nodes, self._nodes_seen = self._nodes_seen, None
+        if "health" in fired and (self._nodes_read is None or self._nodes_read.done()):
+            self._nodes_read = self._spawn(self._read_nodes())
+        return nodes
+
+    async def _read_nodes(self) -> None:
         try:
-            return frozenset(n.node_id for n in await self.fleet.node_views())
+            self._nodes_seen = await self.fleet.alive_node_ids()
         except Exception as exc:     # the GCS may be briefly unreachable: the browser checks still run
             log.warning("node check failed", extra={"error": str(exc)})
-            return None
+            return
+        self._wake.set()
 
     async def _execute(self, action: Action) -> None:
         if isinstance(action, Recover):
-            kind = ActorUnreachable if action.unreachable else BrowserFailure
-            self.report_soon(kind(action.browser_id, action.category, action.detail))
+            if action.unreachable:
+                failure = ActorUnreachable(action.browser_id, action.category, action.detail)
+                log.warning("browser unreachable: %s", action.detail, extra={"browser_id": action.browser_id})
+                self._probes.pop(action.browser_id, None)
+                self.fleet.cut_off(failure)       # nothing waits on it any longer
+                self.report_soon(failure)
+            else:
+                self.report_soon(BrowserFailure(action.browser_id, action.category, action.detail))
         elif isinstance(action, CheckHealth):
             if self.fleet.has_handle(action.browser_id):
                 self._checking[action.browser_id] = self._spawn(self.check(action.browser_id))
@@ -169,7 +250,8 @@ class Reconciler:
     async def check(self, browser_id: str) -> dict[str, Any]:
         """The browser's own health report; a failure to answer is reported (and so recovered)."""
         try:
-            report = await asyncio.wait_for(self.fleet.handle(browser_id).health.remote(), HEALTH_TIMEOUT * 2)
+            report = await asyncio.wait_for(self.fleet.call(browser_id, self.fleet.handle(browser_id).health.remote()),
+                                            HEALTH_TIMEOUT * 2)
         except Exception as exc:    # whatever the browser answers instead of a health report is a failure
             failure = classify(exc, browser_id)
             self.report_soon(failure)

@@ -36,6 +36,15 @@ def _events(pool) -> list[dict]:
     return ray.get(pool.recent_events.remote(ray.get(pool.get_state.remote()).last_seq + 10))
 
 
+def _holders(pool) -> set[str]:
+    """Browsers that have loaded the model (retired ones included)."""
+    return {e["subject"] for e in _events(pool) if e["action"] == "ModelLoaded"}
+
+
+def _scaled(pool, direction: str) -> list[dict]:
+    return [e["data"] for e in _events(pool) if e["action"] == "PoolScaled" and e["data"]["direction"] == direction]
+
+
 def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,9 +104,11 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
     pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
                                fault_tolerance={"level": "medium"})
     try:
-        # Two browsers holding the model: concurrent requests make the pool grow to max_connections.
+        # Two browsers holding the model: concurrent requests make the pool grow to max_connections (in the
+        # background: the busy browser answers meanwhile).
         for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(6)]):
             _check(out["embedding"], reference)
+        _wait(lambda: len(_holders(pool)) == 2, 120, "the pool to grow to two browsers holding the model")
         browsers = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
         assert len(browsers) == 2
         for _ in range(adaptive.MIN_SAMPLES + 1):      # a steady history on both
@@ -139,12 +150,13 @@ def test_adaptive_scaling_grows_under_a_burst_and_shrinks_when_idle(ray_local, t
         outs = ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(12)])
         for out in outs:
             _check(out["embedding"], reference)
+        # Each growth (in the background) ends with a browser holding the model; then idleness shrinks the pool.
+        _wait(lambda: len(_holders(pool)) >= len(_scaled(pool, "up")), 120, "the browsers the burst asked for")
         _wait(lambda: len(browsers_alive(ray.get(pool.get_state.remote()))) == 1, 60, "the pool to shrink to one")
         # Counted from the log, not from a snapshot after the burst: the scale-down loop runs meanwhile,
         # and a browser idle early in a long burst may already have been retired.
         events = _events(pool)
-        up = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "up"]
-        down = [e["data"] for e in events if e["action"] == "PoolScaled" and e["data"]["direction"] == "down"]
+        up, down = _scaled(pool, "up"), _scaled(pool, "down")
         assert len(up) >= 2, "a burst of 12 requests grew the pool"
         assert "in flight" in up[-1]["reason"]
         assert len(down) == len(up) - 1 and all("idle" in d["reason"] for d in down)

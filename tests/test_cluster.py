@@ -1,5 +1,6 @@
-"""webpool across the nodes of a real multi-node Ray cluster (on this machine): placement over nodes,
-a node lost under load, a sharded generation losing a shard's node, drivers that reattach or die.
+"""webpool across the nodes of a real multi-node Ray cluster (on this machine, at Ray's default settings):
+placement over nodes, a node lost under load, a sharded generation losing a shard's node, drivers that
+reattach or die.
 
 The scenarios run once, in a subprocess (tests/cluster_scenarios.py: one process joins one cluster,
 and this session has its own Ray); each test below checks one part of what it observed.
@@ -47,12 +48,17 @@ def test_browsers_spread_over_nodes_and_the_standby_sits_apart(observed):
 def test_losing_a_node_under_load_loses_no_request(observed):
     _no_error(observed, "node_loss")
     answers = observed["node_loss_answers"]
-    assert len(answers) == 24
+    assert len(answers) == 36
     assert all(a["correct"] for a in answers), [a for a in answers if not a["correct"]]
-    assert observed["node_removed_after_answers"] < 24, "the node went before the load was over"
+    assert observed["node_removed_after_answers"] < 36, "the node went before the load was over"
     victims = set(observed["node_loss_victim_browsers"])
-    failed = {f["browser_id"] for f in observed["node_loss_failed"]}
-    assert victims <= failed, "every browser of the lost node is recorded as failed"
+    failed = {f["browser_id"]: f for f in observed["node_loss_failed"]}
+    assert victims <= set(failed), "every browser of the lost node is recorded as failed"
+    # Found by the pool's own probes (Ray at its default settings declares the node dead much later), so no
+    # request waited on the dead node for Ray's verdict.
+    trace = "\n".join(observed["node_loss_trace"])
+    assert all("no probe" in failed[b]["error"] for b in victims), trace
+    assert all(failed[b]["after_s"] < observed["node_declared_dead_s"] for b in victims), trace
     assert all(b["node_id"] != observed["node_loss_victim_node"] for b in observed["node_loss_browsers_after"])
     assert len([b for b in observed["node_loss_browsers_after"] if not b["standby"]]) >= 1
     assert observed["node_loss_victim_pids_alive"] == [], "browser processes outlived their node"

@@ -20,6 +20,17 @@ def test_busy_holder_makes_the_pool_grow_then_is_used_at_capacity():
     assert place("m", busy, 1, "chromium") == Placement("use", "a")
 
 
+def test_browsers_starting_count_towards_capacity_and_a_busy_holder_serves_meanwhile():
+    busy = [view("a", ["m"], in_flight=2)]
+    assert place("m", busy, 3, "chromium", launching=1) == Placement("launch", None)
+    assert place("m", busy, 3, "chromium", launching=1, grow_meanwhile=True) == Placement("launch", "a")
+    assert place("m", busy, 2, "chromium", launching=1) == Placement("use", "a")       # full once it is up
+    assert place("m", [view("b")], 3, "chromium", grow_meanwhile=True) == Placement("launch", None)   # no holder
+    assert place("m", [], 1, "chromium", launching=1) == Placement("wait", None)
+    assert place("m", [], 4, "chromium", launching=1, grow_meanwhile=True) == Placement("wait", None)   # first one
+    assert place("m", [], 4, "chromium") == Placement("launch", None)
+
+
 def test_least_busy_holder_wins():
     browsers = [view("a", ["m"], 1), view("b", ["m"], 0)]
     assert place("m", browsers, 2, "chromium") == Placement("use", "b")

@@ -18,6 +18,8 @@ from actors.decisions.reconcile import (
     hot_keys,
     in_open_session,
     lost_to_nodes,
+    probe_deadline,
+    silent,
     standby_short,
     warm_keys_on,
 )
@@ -78,6 +80,39 @@ def test_browsers_on_a_vanished_node_are_recovered_as_unreachable():
 def test_no_node_recovery_without_a_lost_node_and_a_level_that_recovers(alive_nodes, policy, recovering, expected):
     s = state(up("b1", "n1"), up("b2", "n2"))
     assert decide(s, seen(alive_nodes=alive_nodes, recovering=recovering), policy) == expected
+
+
+def test_a_probe_unanswered_past_its_deadline_is_silence_once_a_later_probe_was_answered():
+    outstanding = {"b1": 10.0, "b2": 10.6, "b3": 9.0}
+    assert silent(outstanding, now=11.2, deadline=1.0) == {"b1", "b3"}            # no other browser to compare
+    assert silent(outstanding, now=11.0, deadline=1.0) == {"b3"}       # b1 exactly at its deadline: not yet
+    assert silent({}, now=100.0, deadline=1.0) == set()
+    # With others: late only if a probe sent after it was answered (else the pool itself was stalled).
+    assert silent(outstanding, now=11.2, deadline=1.0, newest_answer_sent=9.5) == {"b3"}
+    assert silent(outstanding, now=11.2, deadline=1.0, newest_answer_sent=8.0) == set()
+    assert silent(outstanding, now=11.2, deadline=1.0, newest_answer_sent=10.1) == {"b1", "b3"}
+
+
+def test_the_probe_deadline_follows_the_slowest_recent_answer_within_its_bounds():
+    assert probe_deadline([], floor=1.0, factor=4.0, cap=10.0) == 1.0
+    assert probe_deadline([0.002, 0.01], floor=1.0, factor=4.0, cap=10.0) == 1.0
+    assert probe_deadline([0.002, 0.7], floor=1.0, factor=4.0, cap=10.0) == pytest.approx(2.8)
+    assert probe_deadline([5.0], floor=1.0, factor=4.0, cap=10.0) == 10.0
+
+
+def test_a_silent_browser_is_recovered_as_unreachable_unless_closed_recovering_or_a_sessions_shard():
+    plan = {"shards": [{"browser_id": "b4", "artifact": KEY}]}
+    s = state(up("b1"), up("b2"), up("b3"), up("b4"), up("b5"), BrowserRetired("b5", "done"),
+              SessionOpened("s1", "m", plan))
+    actions = decide(s, seen(silent=frozenset({"b1", "b2", "b4", "b5", "gone"}), recovering=frozenset({"b2"})),
+                     RECOVERS)
+    assert actions == [Recover("b1", FailureCategory.CONNECTION,
+                               "its actor answered no probe in time (its node may be gone)", unreachable=True)]
+    assert decide(s, seen(silent=frozenset({"b1"})), NONE) == []        # level none recovers nothing
+    # Lost with its node and silent too: recovered once, for the node.
+    lost = state(up("b1", "n1"), up("b2", "n2"))
+    [once] = decide(lost, seen(alive_nodes=frozenset({"n2"}), silent=frozenset({"b1"})), RECOVERS)
+    assert once.browser_id == "b1" and "left the cluster" in once.detail
 
 
 def test_a_deferred_recovery_starts_once_its_session_has_closed():

@@ -41,22 +41,29 @@ class BrowserView:
 
 @dataclass(frozen=True)
 class Placement:
-    action: Literal["use", "load", "launch"]
-    browser_id: str | None      # None for launch
+    action: Literal["use", "load", "launch", "wait"]
+    # use/load: the browser. launch: the holder that takes the request while the new browser starts
+    # (None: the request waits for the new one). wait: None.
+    browser_id: str | None
 
 
 
 def place(key: str, browsers: list[BrowserView], max_connections: int, browser_type: str,
-          avoid: frozenset[str] = frozenset(), busy_at: int = BUSY_THRESHOLD) -> Placement:
-    """Where to run artifact ``key``.
+          avoid: frozenset[str] = frozenset(), busy_at: int = BUSY_THRESHOLD, launching: int = 0,
+          grow_meanwhile: bool = False) -> Placement:
+    """Where to run artifact ``key``; ``launching`` browsers are starting and count towards ``max_connections``.
 
     1. a browser of the wanted type that already holds it and is not busy (fewer than ``busy_at`` runs on
        it; a batch of requests, which should not queue behind another, uses 1): the one expected to answer
        first ((in flight + 1) x its expected cost; a browser whose cost is still unknown is tried first,
        so that it gets known), least busy first when nothing is known;
-    2. else a new browser, while the pool is below ``max_connections``;
+    2. else a new browser, while the pool is below ``max_connections``. With ``grow_meanwhile`` the busy
+       holder takes this request (a page queues its runs: ~0.1-1 s) while the new browser starts (~3-8 s);
+       else, or with no holder, the request waits for the new browser;
     3. else the least busy browser that holds it;
     4. else load it onto the least busy browser holding the fewest models.
+    With no browser at all but one starting, the request waits for it ("wait"): more are launched only
+    once browsers serve and are busy.
     ``avoid`` excludes browsers (e.g. ones already holding another shard of the same request).
     """
     candidates = [b for b in browsers if b.browser_id not in avoid]
@@ -65,8 +72,10 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
         if holding else None
     if best is not None and best.in_flight < busy_at:
         return Placement("use", best.browser_id)
-    if len(browsers) < max_connections:
-        return Placement("launch", None)
+    if not browsers and launching:
+        return Placement("wait", None)      # growth is judged on busy browsers: none serves yet
+    if len(browsers) + launching < max_connections:
+        return Placement("launch", best.browser_id if grow_meanwhile and best is not None else None)
     if best is not None:
         return Placement("use", best.browser_id)
     if not candidates:

@@ -8,7 +8,7 @@ in tests/test_reconcile_decisions.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from events import schema as ev
@@ -67,6 +67,7 @@ class Observations:
     standby_busy: bool = False                                # a KeepStandby task is still running
     checking: frozenset[str] = frozenset()                    # browsers whose health check is under way
     scale_down_due: bool = False
+    silent: frozenset[str] = frozenset()                      # browsers whose actor answers no probe (see ``silent``)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,26 @@ def ended_by_restart(state: PoolState) -> list[ev.Event]:
                if b.status not in CLOSED_STATUSES]
     return events
 
+
+
+def silent(outstanding: Mapping[str, float], now: float, deadline: float,
+           newest_answer_sent: float | None = None) -> frozenset[str]:
+    """Browsers whose unanswered probe (``outstanding``: browser -> when it was sent) is older than
+    ``deadline`` and, where other browsers are probed too, older than the newest probe any browser has
+    answered (``newest_answer_sent``; None: no other browser to compare with).
+
+    A probe is a call to the browser's actor that touches no page, so a busy page does not delay it. When
+    every probe is late together, the pool or the whole machine was stalled (two cores busy loading models
+    delay a ping by up to ~0.9 s here), and nobody is blamed; when a probe sent later was answered, the
+    pool and Ray are making progress and this one actor, its process or its node is gone or cut off."""
+    return frozenset(b for b, sent in outstanding.items()
+                     if now - sent > deadline and (newest_answer_sent is None or newest_answer_sent > sent))
+
+
+def probe_deadline(recent_rtts: Sequence[float], floor: float, factor: float, cap: float) -> float:
+    """How long a probe may go unanswered: ``factor`` x the slowest recent answer, within [floor, cap]. A
+    loaded machine answers slower for every browser, and the deadline follows."""
+    return min(cap, max(floor, factor * max(recent_rtts, default=0.0)))
 
 
 def lost_to_nodes(state: PoolState, alive_nodes: frozenset[str]) -> list[str]:
@@ -160,7 +181,8 @@ def to_health_check(state: PoolState, leases: Mapping[str, int]) -> list[str]:
 def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]:
     """The loop's actions for one pass, in the order to run them:
 
-    1. browsers on vanished nodes are recovered (reported unreachable: their actors cannot answer);
+    1. browsers on vanished nodes, and browsers whose actor answers no probe, are recovered (reported
+       unreachable: their actors cannot answer, so no step may wait on them);
     2. deferred recoveries whose session has closed are started;
     3. idle browsers are health-checked (when a health pass is due);
     4. warm spares are topped up (level high and up), unless a top-up is still running;
@@ -175,6 +197,13 @@ def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]
             node = state.browsers[browser_id].node_id
             actions.append(Recover(browser_id, FailureCategory.CONNECTION,
                                    f"its node {node[:12]} left the cluster", unreachable=True))
+            busy.add(browser_id)
+    if policy.recovers:
+        alive = {b.browser_id for b in browsers_alive(state)}
+        # A shard of an open session is the session's to replace (its coordinator meets the loss itself).
+        for browser_id in sorted(b for b in seen.silent & (alive - busy) if not in_open_session(state, b)):
+            actions.append(Recover(browser_id, FailureCategory.CONNECTION,
+                                   "its actor answered no probe in time (its node may be gone)", unreachable=True))
             busy.add(browser_id)
     if policy.recovers:
         for browser_id in deferred_due(state, frozenset(busy)):
