@@ -760,6 +760,10 @@ class PoolCore:
         """This pool's process id (a fault to inject: kill it and Ray restarts the pool, which rebuilds)."""
         return os.getpid()
 
+    async def node_id(self) -> str:
+        """The Ray node this incarnation of the pool runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     async def browser_handle(self, browser_id: str) -> Any:
         """The actor handle of a browser (tests and fault injection use it)."""
         return self.fleet.handle(browser_id)

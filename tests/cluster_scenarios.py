@@ -16,8 +16,10 @@ judged here, so a scenario that goes wrong still leaves its observations (and it
    submits a request and dies at once, and the pool still completes it (the log says so).
 5. a StateLog on a worker node loses its node; Ray restarts it on another one from the shared
    location, and every acknowledged event is still there, once.
+6. a pool that is not pinned (it runs on a worker) loses its own node under load: Ray restarts it
+   elsewhere, it rebuilds from its log, and every request in flight is answered.
 
-Usage: python tests/cluster_scenarios.py OUT.json
+Usage: python tests/cluster_scenarios.py OUT.json [SCENARIO ...]   (all of them unless named)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from events.state import browsers_alive, sessions_with_tokens  # noqa: E402
 from sharding.models import llama, minilm  # noqa: E402
+from webpool import ResourcePool  # noqa: E402
 
 NAMESPACE = "webpool-cluster"
 POOL_NAME = "webpool-cluster-pool"
@@ -248,6 +251,63 @@ def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
     ray.kill(log, no_restart=True)
 
 
+def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
+    """A pool left where Ray puts it (a soft preference for a worker node, as any unpinned actor may land
+    there) loses its node under load: Ray restarts it on another node once it declares the node dead, the
+    new incarnation rebuilds from its log (on storage every node reaches) and every request that was in
+    flight is answered, correctly; when each answer came is recorded."""
+    name = "webpool-unpinned-pool"
+    texts = [f"unpinned request {i}: the pool's own node goes away" for i in range(12)]
+    reference = minilm.reference_embed(texts)
+    # Two fresh workers (the scenarios before took nodes away): the pool's, and room for browsers after it.
+    fresh = [cluster.add_node(num_cpus=1, resources={"browser_slots": SLOTS_PER_NODE}, temp_dir=str(temp),
+                              object_store_memory=600 * MB) for _ in range(2)]
+    cluster.wait_for_nodes()
+    # The affinity is soft (Ray may restart the pool elsewhere) and not always honoured: a pool that lands
+    # on the head (which cannot go) is killed and created again.
+    pool, victim, tries = None, None, []
+    for wanted in fresh * 3:
+        pool = ResourcePool.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            wanted.node_id, soft=True)).remote(
+            max_connections=2, event_log=str(temp / "unpinned-events"), name=name,
+            fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
+        node = ray.get(pool.node_id.remote(), timeout=60)
+        tries.append({"wanted": wanted.node_id, "got": node})
+        victim = next((n for n in cluster.worker_nodes if n.node_id == node), None)
+        if victim is not None:
+            break
+        ray.kill(pool, no_restart=True)
+        _wait(lambda: name not in ray.util.list_named_actors(), 60, "the misplaced pool's name to free up")
+    out["unpinned_tries"] = tries
+    if victim is None:
+        raise RuntimeError(f"the pool never ran on a worker node: {tries}")
+    try:
+        ray.get(pool.infer.remote(EMBED, {"text": "warm up"}), timeout=300)
+        out["unpinned_node_before"] = victim.node_id
+        refs = [pool.infer.remote(EMBED, {"text": t}) for t in texts]
+        _wait(lambda: _state(pool).operations, 60, "the requests to start")
+        t_removed = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        answers = []
+        for i, ref in enumerate(refs):
+            try:
+                o = ray.get(ref, timeout=300)
+                answers.append({"i": i, "correct": bool(np.abs(o["embedding"] - reference[i]).max() <= TOLERANCE),
+                                "after_s": time.time() - t_removed})
+            except Exception as exc:
+                answers.append({"i": i, "correct": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                "after_s": time.time() - t_removed})
+        out["unpinned_answers"] = answers
+        out["unpinned_node_after"] = ray.get(pool.node_id.remote(), timeout=60)
+        events = _events(pool)
+        out["unpinned_restarted"] = any(e["action"] == "OperationFailed"
+                                        and e["data"]["error"] == "the pool restarted while it ran" for e in events)
+        out["unpinned_trace"] = _trace([e for e in events if e["timestamp"] >= t_removed], t_removed)
+        ray.get(pool.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(pool, no_restart=True)
+
+
 DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
@@ -302,7 +362,8 @@ def reattach(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     out["dying_driver_ops_completed"] = sorted(new_ops & completed)
 
 
-def main(out_path: Path) -> int:
+def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
+    """Run the scenarios (``only`` those named, when given: a developer's shortcut) and write what they saw."""
     # Cluster() writes its address to /tmp/ray/ray_current_cluster for address-less ray.init() calls;
     # every driver here is given the address, and nothing of ours goes outside our temp dir.
     ray._private.utils.write_ray_address = lambda *_args, **_kwargs: None
@@ -318,8 +379,6 @@ def main(out_path: Path) -> int:
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         out["nodes"] = [n.node_id for n in cluster.worker_nodes]
         out["head_node"] = cluster.head_node.node_id
-        from webpool import ResourcePool
-
         # The pool and its log sit on the head (it has no browser slots); browsers go to worker nodes.
         on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
         pool = ResourcePool.options(name=POOL_NAME, lifetime="detached", scheduling_strategy=on_head).remote(
@@ -332,7 +391,10 @@ def main(out_path: Path) -> int:
                           ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),
                           ("sharded", lambda: sharded_generation_loses_a_node(cluster, pool, expected, out)),
                           ("reattach", lambda: reattach(cluster, pool, out)),
-                          ("state_log", lambda: state_log_moves(cluster, temp, out))):
+                          ("state_log", lambda: state_log_moves(cluster, temp, out)),
+                          ("unpinned", lambda: unpinned_pool_loses_its_node(cluster, temp, out))):
+            if only and name not in only:
+                continue
             t0 = time.perf_counter()
             try:
                 run()
@@ -363,4 +425,4 @@ def main(out_path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), frozenset(sys.argv[2:])))

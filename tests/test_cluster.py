@@ -94,6 +94,15 @@ def test_the_state_log_moves_to_another_node_and_keeps_every_acknowledged_event(
     assert [tuple(r) for r in observed["log_read"]] == expected      # each once, in order
 
 
+def test_an_unpinned_pool_that_loses_its_node_is_restarted_elsewhere_and_answers_every_request(observed):
+    _no_error(observed, "unpinned")
+    answers = observed["unpinned_answers"]
+    assert len(answers) == 12 and all(a["correct"] for a in answers), answers
+    assert observed["unpinned_node_after"] != observed["unpinned_node_before"], "restarted on another node"
+    # The new incarnation rebuilt from the log: it ended the operations its predecessor had started.
+    assert observed["unpinned_restarted"], "\n".join(observed["unpinned_trace"])
+
+
 def test_nothing_outlives_the_pool(observed):
     assert "shutdown" not in observed["errors"], observed["errors"]["shutdown"]
     assert observed["pids_after_shutdown"] == []
