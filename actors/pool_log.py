@@ -50,8 +50,11 @@ class PoolLog:
         deadline = time.monotonic() + STATE_LOG_OPEN_WAIT
         while True:
             try:
+                # Pinned to this node: the log is the pool's child and dies with it (a restarted pool starts
+                # its own), and on another node it would fail with that node, stalling every record until
+                # Ray declares the node dead (~15 s at Ray's default settings; seen in the node-loss scenario).
                 handle = await asyncio.to_thread(get_or_create_state_log, f"{self.name}-log", self.location,
-                                                 context.namespace, node_id=context.get_node_id())
+                                                 context.namespace, node_id=context.get_node_id(), pinned=True)
                 self.state = await handle.state.remote()
                 break
             except ray.exceptions.RayActorError:

@@ -202,17 +202,19 @@ def get_or_create_state_log(
     *,
     detached: bool = False,
     node_id: str | None = None,
+    pinned: bool = False,
     **store_options: Any,
 ) -> ray.actor.ActorHandle:
     """The named StateLog in ``namespace``, created on ``location`` if it does not exist yet.
 
     ``node_id``: the node to create it on (a local-disk ``location`` is on that node's disk); a
-    ``pyarrow.fs`` URI reachable from every node lets Ray restart it anywhere.
+    ``pyarrow.fs`` URI reachable from every node lets Ray restart it anywhere. The preference is soft
+    (Ray may place or restart it elsewhere, and sometimes does) unless ``pinned``.
     Raises StoreConfigError if an actor of that name already serves another location.
     """
     options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
     if node_id is not None:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=not pinned)
     if detached:
         options["lifetime"] = "detached"
     handle = StateLog.options(**options).remote(str(location), **store_options)

@@ -3,7 +3,7 @@
 ``ResourcePoolBridgeIntegration`` (the pool as the guide's examples hold it), ``ResourcePoolRecoveryManager``
 (the guide's recovery manager: classification, the five strategies, statistics, performance advice) and
 ``run_with_recovery`` (the guide's function, unchanged in behaviour). Every decision stays where it
-already is: placement and recovery steps in the pool (actors/pool.py, actors/recovery.py), failure
+already is: placement and recovery steps in the pool (actors/router.py, actors/recovery.py), failure
 classification in ``actors.decisions.recovery.classify``, statistics in ``events.state.recovery_statistics``,
 performance history in ``events.history``. This module only turns the guide's calls into pool actor
 calls and the pool's answers into the guide's result dicts. The pool's event log stays the one source of

@@ -6,7 +6,7 @@ model and is idle; the first answer wins (Dean & Barroso, "The Tail at Scale"). 
 died without a signal yet, then costs the caller about one more request time instead of a time budget
 and a recovery. A token bucket bounds the extra load.
 
-Pure: the pool (actors/pool.py) supplies the history, the candidates and the clock.
+Pure: the router (actors/router.py) supplies the history, the candidates and the clock.
 """
 
 from __future__ import annotations
