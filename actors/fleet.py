@@ -22,7 +22,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.browser import BrowserActor
+from actors.browser_actor import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, SUSPECT_NODE_S, WARMUP_MAX_S
 from actors.decisions import placement

@@ -389,6 +389,10 @@ class PoolCore:
         """This pool's process id (a fault to inject: kill it and Ray restarts the pool, which rebuilds)."""
         return os.getpid()
 
+    async def probes(self) -> dict[str, Any]:
+        """What the reconcile loop's probes of the browsers' actors see now (see Reconciler.probe_view)."""
+        return self.reconciler.probe_view()
+
     async def node_id(self) -> str:
         """The Ray node this incarnation of the pool runs on."""
         return ray.get_runtime_context().get_node_id()

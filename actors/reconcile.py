@@ -168,14 +168,17 @@ class Reconciler:
         return actions
 
     def _probe(self) -> None:
-        """Ping every live browser's actor that has no probe outstanding. A pause of the pool's own loop (a
-        long pass, the machine stalled) is added to every outstanding probe's start: it is not their silence."""
+        """Ping every live browser's actor that has no probe outstanding. With one browser alone (no other to
+        compare it with), a pause of the pool's own loop (a long pass, the machine stalled) is added to its
+        outstanding probe's start: it is not the browser's silence. With others, a later probe answered is the
+        evidence that the pool is running again (``decisions.reconcile.silent``), and no time is added."""
         now = time.monotonic()
         stalled = now - self._last_pass - PROBE_INTERVAL
         self._last_pass = now
-        if stalled > PROBE_INTERVAL:
+        alive = browsers_alive(self.log.state)
+        if stalled > PROBE_INTERVAL and len(alive) <= 1:
             self._probes = {b: (sent + stalled, call) for b, (sent, call) in self._probes.items()}
-        for b in browsers_alive(self.log.state):
+        for b in alive:
             if b.browser_id in self._probes or not self.fleet.has_handle(b.browser_id) \
                     or self.fleet.is_cut_off(b.browser_id):
                 continue
@@ -187,9 +190,18 @@ class Reconciler:
         """Browsers whose actor answers no probe (``decisions.reconcile.silent``): compared with the others
         when there are others, and given a deadline that follows how slowly probes are answered now."""
         others = len(browsers_alive(self.log.state)) > 1
-        return silent({b: sent for b, (sent, _) in self._probes.items()}, time.monotonic(),
-                      probe_deadline(self._probe_rtts, PROBE_DEADLINE, PROBE_DEADLINE_FACTOR, PROBE_DEADLINE_MAX),
+        return silent({b: sent for b, (sent, _) in self._probes.items()}, time.monotonic(), self._probe_deadline(),
                       self._newest_answer_sent if others else None)
+
+    def _probe_deadline(self) -> float:
+        return probe_deadline(self._probe_rtts, PROBE_DEADLINE, PROBE_DEADLINE_FACTOR, PROBE_DEADLINE_MAX)
+
+    def probe_view(self) -> dict[str, Any]:
+        """What the probes see now (for operators and tests): the deadline, the slowest recent answer, and how
+        long each outstanding probe has waited, in seconds."""
+        now = time.monotonic()
+        return {"deadline_s": self._probe_deadline(), "slowest_recent_s": max(self._probe_rtts, default=None),
+                "waiting_s": {b: now - sent for b, (sent, _) in self._probes.items()}}
 
     def _probe_answered(self, browser_id: str, call: asyncio.Future) -> None:
         """Any end of the call is an answer: an actor that died raises at once, and that is for the requests

@@ -38,7 +38,7 @@ GIVE_UP_S = 10.0            # a trial whose failure never shows is counted as su
 
 
 async def _trial(core: Any, art: Any, data: np.ndarray, fault: str, busy: bool) -> dict[str, Any]:
-    from actors.browser import inject_fault
+    from actors.faults import inject_fault
     from sharding.models import minilm
 
     if art.key not in (await core.health())["models"]:

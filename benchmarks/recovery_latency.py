@@ -774,7 +774,7 @@ class PlainBrowserActor:
         return os.getpid()
 
     def inject(self, kind: str, mb: int = 256) -> dict[str, Any]:
-        from actors.browser import inject_fault
+        from actors.faults import inject_fault
 
         return self._call(inject_fault(self.core, kind, mb))
 

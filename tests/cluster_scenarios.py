@@ -108,6 +108,8 @@ def placement(pool, out: dict[str, Any]) -> None:
     _wait(lambda: sum(b["standby"] for b in _browsers(pool)) >= 1 and not _state(pool).recoveries, 300,
           "a warm standby")
     out["placement_browsers"] = _browsers(pool)
+    out["pool_node"] = ray.get(pool.node_id.remote(), timeout=60)
+    out["pool_log_node"] = ray.get(ray.get_actor(f"{POOL_NAME}-log").info.remote(), timeout=60)["node_id"]
 
 
 def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
@@ -149,6 +151,13 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     cluster.remove_node(_node_of(cluster, victim_node), allow_graceful=False)
     out["node_removed_after_answers"] = len(answers)
     out["node_removed_ts"] = t_removed
+    # What the probes saw, four times a second until the victims are failed (for reading when it goes wrong).
+    samples = out["node_loss_probes"] = []
+    while time.time() - t_removed < 30 and any(
+            _state(pool).browsers[b].status in ("launched", "connected", "disconnected")
+            for b in out["node_loss_victim_browsers"]):
+        samples.append({"after_s": round(time.time() - t_removed, 2)} | ray.get(pool.probes.remote(), timeout=60))
+        time.sleep(0.25)
     for t in in_flight:
         t.join(600)
     out["node_loss_answers"] = sorted(answers, key=lambda a: a["i"])
@@ -382,7 +391,8 @@ def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
         # The pool and its log sit on the head (it has no browser slots); browsers go to worker nodes.
         on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
         pool = ResourcePool.options(name=POOL_NAME, lifetime="detached", scheduling_strategy=on_head).remote(
-            max_connections=2, event_log=str(temp / "events"), request_timeout=30.0, health_interval=1.0,
+            max_connections=2, event_log=str(temp / "events"), name=POOL_NAME, request_timeout=30.0,
+            health_interval=1.0,
             fault_tolerance={"level": "high", "recovery_strategy": "progressive", "standby_browsers": 1})
         model = llama.load_smollm2()
         expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),

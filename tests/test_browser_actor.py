@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.browser import BrowserActor, BrowserFailure
+from actors.browser import BrowserFailure
+from actors.browser_actor import BrowserActor
 from events.errors import InputError
 from sharding.coordinator import ShardChain, ShardStage, generate_tokens
 from sharding.models import llama, minilm

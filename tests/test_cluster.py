@@ -43,6 +43,8 @@ def test_browsers_spread_over_nodes_and_the_standby_sits_apart(observed):
     assert all(b["node_id"] in nodes for b in browsers), "a browser on the head, which has no browser slots"
     assert len({b["node_id"] for b in browsers}) == 3, "three browsers, three nodes"
     assert standby[0]["node_id"] not in {b["node_id"] for b in serving}
+    # The pool's log sits with the pool: losing any other node must not stall its records.
+    assert observed["pool_log_node"] == observed["pool_node"] == observed["head_node"]
 
 
 def test_losing_a_node_under_load_loses_no_request(observed):

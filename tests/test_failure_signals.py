@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.browser import BrowserActor, _runtime_error
+from actors.browser import _runtime_error
+from actors.browser_actor import BrowserActor
 from actors.cdp_relay import CdpRelay
 from events.errors import BrowserFailure, FailureCategory, InputError
 from sharding.models import minilm

@@ -20,7 +20,7 @@ from typing import Any
 
 _EXPORTS = {
     "ResourcePool": "actors.pool",
-    "BrowserActor": "actors.browser",
+    "BrowserActor": "actors.browser_actor",
     "BrowserFailure": "events.errors",
     "NoBrowserAvailableError": "events.errors",
     "PoolBusyError": "events.errors",
