@@ -31,7 +31,8 @@ serves all trials of a (strategy, level); it is replaced when a trial leaves it 
 (a browser left failed, one whose circuit breaker is about to open, a failing health check).
 
 Run: ``python -m benchmarks.recovery_latency [--quick] [--trials N] [--faults ...]
-[--strategies ...]``. A vanished node is not measured here (it needs a multi-node cluster).
+[--strategies ...]``. A vanished node is measured on a multi-node cluster of its own, by the cluster
+tests' scenario script (``--vanished-node-only --vanished-node-trials N`` runs that part alone).
 """
 
 from __future__ import annotations
@@ -275,33 +276,78 @@ def baseline_verdict(answered: bool, errors: int, kind: str, waited_s: float) ->
     return f"never ({kind}; waited {waited_s:g} s)"
 
 
-def vanished_node_result(observed: dict[str, Any]) -> dict[str, Any]:
-    """Time to result of the requests in flight when a node vanished (sent before, answered after its
-    removal), from the cluster scenario's observations; every answer's correctness with it."""
+VANISHED_NODE_SETUP = ("ray.cluster_utils.Cluster of a head and four workers on this machine, Ray's default settings; "
+                       "pool at level high (progressive, 1 standby) pinned to the head; the node of a serving browser "
+                       "removed without notice with 24 requests in flight (12 answered before)")
+
+
+def vanished_node_trial(observed: dict[str, Any]) -> dict[str, Any]:
+    """One node-loss run, from the cluster scenario's observations: every answer's correctness, the time to
+    result of the requests in flight when the node went (sent before, answered after its removal), when the
+    lost browsers were failed and by what (the pool's probes, or Ray's verdict on the node), and when Ray
+    declared the node dead."""
     removed = observed.get("node_removed_ts")
     answers = observed.get("node_loss_answers") or []
     met = [a for a in answers if removed is not None and a.get("sent_ts", removed) < removed < a.get("done_ts", 0)]
+    victims = set(observed.get("node_loss_victim_browsers") or [])
+    failed = [f for f in observed.get("node_loss_failed") or [] if f["browser_id"] in victims]
     return {
         "requests": len(answers), "all_correct": bool(answers) and all(a["correct"] for a in answers),
-        "in_flight_at_loss": len(met),
-        "time_to_result": summary_ms([(a["done_ts"] - removed) * 1000 for a in met if a["correct"]]),
-        "recoveries": observed.get("node_loss_recoveries"), "error": observed.get("errors", {}).get("node_loss"),
-        "setup": "5-node ray.cluster_utils.Cluster on this machine; pool at level high (progressive, 1 standby) "
-                 "on the head; the node of a serving browser removed without notice while 2 clients send",
+        "in_flight_ms": [(a["done_ts"] - removed) * 1000 for a in met if a["correct"]],
+        "failed_after_s": min((f["after_s"] for f in failed), default=None),
+        "found_by": sorted({"probe" if "no probe" in f["error"] else "node verdict" if "left the cluster" in f["error"]
+                            else "a call" for f in failed}),
+        "ray_declared_dead_s": observed.get("node_declared_dead_s"),
+        "error": (observed.get("errors") or {}).get("node_loss") or (observed.get("errors") or {}).get("placement"),
     }
 
 
-def run_vanished_node(temp: Path) -> dict[str, Any]:
+def vanished_node_result(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The node-loss trials together; none dropped (a trial that failed is counted and its error kept)."""
+    ok = [t for t in trials if not t["error"]]
+    return {
+        "setup": VANISHED_NODE_SETUP, "trials": len(trials), "trials_failed": len(trials) - len(ok),
+        "errors": [t["error"][-300:] for t in trials if t["error"]],
+        "requests": sum(t["requests"] for t in ok), "all_correct": bool(ok) and all(t["all_correct"] for t in ok),
+        "in_flight_at_loss": sum(len(t["in_flight_ms"]) for t in ok),
+        "time_to_result": summary_ms([ms for t in ok for ms in t["in_flight_ms"]]),
+        "last_answer": summary_ms([max(t["in_flight_ms"]) for t in ok if t["in_flight_ms"]]),
+        "failed_after": summary_ms([t["failed_after_s"] * 1000 for t in ok if t["failed_after_s"] is not None]),
+        "found_by": {k: sum(k in t["found_by"] for t in ok) for k in ("probe", "node verdict", "a call")},
+        "ray_declared_dead": summary_ms([t["ray_declared_dead_s"] * 1000 for t in ok
+                                         if t["ray_declared_dead_s"] is not None]),
+        "per_trial": trials,
+    }
+
+
+def vanished_node_line(v: dict[str, Any]) -> str:
+    return (f"A node vanishing under load ({v['setup']}; {v['trials']} trials, {v['trials_failed']} failed): "
+            f"{v['requests']} requests, all correct: {'yes' if v['all_correct'] else 'NO'}; the lost browser was "
+            f"failed {_fmt(v['failed_after'])} ms (p50 / p95) after the removal (found by the probes in "
+            f"{v['found_by']['probe']} of {v['trials'] - v['trials_failed']} trials), while Ray declared the node "
+            f"dead after {_fmt(v['ray_declared_dead'])} ms; the {v['in_flight_at_loss']} requests in flight were "
+            f"answered {_fmt(v['time_to_result'])} ms after the removal, the last of each trial "
+            f"{_fmt(v['last_answer'])} ms.")
+
+
+def run_vanished_node(temp: Path, trials: int = 1) -> dict[str, Any]:
+    """``trials`` runs of the cluster scenarios' node loss, each on a fresh cluster."""
     import subprocess
     import sys
 
-    out = temp / "cluster.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    done = subprocess.run([sys.executable, str(CLUSTER_SCENARIOS), str(out)], capture_output=True, text=True,
-                          timeout=1500, env=env)
-    if not out.exists():
-        return {"error": f"the cluster scenarios wrote nothing (rc {done.returncode}): {done.stderr[-500:]}"}
-    return vanished_node_result(orjson.loads(out.read_bytes()))
+    results = []
+    for i in range(trials):
+        out = temp / f"cluster-{i}.json"
+        done = subprocess.run([sys.executable, str(CLUSTER_SCENARIOS), str(out), "placement", "node_loss"],
+                              capture_output=True, text=True, timeout=1500, env=env)
+        if not out.exists():
+            error = f"the cluster scenarios wrote nothing (rc {done.returncode}): {done.stderr[-500:]}"
+            results.append({"requests": 0, "all_correct": False, "in_flight_ms": [], "failed_after_s": None,
+                            "found_by": [], "ray_declared_dead_s": None, "error": error})
+        else:
+            results.append(vanished_node_trial(orjson.loads(out.read_bytes())))
+    return vanished_node_result(results)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -1238,12 +1284,11 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{vs_text} | {'yes' if s['all_answers_correct'] else 'NO'} |")
     lines += ["", after_kill_line(r)]
     v = r.get("vanished_node")
-    if v and not v.get("error"):
-        lines += ["", f"A node vanishing under load ({v['setup']}): {v['requests']} requests, all correct: "
-                  f"{'yes' if v['all_correct'] else 'NO'}; the {v['in_flight_at_loss']} in flight when it went were "
-                  f"answered {_fmt(v['time_to_result'])} ms (p50 / p95) after the removal."]
+    if v and v.get("time_to_result"):
+        lines += ["", vanished_node_line(v)]
     elif v:
-        lines += ["", f"A node vanishing under load: not measured ({v['error'][:200]})."]
+        why = "; ".join(v.get("errors") or ["no trial"])
+        lines += ["", f"A node vanishing under load: not measured ({why[:200]})."]
     b = r["baseline"]
     lines += ["", f"Ray baseline ({b['actor']}):", ""]
     lines += [f"- {fault}: {_fmt(f['time_to_result'])} ms, {f['verdict']}" if f["time_to_result"]
@@ -1322,6 +1367,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="skip the multi-node scenario (a node removed under load)")
     parser.add_argument("--vanished-node-only", action="store_true",
                         help="run only the multi-node scenario and merge it into the JSON in --out-dir")
+    parser.add_argument("--vanished-node-trials", type=int, default=1, metavar="N",
+                        help="runs of the multi-node scenario, each on a fresh cluster (~1 min each; default 1)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results go (default: $WEBPOOL_RESULTS or results/)")
     parser.add_argument("--markdown", type=Path, metavar="JSON",
@@ -1333,14 +1380,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.vanished_node_only:
         path = args.out_dir / "recovery_latency.json"
-        r = orjson.loads(path.read_bytes())
+        r = orjson.loads(path.read_bytes()) if path.exists() else {}
         temp = Path(tempfile.mkdtemp(prefix="wprec-", dir="/tmp"))
         try:
-            r["vanished_node"] = run_vanished_node(temp)
+            r["vanished_node"] = run_vanished_node(temp, args.vanished_node_trials)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
         write_json(r, path)
-        print(orjson.dumps(r["vanished_node"], option=orjson.OPT_INDENT_2).decode())
+        v = r["vanished_node"]
+        print(orjson.dumps({k: x for k, x in v.items() if k != "per_trial"}, option=orjson.OPT_INDENT_2).decode())
+        print(vanished_node_line(v) if v.get("time_to_result") else "not measured")
         return r
     try:
         cfg = _config_from_args(args)

@@ -181,9 +181,22 @@ def test_vanished_node_time_to_result_counts_only_requests_in_flight_at_the_loss
                {"correct": True, "sent_ts": 99.8, "done_ts": 101.2},      # in flight: 1.2 s after the loss
                {"correct": True, "sent_ts": 99.9, "done_ts": 100.4},      # in flight: 0.4 s
                {"correct": True, "sent_ts": 101.3, "done_ts": 101.4}]     # sent after
-    v = rl.vanished_node_result({"node_removed_ts": 100.0, "node_loss_answers": answers, "errors": {}})
-    assert v["in_flight_at_loss"] == 2 and v["all_correct"] and v["error"] is None
-    assert v["time_to_result"]["median_ms"] == pytest.approx(800.0)
-    wrong = rl.vanished_node_result({"node_removed_ts": 100.0, "errors": {},
-                                     "node_loss_answers": [{**answers[1], "correct": False}]})
-    assert not wrong["all_correct"] and wrong["time_to_result"] is None     # a wrong answer has no time
+    seen = {"node_removed_ts": 100.0, "node_loss_answers": answers, "errors": {}, "node_declared_dead_s": 14.0,
+            "node_loss_victim_browsers": ["b1"],
+            "node_loss_failed": [{"browser_id": "b1", "after_s": 1.5, "error": "its actor answered no probe in time"},
+                                 {"browser_id": "b9", "after_s": 0.1, "error": "another browser's failure"}]}
+    trial = rl.vanished_node_trial(seen)
+    assert trial["in_flight_ms"] == pytest.approx([1200.0, 400.0]) and trial["all_correct"] and trial["error"] is None
+    assert trial["failed_after_s"] == 1.5 and trial["found_by"] == ["probe"] and trial["ray_declared_dead_s"] == 14.0
+    late = rl.vanished_node_trial(seen | {"node_loss_failed": [{"browser_id": "b1", "after_s": 14.1,
+                                                                 "error": "its node 1a03 left the cluster"}]})
+    assert late["found_by"] == ["node verdict"]
+    wrong = rl.vanished_node_trial(seen | {"node_loss_answers": [{**answers[1], "correct": False}]})
+    assert not wrong["all_correct"] and wrong["in_flight_ms"] == []     # a wrong answer has no time
+    failed = {**trial, "error": "the cluster scenarios wrote nothing"}
+    v = rl.vanished_node_result([trial, late, failed])
+    assert v["trials"] == 3 and v["trials_failed"] == 1 and v["errors"] == ["the cluster scenarios wrote nothing"]
+    assert v["in_flight_at_loss"] == 4 and v["requests"] == 8 and v["all_correct"]
+    assert v["time_to_result"]["n"] == 4 and v["last_answer"]["median_ms"] == pytest.approx(1200.0)
+    assert v["found_by"] == {"probe": 1, "node verdict": 1, "a call": 0}
+    assert "found by the probes in 1 of 2 trials" in rl.vanished_node_line(v)
