@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.browser_actor import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, SUSPECT_NODE_S, WARMUP_MAX_S
+from actors.cutoff import CutOffs
 from actors.decisions import placement
 from actors.decisions.reconcile import keys_on
 from actors.decisions.recovery import classify
@@ -66,8 +67,7 @@ class Fleet:
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
         self._launching: dict[str, int] = {}             # node_id -> browsers being started there
-        # browser_id -> resolved when its actor is found unreachable: every call awaiting it ends then
-        self._cut: dict[str, asyncio.Future] = {}
+        self.cutoffs = CutOffs()                         # browsers whose actor was found unreachable
         self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
 
     # ----- handles and leases -------------------------------------------------------------------
@@ -94,27 +94,18 @@ class Fleet:
         """Await ``ref``, a call to ``browser_id``'s actor, unless that actor is cut off first (``cut_off``):
         then the ActorUnreachable it was cut off with is raised at once. A call to an actor on a vanished node
         otherwise waits until Ray declares the node dead (tens of seconds at Ray's default settings)."""
-        cut = self._cut.setdefault(browser_id, asyncio.get_running_loop().create_future())
-        answer = asyncio.ensure_future(ref)
-        await asyncio.wait({answer, cut}, return_when=asyncio.FIRST_COMPLETED)
-        if answer.done():
-            return answer.result()
-        answer.add_done_callback(lambda f: f.cancelled() or f.exception())   # its late end is nobody's error
-        raise cut.exception()
+        return await self.cutoffs.call(browser_id, ref)
 
     def cut_off(self, failure: ActorUnreachable) -> None:
         """The browser's actor answers nothing: end every call awaiting it (``call``) with ``failure``, and
         place no new browser on its node for ``SUSPECT_NODE_S``. A new actor under the same id starts clean."""
-        cut = self._cut.setdefault(failure.browser_id, asyncio.get_running_loop().create_future())
-        if not cut.done():
-            cut.set_exception(failure)
-            cut.exception()          # retrieved: a cut nobody was waiting on is not an unhandled error
+        self.cutoffs.cut(failure.browser_id, failure)
         state = self.log.state.browsers.get(failure.browser_id)
         if state is not None and state.node_id:
             self._suspect_nodes[state.node_id] = time.monotonic()
 
     def is_cut_off(self, browser_id: str) -> bool:
-        return browser_id in self._cut and self._cut[browser_id].done()
+        return self.cutoffs.is_cut(browser_id)
 
     def leased(self, browser_id: str) -> int:
         return self._leases.get(browser_id, 0)
@@ -251,8 +242,7 @@ class Fleet:
 
     async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
-        if self.is_cut_off(browser_id):
-            del self._cut[browser_id]      # a new actor under the id: its calls are not cut off
+        self.cutoffs.reset(browser_id)     # a new actor under the id: its calls are not cut off
         backend = placement.choose_backend(info["backends"], info["detail"], self.backend)
         await self.log.record(ev.BrowserLaunched(
             browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
@@ -347,10 +337,11 @@ class Fleet:
     async def stop(self, browser_id: str) -> None:
         """Close the browser (its files removed) and kill its actor."""
         handle = self._handles.pop(browser_id, None)
-        cut = self._cut.pop(browser_id, None)
+        silent = self.cutoffs.is_cut(browser_id)
+        self.cutoffs.forget(browser_id)
         if handle is None:
             return
-        if cut is not None and cut.done():          # its actor answers nothing: no close() to wait for
+        if silent:                                  # its actor answers nothing: no close() to wait for
             ray.kill(handle)
             return
         try:

@@ -156,7 +156,8 @@ class PoolCore:
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self.router.browser_type("text_embedding"),
-                                     until_no_requests=self._until_no_requests)
+                                     until_no_requests=self._until_no_requests,
+                                     tell_sessions=lambda failure: self.sessions.cut_off(failure))
         self.router = Router(self.fleet, self.reconciler, self.ft, self.locks, self._spawn,
                              browser_preferences=self.browser_preferences, request_timeout=request_timeout,
                              max_connections=max_connections, max_batch_size=max_batch_size,

@@ -38,6 +38,7 @@ from actors.decisions.reconcile import (
     Action,
     CheckHealth,
     Checkpoint,
+    CutOff,
     KeepStandby,
     Observations,
     Policy,
@@ -53,7 +54,7 @@ from actors.decisions.recovery import FaultToleranceConfig, classify
 from actors.fleet import Fleet, KeyedLocks
 from actors.recovery import RecoveryExecutor
 from events import schema as ev
-from events.errors import ActorUnreachable, BrowserFailure
+from events.errors import ActorUnreachable, BrowserFailure, FailureCategory
 from events.state import browsers_alive
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class Reconciler:
     def __init__(self, fleet: Fleet, config: FaultToleranceConfig, locks: KeyedLocks,
                  spawn: Callable[[Awaitable[Any]], asyncio.Future], *, health_interval: float,
                  adaptive_scaling: bool, scale_down_idle_s: float, standby_type: Callable[[], str],
-                 until_no_requests: Callable[[float], Awaitable[bool]]) -> None:
+                 until_no_requests: Callable[[float], Awaitable[bool]],
+                 tell_sessions: Callable[[ActorUnreachable], Awaitable[None]] | None = None) -> None:
         self.fleet = fleet
         self.log = fleet.log
         self.config = config
@@ -79,6 +81,7 @@ class Reconciler:
         self.scale_down_idle_s = scale_down_idle_s
         self._standby_type = standby_type
         self._until_no_requests = until_no_requests
+        self._tell_sessions = tell_sessions       # a browser of a session was cut off: its coordinator must know
         self.policy = Policy(recovers=config.recovers,
                              standby_browsers=config.standby_browsers if config.keeps_standby else 0)
         self._wake = asyncio.Event()
@@ -245,6 +248,13 @@ class Reconciler:
                 self.report_soon(failure)
             else:
                 self.report_soon(BrowserFailure(action.browser_id, action.category, action.detail))
+        elif isinstance(action, CutOff):
+            failure = ActorUnreachable(action.browser_id, FailureCategory.CONNECTION, action.detail)
+            log.warning("session browser unreachable: %s", action.detail, extra={"browser_id": action.browser_id})
+            self._probes.pop(action.browser_id, None)
+            self.fleet.cut_off(failure)
+            if self._tell_sessions is not None:
+                self._spawn(self._tell_sessions(failure))
         elif isinstance(action, CheckHealth):
             if self.fleet.has_handle(action.browser_id):
                 self._checking[action.browser_id] = self._spawn(self.check(action.browser_id))

@@ -30,7 +30,7 @@ from actors.decisions.voting import vote_tokens
 from actors.fleet import Fleet, KeyedLocks
 from actors.reconcile import Reconciler
 from events import schema as ev
-from events.errors import BrowserFailure, InputError, NoBrowserAvailableError
+from events.errors import ActorUnreachable, BrowserFailure, InputError, NoBrowserAvailableError
 from events.state import ALIVE_STATUSES
 from sharding import coordinator
 from sharding.models.registry import ModelArtifact, ModelSpec, get_spec, llama_model
@@ -191,6 +191,11 @@ class Sessions:
             raise InputError("model_name", f"{spec.name} is a {spec.task} model; only generation has a coordinator")
         return await self.coordinator(spec.name)
 
+    async def cut_off(self, failure: ActorUnreachable) -> None:
+        """Tell every coordinator that a browser's actor is silent: a session's call to it ends at once."""
+        await asyncio.gather(*(handle.cut_off.remote(failure) for handle in self._coordinators.values()),
+                             return_exceptions=True)
+
     def close(self) -> None:
         for handle in self._coordinators.values():
             ray.kill(handle, no_restart=True)
@@ -262,7 +267,7 @@ class Sessions:
                      inputs: dict[str, np.ndarray], info: dict[str, Any], timeout: float) -> None:
         """Rebuild a replacement shard's cache from the session's inputs, recorded as a "replay" operation."""
         async def call(_op_id: str) -> dict[str, Any]:
-            await coordinator.replay_stage(stage, session_id, inputs, timeout)
+            await coordinator.replay_stage(stage, session_id, inputs, timeout, self.fleet.cutoffs)
             return {"metrics": dict(info)}
 
         await self._run_op(stage.browser_id, model, "replay", session_id, call)

@@ -278,7 +278,8 @@ def baseline_verdict(answered: bool, errors: int, kind: str, waited_s: float) ->
 
 VANISHED_NODE_SETUP = ("ray.cluster_utils.Cluster of a head and four workers on this machine, Ray's default settings; "
                        "pool at level high (progressive, 1 standby) pinned to the head; the node of a serving browser "
-                       "removed without notice with 24 requests in flight (12 answered before)")
+                       "removed without notice, its processes frozen (calls to it hang, as across a lost network), "
+                       "with 24 requests in flight (12 answered before)")
 
 
 def vanished_node_trial(observed: dict[str, Any]) -> dict[str, Any]:

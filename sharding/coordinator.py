@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.cutoff import CutOffs
 from actors.decisions.recovery import classify
-from events.errors import InputError
+from events.errors import ActorUnreachable, InputError
 from sharding.models.registry import ModelArtifact
 from sharding.sampling import sample_next, token_rng
 
@@ -69,10 +70,10 @@ LostBrowser = Callable[[int, ShardStage, BaseException, ShardStage | None], Awai
 
 
 async def run_stage(stage: ShardStage, session_id: str, x: dict[str, np.ndarray], fresh: bool,
-                    timeout: float) -> dict[str, Any]:
+                    timeout: float, cutoffs: CutOffs | None = None) -> dict[str, Any]:
     """One forward of a shard in its page, extending the session's cache (``fresh``: replacing it with an
-    empty one first)."""
-    return await stage.handle.run.remote(
+    empty one first). With ``cutoffs``, the call ends at once if the shard's browser is cut off."""
+    ref = stage.handle.run.remote(
         stage.artifact.key, x,
         fetch=["topk_values", "topk_indices"] if stage.last else ["hidden_out"],
         state=stage.state_id(session_id),
@@ -80,11 +81,13 @@ async def run_stage(stage: ShardStage, session_id: str, x: dict[str, np.ndarray]
         initial_state=stage.initial_state() if fresh else None,
         timeout=timeout,
     )
+    return await (ref if cutoffs is None else cutoffs.call(stage.browser_id, ref))
 
 
-async def replay_stage(stage: ShardStage, session_id: str, inputs: dict[str, np.ndarray], timeout: float) -> None:
+async def replay_stage(stage: ShardStage, session_id: str, inputs: dict[str, np.ndarray], timeout: float,
+                       cutoffs: CutOffs | None = None) -> None:
     """Build a shard's cache for a session afresh from all its inputs so far, in one call."""
-    await run_stage(stage, session_id, inputs, True, timeout)
+    await run_stage(stage, session_id, inputs, True, timeout, cutoffs)
 
 
 class ShardChain:
@@ -104,8 +107,9 @@ class ShardChain:
     def __init__(self, stages: list[ShardStage], session_id: str, timeout: float = 60.0,
                  recover: RecoverStage | None = None, run_replay: RunReplay | None = None,
                  max_replacements: int = 3, shadows: list[ShardStage | None] | None = None,
-                 on_lost: LostBrowser | None = None) -> None:
+                 on_lost: LostBrowser | None = None, cutoffs: CutOffs | None = None) -> None:
         self.stages = list(stages)
+        self.cutoffs = cutoffs          # browsers found unreachable: a call to one ends at once
         self.shadows: list[ShardStage | None] = list(shadows) if shadows else [None] * len(stages)
         if len(self.shadows) != len(self.stages):
             raise ValueError(f"{len(self.shadows)} shadows for {len(self.stages)} shards")
@@ -168,10 +172,10 @@ class ShardChain:
         fresh = not self.history[i]
         primary, shadow = self.stages[i], self.shadows[i]
         if shadow is None:
-            return await run_stage(primary, self.session_id, x, fresh, self.timeout)
+            return await run_stage(primary, self.session_id, x, fresh, self.timeout, self.cutoffs)
         t0 = time.perf_counter()
-        first, second = await asyncio.gather(run_stage(primary, self.session_id, x, fresh, self.timeout),
-                                             run_stage(shadow, self.session_id, x, fresh, self.timeout),
+        first, second = await asyncio.gather(run_stage(primary, self.session_id, x, fresh, self.timeout, self.cutoffs),
+                                             run_stage(shadow, self.session_id, x, fresh, self.timeout, self.cutoffs),
                                              return_exceptions=True)
         for outcome in (first, second):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
@@ -206,7 +210,7 @@ class ShardChain:
         if self.run_replay is not None:
             await self.run_replay(stage, inputs, info)
         else:
-            await replay_stage(stage, self.session_id, inputs, self.timeout)
+            await replay_stage(stage, self.session_id, inputs, self.timeout, self.cutoffs)
         self.replays.append(info | {"ms": (time.perf_counter() - t0) * 1000})
 
     async def forward(self, token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -309,6 +313,7 @@ class ShardCoordinator:
         self.pool = pool
         self.model = model
         self._background: set[asyncio.Task[Any]] = set()
+        self.cutoffs = CutOffs()       # shard browsers the pool found unreachable (``cut_off``)
 
     def pid(self) -> int:
         """This coordinator's process id (for fault injection: kill it and Ray starts another)."""
@@ -317,6 +322,11 @@ class ShardCoordinator:
     def node_id(self) -> str:
         """The Ray node this coordinator runs on."""
         return ray.get_runtime_context().get_node_id()
+
+    async def cut_off(self, failure: ActorUnreachable) -> None:
+        """The pool found this browser's actor silent (its node gone): a session's call to it ends now with
+        ``failure`` (and the shard is replaced), instead of waiting for Ray's verdict on the node."""
+        self.cutoffs.cut(failure.browser_id, failure)
 
     async def generate(self, session_id: str, stages: list[ShardStage], shadows: list[ShardStage | None],
                        prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, temperature: float,
@@ -338,6 +348,7 @@ class ShardCoordinator:
             replacement = await self.pool.shard_replace.remote(failure, failed.artifact.key, others)
             if replacement is None:       # this pool does not recover (level none)
                 raise failure
+            self.cutoffs.reset(replacement.browser_id)     # a restart under the same id answers again
             log.info("shard replaced", extra={"session_id": session_id, "shard": i,
                                               "failed_browser": failed.browser_id,
                                               "replacement": replacement.browser_id})
@@ -358,7 +369,8 @@ class ShardCoordinator:
 
         # A retry's chain starts with empty histories, so its first forward replaces every cache the dead
         # coordinator may have left half-extended: the caches are rebuilt from the log, not trusted.
-        chain = ShardChain(stages, session_id, timeout, recover, run_replay, shadows=shadows, on_lost=on_lost)
+        chain = ShardChain(stages, session_id, timeout, recover, run_replay, shadows=shadows, on_lost=on_lost,
+                           cutoffs=self.cutoffs)
         try:
             return await generate_tokens(chain, prompt_ids, max_new_tokens, eos_id, temperature, top_p, seed,
                                          on_token, tuple(resumed["tokens"]))

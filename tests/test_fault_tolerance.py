@@ -187,8 +187,9 @@ def test_reconnect_cannot_revive_a_killed_browser_and_says_so(ray_local, tmp_pat
 def test_an_explicit_reconnect_that_fails_leaves_the_browser_for_the_callers_restart(ray_local, tmp_path, reference):
     """The guide's progressive strategy escalates by itself (reconnect, then restart): a failed explicit
     reconnect leaves the browser failed, not retired, so the restart that follows revives it in place.
-    (Level low: no health loop recovers it meanwhile.)"""
-    pool, browser_id = _pool(tmp_path, "reconnect", level="low")
+    (Level none: the pool recovers nothing by itself, not even on the browser's own report of its death, so
+    the caller's escalation is the only one; at level low the pool's own reconnect races it.)"""
+    pool, browser_id = _pool(tmp_path, "reconnect", level="none")
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     first = ray.get(pool.recover_browser.remote(browser_id, "connection", "test", strategy="reconnect"))
     assert not first["success"] and first["steps"] == ["reconnect"]

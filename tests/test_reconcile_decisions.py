@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from actors.decisions.reconcile import (
+    SILENT,
     CheckHealth,
     Checkpoint,
+    CutOff,
     KeepStandby,
     Observations,
     Policy,
@@ -100,14 +102,16 @@ def test_the_probe_deadline_follows_the_slowest_recent_answer_within_its_bounds(
     assert probe_deadline([5.0], floor=1.0, factor=4.0, cap=10.0) == 10.0
 
 
-def test_a_silent_browser_is_recovered_as_unreachable_unless_closed_recovering_or_a_sessions_shard():
+def test_a_silent_browser_is_recovered_as_unreachable_or_cut_off_for_its_session():
     plan = {"shards": [{"browser_id": "b4", "artifact": KEY}]}
     s = state(up("b1"), up("b2"), up("b3"), up("b4"), up("b5"), BrowserRetired("b5", "done"),
               SessionOpened("s1", "m", plan))
     actions = decide(s, seen(silent=frozenset({"b1", "b2", "b4", "b5", "gone"}), recovering=frozenset({"b2"})),
                      RECOVERS)
-    assert actions == [Recover("b1", FailureCategory.CONNECTION,
-                               "its actor answered no probe in time (its node may be gone)", unreachable=True)]
+    # b2 is being recovered already, b5 is retired, "gone" is not in the log; b4 runs a shard: its session
+    # replaces it once the coordinator's call to it is cut off.
+    assert actions == [Recover("b1", FailureCategory.CONNECTION, SILENT, unreachable=True), CutOff("b4", SILENT)]
+    assert SILENT == "its actor answered no probe in time (its node may be gone)"
     assert decide(s, seen(silent=frozenset({"b1"})), NONE) == []        # level none recovers nothing
     # Lost with its node and silent too: recovered once, for the node.
     lost = state(up("b1", "n1"), up("b2", "n2"))

@@ -29,6 +29,15 @@ class Recover:
 
 
 @dataclass(frozen=True)
+class CutOff:
+    """A browser of an open session answers no probe: end the calls waiting on it (the pool's, and its
+    session's coordinator's). The session replaces the shard (or promotes its shadow) as for any failure."""
+
+    browser_id: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class CheckHealth:
     """Ask an idle browser for its health report (a failure is reported like any other)."""
 
@@ -52,7 +61,7 @@ class Checkpoint:
     """Snapshot the projection into the log, so a restart replays only what came after."""
 
 
-Action = Recover | CheckHealth | KeepStandby | ScaleDown | Checkpoint
+Action = Recover | CutOff | CheckHealth | KeepStandby | ScaleDown | Checkpoint
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,9 @@ def ended_by_restart(state: PoolState) -> list[ev.Event]:
                if b.status not in CLOSED_STATUSES]
     return events
 
+
+
+SILENT = "its actor answered no probe in time (its node may be gone)"
 
 
 def silent(outstanding: Mapping[str, float], now: float, deadline: float,
@@ -182,7 +194,8 @@ def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]
     """The loop's actions for one pass, in the order to run them:
 
     1. browsers on vanished nodes, and browsers whose actor answers no probe, are recovered (reported
-       unreachable: their actors cannot answer, so no step may wait on them);
+       unreachable: their actors cannot answer, so no step may wait on them); a silent browser of an open
+       session is cut off instead, for its session to replace;
     2. deferred recoveries whose session has closed are started;
     3. idle browsers are health-checked (when a health pass is due);
     4. warm spares are topped up (level high and up), unless a top-up is still running;
@@ -200,10 +213,13 @@ def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]
             busy.add(browser_id)
     if policy.recovers:
         alive = {b.browser_id for b in browsers_alive(state)}
-        # A shard of an open session is the session's to replace (its coordinator meets the loss itself).
-        for browser_id in sorted(b for b in seen.silent & (alive - busy) if not in_open_session(state, b)):
-            actions.append(Recover(browser_id, FailureCategory.CONNECTION,
-                                   "its actor answered no probe in time (its node may be gone)", unreachable=True))
+        # A shard of an open session is the session's to replace: it is cut off, and its coordinator's call
+        # then fails at once (rather than when Ray declares the node dead) and the session replaces it.
+        for browser_id in sorted(seen.silent & (alive - busy)):
+            if in_open_session(state, browser_id):
+                actions.append(CutOff(browser_id, SILENT))
+            else:
+                actions.append(Recover(browser_id, FailureCategory.CONNECTION, SILENT, unreachable=True))
             busy.add(browser_id)
     if policy.recovers:
         for browser_id in deferred_due(state, frozenset(busy)):
