@@ -98,21 +98,16 @@ def _node_of(cluster: Cluster, node_id: str):
     return next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc: each process's parent)."""
-    children: dict[int, list[int]] = {}
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        found.append(p)
-        stack += children.get(p, [])
     return found
 
 
@@ -120,13 +115,14 @@ FROZEN: list[int] = []       # processes of frozen nodes, killed at the end (by 
 
 
 def _vanish(cluster: Cluster, node, freeze: bool = False) -> None:
-    """The node's machine vanishes without notice: its raylet dies and every process it started (workers,
-    their browsers) dies with it, or, with ``freeze``, stops (SIGSTOP) as on a machine cut off from the
+    """The node's machine vanishes without notice: its raylet dies and every process it started (its Ray
+    workers and agents) dies with it, or, with ``freeze``, stops (SIGSTOP) as on a machine cut off from the
     network: nothing answers and nothing closes a connection, so a call to it hangs rather than fails.
     ``remove_node`` alone kills only the raylet, and on this one machine a worker can live on for seconds
-    after it (answering calls, as it was seen to)."""
+    after it (answering calls, as it was seen to). The browsers the workers started are left to die with
+    their worker (PR_SET_PDEATHSIG): that they do is part of what the scenarios check."""
     raylet = node.all_processes["raylet"][0].process.pid
-    doomed = _descendants(raylet)
+    doomed = _children(raylet)
     cluster.remove_node(node, allow_graceful=False)
     for pid in doomed:
         try:
@@ -228,6 +224,10 @@ def node_loss_under_load(cluster: Cluster, pool, out: dict[str, Any]) -> None:
                       for b in out["node_loss_victim_browsers"]), 120, "the lost node's browsers to be failed")
     _wait(lambda: not _state(pool).recoveries, 300, "recoveries to finish")
     out["node_loss_browsers_after"] = _browsers(pool)
+    # The frozen machine goes for good: its workers die, and their browsers must die with them.
+    _thaw_and_kill()
+    _wait(lambda: not any(alive(p) for p in victim_pids), 30, "the lost node's browser processes to exit",
+          allow_timeout=True)
     out["node_loss_victim_pids_alive"] = [p for p in victim_pids if alive(p)]
     events = _events(pool)
     out["node_loss_failed"] = [e["data"] | {"seq": e["seq"], "after_s": e["timestamp"] - t_removed}
