@@ -24,22 +24,20 @@ A non-local ``pyarrow.fs`` filesystem works the same way, with two limits: there
 flush is all pyarrow offers) and object stores publish a file only when it is closed, so there
 durability comes at segment roll. The segment being written is also kept in memory, so reads see
 it on every backend.
+
+The segment format (schema, checksums, the scan that finds a valid prefix) is in events/segments.py; the
+two storage backends are in events/backends.py.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import fcntl
 import logging
-import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -48,6 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
+from events.backends import ArrowFile, Backend, LocalFile, backend_for
 from events.codec import decode, encode
 from events.columnar import replay_batches
 from events.errors import (
@@ -59,31 +58,32 @@ from events.errors import (
     SnapshotError,
     StoreClosedError,
     StoreConfigError,
-    StoreLockedError,
 )
 from events.schema import SCHEMA_VERSION, Event, Recorded, SnapshotWritten
+from events.segments import (
+    FORMAT,
+    SEGMENT_SCHEMA,
+    SEGMENT_SUFFIX,
+    SNAPSHOT_SCHEMA,
+    SNAPSHOT_SUFFIX,
+    VERSION_KEY,
+    BatchCollector,
+    ScanResult,
+    batch_crc,
+    check_batch,
+    column_crc,
+    content_crc,
+    scan_stream,
+    segment_name,
+    snapshot_name,
+    stream_version,
+)
 from events.state import STATE_VERSION, PoolState, replay, state_from_json, state_to_json
 
 log = logging.getLogger(__name__)
 
-FORMAT = "webpool.events"
 FSYNC_POLICIES = ("always", "interval", "never")
 COMPRESSIONS = (None, "zstd", "lz4")
-_VERSION_KEY = b"webpool.schema_version"
-_SEG_SUFFIX = ".arrows"
-_SNAP_SUFFIX = ".snap"
-
-SEGMENT_SCHEMA = pa.schema(
-    [
-        ("seq", pa.int64()),
-        ("ts", pa.float64()),
-        ("kind", pa.string()),
-        ("subject", pa.string()),
-        ("payload", pa.binary()),
-    ],
-    metadata={_VERSION_KEY: str(SCHEMA_VERSION).encode(), b"webpool.format": FORMAT.encode()},
-)
-_SNAPSHOT_SCHEMA = pa.schema([("state", pa.binary())])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,385 +93,13 @@ class Snapshot:
     path: str
 
 
-# --- checksums -------------------------------------------------------------------------------
-
-
-def _column_crc(col: pa.Array, crc: int) -> int:
-    """CRC of the logical bytes of a null-free int64/float64/string/binary column with offset 0."""
-    n = len(col)
-    bufs = col.buffers()
-    if len(bufs) == 2:  # fixed width, 8 bytes a value here
-        return zlib.crc32(memoryview(bufs[1])[: n * 8], crc)
-    offsets = memoryview(bufs[1])
-    crc = zlib.crc32(offsets[: (n + 1) * 4], crc)
-    start, end = struct.unpack_from("<i", offsets, 0)[0], struct.unpack_from("<i", offsets, n * 4)[0]
-    data = bufs[2]
-    if data is None:
-        return crc
-    return zlib.crc32(memoryview(data)[start:end], crc)
-
-
-def _batch_crc(batch: pa.RecordBatch, batch_id: str) -> int:
-    """CRC of every column and of the batch id (so a damaged id cannot pass as another one)."""
-    crc = zlib.crc32(batch_id.encode())
-    for col in batch.columns:
-        crc = _column_crc(col, crc)
-    return crc
-
-
-def _content_crc(batch: pa.RecordBatch) -> int:
-    """CRC of what a client sent (kinds + payloads), to recognise a retried batch id."""
-    return _column_crc(batch.column(4), _column_crc(batch.column(2), 0))
-
-
-def _check_batch(batch: pa.RecordBatch, meta: Any, expected_first: int) -> tuple[str | None, str]:
-    """(why this batch is not a valid next batch or None, its client batch id)."""
-    try:
-        want = int((meta or {})[b"crc32"])
-        batch_id = (meta.get(b"batch_id") or b"").decode()
-    except (KeyError, ValueError, UnicodeDecodeError):
-        return "missing or unreadable batch metadata", ""
-    return _check_batch_body(batch, want, batch_id, expected_first), batch_id
-
-
-def _check_batch_body(batch: pa.RecordBatch, want: int, batch_id: str, expected_first: int) -> str | None:
-    if batch.num_rows == 0:
-        return "empty batch"
-    if batch.schema.names != SEGMENT_SCHEMA.names:
-        return "wrong columns"
-    for col in batch.columns:
-        if col.null_count or col.offset:
-            return "unexpected nulls/offset"
-    try:
-        batch.validate(full=True)
-    except pa.ArrowInvalid as exc:
-        return f"invalid batch: {exc}"
-    seq = batch.column(0)
-    first, last = seq[0].as_py(), seq[-1].as_py()
-    if first != expected_first or last != expected_first + batch.num_rows - 1:
-        return f"seq {first}..{last} where {expected_first}.. was expected"
-    if want != _batch_crc(batch, batch_id):
-        return "checksum mismatch"
-    return None
-
-
-def _stream_version(schema: pa.Schema, what: str) -> int:
-    meta = schema.metadata or {}
-    if _VERSION_KEY not in meta:
-        raise CorruptSegmentError(f"{what}: schema has no {_VERSION_KEY.decode()}")
-    try:
-        version = int(meta[_VERSION_KEY])
-    except ValueError:
-        raise CorruptSegmentError(f"{what}: unreadable {_VERSION_KEY.decode()} {meta[_VERSION_KEY][:20]!r}") from None
-    if version < 1:
-        raise CorruptSegmentError(f"{what}: impossible {_VERSION_KEY.decode()} {version}")
-    if version > SCHEMA_VERSION:
-        raise SchemaVersionError(f"{what} was written by schema version {version}; this code reads <= {SCHEMA_VERSION}")
-    return version
-
-
-# --- storage backends ------------------------------------------------------------------------
-
-
-class _LocalFile:
-    """An owner-only file written with os.write, so fsync is real."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.fchmod(self.fd, 0o600)  # O_TRUNC of an existing placeholder keeps its old mode
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def sync(self) -> None:
-        os.fsync(self.fd)
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class _LocalBackend:
-    """Local directory: owner-only modes, fsync of files and directories, an flock writer lock."""
-
-    local = True
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._lock_fd: int | None = None
-
-    def describe(self) -> str:
-        return str(self.root)
-
-    def makedirs(self, rel: str) -> None:
-        path = self.root / rel if rel else self.root
-        missing = []
-        while not path.is_dir():
-            missing.append(path)
-            path = path.parent
-        for p in reversed(missing):  # every folder we create, parents included, is owner-only
-            p.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(p, 0o700)  # mkdir's mode is masked by the umask
-
-    def listdir(self, rel: str) -> list[tuple[str, int]]:
-        with os.scandir(self.root / rel) as it:
-            return [(e.name, e.stat().st_size) for e in it if e.is_file()]
-
-    def size(self, rel: str) -> int:
-        return (self.root / rel).stat().st_size
-
-    def exists(self, rel: str) -> bool:
-        return (self.root / rel).exists()
-
-    def open_read(self, rel: str) -> pa.NativeFile:
-        return pa.memory_map(str(self.root / rel))
-
-    def create(self, rel: str) -> _LocalFile:
-        return _LocalFile(self.root / rel)
-
-    def read_bytes(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
-
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        tmp = self.root / (rel + ".tmp")
-        f = _LocalFile(tmp)
-        try:
-            f.write(data)
-            f.sync()
-        finally:
-            f.close()
-        os.replace(tmp, self.root / rel)
-        self.sync_dir(str(Path(rel).parent))
-
-    def truncate(self, rel: str, size: int) -> None:
-        fd = os.open(self.root / rel, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def remove(self, rel: str) -> None:
-        (self.root / rel).unlink(missing_ok=True)
-
-    def sync_dir(self, rel: str) -> None:
-        fd = os.open(self.root / rel if rel not in ("", ".") else self.root, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def lock(self, timeout_s: float) -> None:
-        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                # A restarted writer can race the last moments of the one it replaces: retry briefly.
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise StoreLockedError(f"{self.root} is locked by another writer") from None
-                time.sleep(0.05)
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing drops the flock
-            self._lock_fd = None
-
-
-class _ArrowFile:
-    def __init__(self, stream: pa.NativeFile) -> None:
-        self.stream = stream
-
-    def write(self, data: bytes) -> None:
-        self.stream.write(data)
-        self.stream.flush()
-
-    def sync(self) -> None:
-        self.stream.flush()  # pyarrow.fs has no fsync
-
-    def truncate(self, size: int) -> None:
-        raise OSError("cannot truncate a pyarrow.fs output stream")
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-class _ArrowBackend:
-    """Any pyarrow.fs filesystem. No locking, no fsync (see module docstring)."""
-
-    local = False
-
-    def __init__(self, fs: pafs.FileSystem, root: str) -> None:
-        self.fs = fs
-        self.root = root.rstrip("/")
-
-    def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
-
-    def describe(self) -> str:
-        return f"{self.fs.type_name}:{self.root}"
-
-    def makedirs(self, rel: str) -> None:
-        self.fs.create_dir(self._p(rel), recursive=True)
-
-    def listdir(self, rel: str) -> list[tuple[str, int]]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self._p(rel), allow_not_found=True))
-        return [(i.base_name, i.size or 0) for i in infos if i.type == pafs.FileType.File]
-
-    def size(self, rel: str) -> int:
-        return self.fs.get_file_info(self._p(rel)).size or 0
-
-    def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self._p(rel)).type != pafs.FileType.NotFound
-
-    def open_read(self, rel: str) -> pa.NativeFile:
-        return self.fs.open_input_file(self._p(rel))
-
-    def create(self, rel: str) -> _ArrowFile:
-        return _ArrowFile(self.fs.open_output_stream(self._p(rel)))
-
-    def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_file(self._p(rel)) as f:
-            return f.read()
-
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        with self.fs.open_output_stream(self._p(rel + ".tmp")) as f:
-            f.write(data)
-        self.fs.move(self._p(rel + ".tmp"), self._p(rel))
-
-    def truncate(self, rel: str, size: int) -> None:
-        with self.fs.open_input_file(self._p(rel)) as f:
-            keep = f.read(size)
-        self.write_atomic(rel, keep)
-
-    def remove(self, rel: str) -> None:
-        try:
-            self.fs.delete_file(self._p(rel))
-        except FileNotFoundError:
-            pass
-
-    def sync_dir(self, rel: str) -> None:
-        pass
-
-    def lock(self, timeout_s: float) -> None:
-        pass
-
-    def unlock(self) -> None:
-        pass
-
-
-_Backend = _LocalBackend | _ArrowBackend
-
-
-def _backend_for(location: str | Path, filesystem: pafs.FileSystem | None) -> _Backend:
-    if filesystem is not None:
-        return _ArrowBackend(filesystem, str(location))
-    if isinstance(location, Path) or "://" not in location:
-        return _LocalBackend(Path(location).absolute())
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
-        raise StoreConfigError(f"cannot open event store location {location!r}: {exc}") from None
-    return _ArrowBackend(fs, path)
-
-
-# --- IPC framing -------------------------------------------------------------------------------
-
-
-class _Collector:
-    """Sink for the IPC writer: gathers one batch's pieces so they reach the file in one write."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> bytes:
-        data = b"".join(self.parts)
-        self.parts.clear()
-        return data
-
-
-@dataclasses.dataclass
-class _ScanResult:
-    rows: int = 0  # valid rows from the file's first seq on
-    good_offset: int = 0  # byte offset after the last valid batch (or after EOS)
-    sealed: bool = False  # an end-of-stream marker was read
-    problem: str | None = None  # why scanning stopped early, if it did
-    batches: list[tuple[str, int, int, int]] = dataclasses.field(default_factory=list)  # id, first, n, crc
-
-
-def _scan_stream(source: pa.NativeFile, first_seq: int, what: str) -> _ScanResult:
-    """Walk a segment batch by batch, checking each, and report where its valid prefix ends."""
-    res = _ScanResult()
-    if source.size() == 0:
-        return res
-    try:
-        reader = ipc.open_stream(source)
-    except Exception as exc:  # fuzzed bytes raise many kinds; none may escape repair
-        res.problem = f"unreadable stream header: {exc}"
-        return res
-    if not reader.schema.equals(SEGMENT_SCHEMA, check_metadata=False):
-        res.problem = "segment schema does not match"
-        return res
-    try:
-        _stream_version(reader.schema, what)
-    except CorruptSegmentError as exc:
-        res.problem = str(exc)
-        return res
-    expected = first_seq
-    while True:
-        try:
-            batch, meta = reader.read_next_batch_with_custom_metadata()
-        except StopIteration:
-            res.sealed = True
-            res.good_offset = source.tell()
-            return res
-        except Exception as exc:  # torn or fuzzed tail
-            res.problem = f"unreadable batch after seq {expected - 1}: {exc}"
-            return res
-        problem, batch_id = _check_batch(batch, meta, expected)
-        if problem is not None:
-            res.problem = f"batch after seq {expected - 1}: {problem}"
-            return res
-        res.batches.append((batch_id, expected, batch.num_rows, _content_crc(batch)))
-        expected += batch.num_rows
-        res.rows += batch.num_rows
-        res.good_offset = source.tell()
-
-
-def _seg_name(first_seq: int) -> str:
-    return f"segments/{first_seq:020d}{_SEG_SUFFIX}"
-
-
-def _snap_name(seq: int) -> str:
-    return f"snapshots/{seq:020d}{_SNAP_SUFFIX}"
-
-
 # --- the store ---------------------------------------------------------------------------------
 
 
 class EventStore:
     """One writer's handle on an event log. Thread-safe; use ``EventStore.open``."""
 
-    def __init__(self, backend: _Backend, *, fsync: str, fsync_interval_s: float, segment_bytes: int,
+    def __init__(self, backend: Backend, *, fsync: str, fsync_interval_s: float, segment_bytes: int,
                  snapshot_every: int | None, keep_snapshots: int, compression: str | None,
                  dedup_window: int) -> None:
         self._b = backend
@@ -486,9 +114,9 @@ class EventStore:
         self._segments: list[int] = []  # first seq of each segment, ascending
         self._last_seq = 0
         # The segment being written: file, IPC writer, its collector, its size, and its batches in memory.
-        self._file: _LocalFile | _ArrowFile | None = None
+        self._file: LocalFile | ArrowFile | None = None
         self._writer: ipc.RecordBatchStreamWriter | None = None
-        self._collector = _Collector()
+        self._collector = BatchCollector()
         self._active_first = 0
         self._active_bytes = 0
         self._active_batches: list[pa.RecordBatch] = []
@@ -498,7 +126,7 @@ class EventStore:
         self._dedup_window = dedup_window
         self._state: PoolState | None = None
         self._last_snapshot_seq = 0
-        self._tail_scan = _ScanResult()
+        self._tail_scan = ScanResult()
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
 
@@ -542,7 +170,7 @@ class EventStore:
             raise StoreConfigError(f"fsync_interval_s must be > 0, got {fsync_interval_s!r}")
         if not isinstance(location, str | Path) or not str(location):
             raise StoreConfigError(f"location must be a non-empty str or Path, got {location!r}")
-        backend = _backend_for(location, filesystem)
+        backend = backend_for(location, filesystem)
         store = cls(backend, fsync=fsync, fsync_interval_s=fsync_interval_s, segment_bytes=segment_bytes,
                     snapshot_every=snapshot_every, keep_snapshots=keep_snapshots, compression=compression,
                     dedup_window=dedup_window)
@@ -596,7 +224,7 @@ class EventStore:
             if name.endswith(".tmp"):
                 self._b.remove(f"segments/{name}")  # a rewrite that died before its rename
                 continue
-            stem = name[: -len(_SEG_SUFFIX)] if name.endswith(_SEG_SUFFIX) else ""
+            stem = name[: -len(SEGMENT_SUFFIX)] if name.endswith(SEGMENT_SUFFIX) else ""
             if len(stem) != 20 or not stem.isdigit():
                 log.warning("ignoring unexpected file segments/%s in %s", name, self._b.describe())
                 continue
@@ -607,10 +235,10 @@ class EventStore:
         """Find last_seq from the newest segment, cutting a torn or corrupt tail back to whole batches."""
         while self._segments:
             first = self._segments[-1]
-            rel = _seg_name(first)
+            rel = segment_name(first)
             size = self._b.size(rel)
             with self._b.open_read(rel) as src:
-                res = _scan_stream(src, first, rel)
+                res = scan_stream(src, first, rel)
             if res.rows == 0 and len(self._segments) > 1:
                 # Nothing valid here: drop the file and let the previous segment define the end.
                 if size:
@@ -631,7 +259,7 @@ class EventStore:
             self._tail_scan = res
             return
         self._last_seq = 0
-        self._tail_scan = _ScanResult()
+        self._tail_scan = ScanResult()
 
     def _load_dedup(self) -> None:
         """Remember the newest ``dedup_window`` batch ids, reading older segments only as needed."""
@@ -642,7 +270,7 @@ class EventStore:
             older = []
             try:
                 for batch, bid, _ in self._read_segment_batches(first):
-                    older.append((bid, batch.column(0)[0].as_py(), batch.num_rows, _content_crc(batch)))
+                    older.append((bid, batch.column(0)[0].as_py(), batch.num_rows, content_crc(batch)))
             except CorruptSegmentError as exc:
                 # Dedup is best effort across a damaged sealed segment; reads of it will still fail loudly.
                 log.warning("event log %s: batch ids before seq %d not loaded: %s", self._b.describe(),
@@ -753,7 +381,7 @@ class EventStore:
         first, n, crc = self._dedup[batch_id]
         probe = pa.record_batch([pa.array(kinds, pa.string()), pa.array(payloads, pa.binary())],
                                 names=["kind", "payload"])
-        if n != len(kinds) or _column_crc(probe.column(1), _column_crc(probe.column(0), 0)) != crc:
+        if n != len(kinds) or column_crc(probe.column(1), column_crc(probe.column(0), 0)) != crc:
             raise BatchConflictError(f"batch id {batch_id!r} was used for a different batch (seq {first}..)")
         log.info("batch %s already recorded at seq %d..%d; not written again", batch_id, first, first + n - 1)
         return list(self.read(first, first + n - 1))
@@ -789,12 +417,12 @@ class EventStore:
                     ],
                     schema=SEGMENT_SCHEMA,
                 )
-                meta = {"crc32": str(_batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
+                meta = {"crc32": str(batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
                 self._writer.write_batch(batch, custom_metadata=meta)
                 self._active_batches.append(batch)
                 self._last_seq = first + n - 1
                 if batch_id is not None:
-                    self._remember(batch_id, first, n, _content_crc(batch))
+                    self._remember(batch_id, first, n, content_crc(batch))
                     remembered.append(batch_id)
                 out[i] = [Recorded(first + k, ts, e) for k, e in enumerate(events)]
             data = self._collector.take()
@@ -819,8 +447,8 @@ class EventStore:
         return out
 
     def _start_segment(self, first: int) -> None:
-        self._file = self._b.create(_seg_name(first))
-        self._collector = _Collector()
+        self._file = self._b.create(segment_name(first))
+        self._collector = BatchCollector()
         self._writer = ipc.new_stream(pa.PythonFile(self._collector, mode="w"), SEGMENT_SCHEMA,
                                       options=self._options)
         self._active_first = first
@@ -847,7 +475,7 @@ class EventStore:
     def _abandon_segment(self, good_bytes: int) -> None:
         """A write failed part-way: cut the segment back to its last whole batch and seal it there."""
         log.error("event log %s: write failed; cutting %s back to %d bytes",
-                  self._b.describe(), _seg_name(self._active_first), good_bytes)
+                  self._b.describe(), segment_name(self._active_first), good_bytes)
         try:
             self._file.truncate(good_bytes)
         except OSError:
@@ -858,7 +486,7 @@ class EventStore:
             log.exception("closing the failed segment")
         self._writer = self._file = None
         self._active_batches = []
-        self._collector = _Collector()
+        self._collector = BatchCollector()
 
     def _sync_locked(self) -> None:
         if self._file is not None and self._dirty:
@@ -954,7 +582,7 @@ class EventStore:
     def _read_segment_batches(self, first: int) -> Iterator[tuple[pa.RecordBatch, str, int]]:
         """(batch, batch id, schema version) of a stored segment, each checked; a bad one raises
         CorruptSegmentError."""
-        rel = _seg_name(first)
+        rel = segment_name(first)
         try:
             src = self._b.open_read(rel)
         except FileNotFoundError:
@@ -966,7 +594,7 @@ class EventStore:
                 reader = ipc.open_stream(src)
             except Exception as exc:
                 raise CorruptSegmentError(f"{self._b.describe()}/{rel}: unreadable header: {exc}") from None
-            version = _stream_version(reader.schema, rel)
+            version = stream_version(reader.schema, rel)
             expected = first
             while True:
                 try:
@@ -976,7 +604,7 @@ class EventStore:
                 except Exception as exc:
                     raise CorruptSegmentError(
                         f"{self._b.describe()}/{rel}: unreadable batch after seq {expected - 1}: {exc}") from None
-                problem, batch_id = _check_batch(batch, meta, expected)
+                problem, batch_id = check_batch(batch, meta, expected)
                 if problem is not None:
                     raise CorruptSegmentError(f"{self._b.describe()}/{rel}: batch after seq {expected - 1}: {problem}")
                 expected += batch.num_rows
@@ -998,16 +626,16 @@ class EventStore:
 
     def _write_snapshot_locked(self, state: PoolState) -> str:
         seq = state.last_seq
-        batch = pa.record_batch([pa.array([state_to_json(state)], pa.binary())], schema=_SNAPSHOT_SCHEMA)
-        schema = _SNAPSHOT_SCHEMA.with_metadata({
-            _VERSION_KEY: str(SCHEMA_VERSION).encode(),
+        batch = pa.record_batch([pa.array([state_to_json(state)], pa.binary())], schema=SNAPSHOT_SCHEMA)
+        schema = SNAPSHOT_SCHEMA.with_metadata({
+            VERSION_KEY: str(SCHEMA_VERSION).encode(),
             b"webpool.state_version": str(STATE_VERSION).encode(),
             b"webpool.seq": str(seq).encode(),
         })
         sink = pa.BufferOutputStream()
         with ipc.new_stream(sink, schema, options=self._options) as w:
-            w.write_batch(batch, custom_metadata={"crc32": str(_column_crc(batch.column(0), 0))})
-        rel = _snap_name(seq)
+            w.write_batch(batch, custom_metadata={"crc32": str(column_crc(batch.column(0), 0))})
+        rel = snapshot_name(seq)
         self._b.write_atomic(rel, sink.getvalue().to_pybytes())
         self._last_snapshot_seq = seq
         self._prune_snapshots()
@@ -1021,7 +649,7 @@ class EventStore:
     def _snapshot_seqs(self) -> list[int]:
         out = []
         for name, _ in self._b.listdir("snapshots"):
-            stem = name[: -len(_SNAP_SUFFIX)] if name.endswith(_SNAP_SUFFIX) else ""
+            stem = name[: -len(SNAPSHOT_SUFFIX)] if name.endswith(SNAPSHOT_SUFFIX) else ""
             if len(stem) == 20 and stem.isdigit():
                 out.append(int(stem))
             elif name.endswith(".tmp"):
@@ -1031,21 +659,21 @@ class EventStore:
     def _prune_snapshots(self) -> None:
         seqs = self._snapshot_seqs()
         for seq in seqs[: -self._keep_snapshots]:
-            self._b.remove(_snap_name(seq))
+            self._b.remove(snapshot_name(seq))
 
     def _read_snapshot(self, seq: int) -> PoolState:
-        rel = _snap_name(seq)
+        rel = snapshot_name(seq)
         try:
             with self._b.open_read(rel) as src:
                 reader = ipc.open_stream(src)
                 meta = reader.schema.metadata or {}
-                _stream_version(reader.schema, rel)
+                stream_version(reader.schema, rel)
                 if int(meta.get(b"webpool.state_version", b"0")) != STATE_VERSION:
                     raise SnapshotError(f"{rel}: state version {meta.get(b'webpool.state_version')!r}, "
                                         f"this code uses {STATE_VERSION}")
                 batch, bmeta = reader.read_next_batch_with_custom_metadata()
                 col = batch.column(0)
-                if len(col) != 1 or int(bmeta[b"crc32"]) != _column_crc(col, 0):
+                if len(col) != 1 or int(bmeta[b"crc32"]) != column_crc(col, 0):
                     raise SnapshotError(f"{rel}: checksum mismatch")
                 state = state_from_json(col[0].as_py())
         except (SnapshotError, SchemaVersionError):
@@ -1063,7 +691,7 @@ class EventStore:
             seqs = [s for s in self._snapshot_seqs() if s <= self._last_seq]
         for seq in reversed(seqs):
             try:
-                return Snapshot(seq, self._read_snapshot(seq), _snap_name(seq))
+                return Snapshot(seq, self._read_snapshot(seq), snapshot_name(seq))
             except (SnapshotError, SchemaVersionError) as exc:
                 log.warning("event log %s: skipping snapshot %d: %s", self._b.describe(), seq, exc)
         return None
@@ -1098,7 +726,7 @@ class EventStore:
                     first, end = self._segments[0], self._segments[1] - 1
                     if archive:
                         self._archive(first, end)
-                    self._b.remove(_seg_name(first))
+                    self._b.remove(segment_name(first))
                     self._segments.pop(0)
                     removed += 1
                 if removed:

@@ -363,17 +363,17 @@ def test_a_group_is_one_write_and_one_fsync(tmp_path, monkeypatch):
 
 
 def test_a_failed_group_write_records_none_of_the_group(tmp_path, monkeypatch):
-    from events import store as store_module
+    from events.backends import LocalFile
 
     with EventStore.open(tmp_path / "log", fsync="always") as store:
         kept = store.append([BrowserConnected("b1")], batch_id="kept")
-        real_write = store_module._LocalFile.write
-        monkeypatch.setattr(store_module._LocalFile, "write", lambda self, data: (_ for _ in ()).throw(
+        real_write = LocalFile.write
+        monkeypatch.setattr(LocalFile, "write", lambda self, data: (_ for _ in ()).throw(
             OSError(28, "No space left on device")))
         with pytest.raises(OSError, match="No space"):
             store.append_group([(workload(1)[0], "lost-1"), ([BrowserConnected("b2")], "lost-2")])
         assert store.last_seq == 1
-        monkeypatch.setattr(store_module._LocalFile, "write", real_write)
+        monkeypatch.setattr(LocalFile, "write", real_write)
         again = store.append([BrowserConnected("b2")], batch_id="lost-2")    # the id was not taken
         assert again[0].seq == 2
     with EventStore.open(tmp_path / "log") as store:
