@@ -24,7 +24,7 @@ from rich.console import Console
 
 from actors import constants
 from sharding.models import minilm
-from webpool import ResourcePool, cli
+from webpool import ResourcePool, cli, render
 
 POOL = "webpool-cli-test"
 NAMESPACE = "webpool-tests"   # the ray_local fixture's namespace
@@ -56,7 +56,7 @@ def pool(ray_local, tmp_path_factory):
 @pytest.fixture
 def wide(monkeypatch):
     """Rich prints to stdout at 80 columns when it is not a terminal: widen it so rows stay whole."""
-    monkeypatch.setattr(cli, "console", Console(width=200, color_system=None))
+    monkeypatch.setattr(render, "console", Console(width=200, color_system=None))
 
 
 def _row(text: str, first_cell: str) -> str:

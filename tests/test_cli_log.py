@@ -35,7 +35,7 @@ from events.schema import (
     TokensAppended,
 )
 from events.store import EventStore
-from webpool import cli
+from webpool import cli, render
 
 N_OPS = 30  # op0..op29 finish (every 7th fails), op-open stays open
 MARKUP = "[red]boom[/red] :smile:"  # must come out as these characters, not as rich markup
@@ -88,7 +88,7 @@ def log_dir(tmp_path_factory) -> tuple[Path, list]:
 @pytest.fixture
 def wide(monkeypatch):
     """Rich prints to stdout at 80 columns when it is not a terminal: widen it so rows and lines stay whole."""
-    monkeypatch.setattr(cli, "console", Console(width=1000, color_system=None))
+    monkeypatch.setattr(render, "console", Console(width=1000, color_system=None))
 
 
 def _fingerprint(root: Path) -> dict[str, str]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+console = Console(stderr=False)  # every command prints through this one
 
 
 def entry_time(ts: float) -> str:
