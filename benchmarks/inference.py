@@ -54,11 +54,11 @@ async def floor_minilm(n: int, text: str) -> list[float]:
 
 def native_decode(model_name: str, prompt: str, tokens: int) -> dict[str, Any]:
     """Greedy decode with CPU onnxruntime on the same ONNX, 1 thread, timing prefill and each step."""
-    from sharding.models import llama
+    from sharding.models import llama_onnx
     from sharding.models.registry import llama_model
 
     model = llama_model(model_name)
-    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]), threads=1)
+    chain = llama_onnx.OrtShardChain(llama_onnx.build_shards(model, [(0, model.config.n_layers)]), threads=1)
     ids = model.encode(prompt)
     chain.greedy(ids, 2)                                              # warm
     chain.reset()

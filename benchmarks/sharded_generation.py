@@ -65,11 +65,11 @@ FAULT_LABELS = {"fault_prefix_replay": "replay onto restarted browser (medium)",
 
 def native_runs(model_name: str, prompt: str, tokens: int, repeats: int) -> dict[str, Any]:
     """Greedy decode with CPU onnxruntime on the whole model, 1 thread; ``repeats`` timed runs."""
-    from sharding.models import llama
+    from sharding.models import llama_onnx
     from sharding.models.registry import llama_model
 
     model = llama_model(model_name)
-    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]), threads=1)
+    chain = llama_onnx.OrtShardChain(llama_onnx.build_shards(model, [(0, model.config.n_layers)]), threads=1)
     ids = model.encode(prompt)
     chain.greedy(ids, 2)                                              # warm
     tps, prefill, token_ids = [], [], None

@@ -2,7 +2,7 @@
 
 ``plan_layers(config, browsers)`` cuts layers ``[0, n_layers)`` into contiguous ranges, one per browser,
 so that every shard fits its browser's memory budget. The first shard holds the embedding and the last
-the final norm and the head, as ``sharding.models.llama.build_llama_onnx`` builds them.
+the final norm and the head, as ``sharding.models.llama_onnx.build_llama_onnx`` builds them.
 
 Bytes of a shard's ONNX file (``shard_file_bytes``), fp32, from the config alone:
   every shard  RoPE tables cos + sin ``[config.max_context, head_dim]`` (built from the model's full

@@ -53,7 +53,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from events.state import browsers_alive, sessions_with_tokens  # noqa: E402
-from sharding.models import llama, minilm  # noqa: E402
+from sharding.models import llama, llama_onnx, minilm  # noqa: E402
 from webpool import ResourcePool  # noqa: E402
 
 NAMESPACE = "webpool-cluster"
@@ -460,7 +460,7 @@ def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
             health_interval=1.0,
             fault_tolerance={"level": "high", "recovery_strategy": "progressive", "standby_browsers": 1})
         model = llama.load_smollm2()
-        expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+        expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
                                              model.encode(PROMPT), NEW_TOKENS)
         for name, run in (("placement", lambda: placement(pool, out)),
                           ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),

@@ -13,7 +13,7 @@ from actors.browser import BrowserFailure
 from actors.browser_actor import BrowserActor
 from events.errors import InputError
 from sharding.coordinator import ShardChain, ShardStage, generate_tokens
-from sharding.models import llama, minilm
+from sharding.models import llama, llama_onnx, minilm
 from sharding.models.registry import artifacts
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
@@ -98,8 +98,8 @@ def test_tiny_llama_in_page_equals_cpu_onnxruntime(browser):
     stage = ShardStage("test-browser", handle, art)
 
     result = asyncio.run(generate_tokens(ShardChain([stage], "s1"), prompt, 12, eos_id=None))
-    shard = llama.build_shards(model, [(0, model.config.n_layers)])
-    expected = llama.ort_greedy_generate(shard, prompt, 12)
+    shard = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
+    expected = llama_onnx.ort_greedy_generate(shard, prompt, 12)
     assert result["token_ids"] == expected[:12]
     assert ray.get(handle.drop_state.remote(stage.state_id("s1")))
 
@@ -128,7 +128,7 @@ def test_webgpu_agrees_with_wasm_where_available(browser):
                                      tiny.sha256, "webgpu"))
     prompt = model.encode("hello webpool")
     result = asyncio.run(generate_tokens(ShardChain([tiny_gpu], "s-gpu"), prompt, 8, eos_id=None))
-    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]), prompt, 8)
+    expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]), prompt, 8)
     assert result["token_ids"] == expected[:8]
     ray.get(handle.unload_model.remote(tiny_gpu.artifact.key))
 

@@ -357,7 +357,7 @@ def test_custom_recovery_strategy_example_and_parallel(ray_local, tmp_path, capl
 
 # ----- the guide's "Advanced Usage with Model Sharding" (webpool/guide_sharding.py) -------------------------
 
-from sharding.models import llama  # noqa: E402
+from sharding.models import llama_onnx  # noqa: E402
 from sharding.models.registry import ModelNotFoundError, llama_model  # noqa: E402
 from webpool import ModelShardingAnalyzer, ModelShardingManager  # noqa: E402
 
@@ -366,8 +366,8 @@ GUIDE_PROMPT = "Explain the concept of fault tolerance in distributed systems."
 
 def _cpu_reference(model_name: str, prompt: str, new_tokens: int) -> list[int]:
     model = llama_model(model_name)
-    whole = llama.build_shards(model, [(0, model.config.n_layers)])
-    return llama.ort_greedy_generate(whole, model.encode(prompt), new_tokens)
+    whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
+    return llama_onnx.ort_greedy_generate(whole, model.encode(prompt), new_tokens)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

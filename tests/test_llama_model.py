@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from sharding.models import llama as L
+from sharding.models import llama_onnx as LO
 from sharding.models.cache import file_sha256
 from sharding.models.gguf_tokenizer import ByteTokenizer, TokenizerError
 
@@ -60,9 +61,9 @@ def tiny(tiny_cache):
         mp.setenv("WEBPOOL_CACHE", str(tiny_cache))
         model = L.tiny_llama(0)
         chains = {
-            1: L.build_shards(model, [(0, 4)]),
-            2: L.build_shards(model, [(0, 2), (2, 4)]),
-            3: L.build_shards(model, [(0, 1), (1, 3), (3, 4)]),
+            1: LO.build_shards(model, [(0, 4)]),
+            2: LO.build_shards(model, [(0, 2), (2, 4)]),
+            3: LO.build_shards(model, [(0, 1), (1, 3), (3, 4)]),
         }
     return model, chains
 
@@ -88,7 +89,7 @@ def test_tiny_prefill_matches_reference(tiny):
     ids = model.encode(PROMPT)
     ref = model.reference_logits(ids)
     assert ref.shape == (len(ids), model.config.vocab)
-    chain = L.OrtShardChain(chains[1])
+    chain = LO.OrtShardChain(chains[1])
     values, indices = chain.step(ids)
     assert values.shape == (64,) and values.dtype == np.float32 and indices.dtype == np.int64
     _assert_topk_matches(values, indices, ref[-1], TOL_TINY)
@@ -97,8 +98,8 @@ def test_tiny_prefill_matches_reference(tiny):
 def test_tiny_kv_cached_decode_equals_full_recompute(tiny):
     model, chains = tiny
     ids = model.encode(PROMPT)
-    cached = L.OrtShardChain(chains[1])
-    fresh = L.OrtShardChain(chains[1])
+    cached = LO.OrtShardChain(chains[1])
+    fresh = LO.OrtShardChain(chains[1])
     seq = list(ids)
     values, indices = cached.step(seq)
     for _ in range(10):
@@ -117,7 +118,7 @@ def test_tiny_kv_cached_decode_equals_full_recompute(tiny):
 def test_tiny_chunked_prefill_uses_offset_positions_and_mask(tiny):
     model, chains = tiny
     ids = model.encode("chunked prefill of a prompt")
-    chain = L.OrtShardChain(chains[2])
+    chain = LO.OrtShardChain(chains[2])
     chain.step(ids[:5])
     values, indices = chain.step(ids[5:])  # S > 1 with P > 0: positions and mask start at P
     _assert_topk_matches(values, indices, model.reference_logits(ids)[-1], TOL_TINY)
@@ -128,7 +129,7 @@ def test_tiny_shard_chains_give_identical_tokens(tiny):
     ids = model.encode(PROMPT)
     expected = L.reference_greedy(model, ids, 16)
     for n, arts in chains.items():
-        assert L.ort_greedy_generate(arts, ids, 16) == expected, f"{n}-shard chain differs"
+        assert LO.ort_greedy_generate(arts, ids, 16) == expected, f"{n}-shard chain differs"
     assert len(expected) == 16
 
 
@@ -196,10 +197,10 @@ def test_tiny_streamed_file_holds_the_weights(tiny):
 def test_build_is_cached_and_deterministic(tiny, tiny_cache, tmp_path, monkeypatch):
     model, chains = tiny
     monkeypatch.setenv("WEBPOOL_CACHE", str(tiny_cache))
-    cached = L.build_llama_onnx(model, 0, 2)
+    cached = LO.build_llama_onnx(model, 0, 2)
     assert cached.path == chains[2][0].path  # a cache hit, no rebuild
     monkeypatch.setenv("WEBPOOL_CACHE", str(tmp_path))
-    rebuilt = L.build_llama_onnx(model, 0, 2)  # an empty cache: built again, same bytes
+    rebuilt = LO.build_llama_onnx(model, 0, 2)  # an empty cache: built again, same bytes
     assert rebuilt.path != cached.path and rebuilt.sha256 == cached.sha256
 
 
@@ -209,9 +210,9 @@ def test_untied_head_matches_reference(tmp_path, monkeypatch):
     rng = np.random.default_rng(7)
     weights = dict(base.weights, head=rng.standard_normal((512, 64)).astype(np.float32))
     model = L.LlamaModel("tiny-untied", base.config, weights, base.tokenizer, source_key="tiny-untied:7")
-    arts = L.build_shards(model, [(0, 3), (3, 4)], top_k=8)
+    arts = LO.build_shards(model, [(0, 3), (3, 4)], top_k=8)
     ids = model.encode(PROMPT)
-    values, indices = L.OrtShardChain(arts).step(ids)
+    values, indices = LO.OrtShardChain(arts).step(ids)
     assert values.shape == (8,)
     _assert_topk_matches(values, indices, model.reference_logits(ids)[-1], TOL_TINY)
 
@@ -286,21 +287,21 @@ def test_bad_inputs_raise_typed_errors(tiny):
     model, chains = tiny
     for a, b in ((2, 2), (3, 1), (-1, 2), (0, 5)):
         with pytest.raises(L.LlamaError, match="layer range"):
-            L.build_llama_onnx(model, a, b)
+            LO.build_llama_onnx(model, a, b)
     with pytest.raises(L.LlamaError, match="top_k"):
-        L.build_llama_onnx(model, top_k=0)
+        LO.build_llama_onnx(model, top_k=0)
     with pytest.raises(L.LlamaError, match="tile"):
-        L.build_shards(model, [(0, 2), (3, 4)])
+        LO.build_shards(model, [(0, 2), (3, 4)])
     with pytest.raises(L.LlamaError, match="end at 3"):
-        L.build_shards(model, [(0, 3)])
+        LO.build_shards(model, [(0, 3)])
     with pytest.raises(L.LlamaError, match="tile"):
-        L.OrtShardChain([chains[2][1], chains[2][0]])
+        LO.OrtShardChain([chains[2][1], chains[2][0]])
     with pytest.raises(L.LlamaError, match="token id"):
         model.reference_logits([1, 512])
     with pytest.raises(L.LlamaError, match="empty"):
-        L.ort_greedy_generate(chains[1], [], 4)
+        LO.ort_greedy_generate(chains[1], [], 4)
     with pytest.raises(L.LlamaError, match="max_context"):
-        L.ort_greedy_generate(chains[1], [5] * 250, 10)
+        LO.ort_greedy_generate(chains[1], [5] * 250, 10)
     with pytest.raises(L.LlamaError, match="n_kv_heads"):
         L.LlamaConfig(
             n_layers=1,
@@ -340,7 +341,7 @@ def test_byte_tokenizer_round_trip():
 @pytest.fixture(scope="module")
 def smol():
     model = L.load_smollm2()
-    return model, L.build_llama_onnx(model)
+    return model, LO.build_llama_onnx(model)
 
 
 @pytest.mark.slow
@@ -366,7 +367,7 @@ def test_smollm2_tokenizer_follows_the_gguf(smol):
 def test_smollm2_onnx_matches_reference(smol):
     model, art = smol
     ids = model.encode("The capital of France is")
-    values, indices = L.OrtShardChain([art]).step(ids)
+    values, indices = LO.OrtShardChain([art]).step(ids)
     _assert_topk_matches(values, indices, model.reference_logits(ids)[-1], TOL_SMOL)
 
 
@@ -374,7 +375,7 @@ def test_smollm2_onnx_matches_reference(smol):
 def test_smollm2_greedy_paris_and_three_shards(smol):
     model, art = smol
     ids = model.encode("The capital of France is")
-    full = L.ort_greedy_generate([art], ids, 16)
+    full = LO.ort_greedy_generate([art], ids, 16)
     assert "Paris" in model.decode(full), model.decode(full)
-    shards = L.build_shards(model, [(0, 10), (10, 20), (20, 30)])
-    assert L.ort_greedy_generate(shards, ids, 16) == full
+    shards = LO.build_shards(model, [(0, 10), (10, 20), (20, 30)])
+    assert LO.ort_greedy_generate(shards, ids, 16) == full

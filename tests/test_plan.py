@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharding.models import llama as L
+from sharding.models import llama_onnx as LO
 from sharding.plan import (
     DEFAULT_MEMORY_MODEL,
     GIB,
@@ -55,7 +56,7 @@ def check_plan(plan: ShardPlan, config: L.LlamaConfig, browsers: list[BrowserBud
     assert ranges[0][0] == 0 and ranges[-1][1] == config.n_layers
     assert all(a < b for a, b in ranges)
     assert all(ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
-    L.check_chain_ranges(ranges, config.n_layers)  # the builder's own check accepts them
+    LO.check_chain_ranges(ranges, config.n_layers)  # the builder's own check accepts them
     by_id = {b.browser_id: b for b in browsers}
     assert len(set(plan.browser_ids)) == len(plan.browser_ids)
     for s in plan.shards:
@@ -81,7 +82,7 @@ def test_layer_bytes_count_every_weight_of_the_model():
 @pytest.mark.parametrize("ranges", [[(0, 4)], [(0, 1), (1, 3), (3, 4)], [(0, 2), (2, 4)]])
 def test_file_bytes_match_built_tiny_shards(ranges):
     model = L.tiny_llama()
-    for (a, b), art in zip(ranges, L.build_shards(model, ranges), strict=True):
+    for (a, b), art in zip(ranges, LO.build_shards(model, ranges), strict=True):
         real = art.path.stat().st_size
         est = shard_file_bytes(model.config, a, b)
         assert abs(est - real) <= FILE_TOL * real, (a, b, est, real)
@@ -93,7 +94,7 @@ def test_file_bytes_match_built_smollm2_shards(ranges):
     model = L.load_smollm2()
     assert model.config == SMOL
     assert "head" not in model.weights  # tied: the last shard carries its own copy of the embedding
-    for (a, b), art in zip(ranges, L.build_shards(model, ranges), strict=True):
+    for (a, b), art in zip(ranges, LO.build_shards(model, ranges), strict=True):
         real = art.path.stat().st_size
         est = shard_file_bytes(model.config, a, b)
         assert abs(est - real) <= FILE_TOL * real, (a, b, est, real)

@@ -17,7 +17,7 @@ from events.errors import InputError
 from events.schema import BrowserLaunched
 from events.state import browsers_alive, open_operations, replay
 from events.store import EventStore
-from sharding.models import llama, minilm
+from sharding.models import llama, llama_onnx, minilm
 from sharding.models.registry import ModelNotFoundError
 from webpool import ResourcePool
 
@@ -61,7 +61,7 @@ def test_concurrent_requests_all_correct(pool):
 def test_generate_tiny_llama_equals_cpu_onnxruntime(pool):
     model = llama.tiny_llama(seed=0)
     out = ray.get(pool.generate.remote("tiny-llama", "hello pool", max_new_tokens=16))
-    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+    expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
                                          out["prompt_token_ids"], 16)
     assert out["token_ids"] == expected
 
@@ -71,7 +71,7 @@ def test_generate_smollm2_equals_cpu_onnxruntime(pool):
     prompt = "The capital of France is"
     out = ray.get(pool.generate.remote("smollm2-135m", prompt, max_new_tokens=16))
     model = llama.load_smollm2()
-    expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+    expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
                                          out["prompt_token_ids"], 16)
     assert out["token_ids"] == expected
     assert len(out["token_ids"]) == 16 or out["token_ids"][-1] == model.config.eos_id

@@ -14,7 +14,7 @@ import ray
 from events.errors import InputError
 from events.state import open_operations, sessions_with_tokens
 from sharding.coordinator import ShardStage, after_promotions
-from sharding.models import llama
+from sharding.models import llama, llama_onnx
 from sharding.plan import even_layer_ranges
 from sharding.sampling import sample_next, token_rng
 from webpool import ResourcePool
@@ -32,7 +32,8 @@ def smollm2():
 @pytest.fixture(scope="module")
 def expected(smollm2):
     ids = smollm2.encode(PROMPT)
-    return llama.ort_greedy_generate(llama.build_shards(smollm2, [(0, smollm2.config.n_layers)]), ids, NEW_TOKENS)
+    whole = llama_onnx.build_shards(smollm2, [(0, smollm2.config.n_layers)])
+    return llama_onnx.ort_greedy_generate(whole, ids, NEW_TOKENS)
 
 
 def test_a_retried_session_starts_from_its_promoted_shadows():
@@ -65,7 +66,7 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
 
 def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float, top_p: float, seed: int) -> list[int]:
     """Seeded sampling over CPU onnxruntime's top-K (the model computed independently of the browsers)."""
-    chain = llama.OrtShardChain(llama.build_shards(model, [(0, model.config.n_layers)]))
+    chain = llama_onnx.OrtShardChain(llama_onnx.build_shards(model, [(0, model.config.n_layers)]))
     out: list[int] = []
     feed = list(prompt_ids)
     while len(out) < n:
@@ -127,8 +128,9 @@ CONCURRENT_TOKENS = 12
 def test_concurrent_sessions_on_the_same_shards_keep_their_own_kv_cache(ray_local, smollm2, tmp_path):
     """Three different prompts at once over the same two shard browsers: each session keeps its own KV cache
     in each page, so each output is token-identical to its own CPU reference."""
-    whole = llama.build_shards(smollm2, [(0, smollm2.config.n_layers)])
-    expected = {p: llama.ort_greedy_generate(whole, smollm2.encode(p), CONCURRENT_TOKENS) for p in CONCURRENT_PROMPTS}
+    whole = llama_onnx.build_shards(smollm2, [(0, smollm2.config.n_layers)])
+    expected = {p: llama_onnx.ort_greedy_generate(whole, smollm2.encode(p), CONCURRENT_TOKENS)
+                for p in CONCURRENT_PROMPTS}
     pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"), request_timeout=60.0)
     try:
         warm = ray.get(pool.generate.remote("smollm2-135m", "Hi", max_new_tokens=1, shards=2))   # load both shards
@@ -226,12 +228,12 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
     reference's tokens); a sharded one is run by two chains on disjoint browsers; a sharded request
     whose voters do not fit is refused before it runs."""
     model = llama.tiny_llama(seed=0)
-    whole = llama.build_shards(model, [(0, model.config.n_layers)])
+    whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=60.0,
                                fault_tolerance={"level": "critical", "vote_k": 2, "standby_browsers": 0})
     try:
         greedy = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=12))
-        assert greedy["token_ids"] == llama.ort_greedy_generate(whole, greedy["prompt_token_ids"], 12)
+        assert greedy["token_ids"] == llama_onnx.ort_greedy_generate(whole, greedy["prompt_token_ids"], 12)
         assert len(greedy["votes"]["agreeing"]) == 2
         sampled = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=12, temperature=0.8,
                                                top_p=0.9, seed=7))

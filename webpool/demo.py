@@ -28,7 +28,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded Ray, real browsers, real models checked against CPU references, real faults recovered."""
     import numpy as np
 
-    from sharding.models import llama, minilm
+    from sharding.models import llama, llama_onnx, minilm
 
     temp = Path(tempfile.mkdtemp(prefix="wpdemo-", dir="/tmp"))
     ray = start_local_ray(temp / "ray", namespace="webpool")
@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             prompt = "The capital of France is"
             status.update("SmolLM2-135M: CPU onnxruntime reference")
             model = llama.load_smollm2()
-            expected = llama.ort_greedy_generate(llama.build_shards(model, [(0, model.config.n_layers)]),
+            expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
                                                  model.encode(prompt), args.tokens)
             status.update(f"SmolLM2-135M over {args.shards} browsers; a shard's browser is killed mid-generation")
             pending = pool.generate.remote("smollm2-135m", prompt, max_new_tokens=args.tokens, shards=args.shards)

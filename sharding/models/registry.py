@@ -94,14 +94,14 @@ def artifacts(name: str, layer_ranges: list[tuple[int, int]] | None = None) -> l
 
         art = minilm.build_minilm_onnx()
         return [ModelArtifact(name, None, art.path, art.sha256, art.meta)]
-    from sharding.models import llama
+    from sharding.models import llama_onnx
 
     model = llama_model(name)
     ranges = layer_ranges or [(0, model.config.n_layers)]
     whole = ranges == [(0, model.config.n_layers)]
     return [
         ModelArtifact(name, None if whole else f"{a}-{b}", s.path, s.sha256, s.meta)
-        for (a, b), s in zip(ranges, llama.build_shards(model, ranges), strict=True)
+        for (a, b), s in zip(ranges, llama_onnx.build_shards(model, ranges), strict=True)
     ]
 
 
@@ -111,12 +111,12 @@ def artifact(name: str, shard: str | None) -> ModelArtifact:
     if shard is None:
         [art] = artifacts(name)
         return art
-    from sharding.models import llama
+    from sharding.models import llama_onnx
 
     if get_spec(name).family != "llama":
         raise InputError("shard", f"{name} is not split into layer shards")
     a, b = (int(x) for x in shard.split("-"))
-    s = llama.build_llama_onnx(llama_model(name), a, b)
+    s = llama_onnx.build_llama_onnx(llama_model(name), a, b)
     return ModelArtifact(name, shard, s.path, s.sha256, s.meta)
 
 
