@@ -1,7 +1,7 @@
 """The pool's side of its event log: the projection it decides from, and the one way to change it.
 
 Guarantees:
-- ``state`` is the projection (``events.state.apply``) of the log's acknowledged events, applied
+- ``state`` is the projection (``events.fold.apply``) of the log's acknowledged events, applied
   strictly in ``seq`` order; nothing else changes it.
 - ``record`` returns once its events, and every event before them, are applied to ``state``.
 - A retried append is written once (a batch id per append; see actors/state_log.py).
@@ -21,7 +21,8 @@ from actors.constants import RECORD_GAP_WAIT, STATE_LOG_OPEN_WAIT
 from actors.metrics import PoolMetrics
 from actors.state_log import get_or_create_state_log, new_batch_id
 from events import schema as ev
-from events.state import PoolState, apply
+from events.fold import apply
+from events.state import PoolState
 
 log = logging.getLogger(__name__)
 

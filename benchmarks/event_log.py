@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.results import summary_ms, write_results
 from events.columnar import replay_batches
+from events.fold import replay
 from events.schema import (
     BrowserHealthReported,
     BrowserLaunched,
@@ -40,7 +41,6 @@ from events.schema import (
     SessionOpened,
     TokensAppended,
 )
-from events.state import replay
 from events.store import EventStore
 from webpool.helptext import plain
 

@@ -1,6 +1,6 @@
 """Replay at Arrow speed: the store's record batches folded column by column.
 
-``replay_batches`` returns exactly what ``events.state.replay`` returns for the same records (tests
+``replay_batches`` returns exactly what ``events.fold.replay`` returns for the same records (tests
 check it on generated logs of every event kind and on the logs of real pool runs); it is only faster.
 
 How. Payloads of the *hot* kinds (operation start / completion / failure, tokens, health reports:
@@ -32,6 +32,7 @@ import pyarrow.json as pajson
 
 from events.codec import decode
 from events.errors import FailureCategory
+from events.fold import Draft, step
 from events.schema import (
     SCHEMA_VERSION,
     BrowserHealthReported,
@@ -56,16 +57,7 @@ from events.schema import (
     SnapshotWritten,
     TokensAppended,
 )
-from events.state import (
-    MEASURED_KINDS,
-    PERF_WINDOW,
-    OperationState,
-    PerfWindow,
-    PoolState,
-    ResourceState,
-    _Draft,
-    _step,
-)
+from events.state import MEASURED_KINDS, PERF_WINDOW, OperationState, PerfWindow, PoolState, ResourceState
 
 CHUNK_ROWS = 1 << 18     # batches are joined up to this many rows, so one JSON parse covers many of them
 
@@ -101,7 +93,7 @@ class _NotBulk(Exception):
 def replay_batches(batches: Iterable[tuple[pa.RecordBatch, int]], state: PoolState | None = None) -> PoolState:
     """Fold the store's batches (``(batch, schema version)``, columns seq, ts, kind, subject, payload, in
     seq order, starting at ``state.last_seq + 1``) onto ``state``; equals ``replay`` of their records."""
-    d = _Draft(state if state is not None else PoolState())
+    d = Draft(state if state is not None else PoolState())
     for chunk, version in _chunks(batches):
         seq = chunk.column(0).to_numpy()
         if version != SCHEMA_VERSION or seq[0] != d.last_seq + 1 or not (np.diff(seq) == 1).all():
@@ -133,11 +125,11 @@ def _chunks(batches: Iterable[tuple[pa.RecordBatch, int]]) -> Iterator[tuple[pa.
         yield pa.concat_batches(pending), version
 
 
-def _reference(d: _Draft, batch: pa.RecordBatch, version: int, start: int, end: int) -> None:
+def _reference(d: Draft, batch: pa.RecordBatch, version: int, start: int, end: int) -> None:
     part = batch.slice(start, end - start)
     for seq, ts, kind, payload in zip(part.column(0).to_pylist(), part.column(1).to_pylist(),
                                       part.column(2).to_pylist(), part.column(4).to_pylist(), strict=True):
-        _step(d, Recorded(seq, ts, decode(kind, payload, version, trusted=True)))
+        step(d, Recorded(seq, ts, decode(kind, payload, version, trusted=True)))
 
 
 def _ndjson(payloads: pa.Array) -> pa.Buffer:
@@ -235,7 +227,7 @@ class _Chunk:
         self.health_browser = subject.take(rows[H]).to_pylist()
         self.flushed = dict.fromkeys(_FAMILIES, 0)   # position up to which each family is in the draft
 
-    def into(self, d: _Draft) -> None:
+    def into(self, d: Draft) -> None:
         kinds = self.chunk.column(2)
         payloads = self.chunk.column(4)
         for p in np.flatnonzero(self.kind < 0).tolist():
@@ -243,14 +235,14 @@ class _Chunk:
             for family in _FLUSHES.get(kind, _FAMILIES):
                 self._flush(d, family, p)
             d.last_seq = int(self.seq[p]) - 1
-            _step(d, Recorded(int(self.seq[p]), float(self.ts[p]),
+            step(d, Recorded(int(self.seq[p]), float(self.ts[p]),
                               decode(kind, payloads[p].as_py(), SCHEMA_VERSION, trusted=True)))
         for family in _FAMILIES:
             self._flush(d, family, len(self.seq))
         d.last_seq = int(self.seq[-1])
         d.last_ts = float(self.ts[-1])
 
-    def _flush(self, d: _Draft, family: str, end: int) -> None:
+    def _flush(self, d: Draft, family: str, end: int) -> None:
         start = self.flushed[family]
         if start >= end:
             return
@@ -268,7 +260,7 @@ class _Chunk:
 
     # --- operations ---
 
-    def _operations(self, d: _Draft, lo: int, hi: int) -> None:
+    def _operations(self, d: Draft, lo: int, hi: int) -> None:
         """Fold ops rows lo..hi-1 (all operation events between two cold events that need them)."""
         n = hi - lo
         typ = self.ops_type[lo:hi]
@@ -338,7 +330,7 @@ class _Chunk:
         self._perf(d, lo, closes, typ, who, browsers, models, kinds)
         self._count_operations(d, lo, hi, valid, typ)
 
-    def _touch_browsers(self, d: _Draft, lo: int, valid: np.ndarray, typ: np.ndarray, b_code: np.ndarray,
+    def _touch_browsers(self, d: Draft, lo: int, valid: np.ndarray, typ: np.ndarray, b_code: np.ndarray,
                         browsers: list[str]) -> None:
         """Every valid operation event sets its browser's last_active_ts; a completion also resets failures."""
         rows = np.flatnonzero(valid)
@@ -357,7 +349,7 @@ class _Chunk:
             d.w("browsers")[b.browser_id] = (dataclasses.replace(b, failures=0, last_active_ts=ts) if completed[code]
                                              else dataclasses.replace(b, last_active_ts=ts))
 
-    def _perf(self, d: _Draft, lo: int, closes: np.ndarray, typ: np.ndarray, who: np.ndarray,
+    def _perf(self, d: Draft, lo: int, closes: np.ndarray, typ: np.ndarray, who: np.ndarray,
               browsers: list[str], models: list[str], kinds: list[str]) -> None:
         """Closed operations of a measured kind go into their (browser, model) window, as ``_measure`` does."""
         measured_kind = np.array([k in MEASURED_KINDS for k in kinds] + [False], bool)
@@ -377,7 +369,7 @@ class _Chunk:
                 w, recent_ms=(*w.recent_ms, *self.service_ms[completion_of[with_ms]].tolist())[-PERF_WINDOW:],
                 recent_ok=(*w.recent_ok, *ok.tolist())[-PERF_WINDOW:])
 
-    def _count_operations(self, d: _Draft, lo: int, hi: int, valid: np.ndarray, typ: np.ndarray) -> None:
+    def _count_operations(self, d: Draft, lo: int, hi: int, valid: np.ndarray, typ: np.ndarray) -> None:
         for k, name in ((S, "operations_started"), (C, "operations_completed"), (F, "operations_failed")):
             mine = typ == k
             _add(d, name, int((valid & mine).sum()))
@@ -397,7 +389,7 @@ class _Chunk:
 
     # --- tokens and health ---
 
-    def _tokens(self, d: _Draft, lo: int, hi: int) -> None:
+    def _tokens(self, d: Draft, lo: int, hi: int) -> None:
         sessions = d.r("sessions")
         added: dict[str, list[int]] = {}
         anomalies = count = 0
@@ -417,7 +409,7 @@ class _Chunk:
             m = d.w("metrics")
             m["tokens_appended"] = m.get("tokens_appended", 0) + count
 
-    def _health(self, d: _Draft, lo: int, hi: int) -> None:
+    def _health(self, d: Draft, lo: int, hi: int) -> None:
         """Each known browser keeps its last report; reports about unknown browsers count as anomalies."""
         known = d.r("browsers")
         last: dict[str, int] = {}
@@ -451,7 +443,7 @@ def _code_of(values: list[str], value: str) -> int:
         return len(values) - 1
 
 
-def _add(d: _Draft, key: str, n: int) -> None:
+def _add(d: Draft, key: str, n: int) -> None:
     """``d.count(key)`` n times (no key written when n is 0, as no call would write one)."""
     if n:
         d.count(key, n)

@@ -59,6 +59,7 @@ from events.errors import (
     StoreClosedError,
     StoreConfigError,
 )
+from events.fold import replay
 from events.schema import SCHEMA_VERSION, Event, Recorded, SnapshotWritten
 from events.segments import (
     FORMAT,
@@ -78,7 +79,7 @@ from events.segments import (
     snapshot_name,
     stream_version,
 )
-from events.state import STATE_VERSION, PoolState, replay, state_from_json, state_to_json
+from events.state import STATE_VERSION, PoolState, state_from_json, state_to_json
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import ray
 
 from events.columnar import replay_batches
-from events.state import PoolState, open_operations, replay
+from events.fold import replay
+from events.state import PoolState, open_operations
 from events.store import EventStore
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from actors.decisions import adaptive
 from actors.decisions.placement import BrowserView, place
 from events import schema as ev
-from events.state import PoolState, apply
+from events.fold import apply
+from events.state import PoolState
 
 
 def fold(*events: ev.Event, t0: float = 1000.0) -> PoolState:

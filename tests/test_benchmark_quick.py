@@ -17,7 +17,7 @@ from benchmarks import recovery_latency as rl
 from benchmarks.results import summary_ms
 from events import schema as ev
 from events.errors import InputError
-from events.state import replay
+from events.fold import replay
 
 
 def _ev(seq: int, ts: float, action: str, **data) -> dict:

@@ -1,6 +1,6 @@
 """The columnar replay (events/columnar.py) equals the reference fold, event for event.
 
-``replay`` in events/state.py is the definition of what each event means; ``replay_batches`` is the
+``replay`` in events/fold.py is the definition of what each event means; ``replay_batches`` is the
 fast path the store opens with. These properties compare the two on generated logs of every kind,
 written through a real store and also as hand-made batches (old payloads without the trailing
 newline, other schema versions, gaps). The same comparison runs on the logs of real pool runs in
@@ -25,6 +25,7 @@ from events import columnar
 from events.codec import encode
 from events.columnar import replay_batches
 from events.errors import SequenceGapError
+from events.fold import replay
 from events.schema import (
     EVENT_TYPES,
     SCHEMA_VERSION,
@@ -36,7 +37,6 @@ from events.schema import (
     SessionOpened,
     TokensAppended,
 )
-from events.state import replay
 from events.store import SEGMENT_SCHEMA, EventStore
 
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from events.errors import FailureCategory, SequenceGapError, SnapshotError
+from events.fold import apply, replay
 from events.schema import (
     EVENT_TYPES,
     BrowserConnected,
@@ -59,12 +60,10 @@ from events.state import (
     RecoveryStep,
     ResourceState,
     SessionState,
-    apply,
     browsers_alive,
     models_on,
     open_operations,
     recovery_statistics,
-    replay,
     sessions_with_tokens,
     state_from_json,
     state_to_json,

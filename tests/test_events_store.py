@@ -36,6 +36,7 @@ from events.errors import (
     StoreConfigError,
     StoreLockedError,
 )
+from events.fold import replay
 from events.schema import (
     SCHEMA_VERSION,
     BrowserConnected,
@@ -48,7 +49,7 @@ from events.schema import (
     SnapshotWritten,
     TokensAppended,
 )
-from events.state import models_on, replay
+from events.state import models_on
 from events.store import SEGMENT_SCHEMA, EventStore
 
 LOG = "events.store"

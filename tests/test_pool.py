@@ -14,8 +14,9 @@ import ray
 from procs import alive
 
 from events.errors import InputError
+from events.fold import replay
 from events.schema import BrowserLaunched
-from events.state import browsers_alive, open_operations, replay
+from events.state import browsers_alive, open_operations
 from events.store import EventStore
 from sharding.models import llama, llama_onnx, minilm
 from sharding.models.registry import ModelNotFoundError

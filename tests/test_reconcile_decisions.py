@@ -26,6 +26,7 @@ from actors.decisions.reconcile import (
     warm_keys_on,
 )
 from events.errors import FailureCategory
+from events.fold import replay
 from events.schema import (
     BrowserFailed,
     BrowserLaunched,
@@ -41,7 +42,7 @@ from events.schema import (
     SessionClosed,
     SessionOpened,
 )
-from events.state import PoolState, open_operations, replay
+from events.state import PoolState, open_operations
 from sharding.models.registry import artifact_key
 
 SHA = "ab" * 32

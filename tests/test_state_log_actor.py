@@ -16,6 +16,7 @@ import ray
 
 from actors.state_log import get_or_create_state_log, new_batch_id
 from events.errors import StoreConfigError
+from events.fold import replay
 from events.schema import (
     BrowserConnected,
     BrowserLaunched,
@@ -23,7 +24,7 @@ from events.schema import (
     OperationCompleted,
     OperationStarted,
 )
-from events.state import models_on, open_operations, replay
+from events.state import models_on, open_operations
 from events.store import EventStore
 
 NAMESPACE = "webpool-tests-statelog"

@@ -312,7 +312,7 @@ def _print_replay(doc: dict) -> None:
 
 def cmd_log_replay(args: argparse.Namespace) -> int:
     """Fold the log into the pool's projection (events.columnar.replay_batches, which equals
-    events.state.replay) and summarise it."""
+    events.fold.replay) and summarise it."""
     import orjson
 
     from events.columnar import replay_batches
