@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from benchmarks.results import summary_ms, write_results
-from events.history import SCHEMA, PerformanceHistoryTracker
+from events.history import PerformanceHistoryTracker
+from events.performance import SCHEMA
 from events.schema import BrowserLaunched, ModelLoaded, OperationCompleted, OperationFailed, OperationStarted, Recorded
 from webpool.helptext import plain
 

@@ -20,7 +20,7 @@ planner's idle-page bytes and W the median of sum(memory) - n * b.
 Recommendation: the fewest shards whose largest shard fits ``memory_limit_bytes``, unless a larger
 shard count that fits was MEASURED at least ``min_advantage`` faster per token than that one.
 
-Trends (``analyze_performance_trends``): per shard count, ``events.history.linear_trend`` of decode ms
+Trends (``analyze_performance_trends``): per shard count, ``events.trends.linear_trend`` of decode ms
 per token against time (the same significance and relevance guards as the performance history).
 
 ``from_events`` builds the history from the event log. A generation is an OperationCompleted whose
@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from events.history import linear_trend
 from events.schema import OperationCompleted, OperationFailed, OperationStarted, Recorded, SessionOpened
+from events.trends import linear_trend
 from sharding.plan import DEFAULT_MEMORY_MODEL
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events.history import (
-    SCHEMA,
-    HistoryInputError,
-    PerformanceHistoryTracker,
-    fault_tolerance_advice,
-    linear_trend,
-    mann_kendall_z,
-    t_critical_99,
-)
+from events.history import PerformanceHistoryTracker
+from events.performance import SCHEMA, HistoryInputError, fault_tolerance_advice
 from events.schema import (
     BrowserLaunched,
     ModelLoaded,
@@ -34,6 +27,7 @@ from events.schema import (
     Recorded,
     SnapshotWritten,
 )
+from events.trends import linear_trend, mann_kendall_z, t_critical_99
 
 T0 = 1_700_000_000.0
 GUIDE_KEYS = {"entries_analyzed", "time_window_seconds", "avg_duration_ms", "min_duration_ms", "max_duration_ms",
