@@ -16,7 +16,7 @@ from events.history import PerformanceHistoryTracker
 from events.state import browsers_alive
 from sharding.models import minilm
 from webpool import ResourcePool
-from webpool.guide import recorded_from_entry
+from webpool.guide_recovery import recorded_from_entry
 
 MODEL = "all-minilm-l6-v2"
 WARM_UP_REQUESTS = 24

@@ -25,13 +25,8 @@ from sharding.models import minilm
 from webpool import BridgeNotReadyError, BrowserFailureCategory, ResourcePoolBridgeIntegration
 from webpool import ResourcePoolRecoveryManager as _Manager
 from webpool import run_with_recovery as _run_with_recovery
-from webpool.guide import (
-    PoolBrowser,
-    missing_pool_api,
-    pool_call,
-    recorded_from_entry,
-    run_pool_operation,
-)
+from webpool.guide_calls import PoolBrowser, missing_pool_api, pool_call, run_pool_operation
+from webpool.guide_recovery import recorded_from_entry
 
 MODEL = "all-minilm-l6-v2"
 # The guide's six keys, and the pool's hedge counters (level high: requests also sent to an idle browser).

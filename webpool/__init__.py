@@ -38,9 +38,9 @@ _EXPORTS = {
     "ShardPlan": "sharding.plan",
     "PlanError": "sharding.plan",
     "ResourcePoolBridgeIntegration": "webpool.guide",
-    "ResourcePoolRecoveryManager": "webpool.guide",
+    "ResourcePoolRecoveryManager": "webpool.guide_recovery",
     "run_with_recovery": "webpool.guide",
-    "BrowserStateManager": "webpool.guide",
+    "BrowserStateManager": "webpool.guide_recovery",
     "BridgeNotReadyError": "events.errors",
     "ModelShardingManager": "webpool.guide_sharding",
 }

@@ -34,7 +34,7 @@ from events.errors import BridgeNotReadyError, BrowserFailure, InputError
 from sharding.analyzer import ShardRunRecord
 from sharding.models.registry import SPECS, get_spec, llama_model
 from sharding.plan import even_layer_ranges, shard_memory_bytes
-from webpool.guide import GENERATE_OPTIONS, pool_call
+from webpool.guide_calls import GENERATE_OPTIONS, pool_call
 
 log = logging.getLogger(__name__)
 
