@@ -46,7 +46,6 @@ from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
     DEFAULT_NUM_THREADS,
-    DEVTOOLS_PROBE_WAIT,
     FAILURE_SIGNAL_WAIT,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
@@ -54,6 +53,7 @@ from actors.constants import (
     RESUME_SETTLE_WAIT,
     RUN_TIMEOUT,
 )
+from actors.failure_signal import FailureSignal, devtools_answers, runtime_error, watch_exit
 from actors.page_server import PageServer
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 
@@ -103,9 +103,6 @@ class BrowserCore:
     def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
                  memory_limit_mb: int | None = None, reporter: Any = None):
         self.browser_id = browser_id
-        # The pool actor (its ``browser_failed``): told of a failure the moment a signal shows it, so the pool
-        # recovers before a request or a health check would have met the dead browser. None in-process.
-        self.reporter = reporter
         self.requested_type = browser_type
         self.num_threads = num_threads
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
@@ -120,8 +117,7 @@ class BrowserCore:
         self.page: Page | None = None
         self.page_cdp: CDPSession | None = None     # opened before any hang: terminateExecution works
         self.capabilities: dict[str, Any] = {}
-        self.failure: tuple[FailureCategory, str] | None = None
-        self._failed = asyncio.Event()                # set with ``failure``: a failed call awaits it
+        self.signal = FailureSignal(browser_id, reporter)     # this browser's failure, from signals
         self.blocked_requests: list[str] = []
         self._closing = False
         self.generation = 0                           # browser processes started by this actor
@@ -181,8 +177,9 @@ class BrowserCore:
         if self.proc is not None and self.proc.poll() is not None:
             return BrowserFailure(self.browser_id, FailureCategory.CRASH,
                                   f"browser exited with code {self.proc.returncode} during start-up ({what})")
-        if self.failure is not None:
-            return BrowserFailure(self.browser_id, self.failure[0], f"{self.failure[1]} during start-up")
+        if self.signal.failure is not None:
+            category, detail = self.signal.failure
+            return BrowserFailure(self.browser_id, category, f"{detail} during start-up")
         if isinstance(exc, TimeoutError | asyncio.TimeoutError | PlaywrightTimeoutError):
             return BrowserFailure(self.browser_id, FailureCategory.TIMEOUT, f"start-up ran out of time ({what})")
         return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN, f"start-up failed ({what})")
@@ -220,9 +217,9 @@ class BrowserCore:
         t0 = time.perf_counter()
         if self.proc is None or self.proc.poll() is not None:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "browser process is gone; cannot reconnect")
-        if self.failure is not None and self.failure[0] is FailureCategory.CRASH:
+        if self.signal.failure is not None and self.signal.failure[0] is FailureCategory.CRASH:
             raise BrowserFailure(self.browser_id, FailureCategory.CRASH, "page crashed; cannot reconnect")
-        if self.failure is not None and self.failure[0] is FailureCategory.MEMORY:
+        if self.signal.failure is not None and self.signal.failure[0] is FailureCategory.MEMORY:
             # The page keeps what it allocated across a reconnect: it would fail its next health check.
             raise BrowserFailure(self.browser_id, FailureCategory.MEMORY,
                                  "over its memory ceiling; reconnecting frees nothing")
@@ -233,7 +230,7 @@ class BrowserCore:
             except (PlaywrightError, asyncio.TimeoutError):
                 pass
             self._closing = False
-        self._clear_failure()
+        self.signal.clear()
         phases = {"close": time.perf_counter()}
         await self._connect()
         phases["connect"] = time.perf_counter()
@@ -286,7 +283,7 @@ class BrowserCore:
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
         self._closing = False
-        self._clear_failure()
+        self.signal.clear()
         self.corrupt_outputs = False
         await self._launch_browser()
         return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000}
@@ -323,28 +320,19 @@ class BrowserCore:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 
-    # ----- failure signals ----------------------------------------------------------------------
+    # ----- failure signals (actors/failure_signal.py) ------------------------------------------------
     def _watch_exit(self, proc: subprocess.Popen) -> None:
-        """Learn of the browser process's exit from the kernel: its pidfd becomes readable then."""
-        try:
-            fd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):      # no pidfd (Linux < 5.3): the lost connection still tells
-            return
-        loop = asyncio.get_running_loop()
-
         def exited() -> None:
-            loop.remove_reader(fd)
-            os.close(fd)
             if proc is self.proc and not self._closing:
-                self._fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
+                self.signal.fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
 
-        loop.add_reader(fd, exited)
+        watch_exit(proc, exited)
 
     def _on_crash(self, _page: Page) -> None:
-        self._fail(FailureCategory.CRASH, "page crashed")
+        self.signal.fail(FailureCategory.CRASH, "page crashed")
 
     def _on_disconnected(self, _browser: Browser) -> None:
-        if self._closing or self.failure is not None:
+        if self._closing or self.signal.failure is not None:
             return
         self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc))
 
@@ -352,62 +340,20 @@ class BrowserCore:
         """A lost CDP connection: CONNECTION if the browser still answers on its own DevTools port, else
         the browser is going down and its exit (CRASH) is the signal to wait for."""
         if proc is None or proc.poll() is not None:
-            self._fail(FailureCategory.CRASH, f"browser process exited ({None if proc is None else proc.returncode})")
+            code = None if proc is None else proc.returncode
+            self.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})")
             return
-        if await self._devtools_answers():
+        if await devtools_answers(self.port):
             if proc is self.proc:
-                self._fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost (the browser lives)")
+                self.signal.fail(FailureCategory.CONNECTION,
+                                 "CDP connection to the browser was lost (the browser lives)")
             return
-        try:
-            await asyncio.wait_for(self._failed.wait(), FAILURE_SIGNAL_WAIT)
-        except asyncio.TimeoutError:
-            self._fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
-
-    async def _devtools_answers(self) -> bool:
-        """True if the browser's own DevTools port answers an HTTP request (it is alive and serving)."""
-        writer = None
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port),
-                                                    DEVTOOLS_PROBE_WAIT)
-            writer.write(b"GET /json/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            status = await asyncio.wait_for(reader.readline(), DEVTOOLS_PROBE_WAIT)
-            return status.startswith(b"HTTP/1.1 200")
-        except (OSError, asyncio.TimeoutError):
-            return False
-        finally:
-            if writer is not None:
-                writer.close()
-
-    def _fail(self, category: FailureCategory, detail: str) -> None:
-        if self.failure is None:
-            self.failure = (category, detail)
-            self._failed.set()
-            log.warning("browser failed", extra={"browser_id": self.browser_id, "category": category.value,
-                                                 "detail": detail})
-            if self.reporter is not None:
-                self.reporter.browser_failed.remote(self.browser_id, category.value, detail)
+        if not await self.signal.wait(FAILURE_SIGNAL_WAIT):
+            self.signal.fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
 
     async def current_failure(self) -> tuple[str, str] | None:
         """The failure this browser is in now (category, detail); None once a recovery step revived it."""
-        return None if self.failure is None else (self.failure[0].value, self.failure[1])
-
-    def _clear_failure(self) -> None:
-        self.failure = None
-        self._failed.clear()
-
-    async def _signalled_failure(self, exc: PlaywrightError) -> BrowserFailure:
-        """The failure behind a call Playwright could not finish (the target or the connection went).
-
-        The signal that says which (crash event, process exit, lost connection) is on its way, within
-        milliseconds: wait for it. ``FAILURE_SIGNAL_WAIT`` only guards against one never coming.
-        """
-        try:
-            await asyncio.wait_for(self._failed.wait(), FAILURE_SIGNAL_WAIT)
-        except asyncio.TimeoutError:
-            return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN,
-                                  f"a page call failed and no failure signal came: {describe(exc, limit=200)}")
-        assert self.failure is not None
-        return BrowserFailure(self.browser_id, *self.failure)
+        return None if self.signal.failure is None else (self.signal.failure[0].value, self.signal.failure[1])
 
     async def _route(self, route) -> None:
         url = route.request.url
@@ -429,10 +375,9 @@ class BrowserCore:
         await ws.close(code=1008, reason="blocked by webpool")
 
     def _check(self) -> None:
-        if self.failure is None and self.proc is not None and self.proc.poll() is not None:
-            self._fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
-        if self.failure is not None:
-            raise BrowserFailure(self.browser_id, *self.failure)
+        if self.signal.failure is None and self.proc is not None and self.proc.poll() is not None:
+            self.signal.fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
+        self.signal.raise_if_failed()
 
     async def _call(self, name: str, args: list[Any], timeout: float, work: bool = False) -> Any:
         """Call the runtime's ``name`` with ``args`` (both data) within a time budget; its typed errors
@@ -458,11 +403,11 @@ class BrowserCore:
                 # unknown, which is a connection failure, not bad input.
                 raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION,
                                      "connection was replaced during the call") from None
-            raise await self._signalled_failure(exc) from None
+            raise await self.signal.after_call_failed(exc) from None
         finally:
             self.work_in_flight -= work
         if "error" in answer:
-            raise _runtime_error(self.browser_id, answer["error"])
+            raise runtime_error(self.browser_id, answer["error"])
         return answer["value"]
 
     async def _terminate_script(self) -> None:
@@ -546,11 +491,11 @@ class BrowserCore:
         # allocates a model, and this actor's loop must keep answering the pool's probes.
         memory = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) for pid in pids.values()))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
-            self._fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
+            self.signal.fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")
             self._check()
         if page["gpuDeviceLost"]:
-            self._fail(FailureCategory.DEVICE_LOST, f"WebGPU device lost: {page['gpuDeviceLost']}")
+            self.signal.fail(FailureCategory.DEVICE_LOST, f"WebGPU device lost: {page['gpuDeviceLost']}")
             self._check()
         return {
             **self.info(),
@@ -579,7 +524,7 @@ class BrowserCore:
             finally:
                 await session.detach()
         except PlaywrightError as exc:
-            raise await self._signalled_failure(exc) from None
+            raise await self.signal.after_call_failed(exc) from None
         pids: dict[str, int] = {"browser": self.proc.pid}
         for i, proc in enumerate(info["processInfo"]):
             if proc["type"] != "browser":
@@ -597,22 +542,3 @@ def _pss_bytes(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-def _runtime_error(browser_id: str, error: dict[str, str]) -> Exception:
-    """The exception for a typed error the runtime answered a call with.
-
-    RequestError -> InputError (the request was bad; the browser is fine); DeviceLostError ->
-    DEVICE_LOST; DeadlineExceeded -> TIMEOUT; a failed allocation -> MEMORY; anything else is the browser's
-    fault (UNKNOWN), never blamed on the request by default.
-    """
-    name, message = str(error.get("name", "Error")), str(error.get("message", ""))
-    if name == "RequestError":
-        return InputError("inputs", message)
-    if name == "DeviceLostError":
-        return BrowserFailure(browser_id, FailureCategory.DEVICE_LOST, message)
-    if name == "DeadlineExceeded":          # the page reached the call only after its budget ran out
-        return BrowserFailure(browser_id, FailureCategory.TIMEOUT, message)
-    if (name == "RangeError" and "alloc" in message.lower()) or "out of memory" in message.lower():
-        return BrowserFailure(browser_id, FailureCategory.MEMORY, f"{name}: {message}")
-    return BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"the runtime failed: {name}: {message[:300]}")

@@ -3,7 +3,7 @@
 One ``BrowserCore`` with MiniLM loaded (no Ray, no pool: this is the browser actor's own detection).
 For each fault (``kill_browser``, ``kill_renderer``, ``crash_page``, ``disconnect``) on an idle page and
 on a page running a 24-sentence request, it measures the time from the fault (the moment
-``inject_fault`` returns; the kill or cut is its last act) to ``BrowserCore.failure`` being set, the
+``inject_fault`` returns; the kill or cut is its last act) to ``BrowserCore.signal.failure`` being set, the
 category decided, and what the request in flight ended in (its category, or "answered" when the fault
 only took effect after it). After each ``disconnect`` it times the ``reconnect`` recovery step and its
 phases. Every trial is counted; none is dropped.
@@ -33,7 +33,7 @@ FAULTS = ("kill_browser", "kill_renderer", "crash_page", "disconnect")
 SENTENCES = [f"Sentence {i}: browsers crash, hang and disconnect, and the pool must not lose the work."
              for i in range(24)]
 TARGETS = {"detect_crash_p50_ms": 50.0, "reconnect_p50_ms": 80.0}
-SIGNAL_POLL_S = 0.001       # how often the benchmark reads ``core.failure`` (its own resolution)
+SIGNAL_POLL_S = 0.001       # how often the benchmark reads ``core.signal.failure`` (its own resolution)
 GIVE_UP_S = 10.0            # a trial whose failure never shows is counted as such, not dropped
 
 
@@ -49,11 +49,11 @@ async def _trial(core: Any, art: Any, data: np.ndarray, fault: str, busy: bool) 
         await asyncio.sleep(0.15)            # the run is under way in the page (it takes ~0.5-1 s here)
     await inject_fault(core, fault)
     t_fault = time.perf_counter()
-    while core.failure is None and time.perf_counter() - t_fault < GIVE_UP_S:
+    while core.signal.failure is None and time.perf_counter() - t_fault < GIVE_UP_S:
         await asyncio.sleep(SIGNAL_POLL_S)
     trial: dict[str, Any] = {
-        "detect_ms": (time.perf_counter() - t_fault) * 1000 if core.failure is not None else None,
-        "category": core.failure[0].value if core.failure is not None else None,
+        "detect_ms": (time.perf_counter() - t_fault) * 1000 if core.signal.failure is not None else None,
+        "category": core.signal.failure[0].value if core.signal.failure is not None else None,
     }
     if request is not None:
         try:

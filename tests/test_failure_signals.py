@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import ray
 
-from actors.browser import _runtime_error
 from actors.browser_actor import BrowserActor
 from actors.cdp_relay import CdpRelay
+from actors.failure_signal import runtime_error
 from events.errors import BrowserFailure, FailureCategory, InputError
 from sharding.models import minilm
 from sharding.models.registry import artifacts
@@ -100,7 +100,7 @@ def test_relay_closes_a_client_whose_upstream_refuses():
     ({}, FailureCategory.UNKNOWN),
 ])
 def test_only_a_request_error_blames_the_request(error, expected):
-    exc = _runtime_error("b1", error)
+    exc = runtime_error("b1", error)
     if expected is InputError:
         assert isinstance(exc, InputError)
     else:
