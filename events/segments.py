@@ -9,15 +9,22 @@ id; a batch is valid only if its checksum matches and its seqs continue the prev
 from __future__ import annotations
 
 import dataclasses
+import logging
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from events.errors import CorruptSegmentError, SchemaVersionError
+from events.backends import Backend
+from events.errors import CompactedRangeError, CorruptSegmentError, SchemaVersionError
 from events.schema import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
 
 FORMAT = "webpool.events"
 VERSION_KEY = b"webpool.schema_version"
@@ -194,3 +201,82 @@ def segment_name(first_seq: int) -> str:
 
 def snapshot_name(seq: int) -> str:
     return f"snapshots/{seq:020d}{SNAPSHOT_SUFFIX}"
+
+
+# --- writing and reading segments ---------------------------------------------------------------
+
+
+def make_batch(first: int, ts: float, kinds: list[str], subjects: list[str], payloads: list[bytes]) -> pa.RecordBatch:
+    """One group commit's rows: seqs first.., all at ``ts``."""
+    n = len(kinds)
+    return pa.record_batch(
+        [
+            pa.array(np.arange(first, first + n, dtype=np.int64)),
+            pa.array(np.full(n, ts, dtype=np.float64)),
+            pa.array(kinds, pa.string()),
+            pa.array(subjects, pa.string()),
+            pa.array(payloads, pa.binary()),
+        ],
+        schema=SEGMENT_SCHEMA,
+    )
+
+
+def segment_files(backend: Backend) -> list[tuple[int, int]]:
+    """(first seq, size) of each segment file; leftovers of a rewrite that died are removed."""
+    out = []
+    for name, size in backend.listdir("segments"):
+        if name.endswith(".tmp"):
+            backend.remove(f"segments/{name}")  # a rewrite that died before its rename
+            continue
+        stem = name[: -len(SEGMENT_SUFFIX)] if name.endswith(SEGMENT_SUFFIX) else ""
+        if len(stem) != 20 or not stem.isdigit():
+            log.warning("ignoring unexpected file segments/%s in %s", name, backend.describe())
+            continue
+        out.append((int(stem), size))
+    return out
+
+
+def read_segment(backend: Backend, first: int) -> Iterator[tuple[pa.RecordBatch, str, int]]:
+    """(batch, batch id, schema version) of a stored segment, each checked; a bad one raises
+    CorruptSegmentError."""
+    rel = segment_name(first)
+    try:
+        src = backend.open_read(rel)
+    except FileNotFoundError:
+        raise CompactedRangeError(f"{rel} was removed while reading") from None
+    with src:
+        if src.size() == 0:
+            return
+        try:
+            reader = ipc.open_stream(src)
+        except Exception as exc:
+            raise CorruptSegmentError(f"{backend.describe()}/{rel}: unreadable header: {exc}") from None
+        version = stream_version(reader.schema, rel)
+        expected = first
+        while True:
+            try:
+                batch, meta = reader.read_next_batch_with_custom_metadata()
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise CorruptSegmentError(
+                    f"{backend.describe()}/{rel}: unreadable batch after seq {expected - 1}: {exc}") from None
+            problem, batch_id = check_batch(batch, meta, expected)
+            if problem is not None:
+                raise CorruptSegmentError(f"{backend.describe()}/{rel}: batch after seq {expected - 1}: {problem}")
+            expected += batch.num_rows
+            yield batch, batch_id, version
+
+
+def select_rows(batch: pa.RecordBatch, start: int, end: int, b_first: int, b_last: int,
+            kind_set: pa.Array | None, subject: str | None) -> pa.RecordBatch:
+    """The rows of ``batch`` (seqs b_first..b_last) with start <= seq <= end, of ``kind_set`` and about ``subject``."""
+    if b_first < start or b_last > end:
+        batch = batch.slice(max(0, start - b_first), min(b_last, end) - max(b_first, start) + 1)
+    mask = None
+    if kind_set is not None:
+        mask = pc.is_in(batch.column(2), value_set=kind_set)
+    if subject is not None:
+        m = pc.equal(batch.column(3), pa.scalar(subject, pa.string()))
+        mask = m if mask is None else pc.and_(mask, m)
+    return batch if mask is None else batch.filter(mask)

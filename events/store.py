@@ -25,24 +25,21 @@ flush is all pyarrow offers) and object stores publish a file only when it is cl
 durability comes at segment roll. The segment being written is also kept in memory, so reads see
 it on every backend.
 
-The segment format (schema, checksums, the scan that finds a valid prefix) is in events/segments.py; the
-two storage backends are in events/backends.py.
+The segment format (schema, checksums, the scan that finds a valid prefix, the checked reader) is in
+events/segments.py, snapshot files in events/snapshots.py, the two storage backends in events/backends.py.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
@@ -64,34 +61,26 @@ from events.schema import SCHEMA_VERSION, Event, Recorded, SnapshotWritten
 from events.segments import (
     FORMAT,
     SEGMENT_SCHEMA,
-    SEGMENT_SUFFIX,
-    SNAPSHOT_SCHEMA,
-    SNAPSHOT_SUFFIX,
-    VERSION_KEY,
     BatchCollector,
     ScanResult,
     batch_crc,
-    check_batch,
     column_crc,
     content_crc,
+    make_batch,
+    read_segment,
     scan_stream,
+    segment_files,
     segment_name,
+    select_rows,
     snapshot_name,
-    stream_version,
 )
-from events.state import STATE_VERSION, PoolState, state_from_json, state_to_json
+from events.snapshots import Snapshot, encode_snapshot, read_snapshot, snapshot_seqs
+from events.state import PoolState
 
 log = logging.getLogger(__name__)
 
 FSYNC_POLICIES = ("always", "interval", "never")
 COMPRESSIONS = (None, "zstd", "lz4")
-
-
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    seq: int
-    state: PoolState
-    path: str
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -192,11 +181,11 @@ class EventStore:
         b.makedirs("segments")
         b.makedirs("snapshots")
         self._check_meta()
-        names = sorted(self._segment_files())
+        names = sorted(segment_files(self._b))
         self._segments = [first for first, _ in names]
         self._recover_tail()
         self._load_dedup()
-        snaps = self._snapshot_seqs()
+        snaps = snapshot_seqs(self._b)
         self._last_snapshot_seq = max((s for s in snaps if s <= self._last_seq), default=0)
         if self._snapshot_every is not None:
             self._state = self.project()
@@ -218,19 +207,6 @@ class EventStore:
             if version == SCHEMA_VERSION:
                 return
         b.write_atomic("meta.json", orjson.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION}))
-
-    def _segment_files(self) -> list[tuple[int, int]]:
-        out = []
-        for name, size in self._b.listdir("segments"):
-            if name.endswith(".tmp"):
-                self._b.remove(f"segments/{name}")  # a rewrite that died before its rename
-                continue
-            stem = name[: -len(SEGMENT_SUFFIX)] if name.endswith(SEGMENT_SUFFIX) else ""
-            if len(stem) != 20 or not stem.isdigit():
-                log.warning("ignoring unexpected file segments/%s in %s", name, self._b.describe())
-                continue
-            out.append((int(stem), size))
-        return out
 
     def _recover_tail(self) -> None:
         """Find last_seq from the newest segment, cutting a torn or corrupt tail back to whole batches."""
@@ -270,7 +246,7 @@ class EventStore:
                 break
             older = []
             try:
-                for batch, bid, _ in self._read_segment_batches(first):
+                for batch, bid, _ in read_segment(self._b, first):
                     older.append((bid, batch.column(0)[0].as_py(), batch.num_rows, content_crc(batch)))
             except CorruptSegmentError as exc:
                 # Dedup is best effort across a damaged sealed segment; reads of it will still fail loudly.
@@ -408,16 +384,7 @@ class EventStore:
             for i, events, payloads, batch_id in items:
                 n = len(events)
                 first = self._last_seq + 1
-                batch = pa.record_batch(
-                    [
-                        pa.array(np.arange(first, first + n, dtype=np.int64)),
-                        pa.array(np.full(n, ts, dtype=np.float64)),
-                        pa.array([e.KIND for e in events], pa.string()),
-                        pa.array([e.subject for e in events], pa.string()),
-                        pa.array(payloads, pa.binary()),
-                    ],
-                    schema=SEGMENT_SCHEMA,
-                )
+                batch = make_batch(first, ts, [e.KIND for e in events], [e.subject for e in events], payloads)
                 meta = {"crc32": str(batch_crc(batch, batch_id or "")), "batch_id": batch_id or ""}
                 self._writer.write_batch(batch, custom_metadata=meta)
                 self._active_batches.append(batch)
@@ -568,7 +535,7 @@ class EventStore:
             if first == active_first:
                 source: Iterable[tuple[pa.RecordBatch, str, int]] = ((b, "", SCHEMA_VERSION) for b in active)
             else:
-                source = self._read_segment_batches(first)
+                source = read_segment(self._b, first)
             for batch, _meta, version in source:
                 b_first = batch.column(0)[0].as_py()
                 b_last = b_first + batch.num_rows - 1
@@ -576,40 +543,9 @@ class EventStore:
                     continue
                 if b_first > last:
                     break
-                sel = _select(batch, start_seq, last, b_first, b_last, kind_set, subject)
+                sel = select_rows(batch, start_seq, last, b_first, b_last, kind_set, subject)
                 if sel.num_rows:
                     yield sel, version
-
-    def _read_segment_batches(self, first: int) -> Iterator[tuple[pa.RecordBatch, str, int]]:
-        """(batch, batch id, schema version) of a stored segment, each checked; a bad one raises
-        CorruptSegmentError."""
-        rel = segment_name(first)
-        try:
-            src = self._b.open_read(rel)
-        except FileNotFoundError:
-            raise CompactedRangeError(f"{rel} was removed while reading") from None
-        with src:
-            if src.size() == 0:
-                return
-            try:
-                reader = ipc.open_stream(src)
-            except Exception as exc:
-                raise CorruptSegmentError(f"{self._b.describe()}/{rel}: unreadable header: {exc}") from None
-            version = stream_version(reader.schema, rel)
-            expected = first
-            while True:
-                try:
-                    batch, meta = reader.read_next_batch_with_custom_metadata()
-                except StopIteration:
-                    return
-                except Exception as exc:
-                    raise CorruptSegmentError(
-                        f"{self._b.describe()}/{rel}: unreadable batch after seq {expected - 1}: {exc}") from None
-                problem, batch_id = check_batch(batch, meta, expected)
-                if problem is not None:
-                    raise CorruptSegmentError(f"{self._b.describe()}/{rel}: batch after seq {expected - 1}: {problem}")
-                expected += batch.num_rows
-                yield batch, batch_id, version
 
     # -- snapshots --
 
@@ -627,17 +563,8 @@ class EventStore:
 
     def _write_snapshot_locked(self, state: PoolState) -> str:
         seq = state.last_seq
-        batch = pa.record_batch([pa.array([state_to_json(state)], pa.binary())], schema=SNAPSHOT_SCHEMA)
-        schema = SNAPSHOT_SCHEMA.with_metadata({
-            VERSION_KEY: str(SCHEMA_VERSION).encode(),
-            b"webpool.state_version": str(STATE_VERSION).encode(),
-            b"webpool.seq": str(seq).encode(),
-        })
-        sink = pa.BufferOutputStream()
-        with ipc.new_stream(sink, schema, options=self._options) as w:
-            w.write_batch(batch, custom_metadata={"crc32": str(column_crc(batch.column(0), 0))})
         rel = snapshot_name(seq)
-        self._b.write_atomic(rel, sink.getvalue().to_pybytes())
+        self._b.write_atomic(rel, encode_snapshot(state, self._options))
         self._last_snapshot_seq = seq
         self._prune_snapshots()
         marker = SnapshotWritten(snapshot_seq=seq, path=rel)
@@ -647,52 +574,19 @@ class EventStore:
         log.info("event log %s: snapshot at seq %d (%s)", self._b.describe(), seq, rel)
         return rel
 
-    def _snapshot_seqs(self) -> list[int]:
-        out = []
-        for name, _ in self._b.listdir("snapshots"):
-            stem = name[: -len(SNAPSHOT_SUFFIX)] if name.endswith(SNAPSHOT_SUFFIX) else ""
-            if len(stem) == 20 and stem.isdigit():
-                out.append(int(stem))
-            elif name.endswith(".tmp"):
-                self._b.remove(f"snapshots/{name}")
-        return sorted(out)
-
     def _prune_snapshots(self) -> None:
-        seqs = self._snapshot_seqs()
+        seqs = snapshot_seqs(self._b)
         for seq in seqs[: -self._keep_snapshots]:
             self._b.remove(snapshot_name(seq))
-
-    def _read_snapshot(self, seq: int) -> PoolState:
-        rel = snapshot_name(seq)
-        try:
-            with self._b.open_read(rel) as src:
-                reader = ipc.open_stream(src)
-                meta = reader.schema.metadata or {}
-                stream_version(reader.schema, rel)
-                if int(meta.get(b"webpool.state_version", b"0")) != STATE_VERSION:
-                    raise SnapshotError(f"{rel}: state version {meta.get(b'webpool.state_version')!r}, "
-                                        f"this code uses {STATE_VERSION}")
-                batch, bmeta = reader.read_next_batch_with_custom_metadata()
-                col = batch.column(0)
-                if len(col) != 1 or int(bmeta[b"crc32"]) != column_crc(col, 0):
-                    raise SnapshotError(f"{rel}: checksum mismatch")
-                state = state_from_json(col[0].as_py())
-        except (SnapshotError, SchemaVersionError):
-            raise
-        except Exception as exc:  # any damage makes this snapshot unusable, not the log
-            raise SnapshotError(f"{rel}: unreadable: {exc!r}") from None
-        if state.last_seq != seq:
-            raise SnapshotError(f"{rel}: holds state at seq {state.last_seq}")
-        return state
 
     def latest_snapshot(self) -> Snapshot | None:
         """The newest readable snapshot not beyond last_seq (a damaged one is skipped with a warning)."""
         with self._lock:
             self._check_open()
-            seqs = [s for s in self._snapshot_seqs() if s <= self._last_seq]
+            seqs = [s for s in snapshot_seqs(self._b) if s <= self._last_seq]
         for seq in reversed(seqs):
             try:
-                return Snapshot(seq, self._read_snapshot(seq), snapshot_name(seq))
+                return Snapshot(seq, read_snapshot(self._b, seq), snapshot_name(seq))
             except (SnapshotError, SchemaVersionError) as exc:
                 log.warning("event log %s: skipping snapshot %d: %s", self._b.describe(), seq, exc)
         return None
@@ -719,7 +613,7 @@ class EventStore:
         to Parquet first). The newest segment is never removed."""
         with self._lock:
             self._check_open()
-            snaps = [s for s in self._snapshot_seqs() if s <= self._last_seq]
+            snaps = [s for s in snapshot_seqs(self._b) if s <= self._last_seq]
             removed = 0
             if snaps:
                 horizon = snaps[0]
@@ -739,7 +633,7 @@ class EventStore:
     def _archive(self, first: int, end: int) -> None:
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_batches([b for b, _, _ in self._read_segment_batches(first)], schema=SEGMENT_SCHEMA)
+        table = pa.Table.from_batches([b for b, _, _ in read_segment(self._b, first)], schema=SEGMENT_SCHEMA)
         self._b.makedirs("archive")
         rel = f"archive/{first:020d}-{end:020d}.parquet"
         sink = pa.BufferOutputStream()
@@ -771,19 +665,6 @@ class EventStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _select(batch: pa.RecordBatch, start: int, end: int, b_first: int, b_last: int,
-            kind_set: pa.Array | None, subject: str | None) -> pa.RecordBatch:
-    if b_first < start or b_last > end:
-        batch = batch.slice(max(0, start - b_first), min(b_last, end) - max(b_first, start) + 1)
-    mask = None
-    if kind_set is not None:
-        mask = pc.is_in(batch.column(2), value_set=kind_set)
-    if subject is not None:
-        m = pc.equal(batch.column(3), pa.scalar(subject, pa.string()))
-        mask = m if mask is None else pc.and_(mask, m)
-    return batch if mask is None else batch.filter(mask)
 
 
 __all__ = ["COMPRESSIONS", "FSYNC_POLICIES", "SEGMENT_SCHEMA", "EventStore", "Snapshot"]
