@@ -222,8 +222,10 @@ class Fleet:
             options["resources"] = {placement.BROWSER_SLOTS: 1}
         node_id = placement.choose_node(nodes, standby, avoid_nodes)
         if node_id is not None:
-            # Soft: if that node is gone by the time Ray schedules, any other will do.
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+            # Soft, and spilled when that node has no slot free: the node views count this pool's browsers
+            # only, and a plain soft affinity waits for a busy node rather than use another (Ray's docs).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True,
+                                                                            _spill_on_unavailable=True)
         key = node_id or ""
         if node_id is not None:
             excluded.add(node_id)
