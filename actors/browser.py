@@ -41,7 +41,7 @@ from playwright.async_api import Browser, CDPSession, Page, Playwright, async_pl
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
-from actors import chromium, reaper
+from actors import chromium, logs, reaper
 from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
@@ -102,6 +102,7 @@ class BrowserCore:
 
     def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
                  memory_limit_mb: int | None = None, reporter: Any = None):
+        logs.configure()
         self.browser_id = browser_id
         self.requested_type = browser_type
         self.num_threads = num_threads

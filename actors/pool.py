@@ -36,6 +36,7 @@ from typing import Any
 
 import ray
 
+from actors import logs
 from actors.constants import (
     ANSWER_RATE_WINDOW_S,
     DEFAULT_BATCH_WAIT_MS,
@@ -117,6 +118,7 @@ class PoolCore:
                  max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
                  adaptive_scaling: bool = False, scale_down_idle_s: float = SCALE_DOWN_IDLE_S,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
+        logs.configure()
         for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests),
                              ("max_queued_rows", max_queued_rows), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

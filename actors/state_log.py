@@ -30,6 +30,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors import logs
 from events.codec import log_entry
 from events.errors import SnapshotError, StoreConfigError
 from events.schema import Event, Recorded
@@ -56,6 +57,7 @@ class StateLog:
         snapshot_every: int | None = 10_000,
         compression: str | None = None,
     ) -> None:
+        logs.configure()
         self._started_at = time.time()     # wall clock, so a benchmark can split a restart into its parts
         t0 = time.perf_counter()
         self._store = EventStore.open(location, fsync=fsync, segment_bytes=segment_bytes,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors import logs
 from actors.cutoff import CutOffs
 from actors.decisions.recovery import classify
 from events.errors import ActorUnreachable, InputError
@@ -310,6 +311,7 @@ class ShardCoordinator:
     """
 
     def __init__(self, pool: Any, model: str) -> None:
+        logs.configure()
         self.pool = pool
         self.model = model
         self._background: set[asyncio.Task[Any]] = set()
