@@ -269,12 +269,24 @@ def test_a_browser_killed_under_concurrent_load_loses_and_mixes_up_nothing(one_b
         t.start()
     while len(answers) < 32 and not errors:
         time.sleep(0.01)
-    [browser_id] = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
-    served_before_kill = len(answers)
-    ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
-    deadline = time.monotonic() + 300
-    while len(answers) < served_before_kill + 64 and not errors and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The kill must meet a page run in flight: with batching the page is idle for moments between runs, and
+    # a kill there fails no request. Killed while an operation is open (checked in the log afterwards; a
+    # run that ended between the check and the kill gets another kill, at most three).
+    before = ray.get(pool.get_state.remote()).last_seq
+    failed: list[ev.OperationFailed] = []
+    for _ in range(3):
+        deadline = time.monotonic() + 60
+        while not (state := ray.get(pool.get_state.remote())).operations and time.monotonic() < deadline:
+            pass
+        [browser_id] = [b.browser_id for b in browsers_alive(state)]
+        served_before_kill = len(answers)
+        ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+        deadline = time.monotonic() + 300
+        while len(answers) < served_before_kill + 64 and not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = [e for e in _batches(pool, before) if isinstance(e, ev.OperationFailed)]
+        if failed or errors:
+            break
     stop.set()
     for t in threads:
         t.join()
@@ -285,5 +297,4 @@ def test_a_browser_killed_under_concurrent_load_loses_and_mixes_up_nothing(one_b
     state = ray.get(pool.get_state.remote())
     assert state.metrics.get("recovery_successes", 0) >= 1
     assert open_operations(state) == []
-    failed = [e for e in _batches(pool, 0) if isinstance(e, ev.OperationFailed)]
-    assert failed, "the kill met no request in flight"
+    assert failed, "three kills met no request in flight"
