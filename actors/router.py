@@ -235,11 +235,15 @@ class Router:
         await self.fleet.retire(browser_id, "drained: slower than its peers")
         if self.closed:
             return
+        if not needed:
+            return
         async with self.locks("placement"):
-            if len(self._views()) >= self.max_connections:
+            if len(self._views()) + len(self._growing) >= self.max_connections:
                 return
-            replacement = await self.fleet.launch(browser_type, avoid=frozenset({browser_id}))
-        for art in needed:
+            # Started outside the lock, counted as growing meanwhile (as placement's own launches are).
+            starting = self._grow(needed[0], browser_type, frozenset({browser_id}))
+        replacement = await starting
+        for art in needed[1:]:
             await self.fleet.load(replacement, art)
 
     async def with_recovery(self, attempt: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
