@@ -1,6 +1,6 @@
 """The recovery-latency benchmark in its CI size, on real browsers, so it cannot rot.
 
-One quick run (kill_actor and disconnect x failover x level high, 1 trial each; the Ray baseline; overhead
+One quick run (kill_actor and disconnect x failover x level high, 1 trial each; the two Ray baselines; overhead
 at none and medium) and checks of the JSON it writes: its structure, that every answer was correct,
 and that the numbers are consistent with each other. No speed is asserted: the machine is shared.
 The pure event-log arithmetic is checked on its own first.
@@ -156,12 +156,27 @@ def test_quick_run_writes_sane_results(ray_local, tmp_path):
     assert zombie["verdict"].startswith("never (zombie")
     assert zombie["trials"][0]["waited_s"] >= cfg.zombie_wait_s - 0.1 and zombie["trials"][0]["errors"]
 
-    # Ratios to the baseline where it answered, its verdict where it did not.
+    # The careful baseline restarts itself on its browser's signal: it answers both faults, correctly, each
+    # from a new actor process.
+    careful = r["careful_baseline"]
+    assert careful["errors"] == [], careful
+    for fault in cfg.faults:
+        f = careful["faults"][fault]
+        assert f["answered"] == len(f["trials"]) == cfg.baseline_kill_trials, f
+        assert all(t["restarted"] for t in f["trials"]), f
+        _check_summary(f["time_to_result"])
+
+    # Ratios: against the careful baseline; against the plain one where it answered, its verdict where not.
     by_fault = {c["fault"]: c for c in r["cases"]}
-    vs = by_fault["kill_actor"]["vs_baseline"]
+    for fault in cfg.faults:
+        vs = by_fault[fault]["vs_baseline"]
+        assert vs["ratio_median"] == pytest.approx(by_fault[fault]["summary"]["time_to_result"]["median_ms"]
+                                                   / careful["faults"][fault]["time_to_result"]["median_ms"])
+    vs = by_fault["kill_actor"]["vs_plain_baseline"]
     assert vs["ratio_median"] == pytest.approx(
         by_fault["kill_actor"]["summary"]["time_to_result"]["median_ms"] / kill["time_to_result"]["median_ms"])
-    assert by_fault["disconnect"]["vs_baseline"] == {"baseline": zombie["verdict"], "ratio_median": None}
+    assert by_fault["disconnect"]["vs_plain_baseline"] == {"baseline": zombie["verdict"], "ratio_median": None}
+    assert "careful Ray actor" in rl.markdown(r)
 
     # Overhead: every answer right, ratios against level none.
     levels = r["overhead"]["levels"]
