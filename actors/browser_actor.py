@@ -3,6 +3,8 @@ faults it can be asked to suffer (actors/faults.py)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import ray
@@ -19,4 +21,6 @@ class BrowserActor(BrowserCore):
         return self.browser_id
 
     async def inject_fault(self, kind: str, **options: Any) -> dict[str, Any]:
+        if kind == "kill_actor":     # SIGKILL of this actor's own process: the browser goes with it (PDEATHSIG)
+            os.kill(os.getpid(), signal.SIGKILL)
         return await inject_fault(self, kind, **options)

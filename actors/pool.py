@@ -106,6 +106,15 @@ def _own_handle() -> Any:
         return None
 
 
+async def _collect(ref: Any) -> None:
+    """Await a call that is expected to fail (the actor it went to kills itself), so its error is not reported
+    as unhandled."""
+    try:
+        await ref
+    except ray.exceptions.RayError:
+        pass
+
+
 class PoolCore:
     def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  browser_preferences: dict[str, str] | None = None,
@@ -372,7 +381,9 @@ class PoolCore:
         """Make a real fault happen in a browser (tests, benchmarks, the CLI). ``kill_actor`` kills its process."""
         handle = self.fleet.handle(browser_id)
         if kind == "kill_actor":
-            ray.kill(handle, no_restart=True)
+            # The actor SIGKILLs its own process (on any node), as a crash or the OOM killer would; the call
+            # never answers, so it is not awaited here (its error is collected in the background).
+            self._spawn(_collect(handle.inject_fault.remote(kind)))
             return {"fault": kind, "browser_id": browser_id}
         return await handle.inject_fault.remote(kind, **options)
 

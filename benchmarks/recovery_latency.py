@@ -1173,8 +1173,8 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
             "after_kill": "level high, failover, a warmed-up standby: a one-sentence request sent as soon as "
                           "inject_fault(serving browser, 'kill_browser') returned, timed to its correct answer, "
                           "vs the median of 5 of the same request with no fault just before (ratio per trial)",
-            "kill_actor": "pool: pool.inject_fault(browser, 'kill_actor') = ray.kill(no_restart=True) of the "
-                          "browser actor; baselines: SIGKILL of the actor process (so Ray restarts it)",
+            "kill_actor": "the same fault on every side: SIGKILL of the actor's process (the pool's browser actor "
+                          "kills itself: pool.inject_fault(browser, 'kill_actor'); the baselines' from the driver)",
             "vs_baseline": "against the careful Ray actor (careful_baseline: it ends its process on its browser's "
                            "failure signals or a call deadline, so Ray restarts it); vs_plain_baseline: against "
                            "the plain one (baseline), which cannot notice its browser's failure",
