@@ -1365,7 +1365,8 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
     m = r["machine"]
     ax.set_title(f"webpool: fault -> correct answer ({r['date'][:16]}, {m['cpus']} CPUs, load "
                  f"{m['load_average_1m_before']}{', quick' if r['quick'] else ''})", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    # Below the axes: inside, it covered the first groups' "never" marks.
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
