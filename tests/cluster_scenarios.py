@@ -361,7 +361,9 @@ def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, An
         _wait(lambda: _state(pool).operations, 60, "the requests to start")
         t_removed = time.time()
         _vanish(cluster, victim)
-        out["unpinned_pool_pid_gone"] = not alive(pool_pid)
+        # The pool's own process went with its node (a SIGKILL lands within moments, not at once).
+        out["unpinned_pool_pid_gone"] = _wait(lambda: not alive(pool_pid), 10, "the pool's process to exit",
+                                              allow_timeout=True) is not None
         answers = []
         for i, ref in enumerate(refs):
             try:

@@ -102,6 +102,7 @@ def test_an_unpinned_pool_that_loses_its_node_is_restarted_elsewhere_and_answers
     _no_error(observed, "unpinned")
     answers = observed["unpinned_answers"]
     assert len(answers) == 12 and all(a["correct"] for a in answers), answers
+    assert observed["unpinned_pool_pid_gone"], "the pool's process outlived its node: nothing was lost"
     assert observed["unpinned_node_after"] != observed["unpinned_node_before"], "restarted on another node"
     # The new incarnation rebuilt from the log: it ended the operations its predecessor had started.
     assert observed["unpinned_restarted"], "\n".join(observed["unpinned_trace"])
