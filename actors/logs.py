@@ -16,7 +16,8 @@ class ContextFormatter(logging.Formatter):
     """``LEVEL logger: message key=value ...``, then the traceback if the record has one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        context = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD)
+        context = " ".join(f"{k}={v}" for k, v in record.__dict__.items()
+                           if k not in _STANDARD and not k.startswith("_"))     # Ray adds _ray_timestamp_ns
         line = f"{record.levelname} {record.name}: {record.getMessage()}" + (f" {context}" if context else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

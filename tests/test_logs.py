@@ -15,7 +15,7 @@ def _record(**extra) -> logging.LogRecord:
 
 
 def test_a_line_carries_the_context_and_the_traceback():
-    line = logs.ContextFormatter().format(_record(model="m", error="TimeoutError: no answer"))
+    line = logs.ContextFormatter().format(_record(model="m", error="TimeoutError: no answer", _ray_timestamp_ns=1))
     assert line == "WARNING actors.router: growing the pool failed model=m error=TimeoutError: no answer"
     try:
         raise ZeroDivisionError("x")
