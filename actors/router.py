@@ -233,9 +233,7 @@ class Router:
         while self.fleet.leased(browser_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.fleet.retire(browser_id, "drained: slower than its peers")
-        if self.closed:
-            return
-        if not needed:
+        if self.closed or not needed:
             return
         async with self.locks("placement"):
             if len(self._views()) + len(self._growing) >= self.max_connections:
