@@ -221,6 +221,12 @@ def make_batch(first: int, ts: float, kinds: list[str], subjects: list[str], pay
     )
 
 
+def segment_first_seq(file_name: str) -> int | None:
+    """The first seq a segment file's name (``<20 digits>.arrows``) carries; None for any other name."""
+    stem = file_name[: -len(SEGMENT_SUFFIX)] if file_name.endswith(SEGMENT_SUFFIX) else ""
+    return int(stem) if len(stem) == 20 and stem.isdigit() else None
+
+
 def segment_files(backend: Backend) -> list[tuple[int, int]]:
     """(first seq, size) of each segment file; leftovers of a rewrite that died are removed."""
     out = []
@@ -228,11 +234,11 @@ def segment_files(backend: Backend) -> list[tuple[int, int]]:
         if name.endswith(".tmp"):
             backend.remove(f"segments/{name}")  # a rewrite that died before its rename
             continue
-        stem = name[: -len(SEGMENT_SUFFIX)] if name.endswith(SEGMENT_SUFFIX) else ""
-        if len(stem) != 20 or not stem.isdigit():
+        first = segment_first_seq(name)
+        if first is None:
             log.warning("ignoring unexpected file segments/%s in %s", name, backend.describe())
             continue
-        out.append((int(stem), size))
+        out.append((first, size))
     return out
 
 

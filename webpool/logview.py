@@ -6,7 +6,6 @@ import argparse
 import bisect
 import contextlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 # folder and open that copy: the log itself is never written, and reading works while a pool writes.
 # A batch the writer is still in the middle of is cut from the copy only.
 
-_SEGMENT_NAME = re.compile(r"(\d{20})\.arrows")  # segments/<first seq, 20 digits>.arrows (events/store.py)
 _DATA_CHARS = 240  # the table's data column; --json prints everything
 
 
@@ -68,6 +66,7 @@ class _LogCopy:
         import pyarrow.fs as pafs
 
         from events.errors import StoreConfigError
+        from events.segments import segment_first_seq
 
         self.location = location
         if "://" in location:
@@ -82,7 +81,8 @@ class _LogCopy:
             raise StoreConfigError(f"no event log at {location} (no meta.json or segments/ there); "
                                    "pass --dir PATH or --name NAME")
         infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/segments", allow_not_found=True))
-        self.segments = sorted(int(m.group(1)) for i in infos if (m := _SEGMENT_NAME.fullmatch(i.base_name)))
+        firsts = (segment_first_seq(i.base_name) for i in infos)
+        self.segments = sorted(first for first in firsts if first is not None)
         self.copy_root = workdir / "log"
         (self.copy_root / "segments").mkdir(parents=True)
         self._copied: set[str] = set()
@@ -117,16 +117,17 @@ class _LogCopy:
         """Open the copy holding segments[first_index..last_index] (and the snapshots)."""
         import pyarrow.fs as pafs
 
+        from events.segments import SNAPSHOT_SUFFIX, segment_name
         from events.store import EventStore
 
         self.close()
         chosen = self.segments[first_index: None if last_index is None else last_index + 1]
         for first in chosen:
-            self._copy(f"segments/{first:020d}.arrows")
+            self._copy(segment_name(first))
         if snapshots:
             infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/snapshots", allow_not_found=True))
             for info in infos:
-                if info.base_name.endswith(".snap"):
+                if info.base_name.endswith(SNAPSHOT_SUFFIX):
                     self._copy(f"snapshots/{info.base_name}")
         self.store = EventStore.open(self.copy_root, fsync="never")
         return self.store
