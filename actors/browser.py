@@ -55,6 +55,7 @@ from actors.constants import (
 )
 from actors.failure_signal import FailureSignal, devtools_answers, runtime_error, watch_exit
 from actors.page_server import PageServer
+from actors.spare import SpareProcess, discard, runtime_tab, start_spare
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,22 @@ def sweep_stale_temp_dirs(root: Path | None = None) -> list[Path]:
 
 
 class BrowserCore:
-    """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor."""
+    """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor.
+
+    With ``spare_process``, once the browser has served a run the core starts a spare Chromium in the
+    background (actors/spare.py), and ``restart`` takes it instead of launching one.
+    """
 
     def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
-                 memory_limit_mb: int | None = None, reporter: Any = None):
+                 memory_limit_mb: int | None = None, reporter: Any = None, spare_process: bool = False):
         logs.configure()
         self.browser_id = browser_id
         self.requested_type = browser_type
         self.num_threads = num_threads
+        self.spare_process = spare_process
+        self.spare: SpareProcess | None = None
+        self._spare_task: asyncio.Future | None = None
+        self._spares_started = 0
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
         self.temp_dir: Path | None = None
@@ -122,6 +131,7 @@ class BrowserCore:
         self.blocked_requests: list[str] = []
         self._closing = False
         self.generation = 0                           # browser processes started by this actor
+        self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
         self.work_in_flight = 0                       # model loads and runs under way in the page
@@ -155,9 +165,15 @@ class BrowserCore:
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            if spare.usable():
+                await self._adopt(spare)
+                return
+            await discard(spare)
         try:
-            self.proc, self.port, self.ws_path = await chromium.launch(
-                self.exe, self.temp_dir / f"profile-{self.generation}")
+            self.profile = self.temp_dir / f"profile-{self.generation}"
+            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile)
             self._watch_exit(self.proc)
             if self.relay is None:
                 self.relay = CdpRelay()
@@ -192,21 +208,71 @@ class BrowserCore:
 
     async def _open_page(self) -> None:
         assert self.browser is not None and self.server is not None
-        context = self.browser.contexts[0]
-        self.page = context.pages[0] if context.pages else await context.new_page()
+        self.page = await runtime_tab(self.browser)
         await self._attach_page()
-        await self.page.goto(self.server.base_url + "index.html", timeout=PAGE_READY_WAIT * 1000)
-        await self.page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
-        self.capabilities = await self._call("init", [{"numThreads": self.num_threads}], PAGE_READY_WAIT)
+        await self._load_runtime(self.page)
+        # The runtime's WebAssembly is set up in the page meanwhile; the first model load waits for it.
+        self.capabilities = await self._call("init", [{"numThreads": self.num_threads, "warmRuntime": "background"}],
+                                             PAGE_READY_WAIT)
+
+    async def _load_runtime(self, page: Page) -> None:
+        assert self.server is not None
+        await page.goto(self.server.base_url + "index.html", timeout=PAGE_READY_WAIT * 1000)
+        await page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
 
     async def _attach_page(self) -> None:
         assert self.page is not None
         self.page.on("crash", self._on_crash)
-        # Three independent round trips to the page, at once (a reconnect waits for all of them).
-        _, _, self.page_cdp = await asyncio.gather(
-            self.page.route("**/*", self._route),
-            self.page.route_web_socket(lambda _url: True, self._route_web_socket),
-            self.page.context.new_cdp_session(self.page))
+        self.page_cdp = await self._isolate(self.page, self.blocked_requests)
+
+    async def _isolate(self, page: Page, blocked: list[str]) -> CDPSession:
+        """Route every request of ``page`` (outside its origin: refused, and listed in ``blocked``); returns
+        the page's CDP session. Three independent round trips to the page, at once (a reconnect waits)."""
+        _, _, cdp = await asyncio.gather(
+            page.route("**/*", lambda route: self._route(route, page, blocked)),
+            page.route_web_socket(lambda _url: True, lambda ws: self._route_web_socket(ws, blocked)),
+            page.context.new_cdp_session(page))
+        return cdp
+
+    # ----- the spare process ------------------------------------------------------------------------
+    def _want_spare(self) -> None:
+        """Start preparing a spare process, unless one is there or on its way (called after a run, so the
+        preparation does not compete with a start-up or the first request after a restart)."""
+        if (self.spare_process and self.spare is None and not self._closing and self.proc is not None
+                and (self._spare_task is None or self._spare_task.done())):
+            self._spare_task = asyncio.ensure_future(self._prepare_spare())
+
+    async def _prepare_spare(self) -> None:
+        assert self.exe is not None and self.temp_dir is not None and self.pw is not None
+        self._spares_started += 1
+        try:
+            spare = await start_spare(self.exe, self.pw, self.temp_dir / f"spare-{self._spares_started}",
+                                      self.num_threads, self._isolate, self._load_runtime)
+        except Exception as exc:      # a spare that did not come up is no failure of this browser
+            log.warning("spare browser process did not start",
+                        extra={"browser_id": self.browser_id, "error": describe(exc, limit=300)})
+            return
+        if self._closing or self.spare is not None:
+            await discard(spare)
+            return
+        self.spare = spare
+        log.info("spare browser process ready", extra={"browser_id": self.browser_id, "pid": spare.proc.pid,
+                                                       "ms": round(spare.ready_ms)})
+
+    async def _adopt(self, spare: SpareProcess) -> None:
+        """Make ``spare`` this browser's process: its exit, crash and lost connection are the signals now."""
+        old_relay = self.relay
+        self.proc, self.port, self.ws_path, self.relay = spare.proc, spare.port, spare.ws_path, spare.relay
+        self.browser, self.page, self.page_cdp = spare.browser, spare.page, spare.page_cdp
+        self.capabilities = spare.capabilities
+        self.blocked_requests = spare.blocked
+        self.profile = spare.profile
+        assert self.browser is not None and self.page is not None
+        self._watch_exit(self.proc)
+        self.browser.on("disconnected", self._on_disconnected)
+        self.page.on("crash", self._on_crash)
+        if old_relay is not None:
+            await old_relay.close()
 
     # ----- recovery in place ----------------------------------------------------------------------
     async def reconnect(self) -> dict[str, Any]:
@@ -281,13 +347,16 @@ class BrowserCore:
                 pass
         if self.proc is not None:
             chromium.terminate(self.proc, grace=0.5)
+        if self.profile is not None:
+            await asyncio.to_thread(shutil.rmtree, self.profile, True)
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
         self._closing = False
         self.signal.clear()
         self.corrupt_outputs = False
+        from_spare = self.spare is not None and self.spare.usable()
         await self._launch_browser()
-        return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000}
+        return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000, "from_spare": from_spare}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -298,11 +367,18 @@ class BrowserCore:
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "backends": list(self.capabilities.get("backends", [])),
             "detail": self.capabilities.get("detail", {}),
+            # Set for a process taken from a spare: its runtime's set-up time, paid before it was needed.
+            "runtime_warm_up_ms": self.capabilities.get("runtimeWarmUpMs"),
         }
 
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""
         self._closing = True
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            await discard(spare)
         if self.pw is not None:
             try:
                 if self.browser is not None:
@@ -356,23 +432,23 @@ class BrowserCore:
         """The failure this browser is in now (category, detail); None once a recovery step revived it."""
         return None if self.signal.failure is None else (self.signal.failure[0].value, self.signal.failure[1])
 
-    async def _route(self, route) -> None:
+    async def _route(self, route, page: Page, blocked: list[str]) -> None:
         url = route.request.url
         if self.server is not None and url.startswith(self.server.base_url):
             await route.continue_()
         else:
             # Isolation: the page may reach only its own served origin.
-            self.blocked_requests.append(url[:200])
-            if route.request.is_navigation_request() and route.request.frame == self.page.main_frame:
+            blocked.append(url[:200])
+            if route.request.is_navigation_request() and route.request.frame == page.main_frame:
                 # An aborted navigation would replace the runtime with an error page; a 204 answer
                 # makes the browser stay where it is.
                 await route.fulfill(status=204)
             else:
                 await route.abort("blockedbyclient")
 
-    async def _route_web_socket(self, ws) -> None:
+    async def _route_web_socket(self, ws, blocked: list[str]) -> None:
         # The page has no reason to open a WebSocket: none is connected to any server.
-        self.blocked_requests.append(ws.url[:200])
+        blocked.append(ws.url[:200])
         await ws.close(code=1008, reason="blocked by webpool")
 
     def _check(self) -> None:
@@ -455,6 +531,7 @@ class BrowserCore:
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
+        self._want_spare()
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 
     async def warm_up_round(self, key: str, feeds: list[dict[str, np.ndarray]]) -> float:
@@ -491,6 +568,9 @@ class BrowserCore:
         # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
         # allocates a model, and this actor's loop must keep answering the pool's probes.
         memory = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) for pid in pids.values()))
+        spare = self.spare
+        spare_memory = 0 if spare is None else await asyncio.to_thread(
+            lambda: sum(_pss_bytes(pid) for pid in [spare.proc.pid, *chromium.descendants(spare.proc.pid)]))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
             self.signal.fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")
@@ -510,6 +590,8 @@ class BrowserCore:
             "memory_bytes": memory,
             "memory_limit_bytes": self.memory_limit_bytes,
             "busy": self.work_in_flight > 0,
+            "spare_pid": None if spare is None else spare.proc.pid,
+            "spare_memory_bytes": spare_memory,
             "blocked_requests": len(self.blocked_requests),
             "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],
             "temp_dir": str(self.temp_dir),
@@ -543,3 +625,4 @@ def _pss_bytes(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+

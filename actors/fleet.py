@@ -53,12 +53,14 @@ class KeyedLocks:
 
 class Fleet:
     def __init__(self, log_: PoolLog, locks: KeyedLocks, spawn: Callable[[Awaitable[Any]], asyncio.Future], *,
-                 num_threads: int, memory_limit_mb: int | None, backend: str, reporter: Any = None) -> None:
+                 num_threads: int, memory_limit_mb: int | None, backend: str, reporter: Any = None,
+                 spare_process: bool = False) -> None:
         self.log = log_
         self.reporter = reporter                        # the pool actor: browsers report their failures to it
         self.locks = locks
         self._spawn = spawn
         self.num_threads = num_threads
+        self.spare_process = spare_process              # each browser keeps a spare process for its restarts
         self.memory_limit_mb = memory_limit_mb
         self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
         self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle
@@ -232,7 +234,8 @@ class Fleet:
         self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
             handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
-                                                            self.memory_limit_mb, self.reporter)
+                                                            self.memory_limit_mb, self.reporter,
+                                                            spare_process=self.spare_process)
             try:
                 info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot
@@ -250,7 +253,8 @@ class Fleet:
             browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
             pid=info["pid"], node_id=info["node_id"] or "", standby=standby, backend=backend))
         log.info("browser launched", extra={"browser_id": browser_id, "backend": backend,
-                                            "standby": standby, "start_ms": round(info["start_ms"])})
+                                            "standby": standby, "start_ms": round(info["start_ms"]),
+                                            "from_spare": info.get("from_spare", False)})
 
     async def relaunch(self, browser_id: str) -> None:
         """A new browser process under the same id (the restart step): in the same actor, or in a new actor

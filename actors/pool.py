@@ -126,7 +126,8 @@ class PoolCore:
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
                  max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
                  adaptive_scaling: bool = False, scale_down_idle_s: float = SCALE_DOWN_IDLE_S,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+                 spare_process: bool | None = None) -> None:
         logs.configure()
         for field, value in (("max_connections", max_connections), ("max_queued_requests", max_queued_requests),
                              ("max_queued_rows", max_queued_rows), ("max_batch_size", max_batch_size)):
@@ -138,6 +139,8 @@ class PoolCore:
                 or not scale_down_idle_s > 0:
             raise InputError("scale_down_idle_s",
                              f"must be a positive number, got {show(scale_down_idle_s)}")
+        if spare_process is not None and not isinstance(spare_process, bool):
+            raise InputError("spare_process", f"must be a bool or None, got {show(spare_process)}")
         if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, int | float) or not batch_wait_ms >= 0:
             raise InputError("batch_wait_ms", f"must be a number >= 0, got {show(batch_wait_ms)}")
         self.max_connections = max_connections
@@ -146,12 +149,15 @@ class PoolCore:
         self.browser_preferences = {t: "chromium" for t in TASK_FAMILIES} | dict(browser_preferences or {})
         self.ft = FaultToleranceConfig.from_options(fault_tolerance)
         self.ft.check_voters(max_connections)
+        if spare_process is None:      # by default where a restart is the likely recovery step
+            spare_process = self.ft.restarts_in_place
         self.request_timeout = request_timeout
         self.name = name or f"webpool-{uuid.uuid4().hex[:8]}"
         self._options = {"backend": backend, "num_threads": num_threads, "memory_limit_mb": memory_limit_mb,
                          "health_interval": health_interval, "adaptive_scaling": adaptive_scaling,
                          "scale_down_idle_s": scale_down_idle_s, "max_batch_size": max_batch_size,
-                         "batch_wait_ms": batch_wait_ms}    # the rest of what PoolConfigured records
+                         "batch_wait_ms": batch_wait_ms,
+                         "spare_process": spare_process}    # the rest of what PoolConfigured records
         self._admitted = 0                               # requests inside infer/generate right now
         self._admitted_rows = 0                          # their rows (texts; a generation counts one)
         self._no_requests = asyncio.Event()              # set while no request is admitted
@@ -163,7 +169,8 @@ class PoolCore:
         self.locks = KeyedLocks()
         self.log = PoolLog(self.name, event_log or str(cache_dir() / "events" / self.name))
         self.fleet = Fleet(self.log, self.locks, self._spawn, num_threads=num_threads,
-                           memory_limit_mb=memory_limit_mb, backend=backend, reporter=_own_handle())
+                           memory_limit_mb=memory_limit_mb, backend=backend, reporter=_own_handle(),
+                           spare_process=spare_process)
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self.router.browser_type("text_embedding"),

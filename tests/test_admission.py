@@ -129,3 +129,10 @@ def test_a_bad_queue_bound_is_a_typed_error():
         with pytest.raises(InputError) as info:
             PoolCore(max_queued_requests=bad)
         assert info.value.field == "max_queued_requests"
+
+
+def test_a_bad_spare_process_option_is_a_typed_error():
+    for bad in (1, "yes", 0.0):
+        with pytest.raises(InputError) as info:
+            PoolCore(spare_process=bad)
+        assert info.value.field == "spare_process"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import numpy as np
 import pytest
@@ -142,3 +143,42 @@ def test_crashed_page_is_detected_not_a_zombie(ray_local):
     assert err.value.category.value == "crash"
     ray.get(handle.close.remote())
     ray.kill(handle)
+
+
+def _spare_pid(handle, timeout: float = 60.0) -> int:
+    """The spare process's PID once it is ready (it is prepared in the background after a run)."""
+    deadline = time.monotonic() + timeout
+    while (pid := ray.get(handle.health.remote())["spare_pid"]) is None:
+        assert time.monotonic() < deadline, "no spare process came up"
+        time.sleep(0.05)
+    return pid
+
+
+def test_a_restart_takes_the_spare_process_which_never_held_a_model(ray_local):
+    handle = BrowserActor.remote("spare-browser", "chromium", 1, spare_process=True)
+    ray.get(handle.start.remote())
+    [art] = artifacts("all-minilm-l6-v2")
+    feeds = minilm.tokenize(SENTENCES)
+    ref = minilm.reference_embed(SENTENCES)
+    try:
+        _load(handle, art)
+        ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))
+        spare = _spare_pid(handle)
+        old = ray.get(handle.health.remote())["pid"]
+        assert spare != old
+        ray.get(handle.inject_fault.remote("kill_browser"))
+        info = ray.get(handle.restart.remote())
+        assert info["from_spare"] is True and info["pid"] == spare
+        # The process taken over is clean: no model, no run, nothing stored by the old page's sessions.
+        health = ray.get(handle.health.remote())
+        assert health["models"] == [] and health["runs_started"] == 0 and health["spare_pid"] is None
+        _load(handle, art)
+        out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
+        assert np.abs(out - ref).max() <= 1e-4
+        spare = _spare_pid(handle)      # the next spare, for the next restart
+    finally:
+        health = ray.get(handle.health.remote())
+        ray.get(handle.close.remote())
+        ray.kill(handle)
+    assert _pids_alive([*health["pids"].values(), spare]) == []
+    assert not os.path.exists(health["temp_dir"])

@@ -132,3 +132,11 @@ def test_failover_target_prefers_what_holds_the_models_then_standby_then_idle():
 def test_levels_that_recover():
     assert not cfg("none").recovers
     assert all(cfg(level.value).recovers for level in FaultToleranceLevel if level is not FaultToleranceLevel.NONE)
+
+
+def test_a_spare_process_is_kept_by_default_only_where_a_restart_is_the_recovery_step():
+    assert cfg("medium", "restart").restarts_in_place and cfg("medium", "progressive").restarts_in_place
+    assert cfg("high", "progressive").restarts_in_place and cfg("critical", "restart").restarts_in_place
+    for level, strategy in (("none", "restart"), ("low", "progressive"), ("medium", "failover"),
+                            ("high", "failover"), ("medium", "reconnect"), ("medium", "parallel")):
+        assert not cfg(level, strategy).restarts_in_place, (level, strategy)

@@ -117,6 +117,14 @@ class FaultToleranceConfig:
         return self.level in (FaultToleranceLevel.HIGH, FaultToleranceLevel.CRITICAL)
 
     @property
+    def restarts_in_place(self) -> bool:
+        """Levels medium and up whose strategy restarts a failed browser's process (restart, progressive):
+        their browsers keep a spare process ready by default (actors/browser.py ``SpareProcess``)."""
+        return self.checks_health and self.recovery_strategy in (RecoveryStrategy.RESTART,
+                                                                 RecoveryStrategy.PROGRESSIVE,
+                                                                 RecoveryStrategy.COORDINATED)
+
+    @property
     def checkpoints(self) -> bool:
         """Levels high and up snapshot the projection every ``checkpoint_interval``."""
         return self.keeps_standby

@@ -103,11 +103,30 @@ async function probeCapabilities() {
   return { backends: caps, detail };
 }
 
+// A one-node ONNX model (opset 17: y = Identity(x), x a float[1]), 65 bytes. Creating a session of it
+// makes onnxruntime-web fetch, compile and instantiate its WebAssembly and set up its runtime: ~0.7 s
+// here, every page once (docs/facts.md), which the first real model's session would otherwise pay.
+const RUNTIME_WARM_UP_MODEL = "CAg6NwoQCgF4EgF5IghJZGVudGl0eRIBdFoPCgF4EgoKCAgBEgQKAggBYg8KAXkSCgoICAESBAoCCAFCBAoAEBE=";
+let runtimeReady = Promise.resolve();
+
+async function warmRuntime() {
+  const session = await ort.InferenceSession.create(b64ToBytes(RUNTIME_WARM_UP_MODEL), { executionProviders: ["wasm"] });
+  await session.release();
+}
+
+// `options.warmRuntime`: "wait" sets the runtime up before answering (a spare process: it must be ready
+// when taken), "background" starts it and answers at once (a model load waits for it), else not at all.
 export async function init(options) {
   ort.env.wasm.wasmPaths = BASE + "ort/";
   ort.env.wasm.numThreads = options.numThreads;
   ort.env.logLevel = "error";
   capabilities = await probeCapabilities();
+  if (options.warmRuntime === "wait" || options.warmRuntime === "background") {
+    const t0 = performance.now();
+    // A failed warm-up is not this page's end: the first model's session sets the runtime up itself.
+    runtimeReady = warmRuntime().then(() => performance.now() - t0, () => null);
+    if (options.warmRuntime === "wait") capabilities = { ...capabilities, runtimeWarmUpMs: await runtimeReady };
+  }
   return capabilities;
 }
 
@@ -128,7 +147,7 @@ export async function load(key, url, backend) {
   if (!capabilities.backends.includes(backend)) {
     throw new RequestError(`backend ${backend} is not available in this browser (has ${capabilities.backends})`);
   }
-  const pending = loadNow(key, url, backend);
+  const pending = runtimeReady.then(() => loadNow(key, url, backend));
   loading.set(key, pending);
   try {
     return await pending;

@@ -1,0 +1,341 @@
+"""Start-up and restart: how long until a new browser serves, on real Ray, Chromium, MiniLM and SmolLM2.
+
+Cases (every trial counted, none dropped; every answer checked against the CPU reference):
+
+- ``pool_first_answer``: ``ResourcePool.remote()`` with Ray up and the models built -> the first correct
+  MiniLM answer (a new pool, browser and page each trial).
+- ``restart_minilm``: a browser actor's browser SIGKILLed -> ``restart`` -> MiniLM loaded -> the first
+  correct answer; with a spare process (``spare_process=True``) and without.
+- ``after_sigkill_medium``: a pool at level ``medium``, strategy ``restart``: a one-sentence request sent
+  right after its browser was SIGKILLed -> its correct answer; spare process on and off.
+- ``restart_smollm2``: as ``restart_minilm`` with SmolLM2-135M whole on one browser -> session created and
+  the first greedy token equal to CPU onnxruntime's.
+
+Floors measured in the same run: a bare Chromium launch (process start -> DevTools port open), the
+page runtime's WebAssembly set-up (paid by a spare before it is needed), a model's session creation in a
+page whose runtime is set up. Prints a table; writes ``results/startup.json`` and ``results/startup.png``.
+Run: ``python -m benchmarks.startup [--trials N] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.results import results_dir, summary_ms, write_results
+from webpool.helptext import plain
+from webpool.localray import configure_auth_env, start_local_ray
+
+MODEL = "all-minilm-l6-v2"
+SENTENCE = "A browser that restarts should serve again in well under a second."
+TOLERANCE = 1e-4            # max abs difference of an embedding from the numpy reference
+SMOLLM2_PROMPT = "The capital of France is"
+SPARE_WAIT_S = 60.0         # a spare that is not ready by then fails the run (it is prepared in ~2 s here)
+# Issue targets (p50, this 2-core machine).
+TARGETS_MS = {"restart_minilm": 1000.0, "after_sigkill_medium": 1500.0, "restart_smollm2": 3000.0,
+              "pool_first_answer": 3000.0}
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+def _wait_for_spare(handle: Any) -> None:
+    import ray
+
+    deadline = time.monotonic() + SPARE_WAIT_S
+    while ray.get(handle.health.remote())["spare_pid"] is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no spare process within {SPARE_WAIT_S} s")
+        time.sleep(0.02)
+
+
+def chromium_launch_floor(trials: int) -> list[float]:
+    """Process start -> DevTools port open, a fresh profile each time."""
+    from actors import chromium
+
+    async def once(exe: Any, profile: Path) -> float:
+        t0 = time.perf_counter()
+        proc, _, _ = await chromium.launch(exe, profile)
+        ms = _ms(t0)
+        chromium.terminate(proc)
+        return ms
+
+    exe = chromium.resolve_browser("chromium")
+    temp = Path(tempfile.mkdtemp(prefix="wpstart-"))
+    try:
+        return [asyncio.run(once(exe, temp / f"p{i}")) for i in range(trials)]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+class MiniLM:
+    """Loads MiniLM on a browser actor and checks an answer against numpy's."""
+
+    def __init__(self) -> None:
+        from sharding.models import minilm
+        from sharding.models.registry import artifacts
+
+        [self.art] = artifacts(MODEL)
+        self.data = np.fromfile(self.art.path, np.uint8)
+        self.feeds = minilm.tokenize([SENTENCE])
+        self.reference = minilm.reference_embed([SENTENCE])[0]
+
+    def load(self, handle: Any) -> dict[str, Any]:
+        import ray
+
+        return ray.get(handle.load_model.remote(self.art.key, ray.put(self.data), self.art.sha256, "wasm"))
+
+    def answer(self, handle: Any) -> bool:
+        import ray
+
+        out = ray.get(handle.run.remote(self.art.key, self.feeds, fetch=["embedding"]))["outputs"]["embedding"]
+        return bool(np.abs(out[0] - self.reference).max() <= TOLERANCE)
+
+
+class SmolLM2:
+    """Loads SmolLM2-135M whole on a browser actor and checks its first greedy token against CPU onnxruntime."""
+
+    def __init__(self) -> None:
+        from sharding.models import llama_onnx
+        from sharding.models.registry import artifacts, llama_model
+
+        model = llama_model("smollm2-135m")
+        self.prompt = model.encode(SMOLLM2_PROMPT)
+        [self.art] = artifacts("smollm2-135m", [(0, model.config.n_layers)])
+        self.data = np.fromfile(self.art.path, np.uint8)
+        self.expected = llama_onnx.OrtShardChain([self.art]).greedy(self.prompt, 1)[:1]
+        self.sessions = 0
+
+    def load(self, handle: Any) -> dict[str, Any]:
+        import ray
+
+        return ray.get(handle.load_model.remote(self.art.key, ray.put(self.data), self.art.sha256, "wasm"))
+
+    def answer(self, handle: Any) -> bool:
+        import ray
+
+        from sharding.coordinator import ShardChain, ShardStage, generate_tokens
+
+        self.sessions += 1
+        stage = ShardStage("startup-bench", handle, self.art)
+        session = f"s{self.sessions}"
+        result = asyncio.run(generate_tokens(ShardChain([stage], session), self.prompt, 1, eos_id=None))
+        ray.get(handle.drop_state.remote(stage.state_id(session)))
+        return result["token_ids"][:1] == self.expected
+
+
+def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]:
+    """A browser actor serving ``model``; each trial SIGKILLs its browser, restarts it, reloads, answers."""
+    import ray
+
+    from actors.browser_actor import BrowserActor
+
+    handle = BrowserActor.remote(f"startup-{type(model).__name__}-{spare}", "chromium", 1, None, None,
+                                 spare_process=spare)
+    rows = []
+    try:
+        ray.get(handle.start.remote())
+        model.load(handle)
+        if not model.answer(handle):
+            raise RuntimeError("the first answer before any restart is wrong")
+        for _ in range(trials):
+            if spare:
+                _wait_for_spare(handle)
+            ray.get(handle.inject_fault.remote("kill_browser"))
+            t0 = time.perf_counter()
+            info = ray.get(handle.restart.remote())
+            restart_ms = _ms(t0)
+            loaded = model.load(handle)
+            load_ms = _ms(t0) - restart_ms
+            correct = model.answer(handle)
+            rows.append({"total_ms": _ms(t0), "restart_ms": restart_ms, "load_ms": load_ms,
+                         "answer_ms": _ms(t0) - restart_ms - load_ms, "create_ms": loaded["createMs"],
+                         "from_spare": info["from_spare"], "runtime_warm_up_ms": info["runtime_warm_up_ms"],
+                         "correct": correct})
+    finally:
+        ray.get(handle.close.remote())
+        ray.kill(handle)
+    return rows
+
+
+def pool_first_answer_trials(trials: int, temp: Path) -> list[dict[str, Any]]:
+    import ray
+
+    from webpool import ResourcePool
+
+    minilm = MiniLM()
+    rows = []
+    for i in range(trials):
+        t0 = time.perf_counter()
+        pool = ResourcePool.remote(max_connections=1, event_log=str(temp / f"first-{i}"))
+        try:
+            out = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))
+            ms = _ms(t0)
+            rows.append({"total_ms": ms,
+                         "correct": bool(np.abs(out["embedding"] - minilm.reference).max() <= TOLERANCE)})
+        finally:
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
+    return rows
+
+
+def after_sigkill_trials(spare: bool, trials: int, temp: Path) -> list[dict[str, Any]]:
+    """Level medium, strategy restart: a request sent right after the pool's browser was SIGKILLed."""
+    import ray
+
+    from webpool import ResourcePool
+
+    minilm = MiniLM()
+    pool = ResourcePool.remote(max_connections=1, event_log=str(temp / f"medium-{spare}"), spare_process=spare,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "restart"})
+    rows = []
+    try:
+        browser_id = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))["browser_id"]
+        for _ in range(trials):
+            handle = ray.get(pool.browser_handle.remote(browser_id))
+            if spare:
+                _wait_for_spare(handle)
+            ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+            t0 = time.perf_counter()
+            out = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))
+            rows.append({"total_ms": _ms(t0), "browser_id": out["browser_id"],
+                         "correct": bool(np.abs(out["embedding"] - minilm.reference).max() <= TOLERANCE)})
+            browser_id = out["browser_id"]
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+    return rows
+
+
+def _cell(name: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    cell = {"case": name, **extra, "summary": summary_ms([r["total_ms"] for r in rows]),
+            "correct": sum(r["correct"] for r in rows), "trials": rows}
+    for part in ("restart_ms", "load_ms", "answer_ms", "create_ms", "runtime_warm_up_ms"):
+        values = [r[part] for r in rows if r.get(part) is not None]
+        if values:
+            cell[f"median_{part}"] = float(np.median(values))
+    target = TARGETS_MS.get(name)
+    if target is not None and cell["summary"] is not None:
+        cell["target_ms"] = target
+        cell["target_met"] = cell["summary"]["median_ms"] <= target
+    print(_row(cell), flush=True)
+    return cell
+
+
+def _row(cell: dict[str, Any]) -> str:
+    s = cell["summary"]
+    label = cell["case"] + ("" if "spare" not in cell else f" (spare {'on' if cell['spare'] else 'off'})")
+    parts = [f"{label:<42} p50 {s['median_ms']:7.0f} ms  p95 {s['p95_ms']:7.0f} ms  "
+             f"correct {cell['correct']}/{s['n']}"]
+    for part in ("restart_ms", "load_ms", "create_ms", "answer_ms"):
+        if f"median_{part}" in cell:
+            parts.append(f"{part.removesuffix('_ms')} {cell[f'median_{part}']:.0f}")
+    if "target_ms" in cell:
+        parts.append(f"target {cell['target_ms']:.0f} {'met' if cell['target_met'] else 'MISSED'}")
+    return "  ".join(parts)
+
+
+def run(trials: int, quick: bool, smollm2: bool = True) -> dict[str, Any]:
+    import ray
+
+    load0 = os.getloadavg()[0]
+    result: dict[str, Any] = {
+        "benchmark": "startup", "quick": quick,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "trials_per_cell": trials, "tolerance": TOLERANCE, "cells": [],
+    }
+    cells = result["cells"]
+    launch = chromium_launch_floor(trials)
+    result["floors"] = {"chromium_launch": summary_ms(launch)}
+    print(f"floor: bare Chromium launch p50 {result['floors']['chromium_launch']['median_ms']:.0f} ms", flush=True)
+    temp = Path(tempfile.mkdtemp(prefix="wpstart-", dir="/tmp"))
+    started_ray = not ray.is_initialized()       # a test shares its session's Ray
+    if started_ray:
+        start_local_ray(temp / "ray")
+    try:
+        cells.append(_cell("pool_first_answer", pool_first_answer_trials(trials, temp)))
+        minilm = MiniLM()
+        for spare in (False, True):
+            cells.append(_cell("restart_minilm", restart_trials(minilm, spare, trials), spare=spare))
+        for spare in (False, True):
+            cells.append(_cell("after_sigkill_medium", after_sigkill_trials(spare, trials, temp), spare=spare))
+        if smollm2:
+            model = SmolLM2()
+            for spare in (False, True):
+                cells.append(_cell("restart_smollm2", restart_trials(model, spare, trials), spare=spare))
+    finally:
+        if started_ray:
+            ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    spared = [c for c in cells if c.get("spare") and "median_runtime_warm_up_ms" in c]
+    result["floors"]["runtime_warm_up"] = summary_ms(
+        [r["runtime_warm_up_ms"] for c in spared for r in c["trials"] if r["runtime_warm_up_ms"] is not None])
+    result["floors"]["minilm_session_create"] = summary_ms(
+        [r["create_ms"] for c in cells if c["case"] == "restart_minilm" and c["spare"] for r in c["trials"]])
+    result["machine"]["load_before"], result["machine"]["load_after"] = load0, os.getloadavg()[0]
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: no global backend to set, renders with Agg
+
+    cells = result["cells"]
+    fig = Figure(figsize=(9, 3.8))
+    ax = fig.add_subplot()
+    labels, p50, p95, colors = [], [], [], []
+    for c in cells:
+        spare = c.get("spare")
+        labels.append(c["case"].replace("_", " ") + ("" if spare is None else f"\nspare {'on' if spare else 'off'}"))
+        p50.append(c["summary"]["median_ms"] / 1000)
+        p95.append(c["summary"]["p95_ms"] / 1000)
+        colors.append("#2ca02c" if spare else "#7f7f7f" if spare is False else "#1f77b4")
+    x = np.arange(len(cells))
+    ax.bar(x, p50, color=colors, label="p50")
+    ax.errorbar(x, p50, yerr=[np.zeros(len(x)), np.subtract(p95, p50)], fmt="none", ecolor="black",
+                capsize=3, label="p95")
+    for i, c in enumerate(cells):
+        if "target_ms" in c:
+            ax.hlines(c["target_ms"] / 1000, i - 0.4, i + 0.4, colors="#d62728", linestyles="--",
+                      label="target" if i == 0 or "target" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("seconds")
+    floor = result["floors"]["chromium_launch"]["median_ms"]
+    ax.set_title(f"Start-up and restart, {result['trials_per_cell']} trials each "
+                 f"(bare Chromium launch: {floor:.0f} ms p50)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=plain(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=10, help="trials per case (default 10)")
+    parser.add_argument("--quick", action="store_true", help="2 trials per case, no SmolLM2 (CI size)")
+    args = parser.parse_args(argv)
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
+    configure_auth_env()
+    r = run(2 if args.quick else args.trials, args.quick, smollm2=not args.quick)
+    out = write_results("startup", args.quick, r)
+    png = plot(r, results_dir() / f"startup{'-quick' if args.quick else ''}.png")
+    print(f"wrote {out} and {png}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
