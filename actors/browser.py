@@ -55,7 +55,7 @@ from actors.constants import (
 )
 from actors.failure_signal import FailureSignal, devtools_answers, runtime_error, watch_exit
 from actors.page_server import PageServer
-from actors.spare import SpareProcess, discard, runtime_tab, start_spare
+from actors.spare import HeldModel, SpareKeeper, SpareProcess, discard, runtime_tab
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,8 @@ class BrowserCore:
         self.browser_id = browser_id
         self.requested_type = browser_type
         self.num_threads = num_threads
-        self.spare_process = spare_process
-        self.spare: SpareProcess | None = None
-        self._spare_task: asyncio.Future | None = None
-        self._spares_started = 0
+        self.spares = SpareKeeper(self) if spare_process else None
+        self.held_models: dict[str, HeldModel] = {}     # what this page holds, verified (a spare loads them too)
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
         self.temp_dir: Path | None = None
@@ -123,6 +121,7 @@ class BrowserCore:
         self.relay: CdpRelay | None = None           # Playwright <-> the browser's DevTools port
         self.ws_path = ""                            # the browser's CDP WebSocket path
         self.pw: Playwright | None = None
+        self._pw_starting: asyncio.Future | None = None
         self.browser: Browser | None = None
         self.page: Page | None = None
         self.page_cdp: CDPSession | None = None     # opened before any hang: terminateExecution works
@@ -149,7 +148,8 @@ class BrowserCore:
         t0 = time.perf_counter()
         self.server = PageServer()
         await self.server.start()
-        self.pw = await async_playwright().start()
+        # Playwright's driver (a Node.js process, ~0.25 s) starts while Chromium launches; _connect waits for it.
+        self._pw_starting = asyncio.ensure_future(async_playwright().start())
         await self._launch_browser()
         ms = (time.perf_counter() - t0) * 1000
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
@@ -165,10 +165,12 @@ class BrowserCore:
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
-        spare, self.spare = self.spare, None
+        held, self.held_models = self.held_models, {}
+        spare = self.spares.take() if self.spares is not None else None
         if spare is not None:
             if spare.usable():
                 await self._adopt(spare)
+                self.held_models = {k: m for k, m in held.items() if k in spare.models}
                 return
             await discard(spare)
         try:
@@ -202,6 +204,8 @@ class BrowserCore:
         return BrowserFailure(self.browser_id, FailureCategory.UNKNOWN, f"start-up failed ({what})")
 
     async def _connect(self) -> None:
+        if self.pw is None and self._pw_starting is not None:
+            self.pw = await self._pw_starting
         assert self.pw is not None and self.relay is not None
         self.browser = await self.pw.chromium.connect_over_cdp(f"ws://127.0.0.1:{self.relay.port}{self.ws_path}")
         self.browser.on("disconnected", self._on_disconnected)
@@ -234,31 +238,7 @@ class BrowserCore:
             page.context.new_cdp_session(page))
         return cdp
 
-    # ----- the spare process ------------------------------------------------------------------------
-    def _want_spare(self) -> None:
-        """Start preparing a spare process, unless one is there or on its way (called after a run, so the
-        preparation does not compete with a start-up or the first request after a restart)."""
-        if (self.spare_process and self.spare is None and not self._closing and self.proc is not None
-                and (self._spare_task is None or self._spare_task.done())):
-            self._spare_task = asyncio.ensure_future(self._prepare_spare())
-
-    async def _prepare_spare(self) -> None:
-        assert self.exe is not None and self.temp_dir is not None and self.pw is not None
-        self._spares_started += 1
-        try:
-            spare = await start_spare(self.exe, self.pw, self.temp_dir / f"spare-{self._spares_started}",
-                                      self.num_threads, self._isolate, self._load_runtime)
-        except Exception as exc:      # a spare that did not come up is no failure of this browser
-            log.warning("spare browser process did not start",
-                        extra={"browser_id": self.browser_id, "error": describe(exc, limit=300)})
-            return
-        if self._closing or self.spare is not None:
-            await discard(spare)
-            return
-        self.spare = spare
-        log.info("spare browser process ready", extra={"browser_id": self.browser_id, "pid": spare.proc.pid,
-                                                       "ms": round(spare.ready_ms)})
-
+    # ----- the spare process (actors/spare.py) ----------------------------------------------------
     async def _adopt(self, spare: SpareProcess) -> None:
         """Make ``spare`` this browser's process: its exit, crash and lost connection are the signals now."""
         old_relay = self.relay
@@ -354,7 +334,7 @@ class BrowserCore:
         self._closing = False
         self.signal.clear()
         self.corrupt_outputs = False
-        from_spare = self.spare is not None and self.spare.usable()
+        from_spare = self.spares is not None and self.spares.spare is not None and self.spares.spare.usable()
         await self._launch_browser()
         return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000, "from_spare": from_spare}
 
@@ -374,11 +354,13 @@ class BrowserCore:
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""
         self._closing = True
-        if self._spare_task is not None:
-            self._spare_task.cancel()
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            await discard(spare)
+        if self.spares is not None:
+            await self.spares.close()
+        if self.pw is None and self._pw_starting is not None:
+            try:
+                self.pw = await self._pw_starting       # a start-up that failed before it was needed
+            except Exception:
+                pass
         if self.pw is not None:
             try:
                 if self.browser is not None:
@@ -514,6 +496,9 @@ class BrowserCore:
             result = await self._call("load", [key, url, backend], LOAD_MODEL_TIMEOUT, work=True)
         finally:
             self.server.drop_blob(url)
+        if self.spares is not None:
+            self.held_models[key] = HeldModel(view, sha256, backend)
+            self.spares.tend(start=False)
         return result | {"backend": backend, "sha256": sha256}
 
     async def run(self, key: str, feeds: dict[str, np.ndarray], fetch: list[str] | None = None,
@@ -531,7 +516,8 @@ class BrowserCore:
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
-        self._want_spare()
+        if self.spares is not None:
+            self.spares.tend()
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 
     async def warm_up_round(self, key: str, feeds: list[dict[str, np.ndarray]]) -> float:
@@ -548,7 +534,11 @@ class BrowserCore:
         return await self._call("dropState", [state], HEALTH_TIMEOUT)
 
     async def unload_model(self, key: str) -> bool:
-        return await self._call("unload", [key], LOAD_MODEL_TIMEOUT)
+        dropped = await self._call("unload", [key], LOAD_MODEL_TIMEOUT)
+        self.held_models.pop(key, None)
+        if self.spares is not None:
+            self.spares.tend(start=False)
+        return dropped
 
     # ----- health -------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -568,7 +558,7 @@ class BrowserCore:
         # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
         # allocates a model, and this actor's loop must keep answering the pool's probes.
         memory = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) for pid in pids.values()))
-        spare = self.spare
+        spare = self.spares.spare if self.spares is not None else None
         spare_memory = 0 if spare is None else await asyncio.to_thread(
             lambda: sum(_pss_bytes(pid) for pid in [spare.proc.pid, *chromium.descendants(spare.proc.pid)]))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
@@ -591,6 +581,7 @@ class BrowserCore:
             "memory_limit_bytes": self.memory_limit_bytes,
             "busy": self.work_in_flight > 0,
             "spare_pid": None if spare is None else spare.proc.pid,
+            "spare_models": [] if spare is None else sorted(spare.models),
             "spare_memory_bytes": spare_memory,
             "blocked_requests": len(self.blocked_requests),
             "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],

@@ -68,6 +68,9 @@ DEFAULT_BATCH_WAIT_MS = 2.0
 # Batches of one model in flight per browser: the next batch travels to the page while one runs (with one,
 # the page idles between batches while results and inputs cross Ray and CDP).
 BATCHES_PER_BROWSER = 2
+# A spare process (actors/spare.py) also holds its browser's models if they take at most this many bytes in
+# all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second copy would cost ~1 GiB per browser).
+SPARE_MODEL_BYTES_MAX = 256 << 20
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
 

@@ -7,11 +7,18 @@ spare (a few ms) instead of launching. The spare has its own profile folder and 
 isolated like any other from the start, and no model has ever been in it: what an earlier page held
 cannot reach it. It costs one more Chromium per browser (~300-400 MiB PSS here), so it is a pool option
 (``spare_process``), on by default where a restart is the pool's recovery step.
+
+A spare also holds the browser's own models when they are small (``SPARE_MODEL_BYTES_MAX`` in all): the
+same content-addressed bytes, verified by the browser before its own page loaded them, loaded into the
+spare's page in the background. The pool's reloads after a restart then find them there (the page's
+``load`` answers at once for a key it holds) and the restart costs tens of milliseconds. Never anything
+else: no generation state (a session's shards rebuild theirs by replay), no model of another browser.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import time
@@ -25,7 +32,10 @@ from playwright.async_api import Error as PlaywrightError
 
 from actors import chromium
 from actors.cdp_relay import CdpRelay
-from actors.constants import PAGE_READY_WAIT
+from actors.constants import LOAD_MODEL_TIMEOUT, PAGE_READY_WAIT, SPARE_MODEL_BYTES_MAX
+from events.errors import describe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +53,7 @@ class SpareProcess:
     page_cdp: CDPSession | None = None
     capabilities: dict[str, Any] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)     # URLs its page was refused (isolation)
+    models: set[str] = field(default_factory=set)        # model keys loaded into its page
     ready_ms: float = 0.0
     crashed: bool = False
 
@@ -73,12 +84,8 @@ async def start_spare(exe: chromium.BrowserExecutable, pw: Playwright, profile: 
         spare.page.on("crash", lambda _page: setattr(spare, "crashed", True))
         spare.page_cdp = await isolate(spare.page, spare.blocked)
         await load_runtime(spare.page)
-        answer = await asyncio.wait_for(spare.page.evaluate(
-            "(o) => window.webpool.call('init', [o])", {"numThreads": num_threads, "warmRuntime": "wait"}),
-            PAGE_READY_WAIT)
-        if "error" in answer:
-            raise RuntimeError(f"the spare's runtime did not start: {answer['error']}")
-        spare.capabilities = answer["value"]
+        spare.capabilities = await _page_call(spare.page, "init", [{"numThreads": num_threads, "warmRuntime": "wait"}],
+                                              PAGE_READY_WAIT)
     except BaseException:
         await discard(spare)
         raise
@@ -96,3 +103,109 @@ async def discard(spare: SpareProcess) -> None:
     await asyncio.to_thread(chromium.terminate, spare.proc, 0.5)
     await spare.relay.close()
     await asyncio.to_thread(shutil.rmtree, spare.profile, True)
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A model the browser's page holds, as the spare needs it: its verified bytes and its backend."""
+
+    data: memoryview
+    sha256: str
+    backend: str
+
+
+class SpareKeeper:
+    """Keeps one spare process ready for a browser (``core``: its BrowserCore) and hands it over.
+
+    ``tend`` (after each run, load or unload of the browser) starts a background task that prepares a spare
+    if there is none (after a run only) and brings its models in line with the browser's small ones;
+    ``take`` hands the spare over (None if there is none). A spare that fails is dropped, never the browser.
+    """
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.spare: SpareProcess | None = None
+        self._task: asyncio.Future | None = None
+        self._started = 0
+
+    def tend(self, start: bool = True) -> None:
+        """Bring the spare in line in the background; ``start``: also start one if there is none (after a
+        run, not after a load: preparing one competes for the CPU with the run that follows a load)."""
+        if self.spare is None and not start:
+            return
+        if not self.core._closing and self.core.proc is not None and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._tend())
+
+    def take(self) -> SpareProcess | None:
+        spare, self.spare = self.spare, None
+        return spare
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            await discard(spare)
+
+    def wanted(self) -> dict[str, HeldModel]:
+        """The browser's models the spare should hold: all of them, if they fit in ``SPARE_MODEL_BYTES_MAX``."""
+        held: dict[str, HeldModel] = self.core.held_models
+        return held if sum(m.data.nbytes for m in held.values()) <= SPARE_MODEL_BYTES_MAX else {}
+
+    async def _tend(self) -> None:
+        core = self.core
+        if self.spare is None:
+            self._started += 1
+            try:
+                spare = await start_spare(core.exe, core.pw, core.temp_dir / f"spare-{self._started}",
+                                          core.num_threads, core._isolate, core._load_runtime)
+            except Exception as exc:      # a spare that did not come up is no failure of the browser
+                log.warning("spare browser process did not start",
+                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300)})
+                return
+            if core._closing or self.spare is not None:
+                await discard(spare)
+                return
+            self.spare = spare
+            log.info("spare browser process ready",
+                     extra={"browser_id": core.browser_id, "pid": spare.proc.pid, "ms": round(spare.ready_ms)})
+        spare = self.spare
+        # Re-read each time round: the browser may load or unload meanwhile; stop once the spare is taken.
+        while spare is self.spare and spare.usable():
+            wanted = self.wanted()
+            missing = [k for k in wanted if k not in spare.models and wanted[k].backend in
+                       spare.capabilities.get("backends", [])]
+            extra = [k for k in spare.models if k not in wanted]
+            if not missing and not extra:
+                return
+            try:
+                if missing:
+                    await self._load(spare, missing[0], wanted[missing[0]])
+                else:
+                    await _page_call(spare.page, "unload", [extra[0]], LOAD_MODEL_TIMEOUT)
+                    spare.models.discard(extra[0])
+            except Exception as exc:
+                log.warning("spare browser process dropped",
+                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300)})
+                if spare is self.spare:
+                    self.spare = None
+                    await discard(spare)
+                return
+
+    async def _load(self, spare: SpareProcess, key: str, model: HeldModel) -> None:
+        url = self.core.server.put_blob(key, model.data)
+        try:
+            await _page_call(spare.page, "load", [key, url, model.backend], LOAD_MODEL_TIMEOUT)
+        finally:
+            self.core.server.drop_blob(url)
+        spare.models.add(key)
+
+
+async def _page_call(page: Page | None, name: str, args: list[Any], timeout: float) -> Any:
+    """Call the runtime's ``name`` in a spare's page; an error answer raises RuntimeError."""
+    assert page is not None
+    answer = await asyncio.wait_for(
+        page.evaluate("([n, a]) => window.webpool.call(n, a)", [name, args]), timeout)
+    if "error" in answer:
+        raise RuntimeError(f"{name}: {answer['error'].get('message', answer['error'])}")
+    return answer["value"]

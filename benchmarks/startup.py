@@ -50,13 +50,18 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _wait_for_spare(handle: Any) -> None:
+def _wait_for_spare(handle: Any, models: list[str]) -> None:
+    """Until the browser's spare process is ready and holds ``models`` (the state a restart meets when the
+    browser failed a while after it last loaded a model)."""
     import ray
 
     deadline = time.monotonic() + SPARE_WAIT_S
-    while ray.get(handle.health.remote())["spare_pid"] is None:
+    while True:
+        health = ray.get(handle.health.remote())
+        if health["spare_pid"] is not None and health["spare_models"] == models:
+            return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no spare process within {SPARE_WAIT_S} s")
+            raise RuntimeError(f"no spare process holding {models} within {SPARE_WAIT_S} s")
         time.sleep(0.02)
 
 
@@ -90,11 +95,15 @@ class MiniLM:
         self.data = np.fromfile(self.art.path, np.uint8)
         self.feeds = minilm.tokenize([SENTENCE])
         self.reference = minilm.reference_embed([SENTENCE])[0]
+        self.ref: Any = None
+        self.spare_models = [self.art.key]      # small enough to be held by a spare too
 
     def load(self, handle: Any) -> dict[str, Any]:
         import ray
 
-        return ray.get(handle.load_model.remote(self.art.key, ray.put(self.data), self.art.sha256, "wasm"))
+        if self.ref is None:        # put once, as the pool's fleet does
+            self.ref = ray.put(self.data)
+        return ray.get(handle.load_model.remote(self.art.key, self.ref, self.art.sha256, "wasm"))
 
     def answer(self, handle: Any) -> bool:
         import ray
@@ -116,11 +125,15 @@ class SmolLM2:
         self.data = np.fromfile(self.art.path, np.uint8)
         self.expected = llama_onnx.OrtShardChain([self.art]).greedy(self.prompt, 1)[:1]
         self.sessions = 0
+        self.ref: Any = None
+        self.spare_models: list[str] = []       # too big to be held twice: the spare stays blank
 
     def load(self, handle: Any) -> dict[str, Any]:
         import ray
 
-        return ray.get(handle.load_model.remote(self.art.key, ray.put(self.data), self.art.sha256, "wasm"))
+        if self.ref is None:        # put once, as the pool's fleet does
+            self.ref = ray.put(self.data)
+        return ray.get(handle.load_model.remote(self.art.key, self.ref, self.art.sha256, "wasm"))
 
     def answer(self, handle: Any) -> bool:
         import ray
@@ -151,7 +164,7 @@ def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]
             raise RuntimeError("the first answer before any restart is wrong")
         for _ in range(trials):
             if spare:
-                _wait_for_spare(handle)
+                _wait_for_spare(handle, model.spare_models)
             ray.get(handle.inject_fault.remote("kill_browser"))
             t0 = time.perf_counter()
             info = ray.get(handle.restart.remote())
@@ -205,7 +218,7 @@ def after_sigkill_trials(spare: bool, trials: int, temp: Path) -> list[dict[str,
         for _ in range(trials):
             handle = ray.get(pool.browser_handle.remote(browser_id))
             if spare:
-                _wait_for_spare(handle)
+                _wait_for_spare(handle, [minilm.art.key])
             ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
             t0 = time.perf_counter()
             out = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))

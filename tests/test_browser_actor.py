@@ -145,16 +145,18 @@ def test_crashed_page_is_detected_not_a_zombie(ray_local):
     ray.kill(handle)
 
 
-def _spare_pid(handle, timeout: float = 60.0) -> int:
-    """The spare process's PID once it is ready (it is prepared in the background after a run)."""
+def _spare_pid(handle, models: list[str], timeout: float = 60.0) -> int:
+    """The spare process's PID once it is ready and holds ``models`` (it is prepared in the background)."""
     deadline = time.monotonic() + timeout
-    while (pid := ray.get(handle.health.remote())["spare_pid"]) is None:
-        assert time.monotonic() < deadline, "no spare process came up"
+    while True:
+        health = ray.get(handle.health.remote())
+        if health["spare_pid"] is not None and health["spare_models"] == models:
+            return health["spare_pid"]
+        assert time.monotonic() < deadline, f"no spare process holding {models} came up: {health['spare_pid']}"
         time.sleep(0.05)
-    return pid
 
 
-def test_a_restart_takes_the_spare_process_which_never_held_a_model(ray_local):
+def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_models(ray_local):
     handle = BrowserActor.remote("spare-browser", "chromium", 1, spare_process=True)
     ray.get(handle.start.remote())
     [art] = artifacts("all-minilm-l6-v2")
@@ -163,19 +165,24 @@ def test_a_restart_takes_the_spare_process_which_never_held_a_model(ray_local):
     try:
         _load(handle, art)
         ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))
-        spare = _spare_pid(handle)
+        spare = _spare_pid(handle, [art.key])
         old = ray.get(handle.health.remote())["pid"]
         assert spare != old
         ray.get(handle.inject_fault.remote("kill_browser"))
         info = ray.get(handle.restart.remote())
         assert info["from_spare"] is True and info["pid"] == spare
-        # The process taken over is clean: no model, no run, nothing stored by the old page's sessions.
+        # The process taken over holds the browser's model (same verified bytes) and nothing else: no
+        # generation state, no run has been made in it.
         health = ray.get(handle.health.remote())
-        assert health["models"] == [] and health["runs_started"] == 0 and health["spare_pid"] is None
-        _load(handle, art)
+        assert health["models"] == [art.key] and health["states"] == [] and health["runs_started"] == 0
+        assert health["spare_pid"] is None
+        assert _load(handle, art)["alreadyLoaded"] is True
         out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
         assert np.abs(out - ref).max() <= 1e-4
-        spare = _spare_pid(handle)      # the next spare, for the next restart
+        spare = _spare_pid(handle, [art.key])      # the next spare, for the next restart
+        # A model the browser drops leaves its spare too.
+        assert ray.get(handle.unload_model.remote(art.key))
+        spare = _spare_pid(handle, [])
     finally:
         health = ray.get(handle.health.remote())
         ray.get(handle.close.remote())
