@@ -582,6 +582,8 @@ class BrowserCore:
             "busy": self.work_in_flight > 0,
             "spare_pid": None if spare is None else spare.proc.pid,
             "spare_models": [] if spare is None else sorted(spare.models),
+            # A restart now would take a spare that holds what it should (actors/spare.py).
+            "spare_ready": self.spares is not None and self.spares.ready(),
             "spare_memory_bytes": spare_memory,
             "blocked_requests": len(self.blocked_requests),
             "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],

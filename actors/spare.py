@@ -32,7 +32,7 @@ from playwright.async_api import Error as PlaywrightError
 
 from actors import chromium
 from actors.cdp_relay import CdpRelay
-from actors.constants import LOAD_MODEL_TIMEOUT, PAGE_READY_WAIT, SPARE_MODEL_BYTES_MAX
+from actors.constants import LOAD_MODEL_TIMEOUT, PAGE_READY_WAIT, SPARE_FAILURES_MAX, SPARE_MODEL_BYTES_MAX
 from events.errors import describe
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,19 @@ class SpareKeeper:
         self.spare: SpareProcess | None = None
         self._task: asyncio.Future | None = None
         self._started = 0
+        self.failures = 0                 # spares that failed; after SPARE_FAILURES_MAX the keeper gives up
 
     def tend(self, start: bool = True) -> None:
         """Bring the spare in line in the background; ``start``: also start one if there is none (after a
         run, not after a load: preparing one competes for the CPU with the run that follows a load)."""
-        if self.spare is None and not start:
+        if (self.spare is None and not start) or self.failures >= SPARE_FAILURES_MAX:
             return
         if not self.core._closing and self.core.proc is not None and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._tend())
+
+    def ready(self) -> bool:
+        """A spare is there, alive, and holds every model it should."""
+        return self.spare is not None and self.spare.usable() and self.spare.models >= set(self.wanted())
 
     def take(self) -> SpareProcess | None:
         spare, self.spare = self.spare, None
@@ -154,14 +159,19 @@ class SpareKeeper:
 
     async def _tend(self) -> None:
         core = self.core
+        if self.spare is not None and not self.spare.usable():     # died while waiting: replace it
+            dead, self.spare = self.spare, None
+            await discard(dead)
         if self.spare is None:
             self._started += 1
             try:
                 spare = await start_spare(core.exe, core.pw, core.temp_dir / f"spare-{self._started}",
                                           core.num_threads, core._isolate, core._load_runtime)
             except Exception as exc:      # a spare that did not come up is no failure of the browser
+                self.failures += 1
                 log.warning("spare browser process did not start",
-                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300)})
+                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300),
+                                   "failures": self.failures})
                 return
             if core._closing or self.spare is not None:
                 await discard(spare)
@@ -185,8 +195,10 @@ class SpareKeeper:
                     await _page_call(spare.page, "unload", [extra[0]], LOAD_MODEL_TIMEOUT)
                     spare.models.discard(extra[0])
             except Exception as exc:
+                self.failures += 1
                 log.warning("spare browser process dropped",
-                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300)})
+                            extra={"browser_id": core.browser_id, "error": describe(exc, limit=300),
+                                   "failures": self.failures})
                 if spare is self.spare:
                     self.spare = None
                     await discard(spare)

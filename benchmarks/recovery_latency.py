@@ -499,7 +499,14 @@ def settle(pool: Any, standby_wanted: int, quiet_s: float) -> PoolState:
             last_seq, changed = state.last_seq, now
         why = pool_not_ready(state, MODEL, standby_wanted)
         if why is None and now - changed >= quiet_s:
-            return state
+            # A pool whose browsers keep a spare process (actors/spare.py) is steady once every spare is ready
+            # (each is prepared after its browser's first run, and the pool has served one by now).
+            keeps_spares = dict(state.config).get("options", {}).get("spare_process", False)
+            waiting = [] if not keeps_spares else [
+                b for b, rep in ray.get(pool.health.remote()).items() if "error" not in rep and not rep["spare_ready"]]
+            if not waiting:
+                return state
+            why = f"spare process of {waiting} not ready"
         if now > deadline:
             raise TimeoutError(f"pool did not settle within {SETTLE_TIMEOUT:.0f} s: {why or 'events still coming'}")
         time.sleep(0.05)

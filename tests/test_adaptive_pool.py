@@ -124,8 +124,12 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
             if slowed not in state.browsers or state.browsers[slowed].status == "retired":
                 break
         # Replaced: a new browser holds the model, and serves.
-        _wait(lambda: any(e["action"] == "ModelLoaded" and e["subject"] not in browsers for e in _events(pool)),
-              120, "a replacement browser with the model")
+        try:
+            _wait(lambda: any(e["action"] == "ModelLoaded" and e["subject"] not in browsers for e in _events(pool)),
+                  120, "a replacement browser with the model")
+        except AssertionError as exc:      # say what the pool did instead
+            trail = [(e["action"], e["subject"], str(e["data"])[:80]) for e in _events(pool)[-30:]]
+            raise AssertionError(f"{exc}; slowed {slowed}; last events: {trail}") from None
         for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(4)]):
             _check(out["embedding"], reference)
         events = _events(pool)

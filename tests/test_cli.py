@@ -224,6 +224,7 @@ def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     assert "1. all-MiniLM-L6-v2 in browser-" in out and "(tolerance 1e-4)" in out
+    assert "spare process (runtime set up, MiniLM loaded) was ready" in out
     assert "2. browser process killed mid-request" in out and "BrowserFailed" in out and "RecoveryCompleted" in out
     assert "recovered: True" in out
     assert "identical to CPU onnxruntime: True" in out

@@ -95,7 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 BENCHMARKS = {"inference": "benchmarks.inference", "event-log": "benchmarks.event_log",
               "failure-signals": "benchmarks.failure_signals",
               "history": "benchmarks.history", "recovery": "benchmarks.recovery_latency",
-              "sharded-generation": "benchmarks.sharded_generation", "throughput": "benchmarks.throughput"}
+              "sharded-generation": "benchmarks.sharded_generation", "startup": "benchmarks.startup",
+              "throughput": "benchmarks.throughput"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,32 @@
+"""The spare keeper's pure rules (actors/spare.py); a real restart taking a real spare is in
+tests/test_browser_actor.py, and the time it saves in benchmarks/startup.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from actors.constants import SPARE_FAILURES_MAX, SPARE_MODEL_BYTES_MAX
+from actors.spare import HeldModel, SpareKeeper
+
+
+def _held(**sizes: int) -> dict[str, HeldModel]:
+    return {key: HeldModel(memoryview(bytearray(n)), f"sha-{key}", "wasm") for key, n in sizes.items()}
+
+
+def test_a_spare_holds_the_browsers_models_only_while_they_fit():
+    small = _held(a=1000, b=2000)
+    keeper = SpareKeeper(SimpleNamespace(held_models=small))
+    assert keeper.wanted() == small
+    # One model too many for a second copy: the spare stays blank rather than hold a part.
+    keeper.core.held_models = small | _held(big=SPARE_MODEL_BYTES_MAX)
+    assert keeper.wanted() == {}
+
+
+def test_a_keeper_whose_spares_keep_failing_stops_starting_them():
+    keeper = SpareKeeper(SimpleNamespace(held_models={}, _closing=False, proc=object()))
+    keeper.failures = SPARE_FAILURES_MAX
+    keeper.tend()              # would need a running event loop if it started anything
+    assert keeper._task is None
+    keeper.failures = 0
+    keeper.tend(start=False)   # after a load, with no spare there: nothing to bring in line
+    assert keeper._task is None
