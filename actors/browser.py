@@ -134,6 +134,8 @@ class BrowserCore:
         self.port = 0
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
         self.work_in_flight = 0                       # model loads and runs under way in the page
+        self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
+        self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
         self._last_page_health: dict[str, Any] | None = None
 
     # ----- life cycle -------------------------------------------------------------------------
@@ -317,18 +319,20 @@ class BrowserCore:
         return page
 
     async def restart(self) -> dict[str, Any]:
-        """Replace the browser process (the old one is killed); its models must be loaded again."""
+        """Replace the browser process (the old one is killed); its models must be loaded again (a spare
+        process taken over may hold them already: the page's ``load`` then answers at once)."""
         t0 = time.perf_counter()
-        self._closing = True
         if self.browser is not None:
-            try:
-                await asyncio.wait_for(self.browser.close(), 2.0)
-            except (PlaywrightError, asyncio.TimeoutError):
-                pass
+            # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s): the
+            # old connection's and page's late events are told apart from the new ones' (_on_disconnected).
+            self._spawn_cleanup(_close_quietly(self.browser))
+        phases = {"close": time.perf_counter()}
+        self._closing = True
         if self.proc is not None:
-            chromium.terminate(self.proc, grace=0.5)
-        if self.profile is not None:
-            await asyncio.to_thread(shutil.rmtree, self.profile, True)
+            await asyncio.to_thread(chromium.terminate, self.proc, 0.5)
+        if self.profile is not None:     # removed in the background: nothing waits for it
+            self._spawn_cleanup(asyncio.to_thread(shutil.rmtree, self.profile, True))
+        phases["terminate"] = time.perf_counter()
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
         self._closing = False
@@ -336,7 +340,16 @@ class BrowserCore:
         self.corrupt_outputs = False
         from_spare = self.spares is not None and self.spares.spare is not None and self.spares.spare.usable()
         await self._launch_browser()
-        return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000, "from_spare": from_spare}
+        phases["launch"] = time.perf_counter()
+        marks = [t0, *phases.values()]
+        return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000, "from_spare": from_spare,
+                              "phases_ms": {name: (b - a) * 1000
+                                            for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
+
+    def _spawn_cleanup(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -356,6 +369,8 @@ class BrowserCore:
         self._closing = True
         if self.spares is not None:
             await self.spares.close()
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         if self.pw is None and self._pw_starting is not None:
             try:
                 self.pw = await self._pw_starting       # a start-up that failed before it was needed
@@ -387,11 +402,13 @@ class BrowserCore:
 
         watch_exit(proc, exited)
 
-    def _on_crash(self, _page: Page) -> None:
-        self.signal.fail(FailureCategory.CRASH, "page crashed")
+    def _on_crash(self, page: Page) -> None:
+        if page is self.page:      # a page replaced by a restart may report its end late
+            self.signal.fail(FailureCategory.CRASH, "page crashed")
 
-    def _on_disconnected(self, _browser: Browser) -> None:
-        if self._closing or self.signal.failure is not None:
+    def _on_disconnected(self, browser: Browser) -> None:
+        # A connection replaced by a restart or reconnect may report its end late: it says nothing of this one.
+        if self._closing or self.signal.failure is not None or browser is not self.browser:
             return
         self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc))
 
@@ -465,6 +482,8 @@ class BrowserCore:
             raise await self.signal.after_call_failed(exc) from None
         finally:
             self.work_in_flight -= work
+            if work:
+                self.work_ended_at = time.monotonic()
         if "error" in answer:
             raise runtime_error(self.browser_id, answer["error"])
         return answer["value"]
@@ -619,3 +638,10 @@ def _pss_bytes(pid: int) -> int:
         pass
     return 0
 
+
+async def _close_quietly(browser: Browser) -> None:
+    """Disconnect from a browser being replaced (CDP-connected: the process is not touched)."""
+    try:
+        await asyncio.wait_for(browser.close(), 2.0)
+    except (PlaywrightError, asyncio.TimeoutError):
+        pass

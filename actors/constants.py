@@ -71,6 +71,8 @@ BATCHES_PER_BROWSER = 2
 # A spare process (actors/spare.py) also holds its browser's models if they take at most this many bytes in
 # all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second copy would cost ~1 GiB per browser).
 SPARE_MODEL_BYTES_MAX = 256 << 20
+SPARE_IDLE_S = 0.5                 # a spare is started once its browser's page has had no work this long...
+SPARE_START_WITHIN_S = 10.0        # ...or this long after it was wanted, whichever comes first
 SPARE_FAILURES_MAX = 3             # spares that failed to start or load before a browser stops keeping one
 DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed

@@ -32,7 +32,14 @@ from playwright.async_api import Error as PlaywrightError
 
 from actors import chromium
 from actors.cdp_relay import CdpRelay
-from actors.constants import LOAD_MODEL_TIMEOUT, PAGE_READY_WAIT, SPARE_FAILURES_MAX, SPARE_MODEL_BYTES_MAX
+from actors.constants import (
+    LOAD_MODEL_TIMEOUT,
+    PAGE_READY_WAIT,
+    SPARE_FAILURES_MAX,
+    SPARE_IDLE_S,
+    SPARE_MODEL_BYTES_MAX,
+    SPARE_START_WITHIN_S,
+)
 from events.errors import describe
 
 log = logging.getLogger(__name__)
@@ -131,7 +138,9 @@ class SpareKeeper:
 
     def tend(self, start: bool = True) -> None:
         """Bring the spare in line in the background; ``start``: also start one if there is none (after a
-        run, not after a load: preparing one competes for the CPU with the run that follows a load)."""
+        run, not after a load). A new spare waits until the browser's page has had no work for
+        ``SPARE_IDLE_S`` (at most ``SPARE_START_WITHIN_S``): on a few cores, preparing one (~2-3 s of CPU)
+        slows the requests it would run beside, and a pool that only ever serves a few requests needs none."""
         if (self.spare is None and not start) or self.failures >= SPARE_FAILURES_MAX:
             return
         if not self.core._closing and self.core.proc is not None and (self._task is None or self._task.done()):
@@ -163,6 +172,9 @@ class SpareKeeper:
             dead, self.spare = self.spare, None
             await discard(dead)
         if self.spare is None:
+            await self._until_idle()
+            if core._closing or core.proc is None:
+                return
             self._started += 1
             try:
                 spare = await start_spare(core.exe, core.pw, core.temp_dir / f"spare-{self._started}",
@@ -203,6 +215,17 @@ class SpareKeeper:
                     self.spare = None
                     await discard(spare)
                 return
+
+    async def _until_idle(self) -> None:
+        """Until the browser's page has done no work (loads, runs) for ``SPARE_IDLE_S``, or at most
+        ``SPARE_START_WITHIN_S``."""
+        core = self.core
+        give_up = time.monotonic() + SPARE_START_WITHIN_S
+        while (now := time.monotonic()) < give_up:
+            quiet = now - core.work_ended_at
+            if not core.work_in_flight and quiet >= SPARE_IDLE_S:
+                return
+            await asyncio.sleep(SPARE_IDLE_S - quiet if not core.work_in_flight else SPARE_IDLE_S)
 
     async def _load(self, spare: SpareProcess, key: str, model: HeldModel) -> None:
         url = self.core.server.put_blob(key, model.data)

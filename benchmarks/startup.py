@@ -167,15 +167,20 @@ def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]
                 _wait_for_spare(handle, model.spare_models)
             ray.get(handle.inject_fault.remote("kill_browser"))
             t0 = time.perf_counter()
-            info = ray.get(handle.restart.remote())
-            restart_ms = _ms(t0)
-            loaded = model.load(handle)
-            load_ms = _ms(t0) - restart_ms
-            correct = model.answer(handle)
+            try:
+                info = ray.get(handle.restart.remote())
+                restart_ms = _ms(t0)
+                loaded = model.load(handle)
+                load_ms = _ms(t0) - restart_ms
+                correct = model.answer(handle)
+            except Exception as exc:      # counted, not dropped: the trial failed, and why
+                rows.append({"total_ms": _ms(t0), "correct": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
+                print(f"  trial failed: {rows[-1]['error']}", flush=True)
+                continue
             rows.append({"total_ms": _ms(t0), "restart_ms": restart_ms, "load_ms": load_ms,
                          "answer_ms": _ms(t0) - restart_ms - load_ms, "create_ms": loaded["createMs"],
                          "from_spare": info["from_spare"], "runtime_warm_up_ms": info["runtime_warm_up_ms"],
-                         "correct": correct})
+                         "restart_phases_ms": info["phases_ms"], "correct": correct})
     finally:
         ray.get(handle.close.remote())
         ray.kill(handle)
