@@ -323,9 +323,10 @@ class BrowserCore:
         process taken over may hold them already: the page's ``load`` then answers at once)."""
         t0 = time.perf_counter()
         if self.browser is not None:
-            # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s): the
-            # old connection's and page's late events are told apart from the new ones' (_on_disconnected).
+            # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s). From
+            # here it is not this browser's connection: its late events are ignored (_on_disconnected, _on_crash).
             self._spawn_cleanup(_close_quietly(self.browser))
+            self.browser = self.page = self.page_cdp = None
         phases = {"close": time.perf_counter()}
         self._closing = True
         if self.proc is not None:
@@ -410,11 +411,14 @@ class BrowserCore:
         # A connection replaced by a restart or reconnect may report its end late: it says nothing of this one.
         if self._closing or self.signal.failure is not None or browser is not self.browser:
             return
-        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc))
+        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc, browser))
 
-    async def _classify_disconnect(self, proc: subprocess.Popen | None) -> None:
+    async def _classify_disconnect(self, proc: subprocess.Popen | None, browser: Browser) -> None:
         """A lost CDP connection: CONNECTION if the browser still answers on its own DevTools port, else
-        the browser is going down and its exit (CRASH) is the signal to wait for."""
+        the browser is going down and its exit (CRASH) is the signal to wait for. Nothing, if a restart or
+        reconnect replaced the connection meanwhile."""
+        if browser is not self.browser:
+            return
         if proc is None or proc.poll() is not None:
             code = None if proc is None else proc.returncode
             self.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})")
@@ -424,7 +428,7 @@ class BrowserCore:
                 self.signal.fail(FailureCategory.CONNECTION,
                                  "CDP connection to the browser was lost (the browser lives)")
             return
-        if not await self.signal.wait(FAILURE_SIGNAL_WAIT):
+        if not await self.signal.wait(FAILURE_SIGNAL_WAIT) and browser is self.browser:
             self.signal.fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
 
     async def current_failure(self) -> tuple[str, str] | None:
@@ -450,6 +454,13 @@ class BrowserCore:
         blocked.append(ws.url[:200])
         await ws.close(code=1008, reason="blocked by webpool")
 
+    def _current_page(self) -> Page:
+        """The page now; while a restart is between processes there is none (a call then is a connection
+        failure, as one to the page being replaced would be)."""
+        if self.page is None or self.browser is None or self.proc is None:
+            raise BrowserFailure(self.browser_id, FailureCategory.CONNECTION, "the browser is being replaced")
+        return self.page
+
     def _check(self) -> None:
         if self.signal.failure is None and self.proc is not None and self.proc.poll() is not None:
             self.signal.fail(FailureCategory.CRASH, f"browser process exited ({self.proc.returncode})")
@@ -461,8 +472,7 @@ class BrowserCore:
         the signal's category. ``work``: a model load or run (health reports do not probe the page while
         one is under way)."""
         self._check()
-        assert self.page is not None
-        page = self.page
+        page = self._current_page()
         self.work_in_flight += work
         try:
             # The page does not start a call whose deadline has passed (same host, same clock).
@@ -611,6 +621,7 @@ class BrowserCore:
 
     async def process_ids(self) -> dict[str, int]:
         """PIDs of the browser, renderer(s) and GPU process, from CDP SystemInfo.getProcessInfo."""
+        self._current_page()
         assert self.browser is not None and self.proc is not None
         try:
             session = await self.browser.new_browser_cdp_session()
