@@ -101,8 +101,8 @@ def sweep_stale_temp_dirs(root: Path | None = None) -> list[Path]:
 class BrowserCore:
     """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor.
 
-    With ``spare_process``, once the browser has served a run the core starts a spare Chromium in the
-    background (actors/spare.py), and ``restart`` takes it instead of launching one.
+    With ``spare_process``, once the browser has served and gone quiet the core starts a spare Chromium in
+    the background (actors/spare.py), and ``restart`` takes it instead of launching one.
     """
 
     def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import numpy as np
@@ -180,6 +181,15 @@ def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_mod
         out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
         assert np.abs(out - ref).max() <= 1e-4
         spare = _spare_pid(handle, [art.key])      # the next spare, for the next restart
+        # A spare that died meanwhile is not taken: the restart launches, serves, and a new spare follows.
+        os.kill(spare, signal.SIGKILL)
+        ray.get(handle.inject_fault.remote("kill_browser"))
+        info = ray.get(handle.restart.remote())
+        assert info["from_spare"] is False and info["pid"] != spare
+        assert not _load(handle, art).get("alreadyLoaded")
+        out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
+        assert np.abs(out - ref).max() <= 1e-4
+        assert _spare_pid(handle, [art.key]) != spare
         # A model the browser drops leaves its spare too.
         assert ray.get(handle.unload_model.remote(art.key))
         spare = _spare_pid(handle, [])
