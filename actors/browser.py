@@ -54,6 +54,7 @@ from actors.constants import (
     RUN_TIMEOUT,
 )
 from actors.failure_signal import FailureSignal, devtools_answers, runtime_error, watch_exit
+from actors.isolation import isolate
 from actors.page_server import PageServer
 from actors.spare import HeldModel, SpareKeeper, SpareProcess, discard, runtime_tab
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
@@ -232,13 +233,8 @@ class BrowserCore:
         self.page_cdp = await self._isolate(self.page, self.blocked_requests)
 
     async def _isolate(self, page: Page, blocked: list[str]) -> CDPSession:
-        """Route every request of ``page`` (outside its origin: refused, and listed in ``blocked``); returns
-        the page's CDP session. Three independent round trips to the page, at once (a reconnect waits)."""
-        _, _, cdp = await asyncio.gather(
-            page.route("**/*", lambda route: self._route(route, page, blocked)),
-            page.route_web_socket(lambda _url: True, lambda ws: self._route_web_socket(ws, blocked)),
-            page.context.new_cdp_session(page))
-        return cdp
+        assert self.server is not None
+        return await isolate(page, self.server.base_url, blocked)
 
     # ----- the spare process (actors/spare.py) ----------------------------------------------------
     async def _adopt(self, spare: SpareProcess) -> None:
@@ -434,25 +430,6 @@ class BrowserCore:
     async def current_failure(self) -> tuple[str, str] | None:
         """The failure this browser is in now (category, detail); None once a recovery step revived it."""
         return None if self.signal.failure is None else (self.signal.failure[0].value, self.signal.failure[1])
-
-    async def _route(self, route, page: Page, blocked: list[str]) -> None:
-        url = route.request.url
-        if self.server is not None and url.startswith(self.server.base_url):
-            await route.continue_()
-        else:
-            # Isolation: the page may reach only its own served origin.
-            blocked.append(url[:200])
-            if route.request.is_navigation_request() and route.request.frame == page.main_frame:
-                # An aborted navigation would replace the runtime with an error page; a 204 answer
-                # makes the browser stay where it is.
-                await route.fulfill(status=204)
-            else:
-                await route.abort("blockedbyclient")
-
-    async def _route_web_socket(self, ws, blocked: list[str]) -> None:
-        # The page has no reason to open a WebSocket: none is connected to any server.
-        blocked.append(ws.url[:200])
-        await ws.close(code=1008, reason="blocked by webpool")
 
     def _current_page(self) -> Page:
         """The page now; while a restart is between processes there is none (a call then is a connection
