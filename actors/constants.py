@@ -71,6 +71,8 @@ BATCHES_PER_BROWSER = 2
 # A spare process (actors/spare.py) also holds its browser's models if they take at most this many bytes in
 # all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second copy would cost ~1 GiB per browser).
 SPARE_MODEL_BYTES_MAX = 256 << 20
+SPARE_BLANK_BYTES = 400 << 20      # a spare's Chromium with the runtime set up, no model (PSS, docs/facts.md)
+SPARE_MEMORY_RESERVE_BYTES = 2 << 30   # no spare is started if it would leave less memory free than this
 SPARE_IDLE_S = 0.5                 # a spare is started once its browser's page has had no work this long...
 SPARE_START_WITHIN_S = 10.0        # ...or this long after it was wanted, whichever comes first
 SPARE_FAILURES_MAX = 3             # spares that failed to start or load before a browser stops keeping one

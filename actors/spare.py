@@ -6,7 +6,8 @@ the background, after its browser has served: when the browser fails, ``BrowserC
 spare (a few ms) instead of launching. The spare has its own profile folder and CDP relay, its page is
 isolated like any other from the start, and no model has ever been in it: what an earlier page held
 cannot reach it. It costs one more Chromium per browser (~300-400 MiB PSS here), so it is a pool option
-(``spare_process``), on by default where a restart is the pool's recovery step.
+(``spare_process``), on by default where a restart is the pool's recovery step, and none is started when
+it would leave less than ``SPARE_MEMORY_RESERVE_BYTES`` of the machine's memory free.
 
 A spare also holds the browser's own models when they are small (``SPARE_MODEL_BYTES_MAX`` in all): the
 same content-addressed bytes, verified by the browser before its own page loaded them, loaded into the
@@ -35,8 +36,10 @@ from actors.cdp_relay import CdpRelay
 from actors.constants import (
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
+    SPARE_BLANK_BYTES,
     SPARE_FAILURES_MAX,
     SPARE_IDLE_S,
+    SPARE_MEMORY_RESERVE_BYTES,
     SPARE_MODEL_BYTES_MAX,
     SPARE_START_WITHIN_S,
 )
@@ -112,6 +115,24 @@ async def discard(spare: SpareProcess) -> None:
     await asyncio.to_thread(shutil.rmtree, spare.profile, True)
 
 
+def spare_fits(available_bytes: int, model_bytes: int) -> bool:
+    """Whether the machine has room for a spare holding ``model_bytes`` of models and still keeps
+    ``SPARE_MEMORY_RESERVE_BYTES`` free (a model takes about twice its bytes in a page)."""
+    return available_bytes - (SPARE_BLANK_BYTES + 2 * model_bytes) >= SPARE_MEMORY_RESERVE_BYTES
+
+
+def memory_available() -> int:
+    """The kernel's estimate of memory available for new work (``MemAvailable``); 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @dataclass(frozen=True)
 class HeldModel:
     """A model the browser's page holds, as the spare needs it: its verified bytes and its backend."""
@@ -175,6 +196,11 @@ class SpareKeeper:
             await self._until_idle()
             if core._closing or core.proc is None:
                 return
+            model_bytes = sum(m.data.nbytes for m in self.wanted().values())
+            if not spare_fits(memory_available(), model_bytes):
+                log.info("no spare browser process: too little memory free",
+                         extra={"browser_id": core.browser_id, "available_mib": memory_available() >> 20})
+                return          # asked again after the next run
             self._started += 1
             try:
                 spare = await start_spare(core.exe, core.pw, core.temp_dir / f"spare-{self._started}",

@@ -30,3 +30,15 @@ def test_a_keeper_whose_spares_keep_failing_stops_starting_them():
     keeper.failures = 0
     keeper.tend(start=False)   # after a load, with no spare there: nothing to bring in line
     assert keeper._task is None
+
+
+def test_a_spare_is_started_only_where_memory_allows():
+    from actors.constants import SPARE_BLANK_BYTES, SPARE_MEMORY_RESERVE_BYTES
+    from actors.spare import memory_available, spare_fits
+
+    room = SPARE_MEMORY_RESERVE_BYTES + SPARE_BLANK_BYTES
+    assert spare_fits(room, 0) and not spare_fits(room - 1, 0)
+    # Models cost about twice their bytes in a page.
+    assert spare_fits(room + 2 * 100, 100) and not spare_fits(room + 2 * 100 - 1, 100)
+    assert not spare_fits(0, 0)               # /proc/meminfo unreadable: no spare
+    assert memory_available() > 0             # Linux: the kernel's MemAvailable
