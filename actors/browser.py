@@ -158,8 +158,9 @@ class BrowserCore:
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
         return self.info() | {"start_ms": ms}
 
-    async def _launch_browser(self) -> None:
-        """A new Chromium process with a fresh profile, connected, with the runtime page open.
+    async def _launch_browser(self) -> bool:
+        """A new Chromium process with a fresh profile, connected, with the runtime page open; or the spare
+        process, when there is a usable one (returns whether it was taken).
 
         A browser that does not come up is a BrowserFailure whose category comes from the signal: the
         process exited or the page crashed (CRASH), a budget ran out (TIMEOUT), else UNKNOWN.
@@ -174,7 +175,7 @@ class BrowserCore:
             if spare.usable():
                 await self._adopt(spare)
                 self.held_models = {k: m for k, m in held.items() if k in spare.models}
-                return
+                return True
             await discard(spare)
         try:
             self.profile = self.temp_dir / f"profile-{self.generation}"
@@ -191,6 +192,7 @@ class BrowserCore:
             raise
         except Exception as exc:
             raise self._start_failure(exc) from None
+        return False
 
     def _start_failure(self, exc: Exception) -> BrowserFailure:
         what = describe(exc, limit=300)
@@ -335,8 +337,7 @@ class BrowserCore:
         self._closing = False
         self.signal.clear()
         self.corrupt_outputs = False
-        from_spare = self.spares is not None and self.spares.spare is not None and self.spares.spare.usable()
-        await self._launch_browser()
+        from_spare = await self._launch_browser()
         phases["launch"] = time.perf_counter()
         marks = [t0, *phases.values()]
         return self.info() | {"start_ms": (time.perf_counter() - t0) * 1000, "from_spare": from_spare,

@@ -197,9 +197,10 @@ class SpareKeeper:
             if core._closing or core.proc is None:
                 return
             model_bytes = sum(m.data.nbytes for m in self.wanted().values())
-            if not spare_fits(memory_available(), model_bytes):
+            available = memory_available()
+            if not spare_fits(available, model_bytes):
                 log.info("no spare browser process: too little memory free",
-                         extra={"browser_id": core.browser_id, "available_mib": memory_available() >> 20})
+                         extra={"browser_id": core.browser_id, "available_mib": available >> 20})
                 return          # asked again after the next run
             self._started += 1
             try:
