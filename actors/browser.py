@@ -23,14 +23,11 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import os
-import re
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,58 +43,20 @@ from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
     DEFAULT_NUM_THREADS,
-    FAILURE_SIGNAL_WAIT,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
     RESUME_SETTLE_WAIT,
     RUN_TIMEOUT,
 )
-from actors.failure_signal import FailureSignal, devtools_answers, runtime_error, watch_exit
+from actors.failure_signal import FailureSignal, runtime_error, watch_connection, watch_page, watch_process
 from actors.isolation import isolate
 from actors.page_server import PageServer
 from actors.spare import HeldModel, SpareKeeper, SpareProcess, discard, runtime_tab
+from actors.tensors import decode_tensor, encode_tensor
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 
 log = logging.getLogger(__name__)
-
-TEMP_PREFIX = "webpool-browser-"
-_TEMP_RE = re.compile(rf"^{TEMP_PREFIX}(\d+)-")
-
-
-def encode_tensor(array: np.ndarray) -> dict[str, Any]:
-    """A numpy array as the page's tensor spec: dtype, dims and base64 of the raw bytes."""
-    array = np.ascontiguousarray(array)
-    dtype = "bool" if array.dtype == np.bool_ else str(array.dtype)
-    return {"dtype": dtype, "dims": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
-
-
-def decode_tensor(spec: dict[str, Any]) -> np.ndarray:
-    dtype = np.bool_ if spec["dtype"] == "bool" else np.dtype(spec["dtype"])
-    return np.frombuffer(base64.b64decode(spec["b64"]), dtype=dtype).reshape(spec["dims"])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale_temp_dirs(root: Path | None = None) -> list[Path]:
-    """Remove temp folders of browser actors whose process is gone (e.g. after SIGKILL)."""
-    root = Path(root or tempfile.gettempdir())
-    removed = []
-    for path in root.glob(f"{TEMP_PREFIX}*"):
-        match = _TEMP_RE.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
 
 class BrowserCore:
     """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor.
@@ -129,7 +88,7 @@ class BrowserCore:
         self.capabilities: dict[str, Any] = {}
         self.signal = FailureSignal(browser_id, reporter)     # this browser's failure, from signals
         self.blocked_requests: list[str] = []
-        self._closing = False
+        self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.generation = 0                           # browser processes started by this actor
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
@@ -141,11 +100,9 @@ class BrowserCore:
 
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
-        sweep_stale_temp_dirs()
+        reaper.sweep_stale_folders()
         self.exe = chromium.resolve_browser(self.requested_type)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
-        os.chmod(self.temp_dir, 0o700)
-        reaper.start(os.getpid(), self.temp_dir)
+        self.temp_dir = reaper.make_folder()
         # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
         os.environ["TMPDIR"] = str(self.temp_dir)
         t0 = time.perf_counter()
@@ -180,7 +137,7 @@ class BrowserCore:
         try:
             self.profile = self.temp_dir / f"profile-{self.generation}"
             self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile)
-            self._watch_exit(self.proc)
+            watch_process(self, self.proc)
             if self.relay is None:
                 self.relay = CdpRelay()
                 await self.relay.start(self.port)
@@ -213,7 +170,7 @@ class BrowserCore:
             self.pw = await self._pw_starting
         assert self.pw is not None and self.relay is not None
         self.browser = await self.pw.chromium.connect_over_cdp(f"ws://127.0.0.1:{self.relay.port}{self.ws_path}")
-        self.browser.on("disconnected", self._on_disconnected)
+        watch_connection(self, self.browser)
 
     async def _open_page(self) -> None:
         assert self.browser is not None and self.server is not None
@@ -231,7 +188,7 @@ class BrowserCore:
 
     async def _attach_page(self) -> None:
         assert self.page is not None
-        self.page.on("crash", self._on_crash)
+        watch_page(self, self.page)
         self.page_cdp = await self._isolate(self.page, self.blocked_requests)
 
     async def _isolate(self, page: Page, blocked: list[str]) -> CDPSession:
@@ -248,9 +205,9 @@ class BrowserCore:
         self.blocked_requests = spare.blocked
         self.profile = spare.profile
         assert self.browser is not None and self.page is not None
-        self._watch_exit(self.proc)
-        self.browser.on("disconnected", self._on_disconnected)
-        self.page.on("crash", self._on_crash)
+        watch_process(self, self.proc)
+        watch_connection(self, self.browser)
+        watch_page(self, self.page)
         if old_relay is not None:
             await old_relay.close()
 
@@ -271,12 +228,12 @@ class BrowserCore:
             raise BrowserFailure(self.browser_id, FailureCategory.MEMORY,
                                  "over its memory ceiling; reconnecting frees nothing")
         if self.browser is not None and self.browser.is_connected():
-            self._closing = True
+            self.closing = True
             try:
                 await asyncio.wait_for(self.browser.close(), 2.0)     # CDP-connected: only disconnects
             except (PlaywrightError, asyncio.TimeoutError):
                 pass
-            self._closing = False
+            self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.signal.clear()
         phases = {"close": time.perf_counter()}
         await self._connect()
@@ -322,11 +279,11 @@ class BrowserCore:
         t0 = time.perf_counter()
         if self.browser is not None:
             # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s). From
-            # here it is not this browser's connection: its late events are ignored (_on_disconnected, _on_crash).
+            # here it is not this browser's connection: its late events are ignored (actors/failure_signal.py).
             self._spawn_cleanup(_close_quietly(self.browser))
             self.browser = self.page = self.page_cdp = None
         phases = {"close": time.perf_counter()}
-        self._closing = True
+        self.closing = True
         if self.proc is not None:
             await asyncio.to_thread(chromium.terminate, self.proc, 0.5)
         if self.profile is not None:     # removed in the background: nothing waits for it
@@ -334,7 +291,7 @@ class BrowserCore:
         phases["terminate"] = time.perf_counter()
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
-        self._closing = False
+        self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.signal.clear()
         self.corrupt_outputs = False
         from_spare = await self._launch_browser()
@@ -364,7 +321,7 @@ class BrowserCore:
 
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""
-        self._closing = True
+        self.closing = True
         if self.spares is not None:
             await self.spares.close()
         if self._cleanups:
@@ -391,42 +348,6 @@ class BrowserCore:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
-
-    # ----- failure signals (actors/failure_signal.py) ------------------------------------------------
-    def _watch_exit(self, proc: subprocess.Popen) -> None:
-        def exited() -> None:
-            if proc is self.proc and not self._closing:
-                self.signal.fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
-
-        watch_exit(proc, exited)
-
-    def _on_crash(self, page: Page) -> None:
-        if page is self.page:      # a page replaced by a restart may report its end late
-            self.signal.fail(FailureCategory.CRASH, "page crashed")
-
-    def _on_disconnected(self, browser: Browser) -> None:
-        # A connection replaced by a restart or reconnect may report its end late: it says nothing of this one.
-        if self._closing or self.signal.failure is not None or browser is not self.browser:
-            return
-        self._disconnect_check = asyncio.ensure_future(self._classify_disconnect(self.proc, browser))
-
-    async def _classify_disconnect(self, proc: subprocess.Popen | None, browser: Browser) -> None:
-        """A lost CDP connection: CONNECTION if the browser still answers on its own DevTools port, else
-        the browser is going down and its exit (CRASH) is the signal to wait for. Nothing, if a restart or
-        reconnect replaced the connection meanwhile."""
-        if browser is not self.browser:
-            return
-        if proc is None or proc.poll() is not None:
-            code = None if proc is None else proc.returncode
-            self.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})")
-            return
-        if await devtools_answers(self.port):
-            if proc is self.proc:
-                self.signal.fail(FailureCategory.CONNECTION,
-                                 "CDP connection to the browser was lost (the browser lives)")
-            return
-        if not await self.signal.wait(FAILURE_SIGNAL_WAIT) and browser is self.browser:
-            self.signal.fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
 
     async def current_failure(self) -> tuple[str, str] | None:
         """The failure this browser is in now (category, detail); None once a recovery step revived it."""
@@ -564,10 +485,10 @@ class BrowserCore:
         pids = await self.process_ids()
         # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
         # allocates a model, and this actor's loop must keep answering the pool's probes.
-        memory = await asyncio.to_thread(lambda: sum(_pss_bytes(pid) for pid in pids.values()))
+        memory = await asyncio.to_thread(chromium.memory_bytes, list(pids.values()))
         spare = self.spares.spare if self.spares is not None else None
         spare_memory = 0 if spare is None else await asyncio.to_thread(
-            lambda: sum(_pss_bytes(pid) for pid in [spare.proc.pid, *chromium.descendants(spare.proc.pid)]))
+            chromium.memory_bytes, [spare.proc.pid, *chromium.descendants(spare.proc.pid)])
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
             self.signal.fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")
@@ -614,18 +535,6 @@ class BrowserCore:
             if proc["type"] != "browser":
                 pids[f"{proc['type']}:{i}"] = int(proc["id"])
         return pids
-
-
-def _pss_bytes(pid: int) -> int:
-    """Proportional set size: shared pages split between the processes that map them."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 async def _close_quietly(browser: Browser) -> None:

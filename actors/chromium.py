@@ -177,6 +177,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def memory_bytes(pids: list[int]) -> int:
+    """Proportional set size of these processes together: shared pages split between the processes that map
+    them, so the browser's processes are not counted twice over."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """Stop the browser and every process it started: SIGTERM to the browser, SIGKILL after ``grace``
     seconds; then SIGKILL to those of its children still there, and wait (bounded) until they are gone."""

@@ -3,9 +3,12 @@ guarantees).
 
 ``FailureSignal`` holds a browser's failure: the first signal decides its category and every later call
 sees the same one until a recovery step clears it. The signals are the browser process's exit (a pidfd the
-kernel makes readable: ``watch_exit``), the page's crash event, a lost CDP connection told apart by whether
-the browser's own DevTools port still answers (``devtools_answers``), a spent time budget, a memory ceiling
-or a lost WebGPU device; ``runtime_error`` reads the runtime's typed answers.
+kernel makes readable: ``watch_process``), the page's crash event (``watch_page``), a lost CDP connection
+told apart by whether the browser's own DevTools port still answers (``watch_connection``), a spent time
+budget, a memory ceiling or a lost WebGPU device; ``runtime_error`` reads the runtime's typed answers.
+
+A signal counts only for the browser's current process, connection and page: one that a restart or
+reconnect replaced may report its end late, and that says nothing of the one serving now.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import logging
 import os
 import subprocess
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
+from playwright.async_api import Browser, Page
 from playwright.async_api import Error as PlaywrightError
 
 from actors.constants import DEVTOOLS_PROBE_WAIT, FAILURE_SIGNAL_WAIT
@@ -35,6 +39,7 @@ class FailureSignal:
         self.reporter = reporter
         self.failure: tuple[FailureCategory, str] | None = None
         self._came = asyncio.Event()
+        self.checks: set[asyncio.Future] = set()     # lost connections being classified (held: not collected)
 
     def fail(self, category: FailureCategory, detail: str) -> None:
         """Record a failure signal; the first one wins and is reported once."""
@@ -77,7 +82,65 @@ class FailureSignal:
         return BrowserFailure(self.browser_id, *self.failure)
 
 
-def watch_exit(proc: subprocess.Popen, on_exit: Callable[[], None]) -> None:
+class SignalledBrowser(Protocol):
+    """What the signal handlers read of a browser (actors/browser.py's BrowserCore): its current process,
+    connection and page, its DevTools port, and whether a step of its own is closing them."""
+    signal: FailureSignal
+    proc: subprocess.Popen | None
+    browser: Browser | None
+    page: Page | None
+    port: int
+    closing: bool
+
+
+def watch_process(core: SignalledBrowser, proc: subprocess.Popen) -> None:
+    """The exit of ``proc`` is a CRASH of ``core``, while it is ``core``'s process and ``core`` is not closing it."""
+    def exited() -> None:
+        if proc is core.proc and not core.closing:
+            core.signal.fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
+
+    _when_exited(proc, exited)
+
+
+def watch_page(core: SignalledBrowser, page: Page) -> None:
+    """A crash of ``page`` is a CRASH of ``core`` while it is ``core``'s page."""
+    def crashed(_: Page) -> None:
+        if page is core.page:
+            core.signal.fail(FailureCategory.CRASH, "page crashed")
+
+    page.on("crash", crashed)
+
+
+def watch_connection(core: SignalledBrowser, browser: Browser) -> None:
+    """The loss of ``browser``'s CDP connection, while it is ``core``'s and ``core`` is not closing it: a
+    CONNECTION failure if the browser still answers on its own DevTools port, else the browser is going
+    down and its exit (CRASH) is the signal to wait for."""
+    def disconnected(_: Browser) -> None:
+        if core.closing or core.signal.failure is not None or browser is not core.browser:
+            return
+        check = asyncio.ensure_future(_classify_disconnect(core, core.proc, browser))
+        core.signal.checks.add(check)
+        check.add_done_callback(core.signal.checks.discard)
+
+    browser.on("disconnected", disconnected)
+
+
+async def _classify_disconnect(core: SignalledBrowser, proc: subprocess.Popen | None, browser: Browser) -> None:
+    if browser is not core.browser:      # a restart or reconnect replaced the connection meanwhile
+        return
+    if proc is None or proc.poll() is not None:
+        code = None if proc is None else proc.returncode
+        core.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})")
+        return
+    if await devtools_answers(core.port):
+        if proc is core.proc:
+            core.signal.fail(FailureCategory.CONNECTION, "CDP connection to the browser was lost (the browser lives)")
+        return
+    if not await core.signal.wait(FAILURE_SIGNAL_WAIT) and browser is core.browser:
+        core.signal.fail(FailureCategory.CONNECTION, "CDP connection lost; the browser's DevTools port refuses")
+
+
+def _when_exited(proc: subprocess.Popen, on_exit: Callable[[], None]) -> None:
     """Call ``on_exit`` (in the running loop) when the kernel says ``proc`` exited: its pidfd becomes readable."""
     try:
         fd = os.pidfd_open(proc.pid)

@@ -1,4 +1,5 @@
-"""Removes a browser actor's temp folder once the actor's process is gone, however it died.
+"""A browser actor's temp folder: made private to the actor, and removed once the actor's process is gone,
+however it died.
 
 Started by the actor as a small daemon (double fork, own session): Ray kills a worker's children
 when the worker exits, and ``ray.shutdown()`` SIGKILLs workers without running any handler, so
@@ -11,12 +12,47 @@ reaper then finds nothing to do.
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+FOLDER_PREFIX = "webpool-browser-"      # + the owning actor's PID: a sweep tells whose folder it is
+_FOLDER_RE = re.compile(rf"^{FOLDER_PREFIX}(\d+)-")
+
+
+def make_folder() -> Path:
+    """A new folder (0700) for everything this process's browser writes, with a reaper watching over it."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
+    os.chmod(folder, 0o700)
+    start(os.getpid(), folder)
+    return folder
+
+
+def sweep_stale_folders(root: Path | None = None) -> list[Path]:
+    """Remove the folders of browser actors whose process is gone (e.g. a reaper that was killed too)."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for path in root.glob(f"{FOLDER_PREFIX}*"):
+        match = _FOLDER_RE.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start(actor_pid: int, folder: Path) -> None:

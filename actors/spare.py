@@ -164,7 +164,7 @@ class SpareKeeper:
         slows the requests it would run beside, and a pool that only ever serves a few requests needs none."""
         if (self.spare is None and not start) or self.failures >= SPARE_FAILURES_MAX:
             return
-        if not self.core._closing and self.core.proc is not None and (self._task is None or self._task.done()):
+        if not self.core.closing and self.core.proc is not None and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._tend())
 
     def ready(self) -> bool:
@@ -194,7 +194,7 @@ class SpareKeeper:
             await discard(dead)
         if self.spare is None:
             await self._until_idle()
-            if core._closing or core.proc is None:
+            if core.closing or core.proc is None:
                 return
             model_bytes = sum(m.data.nbytes for m in self.wanted().values())
             available = memory_available()
@@ -212,7 +212,7 @@ class SpareKeeper:
                             extra={"browser_id": core.browser_id, "error": describe(exc, limit=300),
                                    "failures": self.failures})
                 return
-            if core._closing or self.spare is not None:
+            if core.closing or self.spare is not None:
                 await discard(spare)
                 return
             self.spare = spare

@@ -23,7 +23,7 @@ def test_a_spare_holds_the_browsers_models_only_while_they_fit():
 
 
 def test_a_keeper_whose_spares_keep_failing_stops_starting_them():
-    keeper = SpareKeeper(SimpleNamespace(held_models={}, _closing=False, proc=object()))
+    keeper = SpareKeeper(SimpleNamespace(held_models={}, closing=False, proc=object()))
     keeper.failures = SPARE_FAILURES_MAX
     keeper.tend()              # would need a running event loop if it started anything
     assert keeper._task is None
