@@ -13,7 +13,9 @@ import math
 import orjson
 import pytest
 
+from benchmarks import recovery_common as rc
 from benchmarks import recovery_latency as rl
+from benchmarks import vanished_node as vn
 from benchmarks.results import summary_ms
 from events import schema as ev
 from events.errors import InputError
@@ -38,14 +40,14 @@ def test_trial_latencies_from_the_event_log():
             duration_ms=90.0),
         _ev(16, 100.135, "OperationStarted", op_id="o2", model="m", browser_id="b2", kind="infer", input_digest="d"),
     ]
-    lat = rl.trial_latencies(events, "b1", fault_ts=100.0)
+    lat = rc.trial_latencies(events, "b1", fault_ts=100.0)
     assert lat["detected"] and lat["category"] == "crash"
     assert lat["detection_ms"] == pytest.approx(20.0, abs=1e-6)
     assert lat["recovery_ms"] == pytest.approx(100.0, abs=1e-6)   # 100.020 -> 100.120, not the older recovery
     assert lat["recovery_success"] is True and lat["replacement"] == "b2" and lat["winning_step"] == "failover"
     assert lat["rerun_start_ms"] == pytest.approx(135.0, abs=1e-6)   # the work starts again on b2
-    assert rl.recovery_settled(events, "b1")
-    nothing = rl.trial_latencies([e for e in events if e["action"] != "BrowserFailed"], "b1", fault_ts=100.0)
+    assert rc.recovery_settled(events, "b1")
+    nothing = rc.trial_latencies([e for e in events if e["action"] != "BrowserFailed"], "b1", fault_ts=100.0)
     assert not nothing["detected"] and nothing["detection_ms"] is None and nothing["recovery_ms"] is None
 
 
@@ -61,26 +63,26 @@ def test_pool_shape_between_trials():
                                   standby=standby)
 
     def loaded(b: str) -> ev.Event:
-        return ev.ModelLoaded(browser_id=b, model=rl.MODEL, shard=None, sha256="0" * 64, backend="wasm", load_ms=1.0)
+        return ev.ModelLoaded(browser_id=b, model=rc.MODEL, shard=None, sha256="0" * 64, backend="wasm", load_ms=1.0)
 
     serving = [launched("b1"), loaded("b1")]
-    assert rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=0) is None
-    assert "standby" in rl.pool_not_ready(_state(*serving), rl.MODEL, standby_wanted=1)
-    assert "hold no" in rl.pool_not_ready(_state(*serving, launched("s1", standby=True)), rl.MODEL, 1)
+    assert rc.pool_not_ready(_state(*serving), rc.MODEL, standby_wanted=0) is None
+    assert "standby" in rc.pool_not_ready(_state(*serving), rc.MODEL, standby_wanted=1)
+    assert "hold no" in rc.pool_not_ready(_state(*serving, launched("s1", standby=True)), rc.MODEL, 1)
     cold = _state(*serving, launched("s1", standby=True), loaded("s1"))
-    assert "warmed up" in rl.pool_not_ready(cold, rl.MODEL, 1)
+    assert "warmed up" in rc.pool_not_ready(cold, rc.MODEL, 1)
     warm = _state(*serving, launched("s1", standby=True), loaded("s1"),
-                  ev.ModelWarmedUp(browser_id="s1", model=rl.MODEL, shard=None, rounds=5, first_ms=900.0,
+                  ev.ModelWarmedUp(browser_id="s1", model=rc.MODEL, shard=None, rounds=5, first_ms=900.0,
                                    last_ms=250.0))
-    assert rl.pool_not_ready(warm, rl.MODEL, 1) is None and rl.pool_unfit(warm, 1) is None
+    assert rc.pool_not_ready(warm, rc.MODEL, 1) is None and rc.pool_unfit(warm, 1) is None
     failed = _state(*serving, launched("b2"), loaded("b2"),
                     ev.BrowserFailed(browser_id="b1", category="crash", error="gone"))
-    assert rl.pool_not_ready(failed, rl.MODEL, 0) is None       # b2 serves...
-    assert "b1" in rl.pool_unfit(failed, 0)                     # ...but b1 was left failed, its actor alive
+    assert rc.pool_not_ready(failed, rc.MODEL, 0) is None       # b2 serves...
+    assert "b1" in rc.pool_unfit(failed, 0)                     # ...but b1 was left failed, its actor alive
     # Recovered in place three times (reconnect): one more failure would open its circuit breaker.
-    worn = _state(*serving, *[e for _ in range(rl.CIRCUIT_FAILURES) for e in (
+    worn = _state(*serving, *[e for _ in range(rc.CIRCUIT_FAILURES) for e in (
         ev.BrowserFailed(browser_id="b1", category="timeout", error="hang"), ev.BrowserConnected(browser_id="b1"))])
-    assert rl.pool_not_ready(worn, rl.MODEL, 0) is None and "circuit" in rl.pool_unfit(worn, 0)
+    assert rc.pool_not_ready(worn, rc.MODEL, 0) is None and "circuit" in rc.pool_unfit(worn, 0)
 
 
 def test_summary_and_config_checks():
@@ -88,10 +90,10 @@ def test_summary_and_config_checks():
     s = summary_ms([1.0, 2.0, 3.0, 100.0])
     assert s["median_ms"] == 2.5 and s["min_ms"] == 1.0 and s["max_ms"] == 100.0 and s["p95_ms"] > 50
     with pytest.raises(InputError) as err:
-        rl.Config(faults=("kill_everything",))
+        rc.Config(faults=("kill_everything",))
     assert err.value.field == "faults"
     with pytest.raises(InputError):
-        rl.Config(trials=0)
+        rc.Config(trials=0)
 
 
 def _check_summary(s: dict | None) -> None:
@@ -107,7 +109,7 @@ def test_quick_run_writes_sane_results(ray_local, tmp_path):
     r = orjson.loads((tmp_path / "recovery_latency-quick.json").read_bytes())
     assert (tmp_path / "recovery_latency-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    cfg = rl.QUICK
+    cfg = rc.QUICK
     assert r["benchmark"] == "recovery_latency" and r["quick"] is True and r["complete"] is True
     assert not (tmp_path / "recovery_latency-quick.partial.json").exists()
     assert r["config"]["trials"] == cfg.trials == 1
@@ -200,18 +202,18 @@ def test_vanished_node_time_to_result_counts_only_requests_in_flight_at_the_loss
             "node_loss_victim_browsers": ["b1"],
             "node_loss_failed": [{"browser_id": "b1", "after_s": 1.5, "error": "its actor answered no probe in time"},
                                  {"browser_id": "b9", "after_s": 0.1, "error": "another browser's failure"}]}
-    trial = rl.vanished_node_trial(seen)
+    trial = vn.vanished_node_trial(seen)
     assert trial["in_flight_ms"] == pytest.approx([1200.0, 400.0]) and trial["all_correct"] and trial["error"] is None
     assert trial["failed_after_s"] == 1.5 and trial["found_by"] == ["probe"] and trial["ray_declared_dead_s"] == 14.0
-    late = rl.vanished_node_trial(seen | {"node_loss_failed": [{"browser_id": "b1", "after_s": 14.1,
+    late = vn.vanished_node_trial(seen | {"node_loss_failed": [{"browser_id": "b1", "after_s": 14.1,
                                                                  "error": "its node 1a03 left the cluster"}]})
     assert late["found_by"] == ["node verdict"]
-    wrong = rl.vanished_node_trial(seen | {"node_loss_answers": [{**answers[1], "correct": False}]})
+    wrong = vn.vanished_node_trial(seen | {"node_loss_answers": [{**answers[1], "correct": False}]})
     assert not wrong["all_correct"] and wrong["in_flight_ms"] == []     # a wrong answer has no time
     failed = {**trial, "error": "the cluster scenarios wrote nothing"}
-    v = rl.vanished_node_result([trial, late, failed])
+    v = vn.vanished_node_result([trial, late, failed])
     assert v["trials"] == 3 and v["trials_failed"] == 1 and v["errors"] == ["the cluster scenarios wrote nothing"]
     assert v["in_flight_at_loss"] == 4 and v["requests"] == 8 and v["all_correct"]
     assert v["time_to_result"]["n"] == 4 and v["last_answer"]["median_ms"] == pytest.approx(1200.0)
     assert v["found_by"] == {"probe": 1, "node verdict": 1, "a call": 0}
-    assert "found by the probes in 1 of 2 trials" in rl.vanished_node_line(v)
+    assert "found by the probes in 1 of 2 trials" in vn.vanished_node_line(v)
