@@ -26,7 +26,8 @@ durability comes at segment roll. The segment being written is also kept in memo
 it on every backend.
 
 The segment format (schema, checksums, the scan that finds a valid prefix, the checked reader) is in
-events/segments.py, snapshot files in events/snapshots.py, the two storage backends in events/backends.py.
+events/segments.py, what opening finds on disk (the checks, the tail cut, the batch ids) in events/opening.py,
+snapshot files in events/snapshots.py, the two storage backends in events/backends.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
@@ -49,26 +49,22 @@ from events.columnar import replay_batches
 from events.errors import (
     BatchConflictError,
     CompactedRangeError,
-    CorruptSegmentError,
     InvalidEventError,
     SchemaVersionError,
     SnapshotError,
     StoreClosedError,
-    StoreConfigError,
 )
 from events.fold import replay
+from events.opening import check_meta, check_options, recent_batch_ids, recover_tail
 from events.schema import SCHEMA_VERSION, Event, Recorded, SnapshotWritten
 from events.segments import (
-    FORMAT,
     SEGMENT_SCHEMA,
     BatchCollector,
-    ScanResult,
     batch_crc,
     column_crc,
     content_crc,
     make_batch,
     read_segment,
-    scan_stream,
     segment_files,
     segment_name,
     select_rows,
@@ -79,8 +75,6 @@ from events.state import PoolState
 
 log = logging.getLogger(__name__)
 
-FSYNC_POLICIES = ("always", "interval", "never")
-COMPRESSIONS = (None, "zstd", "lz4")
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -116,7 +110,6 @@ class EventStore:
         self._dedup_window = dedup_window
         self._state: PoolState | None = None
         self._last_snapshot_seq = 0
-        self._tail_scan = ScanResult()
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
 
@@ -144,22 +137,8 @@ class EventStore:
         snapshot after every N events. ``dedup_window`` batch ids are remembered (across restarts)
         so a retried ``append(..., batch_id=...)`` is recorded once.
         """
-        if fsync not in FSYNC_POLICIES:
-            raise StoreConfigError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
-        if compression not in COMPRESSIONS:
-            raise StoreConfigError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-        if type(segment_bytes) is not int or segment_bytes < 4096:
-            raise StoreConfigError(f"segment_bytes must be an int >= 4096, got {segment_bytes!r}")
-        if snapshot_every is not None and (type(snapshot_every) is not int or snapshot_every < 1):
-            raise StoreConfigError(f"snapshot_every must be None or an int >= 1, got {snapshot_every!r}")
-        if type(keep_snapshots) is not int or keep_snapshots < 1:
-            raise StoreConfigError(f"keep_snapshots must be an int >= 1, got {keep_snapshots!r}")
-        if type(dedup_window) is not int or dedup_window < 0:
-            raise StoreConfigError(f"dedup_window must be an int >= 0, got {dedup_window!r}")
-        if not fsync_interval_s > 0:
-            raise StoreConfigError(f"fsync_interval_s must be > 0, got {fsync_interval_s!r}")
-        if not isinstance(location, str | Path) or not str(location):
-            raise StoreConfigError(f"location must be a non-empty str or Path, got {location!r}")
+        check_options(fsync, compression, segment_bytes, snapshot_every, keep_snapshots, dedup_window,
+                      fsync_interval_s, location)
         backend = backend_for(location, filesystem)
         store = cls(backend, fsync=fsync, fsync_interval_s=fsync_interval_s, segment_bytes=segment_bytes,
                     snapshot_every=snapshot_every, keep_snapshots=keep_snapshots, compression=compression,
@@ -180,83 +159,15 @@ class EventStore:
         b = self._b
         b.makedirs("segments")
         b.makedirs("snapshots")
-        self._check_meta()
-        names = sorted(segment_files(self._b))
-        self._segments = [first for first, _ in names]
-        self._recover_tail()
-        self._load_dedup()
+        check_meta(b)
+        self._segments = [first for first, _ in sorted(segment_files(b))]
+        self._last_seq, tail = recover_tail(b, self._segments)
+        for bid, first, n, crc in recent_batch_ids(b, self._segments, tail, self._dedup_window):
+            self._remember(bid, first, n, crc)
         snaps = snapshot_seqs(self._b)
         self._last_snapshot_seq = max((s for s in snaps if s <= self._last_seq), default=0)
         if self._snapshot_every is not None:
             self._state = self.project()
-
-    def _check_meta(self) -> None:
-        b = self._b
-        if b.exists("meta.json"):
-            try:
-                meta = orjson.loads(b.read_bytes("meta.json"))
-                version = int(meta["schema_version"])
-                fmt = meta["format"]
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise CorruptSegmentError(f"{b.describe()}/meta.json is unreadable: {exc!r}") from None
-            if fmt != FORMAT:
-                raise StoreConfigError(f"{b.describe()} holds {fmt!r}, not an event store")
-            if version > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"{b.describe()} was written by schema version {version}; this code reads <= {SCHEMA_VERSION}")
-            if version == SCHEMA_VERSION:
-                return
-        b.write_atomic("meta.json", orjson.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION}))
-
-    def _recover_tail(self) -> None:
-        """Find last_seq from the newest segment, cutting a torn or corrupt tail back to whole batches."""
-        while self._segments:
-            first = self._segments[-1]
-            rel = segment_name(first)
-            size = self._b.size(rel)
-            with self._b.open_read(rel) as src:
-                res = scan_stream(src, first, rel)
-            if res.rows == 0 and len(self._segments) > 1:
-                # Nothing valid here: drop the file and let the previous segment define the end.
-                if size:
-                    log.warning("event log %s: removing %s (%s; %d bytes, no whole batch)",
-                                self._b.describe(), rel, res.problem, size)
-                self._b.remove(rel)
-                self._segments.pop()
-                continue
-            if res.good_offset < size:
-                log.warning(
-                    "event log %s: cut %s from %d to %d bytes (%s); kept %d events up to seq %d",
-                    self._b.describe(), rel, size, res.good_offset, res.problem or "data after end of stream",
-                    res.rows, first + res.rows - 1,
-                )
-                # A zero-length file stays as a placeholder whose name carries the next seq.
-                self._b.truncate(rel, res.good_offset)
-            self._last_seq = first + res.rows - 1
-            self._tail_scan = res
-            return
-        self._last_seq = 0
-        self._tail_scan = ScanResult()
-
-    def _load_dedup(self) -> None:
-        """Remember the newest ``dedup_window`` batch ids, reading older segments only as needed."""
-        found: list[tuple[str, int, int, int]] = list(self._tail_scan.batches)
-        for first in reversed(self._segments[:-1]):
-            if sum(1 for x in found if x[0]) >= self._dedup_window:
-                break
-            older = []
-            try:
-                for batch, bid, _ in read_segment(self._b, first):
-                    older.append((bid, batch.column(0)[0].as_py(), batch.num_rows, content_crc(batch)))
-            except CorruptSegmentError as exc:
-                # Dedup is best effort across a damaged sealed segment; reads of it will still fail loudly.
-                log.warning("event log %s: batch ids before seq %d not loaded: %s", self._b.describe(),
-                            first, exc)
-                break
-            found = older + found
-        for bid, first, n, crc in found:
-            if bid:
-                self._remember(bid, first, n, crc)
 
     def _remember(self, batch_id: str, first: int, n: int, crc: int) -> None:
         self._dedup[batch_id] = (first, n, crc)
@@ -667,4 +578,4 @@ class EventStore:
         self.close()
 
 
-__all__ = ["COMPRESSIONS", "FSYNC_POLICIES", "SEGMENT_SCHEMA", "EventStore", "Snapshot"]
+__all__ = ["SEGMENT_SCHEMA", "EventStore", "Snapshot"]
