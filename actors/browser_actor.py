@@ -1,8 +1,16 @@
 """BrowserActor: a BrowserCore (actors/browser.py) as a Ray actor, with the probe the pool pings and the
-faults it can be asked to suffer (actors/faults.py)."""
+faults it can be asked to suffer (actors/faults.py).
+
+A pool's browser actors are detached (actors/fleet.py): they outlive a crash of the pool's process, so the
+incarnation Ray starts next adopts them. They do not outlive the pool itself: each keeps a call to the
+pool's ``until_closed`` open, and once that fails because the pool is dead for good (killed, its driver
+gone), the browser closes and its process exits.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 from typing import Any
@@ -12,10 +20,33 @@ import ray
 from actors.browser import BrowserCore
 from actors.faults import inject_fault
 
+log = logging.getLogger(__name__)
+
 
 @ray.remote(num_cpus=0, max_concurrency=64)
 class BrowserActor(BrowserCore):
     """Ray actor around BrowserCore. Methods are async; Ray runs them on the actor's event loop."""
+
+    async def start(self) -> dict[str, Any]:
+        info = await super().start()
+        pool = self.signal.reporter
+        if pool is not None and not hasattr(self, "_pool_watch"):
+            self._pool_watch = asyncio.ensure_future(self._end_with_pool(pool))
+        return info
+
+    async def _end_with_pool(self, pool: Any) -> None:
+        while True:
+            try:
+                await pool.until_closed.remote()
+                return                                   # shut down: the pool closes this browser itself
+            except ray.exceptions.ActorDiedError:
+                break
+            except Exception as exc:                     # not a verdict on the pool: ask again
+                log.info("waiting on the pool failed", extra={"browser_id": self.browser_id, "error": str(exc)})
+                await asyncio.sleep(1.0)
+        log.warning("the pool is gone for good: closing", extra={"browser_id": self.browser_id})
+        await self.close()
+        os._exit(0)
 
     async def ping(self) -> str:
         return self.browser_id

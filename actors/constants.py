@@ -54,6 +54,8 @@ PROBE_RTT_WINDOW = 64              # answers the deadline looks back on (~4 s wi
 SUSPECT_NODE_S = 60.0
 SCALE_DOWN_IDLE_S = 30.0           # adaptive_scaling: a serving browser idle this long is retired (one stays)
 STOP_BROWSER_WAIT = 10.0           # a browser's own close() before its actor is killed anyway
+ADOPT_PING_WAIT = 5.0              # a restarted pool's ping to a browser it finds: an answer in time adopts it
+BROWSER_ACTOR_PREFIX = "webpool-browser:"   # + pool actor id + ":" + browser id + ":" + a nonce: the actor's name
 STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its dead StateLog's name to free up
 # Requests admitted at once (running or waiting for a browser); one more gets PoolBusyError at once.
 # Below Ray's own limit on an async actor's concurrent calls (1000), so the bound is ours, not Ray's queue.

@@ -24,7 +24,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.browser_actor import BrowserActor
 from actors.chromium import resolve_browser
-from actors.constants import BROWSER_START_TIMEOUT, STOP_BROWSER_WAIT, SUSPECT_NODE_S, WARMUP_MAX_S
+from actors.constants import (
+    ADOPT_PING_WAIT,
+    BROWSER_ACTOR_PREFIX,
+    BROWSER_START_TIMEOUT,
+    STOP_BROWSER_WAIT,
+    SUSPECT_NODE_S,
+    WARMUP_MAX_S,
+)
 from actors.cutoff import CutOffs
 from actors.decisions import placement
 from actors.decisions.reconcile import keys_on
@@ -54,9 +61,13 @@ class KeyedLocks:
 class Fleet:
     def __init__(self, log_: PoolLog, locks: KeyedLocks, spawn: Callable[[Awaitable[Any]], asyncio.Future], *,
                  num_threads: int, memory_limit_mb: int | None, backend: str, reporter: Any = None,
-                 spare_process: bool = False) -> None:
+                 owner_id: str | None = None, spare_process: bool = False) -> None:
         self.log = log_
         self.reporter = reporter                        # the pool actor: browsers report their failures to it
+        # The pool actor's id (the same in every incarnation): its browser actors are detached and named after
+        # it, so they outlive a crash of the pool's process and its next incarnation finds them (``adopt``).
+        # None in-process: browsers are then the pool's children.
+        self.owner_id = owner_id
         self.locks = locks
         self._spawn = spawn
         self.num_threads = num_threads
@@ -220,6 +231,9 @@ class Fleet:
         """One launch attempt; adds the node it chose to ``excluded`` before it starts there."""
         nodes = [n for n in await self.node_views() if n.node_id not in excluded]
         options: dict[str, Any] = {"name": None}
+        if self.owner_id is not None:
+            # A nonce: a new actor under a browser id whose old actor is still being killed takes no taken name.
+            options |= {"name": f"{self._name_prefix()}{browser_id}:{uuid.uuid4().hex[:6]}", "lifetime": "detached"}
         if any(n.browser_slots is not None for n in nodes):
             options["resources"] = {placement.BROWSER_SLOTS: 1}
         node_id = placement.choose_node(nodes, standby, avoid_nodes)
@@ -255,6 +269,41 @@ class Fleet:
         log.info("browser launched", extra={"browser_id": browser_id, "backend": backend,
                                             "standby": standby, "start_ms": round(info["start_ms"]),
                                             "from_spare": info.get("from_spare", False)})
+
+    def _name_prefix(self) -> str:
+        return f"{BROWSER_ACTOR_PREFIX}{self.owner_id}:"
+
+    async def adopt(self, browser_ids: frozenset[str]) -> frozenset[str]:
+        """After the pool's process died and Ray started it again: the browser actors of ``browser_ids`` (those
+        the log has alive) that outlived it, found by name and answering a ping within ``ADOPT_PING_WAIT``,
+        are this pool's again, pages and models as they were. Every other browser actor named after this pool
+        (on a lost node, silent, or never recorded) is killed. Returns the ids adopted."""
+        if self.owner_id is None:
+            return frozenset()
+        prefix = self._name_prefix()
+        names = [n for n in await asyncio.to_thread(ray.util.list_named_actors) if n.startswith(prefix)]
+
+        async def answers(name: str) -> tuple[str, Any, bool]:
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, name)
+            except ValueError:             # gone since the list was read
+                return name, None, False
+            try:
+                await asyncio.wait_for(handle.ping.remote(), ADOPT_PING_WAIT)
+                return name, handle, True
+            except Exception:
+                return name, handle, False
+
+        adopted: set[str] = set()
+        for name, handle, alive in await asyncio.gather(*(answers(n) for n in names)):
+            browser_id = name[len(prefix):].rsplit(":", 1)[0]
+            if alive and browser_id in browser_ids and browser_id not in adopted:
+                self._handles[browser_id] = handle
+                self.cutoffs.reset(browser_id)
+                adopted.add(browser_id)
+            elif handle is not None:
+                ray.kill(handle)
+        return frozenset(adopted)
 
     async def relaunch(self, browser_id: str) -> None:
         """A new browser process under the same id (the restart step): in the same actor, or in a new actor

@@ -50,7 +50,7 @@ from actors.constants import (
     SCALE_DOWN_IDLE_S,
 )
 from actors.decisions import batching, validation
-from actors.decisions.reconcile import ended_by_restart, in_open_session
+from actors.decisions.reconcile import adoptable, ended_by_restart, in_open_session
 from actors.decisions.recovery import (
     FaultToleranceConfig,
     FaultToleranceLevel,
@@ -104,6 +104,11 @@ def _own_handle() -> Any:
         return ray.get_runtime_context().current_actor
     except RuntimeError:
         return None
+
+
+def _own_actor_id() -> str | None:
+    """This pool's actor id (the same in every incarnation); None when the pool runs in-process."""
+    return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
 
 async def _collect(ref: Any) -> None:
@@ -165,12 +170,13 @@ class PoolCore:
         self._answer_rate = _AnswerRate()
         self._background: set[asyncio.Future] = set()
         self._closed = False
+        self._shut_down = asyncio.Event()              # set by shutdown (until_closed answers then)
         self._started = False
         self.locks = KeyedLocks()
         self.log = PoolLog(self.name, event_log or str(cache_dir() / "events" / self.name))
         self.fleet = Fleet(self.log, self.locks, self._spawn, num_threads=num_threads,
                            memory_limit_mb=memory_limit_mb, backend=backend, reporter=_own_handle(),
-                           spare_process=spare_process)
+                           owner_id=_own_actor_id(), spare_process=spare_process)
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self.router.browser_type("text_embedding"),
@@ -196,11 +202,12 @@ class PoolCore:
             if self._started:
                 return
             await self.log.open()
-            # What an earlier incarnation of this pool left open died with it (browsers, coordinators and
-            # their work are its children): the log says so before anything new starts.
-            if ended := ended_by_restart(self.state):
+            # An earlier incarnation's work and coordinators died with it; its browser actors outlive it, and
+            # those still alive serve on. The log says so before anything new starts.
+            adopted = await self.fleet.adopt(adoptable(self.state)) if self.state.last_seq else frozenset()
+            if ended := ended_by_restart(self.state, adopted):
                 log.warning("pool rebuilt from its log", extra={"pool": self.name, "last_seq": self.state.last_seq,
-                                                                "closed": len(ended)})
+                                                                "closed": len(ended), "adopted": sorted(adopted)})
                 await self.log.record(*ended)
             configured = self._configured()
             if dict(self.state.config) != {"level": configured.level, "options": configured.options,
@@ -422,9 +429,15 @@ class PoolCore:
         """The actor handle of a browser (tests and fault injection use it)."""
         return self.fleet.handle(browser_id)
 
+    async def until_closed(self) -> None:
+        """Answers once the pool has shut down. Each browser actor keeps one such call open: a pool killed for
+        good (not restarted by Ray) fails it, and the browser, which outlives only a restart, then ends itself."""
+        await self._shut_down.wait()
+
     async def shutdown(self) -> None:
         """Close every browser (removing its files) and retire it in the log."""
         self._closed = self.reconciler.closed = self.router.closed = True
+        self._shut_down.set()
         for task in list(self._background):
             task.cancel()
         if not self._started:

@@ -376,11 +376,13 @@ def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, An
         out["unpinned_answers"] = answers
         out["unpinned_node_after"] = ray.get(pool.node_id.remote(), timeout=60)
         events = _events(pool)
-        # The new incarnation rebuilt from its log and ended what its predecessor left open (ended_by_restart):
-        # its browsers (children that died with it) always, the operations too if any was still running (the
-        # last batch may have finished in the moments before the process died).
-        out["unpinned_restarted"] = any(e["action"] == "BrowserRetired" and e["data"]["reason"] == "pool restarted"
-                                        for e in events)
+        # The new incarnation rebuilt from its log (ended_by_restart): each browser of its predecessor is either
+        # adopted (alive on another node: connected anew) or retired (gone with the node); the operations are
+        # ended too if any was still running (the last batch may have finished before the process died).
+        after = [e for e in events if e["timestamp"] >= t_removed]
+        out["unpinned_restarted"] = any(e["action"] == "BrowserConnected" or (
+            e["action"] == "BrowserRetired" and e["data"]["reason"] == "pool restarted") for e in after)
+        out["unpinned_adopted"] = sorted(e["subject"] for e in after if e["action"] == "BrowserConnected")
         out["unpinned_ops_ended_by_restart"] = sum(e["action"] == "OperationFailed"
                                                    and e["data"]["error"] == "the pool restarted while it ran"
                                                    for e in events)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import ray
 from logcheck import assert_state_is_replay_of_disk
+from procs import alive
 
-from events.state import open_operations
+from events.state import ALIVE_STATUSES, open_operations
 from sharding.models import minilm
 from webpool import ResourcePool
 
@@ -39,6 +40,8 @@ def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_requ
     deadline = time.monotonic() + 60
     while not open_operations(ray.get(pool.get_state.remote())):     # kill it while work is under way
         assert time.monotonic() < deadline, "no request reached a browser"
+    before = ray.get(pool.get_state.remote())
+    alive_before = {b.browser_id: b.pid for b in before.browsers.values() if b.status in ALIVE_STATUSES}
     os.kill(first_pid, signal.SIGKILL)
 
     outs = ray.get(refs, timeout=300)
@@ -54,10 +57,15 @@ def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_requ
                and e["data"]["error"] == "the pool restarted while it ran"]
     assert rebuilt, "the operations the dead incarnation had started end failed in the log"
     restart_seq = rebuilt[0]["seq"]
+    # The dead incarnation's browsers outlived it (detached actors): the new one adopted them, pages, models and
+    # processes as they were, and they served the retried requests.
     retired = {e["subject"] for e in events
                if e["action"] == "BrowserRetired" and e["data"]["reason"] == "pool restarted"}
-    launched_before = {e["subject"] for e in events if e["action"] == "BrowserLaunched" and e["seq"] < restart_seq}
-    assert launched_before and launched_before <= retired, "the dead incarnation's browsers are retired"
+    assert alive_before and not retired & set(alive_before), (alive_before, retired)
+    assert {b: state.browsers[b].pid for b in alive_before} == alive_before, "same browser processes"
+    served_after = {e["data"]["browser_id"] for e in events if e["action"] == "OperationStarted"
+                    and e["seq"] > restart_seq}
+    assert served_after & set(alive_before), (served_after, alive_before)
     # Every request still in flight at the kill was answered from the new incarnation: each completed there.
     # (Requests the dead incarnation had already completed may have been answered before the kill; the warm-up
     # request is one of those.)
@@ -72,3 +80,20 @@ def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_requ
     ray.get(pool.shutdown.remote())
     assert_state_is_replay_of_disk(ray.get(pool.get_state.remote()), NAME, location)
     ray.kill(pool)
+
+
+@pytest.mark.ray
+@pytest.mark.browser
+def test_a_pool_killed_for_good_takes_its_browsers_with_it(ray_local, tmp_path):
+    """Browser actors outlive a restart of their pool, not the pool: killed with no restart (as when its
+    driver goes), its browsers close and their processes exit on their own."""
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"))
+    ray.get(pool.infer.remote(MODEL, {"text": "one request, then the pool is killed"}))
+    [browser] = [b for b in ray.get(pool.get_state.remote()).browsers.values() if b.status in ALIVE_STATUSES]
+    os.kill(browser.pid, 0)       # alive now
+    ray.kill(pool, no_restart=True)
+    deadline = time.monotonic() + 60
+    while alive(browser.pid):
+        assert time.monotonic() < deadline, f"browser process {browser.pid} outlived its pool"
+        time.sleep(0.05)
+

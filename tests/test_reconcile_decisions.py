@@ -14,6 +14,7 @@ from actors.decisions.reconcile import (
     Policy,
     Recover,
     ScaleDown,
+    adoptable,
     decide,
     deferred_due,
     ended_by_restart,
@@ -28,6 +29,8 @@ from actors.decisions.reconcile import (
 from events.errors import FailureCategory
 from events.fold import replay
 from events.schema import (
+    BrowserConnected,
+    BrowserDisconnected,
     BrowserFailed,
     BrowserLaunched,
     BrowserRecoveryDeferred,
@@ -202,3 +205,24 @@ def test_a_restarted_pool_ends_what_its_dead_incarnation_left_open():
     assert open_operations(after) == [] and after.recoveries == {} and after.sessions == {}
     assert {b.status for b in after.browsers.values()} == {"retired"}
     assert ended_by_restart(after) == [] and ended_by_restart(PoolState()) == []
+
+
+def test_a_restarted_pool_adopts_the_live_browsers_it_found_and_retires_the_rest():
+    s = state(up("b1"), up("b2"), BrowserRetired("b2", "done"), up("b3"),
+              BrowserFailed("b3", FailureCategory.CRASH, "x"), up("b4"), up("b5"),
+              RecoveryStarted("r5", "b5", "restart", 1, FailureCategory.CRASH), up("b6"),
+              BrowserDisconnected("b6", "CDP connection lost"),
+              OperationStarted("op1", "m", "b1", "infer", "d"))
+    # Serving in the log and no recovery open: b1, b4 (b2 retired, b3 failed, b5 was being recovered, b6 had lost
+    # its connection).
+    assert adoptable(s) == frozenset({"b1", "b4"})
+    # b4's actor did not answer (its node is gone): only b1 is adopted. Its operation still ends (the request is
+    # retried by Ray), and every other browser not yet closed is retired.
+    ended = ended_by_restart(s, adopted=frozenset({"b1"}))
+    assert ended == [
+        OperationFailed("op1", FailureCategory.CRASH, "the pool restarted while it ran"),
+        RecoveryCompleted("r5", "b5", False, None, 0.0),
+        BrowserRetired("b3", "pool restarted"), BrowserRetired("b4", "pool restarted"),
+        BrowserRetired("b5", "pool restarted"), BrowserRetired("b6", "pool restarted"), BrowserConnected("b1"),
+    ]
+    assert adoptable(PoolState()) == frozenset()

@@ -16,6 +16,8 @@ from events.errors import FailureCategory
 from events.state import CLOSED_STATUSES, PoolState, browsers_alive, models_on
 from sharding.models.registry import artifact_key
 
+SERVING_STATUSES = frozenset({"launched", "connected"})     # a browser whose page the pool reaches
+
 
 # ----- actions ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -88,13 +90,14 @@ class Policy:
 
 
 # ----- rules -----------------------------------------------------------------------------------------
-def ended_by_restart(state: PoolState) -> list[ev.Event]:
+def ended_by_restart(state: PoolState, adopted: frozenset[str] = frozenset()) -> list[ev.Event]:
     """What a restarted pool records before it serves: the log's account of the incarnation that died.
 
-    Its browsers, coordinators and in-flight work were its children and died with it, so each started
-    operation ends failed (CRASH), each open recovery and session closes, and each browser that was not
-    already closed is retired. After these events the projection has no operation, recovery or session
-    left open, and no live browser; the requests that were in flight are retried by Ray and run again.
+    Its in-flight work died with it (the requests are retried by Ray and run again), so each started
+    operation ends failed (CRASH), and each open recovery and session closes. Its browser actors outlive it
+    (actors/fleet.py): those the new incarnation found alive are ``adopted``, connected to it, and serve on as
+    they were; every other browser not already closed is retired. After these events the projection has no operation,
+    recovery or session left open, and no live browser but the adopted ones.
     """
     detail = "the pool restarted while it ran"
     events: list[ev.Event] = [ev.OperationFailed(op_id=o, category=FailureCategory.CRASH, error=detail)
@@ -104,9 +107,18 @@ def ended_by_restart(state: PoolState) -> list[ev.Event]:
     events += [ev.SessionClosed(session_id=s, reason="pool restarted") for s in sorted(state.sessions)]
     events += [ev.BrowserRetired(browser_id=b.browser_id, reason="pool restarted")
                for b in sorted(state.browsers.values(), key=lambda b: b.browser_id)
-               if b.status not in CLOSED_STATUSES]
+               if b.status not in CLOSED_STATUSES and b.browser_id not in adopted]
+    events += [ev.BrowserConnected(browser_id=b) for b in sorted(adopted)]      # to the new incarnation
     return events
 
+
+def adoptable(state: PoolState) -> frozenset[str]:
+    """The browsers a restarted pool may adopt: serving in the log (launched or connected, not failed or cut off
+    from its browser) with no recovery open (one under way when the pool died is ended, and its browser retired:
+    the next incarnation knows nothing of its step)."""
+    recovering = {r.browser_id for r in state.recoveries.values()}
+    return frozenset(b.browser_id for b in state.browsers.values()
+                     if b.status in SERVING_STATUSES and b.browser_id not in recovering)
 
 
 SILENT = "its actor answered no probe in time (its node may be gone)"
