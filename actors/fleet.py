@@ -275,9 +275,10 @@ class Fleet:
 
     async def adopt(self, browser_ids: frozenset[str]) -> frozenset[str]:
         """After the pool's process died and Ray started it again: the browser actors of ``browser_ids`` (those
-        the log has alive) that outlived it, found by name and answering a ping within ``ADOPT_PING_WAIT``,
-        are this pool's again, pages and models as they were. Every other browser actor named after this pool
-        (on a lost node, silent, or never recorded) is killed. Returns the ids adopted."""
+        the log has serving: ``decisions.reconcile.adoptable``) that outlived it, found by name and answering a
+        ping within ``ADOPT_PING_WAIT``, are this pool's again, pages and models as they were. Every other
+        browser actor named after this pool (on a lost node, silent, or never recorded) is killed. Returns the
+        ids adopted."""
         if self.owner_id is None:
             return frozenset()
         prefix = self._name_prefix()
