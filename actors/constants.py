@@ -38,6 +38,7 @@ RESUME_TIMEOUT = HEALTH_TIMEOUT + RESUME_SETTLE_WAIT + 1.0
 DEFAULT_MAX_CONNECTIONS = 4
 RECORD_GAP_WAIT = 5.0              # a gap in acknowledged seqs this old is read back from the log (a lost reply)
 HEALTH_INTERVAL = 2.0              # between passes of the reconcile loop's health checks (levels >= medium)
+HEALTH_RECORD_CHANGE = 0.10        # a health report is logged when its models change or its memory by this much
 # Probes (levels >= low): every live browser's actor is pinged this often, busy or not (a ping touches no
 # page). One unanswered past its deadline (while other browsers answer) means its process or node is gone:
 # Ray itself takes ~13 s to declare a vanished node dead at its default settings, and calls there wait that

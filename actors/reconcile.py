@@ -45,6 +45,7 @@ from actors.decisions.reconcile import (
     Recover,
     ScaleDown,
     decide,
+    health_worth_recording,
     hot_keys,
     probe_deadline,
     silent,
@@ -285,6 +286,11 @@ class Reconciler:
                 log.warning("page attempted outside requests", extra={"browser_id": browser_id, "count": new})
                 await self.log.record(ev.PageRequestsBlocked(browser_id=browser_id, count=new,
                                                              urls=tuple(report["blocked_urls"][-new:])))
+            memory_mb, loaded = report["memory_bytes"] / (1 << 20), tuple(sorted(report["models"]))
+            if state is not None and health_worth_recording(self.log.state.resources.get(browser_id), memory_mb,
+                                                            loaded):
+                await self.log.record(ev.BrowserHealthReported(browser_id=browser_id, memory_mb=memory_mb,
+                                                               loaded=loaded))
         return report
 
     async def _keep_standby(self) -> None:

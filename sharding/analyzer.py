@@ -33,7 +33,13 @@ per token against time (the same significance and relevance guards as the perfor
   "tokens"                 int, tokens generated
   "memory_bytes_per_shard" list of ints (optional: else the session's plan below)
   "session_id"             str (optional): links to the SessionOpened whose ``plan["shards"][i]``
-                           carries "memory_bytes" (as ``ShardPlan.as_dict()`` writes it)
+                           carries "memory_bytes" (as ``ShardPlan.as_dict()`` writes it), or else
+                           "browser_id" and "artifact" (as the pool writes it): the memory is then
+                           the one measured for that browser by its health report
+                           (BrowserHealthReported) that lists the artifact loaded, the last one
+                           before the generation ended, else the first after. That figure is the
+                           whole browser (page, runtime and every model it holds), measured, not
+                           modelled: an upper bound on the shard's own.
 The model comes from the operation's OperationStarted. A failed generation (OperationFailed of an
 operation started with kind "generate") is counted when a SessionOpened plan names it in "op_id", which
 gives its shard count; otherwise a failure cannot be tied to a shard count and is left out.
@@ -50,7 +56,14 @@ from typing import Any
 
 import numpy as np
 
-from events.schema import OperationCompleted, OperationFailed, OperationStarted, Recorded, SessionOpened
+from events.schema import (
+    BrowserHealthReported,
+    OperationCompleted,
+    OperationFailed,
+    OperationStarted,
+    Recorded,
+    SessionOpened,
+)
 from events.trends import linear_trend
 from sharding.plan import DEFAULT_MEMORY_MODEL
 
@@ -128,6 +141,16 @@ class ShardRunRecord:
         return dataclasses.asdict(self)
 
 
+def _reported_memory(reports: list[tuple[int, float, frozenset[str]]], artifact: str, seq: int) -> int | None:
+    """Bytes of the browser's health report that lists ``artifact`` loaded: the last at or before ``seq``,
+    else the first after it (a browser in a session is not probed until the session ends); None if none."""
+    holding = [(s, mb) for s, mb, loaded in reports if artifact in loaded]
+    before = [mb for s, mb in holding if s <= seq]
+    after = [mb for s, mb in holding if s > seq]
+    mb = before[-1] if before else (after[0] if after else None)
+    return None if mb is None else int(mb * (1 << 20))
+
+
 def _median(values: Iterable[float]) -> float | None:
     v = list(values)
     return float(np.median(v)) if v else None
@@ -158,16 +181,30 @@ class ModelShardingAnalyzer:
         op_session: dict[str, SessionOpened] = {}
         runs: list[ShardRunRecord] = []
         skipped: dict[str, int] = {}
+        reports: dict[str, list[tuple[int, float, frozenset[str]]]] = {}   # browser -> (seq, MiB, loaded)
+        waiting: list[tuple[Recorded, OperationStarted, dict[str, Any], list[dict[str, Any]]]] = []
 
         def skip(why: str, op_id: str) -> None:
             skipped[why] = skipped.get(why, 0) + 1
             lg.warning("sharding analyzer: skipped generation %s (%s)", op_id, why)
 
+        def add_run(rec: Recorded, start: OperationStarted, m: dict[str, Any], memory: list[int]) -> None:
+            try:
+                runs.append(ShardRunRecord(
+                    ts=rec.ts, model=start.model, num_shards=m["shards"],
+                    shard_compute_ms=tuple(m["shard_compute_ms"]), hop_ms=tuple(m["hop_ms"]),
+                    prefill_ms=m["prefill_ms"], decode_ms_per_token=m["decode_ms_per_token"],
+                    tokens=m["tokens"], memory_bytes_per_shard=tuple(memory), success=True))
+            except (AnalyzerError, TypeError) as exc:
+                skip(f"malformed metrics: {exc}", rec.event.op_id)
+
         for rec in records:
             if not isinstance(rec, Recorded):
                 raise AnalyzerError(f"expected Recorded events, got {type(rec).__name__}")
             e = rec.event
-            if isinstance(e, OperationStarted):
+            if isinstance(e, BrowserHealthReported):
+                reports.setdefault(e.browser_id, []).append((rec.seq, e.memory_mb, frozenset(e.loaded)))
+            elif isinstance(e, OperationStarted):
                 started[e.op_id] = e
             elif isinstance(e, SessionOpened):
                 sessions[e.session_id] = e
@@ -187,23 +224,19 @@ class ModelShardingAnalyzer:
                     skip(f"metrics lack {', '.join(missing)}", e.op_id)
                     continue
                 memory = m.get("memory_bytes_per_shard")
-                if memory is None:
-                    session = sessions.get(m.get("session_id"))
+                session = sessions.get(m.get("session_id"))
+                shards = session.plan.get("shards") if session is not None else None
+                if memory is None and isinstance(shards, list):
                     try:
-                        memory = [s["memory_bytes"] for s in session.plan["shards"]] if session else None
+                        memory = [sh["memory_bytes"] for sh in shards]
                     except (KeyError, TypeError):
-                        memory = None
+                        if all(isinstance(sh, dict) and {"browser_id", "artifact"} <= sh.keys() for sh in shards):
+                            waiting.append((rec, start, m, shards))      # from the health reports, at the end
+                            continue
                 if memory is None:
-                    skip("no memory figures (metrics or session plan)", e.op_id)
+                    skip("no memory figures (metrics, session plan or health reports)", e.op_id)
                     continue
-                try:
-                    runs.append(ShardRunRecord(
-                        ts=rec.ts, model=start.model, num_shards=m["shards"],
-                        shard_compute_ms=tuple(m["shard_compute_ms"]), hop_ms=tuple(m["hop_ms"]),
-                        prefill_ms=m["prefill_ms"], decode_ms_per_token=m["decode_ms_per_token"],
-                        tokens=m["tokens"], memory_bytes_per_shard=tuple(memory), success=True))
-                except (AnalyzerError, TypeError) as exc:
-                    skip(f"malformed metrics: {exc}", e.op_id)
+                add_run(rec, start, m, memory)
             elif isinstance(e, OperationFailed):
                 start = started.get(e.op_id)
                 session = op_session.get(e.op_id)
@@ -217,6 +250,12 @@ class ModelShardingAnalyzer:
                                            shard_compute_ms=(), hop_ms=(), prefill_ms=None,
                                            decode_ms_per_token=None, tokens=0, memory_bytes_per_shard=(),
                                            success=False))
+        for rec, start, m, shards in waiting:
+            memory = [_reported_memory(reports.get(sh["browser_id"], []), sh["artifact"], rec.seq) for sh in shards]
+            if None in memory:
+                skip("no health report of a shard's browser with its shard loaded", rec.event.op_id)
+                continue
+            add_run(rec, start, m, memory)
         analyzer = cls(runs, min_relative_change, logger)
         analyzer.skipped = skipped
         return analyzer

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from events.schema import (
+    BrowserHealthReported,
     OperationCompleted,
     OperationFailed,
     OperationStarted,
@@ -201,3 +202,30 @@ def test_history_from_events_skips_malformed_generations():
     assert len(a.history) == 1 and a.skipped == {}
     with pytest.raises(AnalyzerError, match="Recorded"):
         ModelShardingAnalyzer.from_events([{"kind": "x"}])
+
+
+def test_history_from_events_takes_memory_from_the_shard_browsers_health_reports():
+    """The pool's plan names each shard's browser and artifact: memory is what that browser measured itself
+    (BrowserHealthReported listing the artifact), the last report before the generation ended, else the first
+    after it; a report from before the shard was loaded does not count."""
+    plan = {"shards": [{"browser_id": "b0", "artifact": "a0", "layers": [0, 15]},
+                       {"browser_id": "b1", "artifact": "a1", "layers": [15, 30]}]}
+    metrics = {"shards": 2, "prefill_ms": 400.0, "decode_ms_per_token": 60.0, "shard_compute_ms": [25.0, 25.0],
+               "hop_ms": [5.0], "tokens": 16, "session_id": "s1"}
+    mib = 1 << 20
+
+    def with_reports(*reports: tuple[int, str, float, tuple[str, ...]]) -> list[Recorded]:
+        """The generation's events at seqs 10-14, each report at its own seq."""
+        base = [Recorded(10 + r.seq, r.ts, r.event) for r in _events(plan, metrics)]
+        health = [Recorded(seq, T0 + seq, BrowserHealthReported(browser_id=b, memory_mb=mb, loaded=loaded))
+                  for seq, b, mb, loaded in reports]
+        return sorted(base + health, key=lambda r: r.seq)
+
+    # b0 reported before (with its shard) and after; b1 only before its shard was loaded, then after the run.
+    records = with_reports((2, "b0", 300.0, ("a0",)), (5, "b1", 100.0, ()), (20, "b0", 999.0, ("a0",)),
+                           (21, "b1", 350.0, ("a1", "other")))
+    [r] = ModelShardingAnalyzer.from_events(records).history
+    assert r.memory_bytes_per_shard == (300 * mib, 350 * mib)
+    # No report of b1 holding its shard: skipped, and said why.
+    a = ModelShardingAnalyzer.from_events(with_reports((2, "b0", 300.0, ("a0",)), (5, "b1", 100.0, ())))
+    assert a.history == [] and list(a.skipped) == ["no health report of a shard's browser with its shard loaded"]

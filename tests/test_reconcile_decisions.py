@@ -18,6 +18,7 @@ from actors.decisions.reconcile import (
     decide,
     deferred_due,
     ended_by_restart,
+    health_worth_recording,
     hot_keys,
     in_open_session,
     lost_to_nodes,
@@ -45,7 +46,7 @@ from events.schema import (
     SessionClosed,
     SessionOpened,
 )
-from events.state import PoolState, open_operations
+from events.state import PoolState, ResourceState, open_operations
 from sharding.models.registry import artifact_key
 
 SHA = "ab" * 32
@@ -226,3 +227,15 @@ def test_a_restarted_pool_adopts_the_live_browsers_it_found_and_retires_the_rest
         BrowserRetired("b5", "pool restarted"), BrowserRetired("b6", "pool restarted"), BrowserConnected("b1"),
     ]
     assert adoptable(PoolState()) == frozenset()
+
+
+@pytest.mark.parametrize(("last", "memory_mb", "loaded", "recorded"), [
+    (None, 300.0, ("a",), True),                                        # the first report
+    (ResourceState("b1", 300.0, ("a",), 5, 1.0), 320.0, ("a",), False),    # within 10 %
+    (ResourceState("b1", 300.0, ("a",), 5, 1.0), 330.0, ("a",), True),     # 10 % more
+    (ResourceState("b1", 300.0, ("a",), 5, 1.0), 270.0, ("a",), True),     # 10 % less
+    (ResourceState("b1", 300.0, ("a",), 5, 1.0), 300.0, ("a", "b"), True),  # a model more
+    (ResourceState("b1", 300.0, ("b", "a"), 5, 1.0), 300.0, ("a", "b"), False),  # the same models
+])
+def test_a_health_report_is_recorded_when_its_models_or_memory_change(last, memory_mb, loaded, recorded):
+    assert health_worth_recording(last, memory_mb, loaded) is recorded

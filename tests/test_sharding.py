@@ -4,6 +4,7 @@ the coordinator's own process is killed (a new one resumes the session from the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,7 +18,7 @@ from sharding.coordinator import ShardStage, after_promotions
 from sharding.models import llama, llama_onnx
 from sharding.plan import even_layer_ranges
 from sharding.sampling import sample_next, token_rng
-from webpool import ResourcePool
+from webpool import ResourcePool, cli
 
 PROMPT = "The capital of France is"
 STORY_PROMPT = "Once upon a time, a small robot"
@@ -46,8 +47,13 @@ def test_a_retried_session_starts_from_its_promoted_shadows():
 
 
 @pytest.fixture(scope="module")
-def pool(ray_local, tmp_path_factory):
-    handle = ResourcePool.remote(max_connections=3, event_log=str(tmp_path_factory.mktemp("shard-events")),
+def shard_events(tmp_path_factory):
+    return tmp_path_factory.mktemp("shard-events")
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, shard_events):
+    handle = ResourcePool.remote(max_connections=3, event_log=str(shard_events),
                                  request_timeout=30.0,
                                  fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
     yield handle
@@ -62,6 +68,31 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
     assert out["token_ids"] == expected
     assert len(set(out["browser_ids"])) == shards        # one browser per shard
     assert out["metrics"]["replays"] == 0 and out["metrics"]["recovery_ms"] == 0
+
+
+@pytest.mark.slow
+def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, capsys):
+    """The generations above (1, 2 and 3 shards), read back from the pool's own log by ``webpool analyze``:
+    each is a run of the sharding analyzer, with the memory its shards' browsers measured themselves, and
+    the analyzer recommends a shard count from them."""
+    # A browser in a session is not probed: its health report with its shard loaded comes at the first health
+    # pass after the session (every 2 s). A hang guard, not a speed limit.
+    deadline = time.monotonic() + 120
+    while True:
+        assert cli.main(["analyze", "--dir", str(shard_events), "--json"]) == 0
+        sharding = json.loads(capsys.readouterr().out)["sharding"]
+        smollm2 = sharding["by_model"].get("smollm2-135m", {})
+        if set(smollm2.get("runs_by_shards", {})) >= {"1", "2", "3"} or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert smollm2["runs_by_shards"] == {"1": 1, "2": 1, "3": 1}, sharding
+    assert sharding["skipped"] == {}, sharding
+    assert smollm2["recommended_shards"] in (1, 2, 3), smollm2["reason"]
+    for n in ("1", "2", "3"):
+        estimate = smollm2["estimates"][n]
+        assert estimate["source"] == "measured" and estimate["runs"] == 1
+    # Measured, not modelled: the browser that ran all 30 layers holds SmolLM2's 517 MB of fp32 weights.
+    assert smollm2["estimates"]["1"]["max_shard_memory_bytes"] > 517 << 20
 
 
 def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float, top_p: float, seed: int) -> list[int]:

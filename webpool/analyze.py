@@ -150,9 +150,58 @@ def _print_analysis(doc: dict) -> None:
     render.console.print(table("recommendations", ["key", "description", "recommendation"],
                          [[k, r["description"], r["recommendation"]] for k, r in doc["recommendations"].items()],
                          empty="none: no degrading model, failure pattern or better browser type found"))
+    sharding = doc["sharding"]
+    if sharding["by_model"] or sharding["skipped"]:
+        render.console.print(table("sharded generation (sharding/analyzer.py)",
+                                   ["model", "runs by shard count", "recommended shards", "why"],
+                                   [[m, ", ".join(f"{n}: {k}" for n, k in a["runs_by_shards"].items()),
+                                     a["recommended_shards"] or "-", a["reason"]]
+                                    for m, a in sharding["by_model"].items()]))
+        if sharding["skipped"]:
+            render.console.print(Text(f"generations the sharding analyzer could not use: {sharding['skipped']}"))
     if doc["anomalies"]:
         render.console.print(Text("history anomalies (e.g. operations whose start was compacted away): "
                                   f"{doc['anomalies']}"))
+
+
+class _Generations:
+    """The records the sharding analyzer reads (generations, their sessions, the browsers' health reports),
+    picked on their way to the tracker: the rest of the log is not kept."""
+
+    def __init__(self) -> None:
+        self.records: list[Recorded] = []
+        self._ops: set[str] = set()
+
+    def seen(self, rec: Recorded) -> Recorded:
+        from events import schema as ev
+
+        e = rec.event
+        if isinstance(e, ev.OperationStarted) and e.kind == "generate":
+            self._ops.add(e.op_id)
+            keep = True
+        else:
+            keep = (isinstance(e, ev.SessionOpened | ev.BrowserHealthReported)
+                    or (isinstance(e, ev.OperationCompleted | ev.OperationFailed) and e.op_id in self._ops))
+        if keep:
+            self.records.append(rec)
+        return rec
+
+
+def sharding_document(records: list[Recorded]) -> dict:
+    """Per model generated: the sharding analyzer's runs per shard count and its shard-count recommendation
+    (sharding/analyzer.py), from the log's generations; and the generations it could not use, by reason."""
+    from sharding.analyzer import ModelShardingAnalyzer
+
+    analyzer = ModelShardingAnalyzer.from_events(records)
+    by_model = {}
+    for model in analyzer.models():
+        trends = analyzer.analyze_performance_trends(model=model)
+        advice = analyzer.recommend_shard_count(model=model)
+        by_model[model] = {"runs": trends["runs"], "successful": trends["successful"],
+                           "runs_by_shards": {str(n): e["runs"] for n, e in trends["by_shards"].items()},
+                           "recommended_shards": advice["recommended_shards"], "reason": advice["reason"],
+                           "estimates": {str(n): e for n, e in advice["estimates"].items()}}
+    return {"by_model": by_model, "skipped": dict(analyzer.skipped)}
 
 
 class _FaultMarks:
@@ -190,9 +239,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with log_copy(args) as copy:
         store = copy.open()
         tracker = PerformanceHistoryTracker(max_entries=args.max_entries)
-        marks = _FaultMarks()
-        tracker.observe_many(marks.seen(rec) for rec in store.read(store.first_seq))
+        marks, generations = _FaultMarks(), _Generations()
+        tracker.observe_many(generations.seen(marks.seen(rec)) for rec in store.read(store.first_seq))
         doc = analysis_document(tracker, copy.location, args.model, args.browser_type, args.window)
+        doc["sharding"] = sharding_document(generations.records)
     if args.png:
         table = tracker.table
         mask = pc.greater_equal(table.column("ts"), doc["now"] - (args.window or float("inf")))

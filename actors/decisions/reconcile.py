@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from actors.constants import HEALTH_RECORD_CHANGE
 from events import schema as ev
 from events.errors import FailureCategory
-from events.state import CLOSED_STATUSES, PoolState, browsers_alive, models_on
+from events.state import CLOSED_STATUSES, PoolState, ResourceState, browsers_alive, models_on
 from sharding.models.registry import artifact_key
 
 SERVING_STATUSES = frozenset({"launched", "connected"})     # a browser whose page the pool reaches
@@ -110,6 +111,17 @@ def ended_by_restart(state: PoolState, adopted: frozenset[str] = frozenset()) ->
                if b.status not in CLOSED_STATUSES and b.browser_id not in adopted]
     events += [ev.BrowserConnected(browser_id=b) for b in sorted(adopted)]      # to the new incarnation
     return events
+
+
+def health_worth_recording(last: ResourceState | None, memory_mb: float, loaded: tuple[str, ...],
+                           change: float = HEALTH_RECORD_CHANGE) -> bool:
+    """Whether a browser's health report goes into the log (BrowserHealthReported): the first one, one whose
+    models differ from the last recorded, or one whose memory moved by ``change`` (relative) or more. The log
+    then says what each browser held and how much memory it took (the sharding analyzer reads it), without a
+    record per health pass."""
+    if last is None or tuple(sorted(last.reported_models)) != tuple(sorted(loaded)):
+        return True
+    return abs(memory_mb - last.memory_mb) >= change * max(last.memory_mb, 1.0)
 
 
 def adoptable(state: PoolState) -> frozenset[str]:
