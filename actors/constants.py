@@ -57,6 +57,9 @@ SCALE_DOWN_IDLE_S = 30.0           # adaptive_scaling: a serving browser idle th
 STOP_BROWSER_WAIT = 10.0           # a browser's own close() before its actor is killed anyway
 ADOPT_PING_WAIT = 5.0              # a restarted pool's ping to a browser it finds: an answer in time adopts it
 BROWSER_ACTOR_PREFIX = "webpool-browser:"   # + pool actor id + ":" + browser id + ":" + a nonce: the actor's name
+# The Ray namespace a pool's (detached, named) browser actors live in, whatever the driver's: a detached actor
+# in a driver's anonymous namespace draws a warning from Ray, and the pool's actor id keeps names apart.
+BROWSER_ACTOR_NAMESPACE = "webpool-browsers"
 STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its dead StateLog's name to free up
 # Requests admitted at once (running or waiting for a browser); one more gets PoolBusyError at once.
 # Below Ray's own limit on an async actor's concurrent calls (1000), so the bound is ours, not Ray's queue.

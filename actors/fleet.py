@@ -26,6 +26,7 @@ from actors.browser_actor import BrowserActor
 from actors.chromium import resolve_browser
 from actors.constants import (
     ADOPT_PING_WAIT,
+    BROWSER_ACTOR_NAMESPACE,
     BROWSER_ACTOR_PREFIX,
     BROWSER_START_TIMEOUT,
     STOP_BROWSER_WAIT,
@@ -233,7 +234,8 @@ class Fleet:
         options: dict[str, Any] = {"name": None}
         if self.owner_id is not None:
             # A nonce: a new actor under a browser id whose old actor is still being killed takes no taken name.
-            options |= {"name": f"{self._name_prefix()}{browser_id}:{uuid.uuid4().hex[:6]}", "lifetime": "detached"}
+            options |= {"name": f"{self._name_prefix()}{browser_id}:{uuid.uuid4().hex[:6]}", "lifetime": "detached",
+                        "namespace": BROWSER_ACTOR_NAMESPACE}
         if any(n.browser_slots is not None for n in nodes):
             options["resources"] = {placement.BROWSER_SLOTS: 1}
         node_id = placement.choose_node(nodes, standby, avoid_nodes)
@@ -282,11 +284,12 @@ class Fleet:
         if self.owner_id is None:
             return frozenset()
         prefix = self._name_prefix()
-        names = [n for n in await asyncio.to_thread(ray.util.list_named_actors) if n.startswith(prefix)]
+        named = await asyncio.to_thread(ray.util.list_named_actors, True)
+        names = [a["name"] for a in named if a["namespace"] == BROWSER_ACTOR_NAMESPACE and a["name"].startswith(prefix)]
 
         async def answers(name: str) -> tuple[str, Any, bool]:
             try:
-                handle = await asyncio.to_thread(ray.get_actor, name)
+                handle = await asyncio.to_thread(ray.get_actor, name, BROWSER_ACTOR_NAMESPACE)
             except ValueError:             # gone since the list was read
                 return name, None, False
             try:

@@ -18,7 +18,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from actors.constants import BROWSER_ACTOR_PREFIX
+from actors.constants import BROWSER_ACTOR_NAMESPACE
 from webpool.render import entry_time, table
 
 if TYPE_CHECKING:
@@ -84,9 +84,9 @@ def find_pool(ray: Any, name: str, namespace: str) -> Any:
     try:
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
-        # A pool's browser actors are named too (after the pool: actors/fleet.py); they are not what was asked for.
+        # Pools' browser actors are named too, in a namespace of their own (actors/fleet.py): not what was asked for.
         named = sorted(f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True)
-                       if not a["name"].startswith(BROWSER_ACTOR_PREFIX))
+                       if a["namespace"] != BROWSER_ACTOR_NAMESPACE)
         found = f"named actors there: {', '.join(named[:10])}" if named else "no named actors there"
         raise PoolNotFoundError(f"no pool named {name!r} in namespace {namespace!r} ({found}); "
                                 + start_hint(name, namespace)) from None
