@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,14 @@ import numpy as np
 from benchmarks.recovery_common import (
     AFTER_KILL_POOL,
     ANSWER_TIMEOUT,
+    FAULT_BACKENDS,
     MODEL,
     OPEN_TIMEOUT,
     OVERHEAD_TEXT,
+    TOLERANCE,
+    WEBGPU_BATCH,
+    WEBGPU_REQUEST_TIMEOUT,
+    WEBGPU_TOLERANCE,
     Config,
     Workload,
     _answer,
@@ -61,8 +66,15 @@ def _last_seq(pool: Any) -> int:
 class PoolSession:
     """One pool for a (strategy, level), replaced when a trial leaves it unfit; counts replacements."""
 
-    def __init__(self, strategy: str, level: str, cfg: Config, event_root: Path, work: Workload) -> None:
+    def __init__(self, strategy: str, level: str, cfg: Config, event_root: Path, work: Workload,
+                 backend: str = "auto") -> None:
         self.strategy, self.level, self.cfg, self.event_root, self.work = strategy, level, cfg, event_root, work
+        self.requested_backend = backend
+        webgpu = backend == "webgpu"
+        # WebGPU kernels (SwiftShader here) agree with the float64 reference to 1e-3, wasm to 1e-4.
+        self.tolerance = WEBGPU_TOLERANCE if webgpu else TOLERANCE
+        self.work = Workload.of(WEBGPU_BATCH) if webgpu else work
+        self.request_timeout = max(cfg.request_timeout, WEBGPU_REQUEST_TIMEOUT) if webgpu else cfg.request_timeout
         self.standby_wanted = 1 if level == "high" else 0
         # A parallel recovery launches a fresh browser in the background that the log shows only once
         # it is up: give it time to appear before calling the pool settled.
@@ -82,8 +94,8 @@ class PoolSession:
         if self.level == "high":
             ft["standby_browsers"] = self.standby_wanted
         self.pool = ResourcePool.remote(
-            max_connections=1, event_log=str(self.event_root / uuid.uuid4().hex[:8]),
-            request_timeout=self.cfg.request_timeout, health_interval=self.cfg.health_interval,
+            max_connections=1, event_log=str(self.event_root / uuid.uuid4().hex[:8]), backend=self.requested_backend,
+            request_timeout=self.request_timeout, health_interval=self.cfg.health_interval,
             memory_limit_mb=self.cfg.memory_limit_mb, fault_tolerance=ft)
         try:
             first = ray.get(self.pool.infer.remote(MODEL, {"texts": self.work.texts}), timeout=OPEN_TIMEOUT)
@@ -231,11 +243,12 @@ def pool_trial(session: PoolSession, fault: str) -> dict[str, Any]:
     fault_ts = time.time()
     t0 = time.perf_counter()
     inject_ms = (t0 - t_call) * 1000
-    answers = [_answer(ref, reference, t0)]
+    answers = [_answer(ref, reference, t0, tolerance=session.tolerance)]
     # The request in flight came back untouched (the fault landed after it, or breaks no request): the
     # client's next request, sent at once, is the one that meets it.
     if answers[0]["correct"] and not (answers[0]["recovered"] or answers[0]["hedged"]) and inject_error is None:
-        answers.append(_answer(pool.infer.remote(MODEL, {"texts": work.texts}), reference, t0))
+        answers.append(_answer(pool.infer.remote(MODEL, {"texts": work.texts}), reference, t0,
+                               tolerance=session.tolerance))
     # The request that met the fault: recovered and run again, or (level high) answered by its hedge.
     met = next((a for a in answers if a["recovered"] or a["hedged"]), None)
 
@@ -251,7 +264,8 @@ def pool_trial(session: PoolSession, fault: str) -> dict[str, Any]:
         time.sleep(0.05)
 
     # After the pool is done with the fault, it must answer correctly again (not timed).
-    verify = _answer(pool.infer.remote(MODEL, {"texts": work.texts}), reference, time.perf_counter())
+    verify = _answer(pool.infer.remote(MODEL, {"texts": work.texts}), reference, time.perf_counter(),
+                     tolerance=session.tolerance)
     if inject_error is not None:
         outcome = "not_injected"
     elif not all(a["correct"] for a in answers):
@@ -387,6 +401,16 @@ def run_fault(session: PoolSession, fault: str, advance: Callable[[str], None]) 
     return trials
 
 
+def session_groups(faults: Sequence[str], with_after_kill: bool) -> list[tuple[str, list[str]]]:
+    """The pools a (strategy, level) needs, as (backend, its faults): a fault whose subject is one backend
+    (``FAULT_BACKENDS``: the GPU process serves only WebGPU) gets a pool on that backend; the rest share one
+    on the default backend, which the after-kill trials also use."""
+    groups: dict[str, list[str]] = {"auto": []} if with_after_kill else {}
+    for fault in faults:
+        groups.setdefault(FAULT_BACKENDS.get(fault, "auto"), []).append(fault)
+    return [(backend, fs) for backend, fs in groups.items() if fs or backend == "auto"]
+
+
 def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Callable[[str], None],
                    cases: list[dict[str, Any]], sessions: dict[str, Any], checkpoint: Callable[[], None],
                    after_kill: dict[str, Any]) -> None:
@@ -394,49 +418,59 @@ def run_pool_cases(cfg: Config, work: Workload, event_root: Path, advance: Calla
     The (failover, high) pool then runs the after-kill trials into ``after_kill``."""
     for strategy in cfg.strategies:
         for level in cfg.levels:
-            session = PoolSession(strategy, level, cfg, event_root, work)
-            error: str | None = None
-            try:
-                session.open()
-            except Exception as exc:     # a pool that cannot open spoils its cases, not the whole run
-                error = str(exc)[:1500]
-                log.warning("pool did not open", extra={"strategy": strategy, "level": level, "error": error})
-            try:
-                for fault in cfg.faults:
-                    trials: list[dict[str, Any]] = []
-                    if error is None:
-                        try:
-                            trials = run_fault(session, fault, advance)
-                        except Exception as exc:     # a replacement pool that cannot open
-                            error = f"{type(exc).__name__}: {str(exc)[:1500]}"
-                    if error is not None and not trials:
-                        for _ in range(cfg.trials):
-                            advance(f"{fault} / {strategy} / {level} (not measured)")
-                        cases.append({"fault": fault, "strategy": strategy, "level": level, "backend": None,
-                                      "summary": summarize_case([]), "note": f"not measured: {error}",
-                                      "trials": []})
-                        continue
-                    case_summary = summarize_case(trials)
-                    steady = summary_ms(session.steady_request_ms)
-                    ttr = case_summary["time_to_result"]
-                    # What a fault costs beyond running the request once (the in-flight batch runs again).
-                    case_summary["steady_request"] = steady
-                    case_summary["beyond_request_median_ms"] = (ttr["median_ms"] - steady["median_ms"]
-                                                                if ttr and steady else None)
-                    cases.append({"fault": fault, "strategy": strategy, "level": level, "backend": session.backend,
-                                  "summary": case_summary, "note": case_note(fault, trials, session.backend),
-                                  "trials": trials})
-                    checkpoint()
-                if (strategy, level) == AFTER_KILL_POOL and cfg.after_kill_trials:
-                    if error is None:
-                        after_kill.update(run_after_kill(session, advance))
-                    else:
-                        for _ in range(cfg.after_kill_trials):
-                            advance("one sentence right after a SIGKILL (not measured)")
-                        after_kill.update({"error": error})
-                    checkpoint()
-            finally:
-                sessions[f"{strategy}/{level}"] = {"pool_replacements": session.replacements,
-                                                   "steady_request": summary_ms(session.steady_request_ms),
-                                                   "error": error}
-                session.close()
+            wants_after_kill = (strategy, level) == AFTER_KILL_POOL and bool(cfg.after_kill_trials)
+            for backend, faults in session_groups(cfg.faults, wants_after_kill):
+                run_session_cases(PoolSession(strategy, level, cfg, event_root, work, backend), faults,
+                                  wants_after_kill and backend == "auto", advance, cases, sessions, checkpoint,
+                                  after_kill)
+
+
+def run_session_cases(session: PoolSession, faults: list[str], with_after_kill: bool, advance: Callable[[str], None],
+                      cases: list[dict[str, Any]], sessions: dict[str, Any], checkpoint: Callable[[], None],
+                      after_kill: dict[str, Any]) -> None:
+    """One pool through ``faults`` (and the after-kill trials): its cases appended to ``cases``."""
+    strategy, level, cfg = session.strategy, session.level, session.cfg
+    error: str | None = None
+    try:
+        session.open()
+    except Exception as exc:     # a pool that cannot open spoils its cases, not the whole run
+        error = str(exc)[:1500]
+        log.warning("pool did not open", extra={"strategy": strategy, "level": level, "error": error})
+    try:
+        for fault in faults:
+            trials: list[dict[str, Any]] = []
+            if error is None:
+                try:
+                    trials = run_fault(session, fault, advance)
+                except Exception as exc:     # a replacement pool that cannot open
+                    error = f"{type(exc).__name__}: {str(exc)[:1500]}"
+            if error is not None and not trials:
+                for _ in range(cfg.trials):
+                    advance(f"{fault} / {strategy} / {level} (not measured)")
+                cases.append({"fault": fault, "strategy": strategy, "level": level, "backend": None,
+                              "summary": summarize_case([]), "note": f"not measured: {error}", "trials": []})
+                continue
+            case_summary = summarize_case(trials)
+            steady = summary_ms(session.steady_request_ms)
+            ttr = case_summary["time_to_result"]
+            # What a fault costs beyond running the request once (the in-flight batch runs again).
+            case_summary["steady_request"] = steady
+            case_summary["beyond_request_median_ms"] = (ttr["median_ms"] - steady["median_ms"]
+                                                        if ttr and steady else None)
+            cases.append({"fault": fault, "strategy": strategy, "level": level, "backend": session.backend,
+                          "summary": case_summary, "note": case_note(fault, trials, session.backend),
+                          "trials": trials})
+            checkpoint()
+        if with_after_kill:
+            if error is None:
+                after_kill.update(run_after_kill(session, advance))
+            else:
+                for _ in range(cfg.after_kill_trials):
+                    advance("one sentence right after a SIGKILL (not measured)")
+                after_kill.update({"error": error})
+            checkpoint()
+    finally:
+        name = f"{strategy}/{level}" + ("" if session.requested_backend == "auto" else f"/{session.requested_backend}")
+        sessions[name] = {"pool_replacements": session.replacements,
+                          "steady_request": summary_ms(session.steady_request_ms), "error": error}
+        session.close()

@@ -13,8 +13,10 @@ numbers are taken:
   a queued hang after the run); then it is the client's next request, sent as soon as the first
   answered. At level high that request may be answered by its hedge (a copy sent to an idle browser
   holding the model once it ran longer than nearly all requests do): outcome ``hedged_*``, and the time
-  to result can then come before the detection. Faults that break no request (a memory ceiling crossed;
-  the GPU process on wasm) have no time to result: their detection and recovery are still measured.
+  to result can then come before the detection. Faults that break no request (a memory ceiling crossed)
+  have no time to result: their detection and recovery are still measured. ``kill_gpu`` (the GPU
+  process's SIGKILL) is measured on a pool of its own on the webgpu backend (SwiftShader where there is no
+  GPU; embeddings then checked to 1e-3), where it loses the WebGPU device: on wasm it would break nothing.
 
 Two baselines are measured in the same run. The plain one is what a Ray user writes today: a Ray actor
 owning a BrowserCore with MiniLM loaded in ``__init__``, ``max_restarts=1, max_task_retries=1`` and

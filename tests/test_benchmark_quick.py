@@ -13,6 +13,7 @@ import math
 import orjson
 import pytest
 
+from benchmarks import pool_trials as pt
 from benchmarks import recovery_common as rc
 from benchmarks import recovery_latency as rl
 from benchmarks import vanished_node as vn
@@ -102,6 +103,16 @@ def _check_summary(s: dict | None) -> None:
     assert s["n"] >= 1
     assert all(math.isfinite(s[k]) for k in ("median_ms", "p95_ms", "min_ms", "max_ms"))
     assert s["min_ms"] <= s["median_ms"] <= s["p95_ms"] <= s["max_ms"]
+
+
+def test_a_fault_of_one_backend_gets_a_pool_on_that_backend():
+    """kill_gpu ends only WebGPU's device: it is measured on a webgpu pool, never reported from a wasm one;
+    the other faults share the default pool, which the after-kill trials use too."""
+    assert pt.session_groups(["kill_browser", "kill_gpu", "hang"], True) == [
+        ("auto", ["kill_browser", "hang"]), ("webgpu", ["kill_gpu"])]
+    assert pt.session_groups(["kill_gpu"], False) == [("webgpu", ["kill_gpu"])]
+    assert pt.session_groups(["kill_gpu"], True) == [("auto", []), ("webgpu", ["kill_gpu"])]
+    assert pt.session_groups(["kill_actor"], False) == [("auto", ["kill_actor"])]
 
 
 def test_quick_run_writes_sane_results(ray_local, tmp_path):
