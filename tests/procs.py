@@ -52,9 +52,12 @@ class BrowserStartKiller:
 
     def _run(self) -> None:
         while not self._stop.wait(0.002):
-            if self.limit is not None and len(self.killed) >= self.limit:
-                return
-            for pid in set(descendants(self.root)) - self._before - set(self.killed):
+            # Oldest first, and the limit checked at each kill: the launcher (/usr/bin/chromium is a shell
+            # script that execs the browser) may show a forked subshell with the same arguments for a moment,
+            # and one scan saw both (2 kills where 1 was asked).
+            for pid in sorted(set(descendants(self.root)) - self._before - set(self.killed)):
+                if self.limit is not None and len(self.killed) >= self.limit:
+                    return
                 if is_browser_main_process(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
