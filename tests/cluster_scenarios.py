@@ -359,6 +359,9 @@ def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, An
         pool_pid = ray.get(pool.pid.remote(), timeout=60)
         refs = [pool.infer.remote(EMBED, {"text": t}) for t in texts]
         _wait(lambda: _state(pool).operations, 60, "the requests to start")
+        # Browsers on the other nodes outlive the pool's: the new incarnation must adopt them, not retire them.
+        out["unpinned_browsers_elsewhere"] = sorted(b["browser_id"] for b in _browsers(pool)
+                                                    if b["node_id"] != victim.node_id)
         t_removed = time.time()
         _vanish(cluster, victim)
         # The pool's own process went with its node (a SIGKILL lands within moments, not at once).

@@ -102,7 +102,8 @@ def test_the_history_of_a_real_run_shows_a_planted_slowdown(ray_local, tmp_path,
 
 def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_local, tmp_path, reference):
     pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
-                               fault_tolerance={"level": "medium"})
+                               fault_tolerance={"level": "medium"},
+                               spare_process=False)      # a drained browser is replaced, never restarted
     try:
         # Two browsers holding the model: concurrent requests make the pool grow to max_connections (in the
         # background: the busy browser answers meanwhile).

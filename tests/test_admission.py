@@ -26,7 +26,8 @@ ROWS_BOUND = 40
 def pool(ray_local, tmp_path_factory):
     handle = ResourcePool.remote(max_connections=1, max_queued_requests=QUEUE_BOUND, max_queued_rows=ROWS_BOUND,
                                  event_log=str(tmp_path_factory.mktemp("admission-events")),
-                                 fault_tolerance={"level": "medium"})
+                                 fault_tolerance={"level": "medium"},
+                                 spare_process=False)          # the door is under test; nothing is restarted
     ray.get(handle.infer.remote(MODEL, {"text": "warm up"}))
     yield handle
     ray.get(handle.shutdown.remote())

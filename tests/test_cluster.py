@@ -106,6 +106,9 @@ def test_an_unpinned_pool_that_loses_its_node_is_restarted_elsewhere_and_answers
     assert observed["unpinned_node_after"] != observed["unpinned_node_before"], "restarted on another node"
     # The new incarnation rebuilt from the log: it ended the operations its predecessor had started.
     assert observed["unpinned_restarted"], "\n".join(observed["unpinned_trace"])
+    # Each browser that was alive on another node is adopted (its process and page kept), none retired.
+    assert set(observed["unpinned_browsers_elsewhere"]) <= set(observed["unpinned_adopted"]), \
+        "\n".join(observed["unpinned_trace"])
 
 
 def test_nothing_outlives_the_pool(observed):

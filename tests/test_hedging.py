@@ -96,6 +96,7 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
     # every request: slow warm-up requests (the machine is shared) must not spend the one the hang needs.
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=REQUEST_TIMEOUT,
                                health_interval=60.0, name="hedge-pool",
+                               spare_process=False,       # the hedge answers; no restart is under test here
                                fault_tolerance={"level": "high", "standby_browsers": 1, "hedge_budget": 1.0})
     try:
         serving = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))["browser_id"]

@@ -53,8 +53,10 @@ def shard_events(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, shard_events):
+    # No spare process: SmolLM2 is too big to be held by one, and a blank spare (a second Chromium per browser,
+    # its runtime set up) would only take CPU from the generations; a restarted shard here starts cold.
     handle = ResourcePool.remote(max_connections=3, event_log=str(shard_events),
-                                 request_timeout=30.0,
+                                 request_timeout=30.0, spare_process=False,
                                  fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
     yield handle
     ray.get(handle.shutdown.remote())
@@ -218,6 +220,7 @@ def test_with_shadows_a_shard_kill_switches_to_the_shadow_with_no_replay(ray_loc
     a primary's browser mid-generation hands its shard to the shadow (ShardPromoted): no prefix re-run,
     identical output; the pool recovers the dead browser in the background."""
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=30.0,
+                               spare_process=False,       # the shadow takes over; the restart comes after
                                fault_tolerance={"level": "high", "standby_browsers": 0})
     try:
         ref = pool.generate.remote("smollm2-135m", PROMPT, max_new_tokens=NEW_TOKENS, shards=2)
