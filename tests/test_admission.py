@@ -137,3 +137,13 @@ def test_a_bad_spare_process_option_is_a_typed_error():
         with pytest.raises(InputError) as info:
             PoolCore(spare_process=bad)
         assert info.value.field == "spare_process"
+
+
+def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
+    """README: ``retry_after_s`` is the rows ahead at the last 5 s answer rate, within [0.05 s, 30 s]; a second
+    before any answer."""
+    from actors.decisions.batching import retry_after_s
+
+    assert retry_after_s(100, 50.0) == 2.0
+    assert retry_after_s(1, 1000.0) == 0.05 and retry_after_s(10**6, 1.0) == 30.0
+    assert retry_after_s(100, None) == 1.0 and retry_after_s(100, 0.0) == 1.0

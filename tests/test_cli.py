@@ -190,6 +190,16 @@ def test_bench_runs_the_benchmark_module(monkeypatch, tmp_path, capsys):
     assert f"wrote {tmp_path / 'history.json'}" in out and "2,000 entries" in out
 
 
+@pytest.mark.parametrize("name", ["recovery", "failure-signals", "startup", "inference", "event-log", "history",
+                                  "sharded-generation", "throughput"])
+def test_every_benchmark_the_readme_names_runs_as_webpool_bench(name, capsys):
+    """Each name the README lists maps to a benchmark module whose options ``webpool bench NAME --help`` shows."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", name, "--help"])
+    assert done.value.code == 0
+    assert f"usage: webpool bench {name}" in capsys.readouterr().out
+
+
 def test_doctor_names_a_missing_browser_and_the_fix(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -95,3 +95,53 @@ def test_outside_requests_websockets_and_navigation_are_blocked(listener):
     assert all(data == b"" for _peer, data in connected), connected
     assert result["blocked"] >= 3 and result["health_blocked"] >= 3     # counted, visible in health
     assert np.abs(result["embedding"] - minilm.reference_embed(["still serving"])).max() <= 1e-4
+
+
+def test_devtools_listen_on_loopback_only_and_the_sandbox_is_off_only_as_root(monkeypatch, tmp_path):
+    """README's security notes: DevTools on 127.0.0.1 at a port the kernel picks; Chromium's sandbox stays on
+    unless webpool runs as root (where Chromium refuses to start with it)."""
+    from actors import chromium
+
+    monkeypatch.setattr(chromium.os, "geteuid", lambda: 1000)
+    flags = chromium.chromium_flags(tmp_path)
+    assert "--remote-debugging-address=127.0.0.1" in flags and "--remote-debugging-port=0" in flags
+    assert "--no-sandbox" not in flags and f"--user-data-dir={tmp_path}" in flags
+    monkeypatch.setattr(chromium.os, "geteuid", lambda: 0)
+    assert "--no-sandbox" in chromium.chromium_flags(tmp_path)
+
+
+def test_the_page_server_serves_only_its_own_files_under_its_secret_prefix():
+    """README: the page server listens on 127.0.0.1 under an unguessable path prefix and serves only its page,
+    runtime, onnxruntime-web files and the model bytes it was handed (until dropped); anything else is a 404."""
+    import urllib.error
+    import urllib.request
+
+    from actors.page_server import PageServer
+
+    async def fetch(url: str) -> int:
+        def get() -> int:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as err:
+                return err.code
+        return await asyncio.to_thread(get)
+
+    async def main() -> None:
+        a, b = PageServer(), PageServer()
+        assert a.prefix != b.prefix and len(a.prefix) > 20
+        await a.start()
+        try:
+            assert a.origin.startswith("http://127.0.0.1:")
+            blob = a.put_blob("model", memoryview(b"weights"))
+            assert await fetch(a.base_url + "runtime.js") == 200 and await fetch(blob) == 200
+            for outside in (f"{a.origin}/runtime.js", f"{a.origin}{b.prefix}/runtime.js",
+                            a.base_url + "../actors/constants.py", a.base_url + "%2e%2e/README.md",
+                            a.base_url + "blobs/guessed", a.base_url + "index.html/.."):
+                assert await fetch(outside) == 404, outside
+            a.drop_blob(blob)
+            assert await fetch(blob) == 404
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
