@@ -65,6 +65,12 @@ def test_generate_tiny_llama_equals_cpu_onnxruntime(pool):
     expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
                                          out["prompt_token_ids"], 16)
     assert out["token_ids"] == expected
+    # The README's generate metrics: prefill time and decode speed, consistent with each other.
+    m = out["metrics"]
+    decoded = len(out["token_ids"]) - 1          # the first token comes from the prefill
+    assert m["tokens"] == len(out["token_ids"]) and m["shards"] == 1 and m["recovery_ms"] == 0
+    assert m["prefill_ms"] > 0 and m["decode_ms_per_token"] > 0
+    assert m["decode_tokens_per_s"] == pytest.approx(1000 / m["decode_ms_per_token"]) and decoded >= 1
 
 
 @pytest.mark.slow

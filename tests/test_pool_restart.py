@@ -97,3 +97,27 @@ def test_a_pool_killed_for_good_takes_its_browsers_with_it(ray_local, tmp_path):
         assert time.monotonic() < deadline, f"browser process {browser.pid} outlived its pool"
         time.sleep(0.05)
 
+
+
+@pytest.mark.ray
+def test_a_pool_started_on_a_log_with_other_options_records_them_again(ray_local, tmp_path):
+    """The log says how the pool ran: a pool started on an existing log adds a PoolConfigured event when its
+    configuration differs from the last one recorded, and none when it is the same."""
+    log_dir = str(tmp_path / "events")
+
+    def configured_after(**options) -> list[dict]:
+        pool = ResourcePool.remote(event_log=log_dir, **options)
+        try:
+            state = ray.get(pool.get_state.remote())          # opens the log: no browser is needed for this
+            events = ray.get(pool.recent_events.remote(state.last_seq + 10))
+            ray.get(pool.shutdown.remote())
+        finally:
+            ray.kill(pool, no_restart=True)
+        return [e["data"] for e in events if e["action"] == "PoolConfigured"]
+
+    assert [c["level"] for c in configured_after(fault_tolerance={"level": "none"})] == ["none"]
+    assert [c["level"] for c in configured_after(fault_tolerance={"level": "low"})] == ["none", "low"]
+    again = configured_after(fault_tolerance={"level": "low"})
+    assert [c["level"] for c in again] == ["none", "low"], "the same configuration is not recorded twice"
+    assert [c["options"]["max_connections"] for c in configured_after(fault_tolerance={"level": "low"},
+                                                                      max_connections=2)][-1] == 2

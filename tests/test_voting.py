@@ -71,3 +71,12 @@ def test_voters_of_a_sharded_generation_run_no_shadows():
     """At critical the redundancy is the voters; shadows would double every voter's browsers."""
     assert FaultToleranceConfig.from_options({"level": "high"}).shadows(2)
     assert not FaultToleranceConfig.from_options({"level": "critical"}).shadows(2)
+
+
+def test_shadows_only_for_sharded_generations_at_high_unless_turned_off():
+    """README: a shadow per shard at level high (``shadow_shards``, default on); none for one shard, none below
+    high, none once turned off. (Too few browsers: the shard runs unshadowed, actors/sessions.py.)"""
+    shadows = lambda options, shards: FaultToleranceConfig.from_options(options).shadows(shards)  # noqa: E731
+    assert shadows({"level": "high"}, 3) and not shadows({"level": "high"}, 1)
+    assert not shadows({"level": "high", "shadow_shards": False}, 2)
+    assert not shadows({"level": "medium"}, 2) and not shadows({"level": "none"}, 2)
