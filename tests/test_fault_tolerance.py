@@ -120,6 +120,8 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     won = [s["step"] for s in steps if s["success"]]
     # A hang ended by its budget leaves the page usable: it is resumed in place, whatever the strategy.
     assert len(won) == 1 and won[0] in ({"resume"} if fault == "hang" else STEPS_OF[strategy]), steps
+    if won[0] == "failover":       # the failed browser is retired, its work moved to another
+        assert done["state"].browsers[browser_id].status == "retired", done["state"].browsers[browser_id]
 
 
 def test_a_browser_that_dies_idle_is_recovered_on_its_own_signal(ray_local, tmp_path, reference):

@@ -143,6 +143,9 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
         state = ray.get(pool.get_state.remote())
         assert open_operations(state) == [], "both runs of the hedged request ended in the log"
         assert state.metrics["hedges_won"] >= 1
+        stats = ray.get(pool.get_recovery_statistics.remote())        # the README: the statistics count them
+        assert (stats["hedges_sent"], stats["hedges_won"]) == (state.metrics["hedges_sent"],
+                                                               state.metrics["hedges_won"])
         # The hedges reach Prometheus as the log counts them.
         counts = {"sent": state.metrics["hedges_sent"], "won": state.metrics["hedges_won"]}
         wait_until(lambda samples: [
