@@ -39,6 +39,8 @@ from sharding.models import minilm
     ([1] * 15, 32, 2, 8),
     ([1] * 16, 4, 2, 4),           # the share is still at most max_rows
     ([8, 8], 32, 4, 1),
+    ([1, 1, 1], 1, 1, 1),          # max_batch_size=1 (README): every request runs alone
+    ([4, 1], 1, 1, 1),
 ])
 def test_take(rows, max_rows, free, taken):
     assert batching.take(rows, max_rows, free) == taken

@@ -52,6 +52,7 @@ def test_fault_tolerance_options_default_to_what_the_readme_says():
     ("SPARE_MODEL_BYTES_MAX", 256 << 20), ("SPARE_MEMORY_RESERVE_BYTES", 2 << 30),
     ("SPARE_IDLE_S", 0.5), ("SPARE_START_WITHIN_S", 10.0),
     ("DEGRADED_FACTOR", 4.0), ("ANSWER_RATE_WINDOW_S", 5.0),
+    ("PROBE_INTERVAL", 0.25),                                          # every browser's actor pinged 4 times a second
 ])
 def test_tunables_are_the_readme_numbers(constant, readme):
     assert getattr(c, constant) == readme

@@ -42,3 +42,13 @@ def test_a_spare_is_started_only_where_memory_allows():
     assert spare_fits(room + 2 * 100, 100) and not spare_fits(room + 2 * 100 - 1, 100)
     assert not spare_fits(0, 0)               # /proc/meminfo unreadable: no spare
     assert memory_available() > 0             # Linux: the kernel's MemAvailable
+
+
+def test_minilm_is_held_by_a_spare_and_smollm2_is_not():
+    """README: a spare holds the browser's models when they take at most 256 MiB in all (MiniLM yes, SmolLM2 no):
+    the real artifacts' sizes against the rule."""
+    from sharding.models.registry import artifacts, llama_model
+
+    [minilm] = artifacts("all-minilm-l6-v2")
+    [smollm2] = artifacts("smollm2-135m", [(0, llama_model("smollm2-135m").config.n_layers)])
+    assert minilm.path.stat().st_size <= SPARE_MODEL_BYTES_MAX < smollm2.path.stat().st_size
