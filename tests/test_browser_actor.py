@@ -199,3 +199,19 @@ def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_mod
         ray.kill(handle)
     assert _pids_alive([*health["pids"].values(), spare]) == []
     assert not os.path.exists(health["temp_dir"])
+
+
+def test_a_browser_type_that_cannot_be_driven_falls_back_and_says_so(monkeypatch, caplog):
+    """README: Firefox (no CDP) or a type not installed falls back along chromium -> chrome -> edge, logged;
+    none installed is a BrowserNotFoundError that says how to install one."""
+    import logging
+
+    from actors import chromium
+
+    with caplog.at_level(logging.WARNING, logger="actors.chromium"):
+        exe = chromium.resolve_browser("firefox")
+    assert exe.browser_type in chromium.SUPPORTED_TYPES and os.access(exe.path, os.X_OK)
+    assert f"browser type firefox is not available; using {exe.browser_type}" in caplog.text
+    monkeypatch.setattr(chromium, "find_executable", lambda _type: None)
+    with pytest.raises(chromium.BrowserNotFoundError, match="apt-get install chromium"):
+        chromium.resolve_browser("chromium")
