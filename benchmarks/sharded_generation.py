@@ -15,6 +15,9 @@
    - baseline: what happens without any of that. A pool at level none reports the failure; the failed
      browser is restarted (``recover_browser(strategy="restart")``: a new process, its shard loaded again)
      and the whole generation is run again from the first token.
+   Before each faulted run the pool is let settle (no recovery or operation open, no event for 1 s, then up to
+   30 s for each browser's spare process to be ready where the pool keeps spares; each run records whether
+   they were), so that a run pays for its own fault only.
    Each is timed from the request to the correct answer; the extra latency is that time minus the median
    of the same generation with no fault (measured in the same run on the same pool). Ratios are each
    recovery's extra latency over the baseline's.
@@ -107,6 +110,41 @@ def timed_generate(pool: Any, model: str, tokens: int, shards: int) -> tuple[flo
     return (time.perf_counter() - t0) * 1000, out
 
 
+SETTLE_TIMEOUT_S = 300.0
+SETTLE_QUIET_S = 1.0          # no new event for this long
+SPARE_WAIT_S = 30.0           # then at most this long for the browsers' spare processes to be ready
+
+
+def settle(pool: Any) -> bool:
+    """Wait for the pool's steady state before a faulted run: no recovery and no operation open and no event
+    for a second, then (where the pool keeps spare processes) up to ``SPARE_WAIT_S`` for every browser's spare
+    to be ready. Otherwise a run measures the previous fault too: the dead browser is recovered once its
+    session closes, and its new spare is prepared after that, both on the two cores the next generation needs.
+    A spare may never come (none is started where it would leave under 2 GiB of memory free): returns whether
+    every spare was ready, and the run is kept either way."""
+    import ray
+
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last_seq, changed = -1, time.monotonic()
+    while True:
+        state = ray.get(pool.get_state.remote())
+        if state.last_seq != last_seq:            # a standby being replaced and warmed up logs as it goes
+            last_seq, changed = state.last_seq, time.monotonic()
+        if not (state.recoveries or state.operations) and time.monotonic() - changed >= SETTLE_QUIET_S:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool did not settle within {SETTLE_TIMEOUT_S:.0f} s")
+        time.sleep(0.1)
+    if not dict(state.config).get("options", {}).get("spare_process", False):
+        return True
+    spare_deadline = time.monotonic() + SPARE_WAIT_S
+    while time.monotonic() < spare_deadline:
+        if all("error" not in rep and rep["spare_ready"] for rep in ray.get(pool.health.remote()).values()):
+            return True
+        time.sleep(0.25)
+    return False
+
+
 def start_and_kill_middle_shard(pool: Any, model: str, tokens: int, kill_after: int) -> tuple[float, Any, str]:
     """Start a generation over 3 shards and kill its middle shard's browser after ``kill_after`` tokens:
     (start time, the generation's ref, the killed browser)."""
@@ -186,7 +224,9 @@ def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: 
     clean_median = float(np.median([ms for ms, _ in clean]))
     runs = []
     for _ in range(repeats):
+        spares_ready = settle(pool)
         run = (faulted_in_flight if in_flight else faulted_with_restart)(pool, model, tokens, kill_after)
+        run["spares_ready"] = spares_ready
         identical &= run["token_ids"] == expected
         runs.append(run)
         timed_generate(pool, model, tokens, FAULT_SHARDS)               # the restarted browser's shard is warm
