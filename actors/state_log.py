@@ -67,6 +67,7 @@ class StateLog:
         # Group commit: appends waiting for the committer, and the committer task while it runs.
         self._queue: list[tuple[list[Event], str | None, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None
+        self._appends = self._groups = 0          # since this process started: what group commit saved
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         log.info("StateLog on %s: %s at seq %d in %.3f s (pid %d)", self._store.location,
                  "restarted" if restarted else "started", self._store.last_seq, self._open_s, os.getpid())
@@ -96,6 +97,8 @@ class StateLog:
                 # One turn of the loop lets appends that have already arrived join this group.
                 await asyncio.sleep(0)
                 group, self._queue = self._queue, []
+                self._groups += 1
+                self._appends += len(group)
                 try:
                     outcomes = self._store.append_group([(events, batch_id) for events, batch_id, _ in group])
                 except Exception as exc:      # the write failed: no append of the group is recorded
@@ -184,6 +187,9 @@ class StateLog:
             "open_s": self._open_s,
             "started_at": self._started_at,
             "restarted": ctx.was_current_actor_reconstructed,
+            # Append calls and the group commits (one write, one sync decision) that recorded them.
+            "appends": self._appends,
+            "group_commits": self._groups,
         }
 
     async def close(self) -> None:

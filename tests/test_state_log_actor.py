@@ -127,6 +127,17 @@ def test_get_or_create_finds_the_named_actor_and_checks_its_location(ray_up, tmp
 WRITERS = 6
 
 
+def test_concurrent_appends_share_group_commits(state_log):
+    """README: appends that arrive together are written with one write and one sync. 64 appends sent at
+    once (fsync on every commit) are recorded in fewer commits than calls, each once, in distinct seqs."""
+    log = state_log(fsync="always")
+    recs = ray.get([log.append.remote(BrowserConnected(f"b{i}")) for i in range(64)])
+    assert sorted(r.seq for r in recs) == list(range(1, 65))
+    assert sorted(r.event.browser_id for r in recs) == sorted(f"b{i}" for i in range(64))
+    info = ray.get(log.info.remote())
+    assert info["appends"] == 64 and 1 <= info["group_commits"] < 64, info
+
+
 def test_kill_9_while_writers_append_loses_no_acknowledged_event(state_log, tmp_path):
     """Six writers append concurrently (so appends are group-committed together) while the StateLog is
     SIGKILLed twice: every acknowledged batch is in the log once, at its seq, each writer's in its order."""
