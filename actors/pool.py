@@ -413,6 +413,14 @@ class PoolCore:
         await self._ensure_log()
         return await self.log.recent(n)
 
+    async def events_since(self, seq: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Long poll: the log's events after ``seq`` (``recent_events``' shape), waiting up to ``timeout`` for
+        the first; ``[]`` if none came. Call again with the last one's seq to follow the pool as it works: a
+        call per batch of events, where polling ``get_state`` copies the whole projection each time (at
+        100 calls/s that took CPU from the generation a test was watching)."""
+        await self._ensure_log()
+        return await self.log.follow(seq + 1, timeout)
+
     async def pid(self) -> int:
         """This pool's process id (a fault to inject: kill it and Ray restarts the pool, which rebuilds)."""
         return os.getpid()

@@ -124,3 +124,6 @@ class PoolLog:
 
     async def recent(self, n: int) -> list[dict[str, Any]]:
         return await self._handle.recent.remote(n)
+
+    async def follow(self, start_seq: int, timeout: float) -> list[dict[str, Any]]:
+        return await self._handle.follow.remote(start_seq, timeout)

@@ -168,6 +168,11 @@ class StateLog:
         """The newest ``n`` events in the seed's transaction-log shape (timestamp, action, data)."""
         return [log_entry(r) for r in self._store.tail(n)]
 
+    async def follow(self, start_seq: int, timeout: float = 30.0, limit: int = 10_000) -> list[dict[str, Any]]:
+        """``subscribe`` in ``recent``'s shape: events from ``start_seq`` on, waiting up to ``timeout`` for the
+        first (none came: ``[]``)."""
+        return [log_entry(r) for r in await self.subscribe(start_seq, timeout, limit)]
+
     async def compact(self, archive: bool = False) -> dict[str, int]:
         return self._store.compact(archive=archive)
 

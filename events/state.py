@@ -165,9 +165,32 @@ def models_on(state: PoolState, browser_id: str) -> list[ModelState]:
     return sorted(found, key=lambda m: (m.model, m.shard or ""))
 
 
-def sessions_with_tokens(state: PoolState, n: int) -> list[SessionState]:
-    """Open generation sessions that have logged at least ``n`` tokens, oldest first."""
-    return sorted((s for s in state.sessions.values() if len(s.tokens) >= n), key=lambda s: s.opened_seq)
+class SessionTokens:
+    """Open generation sessions' plans and logged token counts, folded from log entries in ``recent_events``'
+    shape: what a client following a pool with ``events_since`` (from ``last_seq``) needs to act on a session
+    mid-way, without fetching the pool's whole state each time."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.plans: dict[str, dict[str, Any]] = {}      # open sessions, in the order they opened
+        self.tokens: dict[str, int] = {}
+
+    def add(self, entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            self.last_seq = max(self.last_seq, e["seq"])
+            data = e["data"]
+            if e["action"] == "SessionOpened":
+                self.plans[data["session_id"]] = data["plan"]
+                self.tokens[data["session_id"]] = 0
+            elif e["action"] == "TokensAppended" and data["session_id"] in self.tokens:
+                self.tokens[data["session_id"]] += len(data["token_ids"])
+            elif e["action"] == "SessionClosed":
+                self.plans.pop(data["session_id"], None)
+                self.tokens.pop(data["session_id"], None)
+
+    def reached(self, n: int) -> str | None:
+        """The first-opened open session that has logged at least ``n`` tokens."""
+        return next((s for s in self.plans if self.tokens[s] >= n), None)
 
 
 def open_operations(state: PoolState) -> list[OperationState]:

@@ -52,7 +52,7 @@ from procs import alive  # noqa: E402  (tests/procs.py: this script runs from te
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from events.state import browsers_alive, sessions_with_tokens  # noqa: E402
+from events.state import SessionTokens, browsers_alive  # noqa: E402
 from sharding.models import llama, llama_onnx, minilm  # noqa: E402
 from webpool import ResourcePool  # noqa: E402
 
@@ -251,14 +251,16 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
         if ray.wait([ref], timeout=0)[0]:
             ray.get(ref)            # it ended before 4 tokens: raise its error here, rather than wait
             raise RuntimeError("the generation ended before it reached 4 tokens")
-        live = sessions_with_tokens(_state(pool), 4)
-        return live[0] if live else None
+        watch.add(ray.get(pool.events_since.remote(watch.last_seq, 1.0)))    # follows the pool's log
+        return watch.reached(4)
 
-    session = _wait(session_with_tokens, 600, "a generation to reach 4 tokens", interval=0.02)
-    shard_browser = session.plan["shards"][1]["browser_id"]
+    watch = SessionTokens()
+    session = _wait(session_with_tokens, 600, "a generation to reach 4 tokens", interval=0.0)
+    plan = watch.plans[session]
+    shard_browser = plan["shards"][1]["browser_id"]
     node = _state(pool).browsers[shard_browser].node_id
-    out["shard_nodes"] = [_state(pool).browsers[s["browser_id"]].node_id for s in session.plan["shards"]]
-    out["shard_victim"] = {"browser_id": shard_browser, "node_id": node, "tokens_before": len(session.tokens)}
+    out["shard_nodes"] = [_state(pool).browsers[s["browser_id"]].node_id for s in plan["shards"]]
+    out["shard_victim"] = {"browser_id": shard_browser, "node_id": node, "tokens_before": watch.tokens[session]}
     coordinator = ray.get(pool.coordinator.remote(GENERATE), timeout=60)
     out["shard_coordinator_node"] = ray.get(coordinator.node_id.remote(), timeout=60)
     seq0, t_removed = _state(pool).last_seq, time.time()

@@ -13,6 +13,7 @@ from event_strategies import logs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from events.codec import log_entry
 from events.errors import FailureCategory, SequenceGapError, SnapshotError
 from events.fold import apply, replay
 from events.schema import (
@@ -60,11 +61,11 @@ from events.state import (
     RecoveryStep,
     ResourceState,
     SessionState,
+    SessionTokens,
     browsers_alive,
     models_on,
     open_operations,
     recovery_statistics,
-    sessions_with_tokens,
     state_from_json,
     state_to_json,
 )
@@ -331,12 +332,19 @@ def test_session_closed():
     assert s.sessions == {} and s.metrics["sessions_closed"] == 1
 
 
-def test_sessions_with_tokens_lists_open_sessions_that_reached_n_oldest_first():
-    s = run(SessionOpened("s1", "m", {}), SessionOpened("s2", "m", {}), SessionOpened("s3", "m", {}),
-            TokensAppended("s2", (1, 2)), TokensAppended("s1", (1, 2, 3)), TokensAppended("s3", (1, 2)),
-            SessionClosed("s3", "eos"))
-    assert [x.session_id for x in sessions_with_tokens(s, 2)] == ["s1", "s2"]
-    assert [x.session_id for x in sessions_with_tokens(s, 3)] == ["s1"] and sessions_with_tokens(s, 4) == []
+def test_session_tokens_follows_open_sessions_from_log_entries():
+    """SessionTokens folds log entries (recent_events' shape, as events_since returns them) into the open
+    sessions' plans and token counts; a closed session leaves; the first-opened session to reach n wins."""
+    events = [SessionOpened("s1", "m", {"p": 1}), SessionOpened("s2", "m", {"p": 2}), SessionOpened("s3", "m", {}),
+              TokensAppended("s2", (1, 2)), TokensAppended("s1", (1, 2, 3)), TokensAppended("s3", (1, 2)),
+              SessionClosed("s3", "eos"), TokensAppended("gone", (9,))]
+    entries = [log_entry(Recorded(i + 1, 100.0 + i, e)) for i, e in enumerate(events)]
+    watch = SessionTokens()
+    watch.add(entries[:4])
+    assert watch.reached(2) == "s2" and watch.reached(3) is None and watch.last_seq == 4
+    watch.add(entries[4:])
+    assert watch.reached(2) == "s1" and watch.plans["s1"] == {"p": 1} and watch.reached(4) is None
+    assert "s3" not in watch.plans and watch.tokens == {"s1": 3, "s2": 2} and watch.last_seq == 8
 
 
 def test_snapshot_written():

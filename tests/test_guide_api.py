@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Dict  # noqa: UP035 - the guide's example is written with typing.Dict
 
 import numpy as np
@@ -20,7 +21,7 @@ import ray
 from events import schema as ev
 from events.codec import log_entry
 from events.errors import BrowserFailure, InputError
-from events.state import sessions_with_tokens
+from events.state import SessionTokens
 from sharding.models import minilm
 from webpool import BridgeNotReadyError, BrowserFailureCategory, ResourcePoolBridgeIntegration
 from webpool import ResourcePoolRecoveryManager as _Manager
@@ -395,13 +396,14 @@ def test_sharding_manager_names_the_models_we_have():
 
 
 async def _wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[str, Any]:
-    """The plan of the open generation session that has produced at least ``n`` tokens."""
-    for _ in range(int(timeout / 0.01)):
-        state = await pool.get_state.remote()
-        live = sessions_with_tokens(state, n)
-        if live:
-            return live[0].plan
-        await asyncio.sleep(0.01)
+    """The plan of the open generation session that has produced at least ``n`` tokens (followed in the
+    pool's log: polling get_state copies the pool's whole state each time)."""
+    watch = SessionTokens()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        watch.add(await pool.events_since.remote(watch.last_seq, 1.0))
+        if (session := watch.reached(n)) is not None:
+            return watch.plans[session]
     raise AssertionError(f"no session reached {n} tokens")
 
 

@@ -59,6 +59,25 @@ def test_concurrent_requests_all_correct(pool):
         assert np.abs(out["embedding"] - r).max() <= 1e-4
 
 
+def test_events_since_follows_the_log_by_long_poll(pool):
+    """events_since(seq) waits for the first event after seq and returns what came, in order; followed from
+    its last seq it yields every event once (an infer's start and end among them); nothing new: [] once its
+    timeout is spent."""
+    seq = ray.get(pool.get_state.remote()).last_seq
+    waiting = pool.events_since.remote(seq, 60.0)              # sent before the infer: it waits for it
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "followed"}))
+    seen = ray.get(waiting)
+    while not any(e["action"] == "OperationCompleted" for e in seen):
+        more = ray.get(pool.events_since.remote(seen[-1]["seq"], 60.0))
+        assert more, "the infer's completion never came"
+        seen += more
+    assert [e["seq"] for e in seen] == list(range(seq + 1, seq + 1 + len(seen)))
+    [started] = [e for e in seen if e["action"] == "OperationStarted"]
+    assert started["data"]["browser_id"] == out["browser_id"]
+    last = ray.get(pool.get_state.remote()).last_seq
+    assert ray.get(pool.events_since.remote(last + 1_000_000, 0.1)) == []
+
+
 def test_generate_tiny_llama_equals_cpu_onnxruntime(pool):
     model = llama.tiny_llama(seed=0)
     out = ray.get(pool.generate.remote("tiny-llama", "hello pool", max_new_tokens=16))

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from events.errors import InputError
-from events.state import open_operations, sessions_with_tokens
+from events.state import SessionTokens, open_operations
 from sharding.coordinator import ShardStage, after_promotions
 from sharding.models import llama, llama_onnx
 from sharding.plan import even_layer_ranges
@@ -114,15 +114,15 @@ def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float,
 def _wait_for_tokens(pool, n: int, ref=None, timeout: float = 600.0) -> str:
     # A hang guard, not a speed limit: it returns as soon as a session has n tokens, and fails at once
     # if the generation ends first (four browsers loading SmolLM shards took over 120 s on a loaded 2-core CI).
+    # It follows the pool's log (events_since): polling get_state copies the pool's whole state each time.
+    watch = SessionTokens()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ref is not None and ray.wait([ref], timeout=0)[0]:
             raise AssertionError(f"the generation ended before {n} tokens: {ray.get(ref)['token_ids']}")
-        state = ray.get(pool.get_state.remote())
-        live = sessions_with_tokens(state, n)
-        if live:
-            return live[0].session_id
-        time.sleep(0.01)
+        watch.add(ray.get(pool.events_since.remote(watch.last_seq, 1.0)))
+        if (session := watch.reached(n)) is not None:
+            return session
     raise AssertionError(f"no session reached {n} tokens")
 
 
@@ -251,6 +251,22 @@ def test_with_shadows_a_shard_kill_switches_to_the_shadow_with_no_replay(ray_loc
             assert time.monotonic() < deadline, "the dead browser was never recovered"
             time.sleep(0.1)
         assert started[0]["seq"] > closed["seq"]
+
+        # Too few browsers for a shadow per shard: three shards on four browsers get one shadow, and the two
+        # shards that found no room run unshadowed (README); the answer is still the CPU reference's.
+        while not [e for e in ray.get(pool.recent_events.remote(5000)) if e["action"] == "RecoveryCompleted"
+                   and e["data"]["browser_id"] == victim]:
+            assert time.monotonic() < deadline, "the dead browser's recovery never completed"
+            time.sleep(0.1)
+        tiny = llama.tiny_llama(seed=0)
+        few = ray.get(pool.generate.remote("tiny-llama", "hello shadows", max_new_tokens=8, shards=3))
+        whole = llama_onnx.build_shards(tiny, [(0, tiny.config.n_layers)])
+        assert few["token_ids"] == llama_onnx.ort_greedy_generate(whole, few["prompt_token_ids"], 8)
+        [opened] = [e for e in ray.get(pool.recent_events.remote(5000))
+                    if e["action"] == "SessionOpened" and e["data"]["session_id"] == few["session_id"]]
+        shadows = opened["data"]["plan"]["shadows"]
+        assert len(shadows) == 3 and sum(s is not None for s in shadows) == 1, opened["data"]["plan"]
+        assert few["metrics"]["shadows"] == 1
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
@@ -264,6 +280,7 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
     model = llama.tiny_llama(seed=0)
     whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=60.0,
+                               spare_process=False,      # the votes are under test; nothing is restarted
                                fault_tolerance={"level": "critical", "vote_k": 2, "standby_browsers": 0})
     try:
         greedy = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=12))

@@ -32,7 +32,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     temp = Path(tempfile.mkdtemp(prefix="wpdemo-", dir="/tmp"))
     ray = start_local_ray(temp / "ray", namespace="webpool")
-    from events.state import open_operations, recovery_statistics, sessions_with_tokens
+    from events.state import SessionTokens, open_operations, recovery_statistics
     from webpool import ResourcePool
 
     pool = ResourcePool.remote(max_connections=args.browsers, event_log=str(temp / "events"), request_timeout=30.0,
@@ -110,12 +110,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             pending = pool.generate.remote("smollm2-135m", prompt, max_new_tokens=args.tokens, shards=args.shards)
             victim: list[str] = []
 
-            def some_tokens() -> bool:
-                live = sessions_with_tokens(ray.get(pool.get_state.remote()), 4)
-                victim.extend(s.plan["shards"][-1]["browser_id"] for s in live[:1])
-                return bool(live)
+            watch = SessionTokens()      # follows the pool's log: cheaper than fetching its state each time
 
-            _wait_until(some_tokens, 300, 0.02)
+            def some_tokens() -> bool:
+                watch.add(ray.get(pool.events_since.remote(watch.last_seq, 1.0)))
+                session = watch.reached(4)
+                if session is not None:
+                    victim.append(watch.plans[session]["shards"][-1]["browser_id"])
+                return session is not None
+
+            _wait_until(some_tokens, 300, 0.0)
             ray.get(pool.inject_fault.remote(victim[0], "kill_browser"))
             gen = ray.get(pending)
             same = gen["token_ids"] == expected
