@@ -512,6 +512,7 @@ class BrowserCore:
             "spare_models": [] if spare is None else sorted(spare.models),
             # A restart now would take a spare that holds what it should (actors/spare.py).
             "spare_ready": self.spares is not None and self.spares.ready(),
+            "spare_expected": self.spares is not None and self.spares.expected(),
             "spare_memory_bytes": spare_memory,
             "blocked_requests": len(self.blocked_requests),
             "blocked_urls": self.blocked_requests[-BLOCKED_URLS_REPORTED:],

@@ -156,12 +156,14 @@ class SpareKeeper:
         self._task: asyncio.Future | None = None
         self._started = 0
         self.failures = 0                 # spares that failed; after SPARE_FAILURES_MAX the keeper gives up
+        self.asked = False                # tend(start=True) has been called: the browser has served a run
 
     def tend(self, start: bool = True) -> None:
         """Bring the spare in line in the background; ``start``: also start one if there is none (after a
         run, not after a load). A new spare waits until the browser's page has had no work for
         ``SPARE_IDLE_S`` (at most ``SPARE_START_WITHIN_S``): on a few cores, preparing one (~2-3 s of CPU)
         slows the requests it would run beside, and a pool that only ever serves a few requests needs none."""
+        self.asked |= start
         if (self.spare is None and not start) or self.failures >= SPARE_FAILURES_MAX:
             return
         if not self.core.closing and self.core.proc is not None and (self._task is None or self._task.done()):
@@ -170,6 +172,11 @@ class SpareKeeper:
     def ready(self) -> bool:
         """A spare is there, alive, and holds every model it should."""
         return self.spare is not None and self.spare.usable() and self.spare.models >= set(self.wanted())
+
+    def expected(self) -> bool:
+        """A spare is being kept: the browser has served a run (a standby that only warmed up has none until
+        it serves) and the keeper has not given up. One may still be on its way (``ready`` says when)."""
+        return self.asked and self.failures < SPARE_FAILURES_MAX
 
     def take(self) -> SpareProcess | None:
         spare, self.spare = self.spare, None

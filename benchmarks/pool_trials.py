@@ -155,6 +155,17 @@ class PoolSession:
             self.replace(why[:500])
 
 
+def spares_not_ready(pool: Any, state: PoolState) -> list[str]:
+    """Browsers of a pool that keeps spare processes (actors/spare.py) whose spare is expected and not ready
+    yet. A spare is prepared after its browser's first run; a standby that has only warmed up keeps none."""
+    import ray
+
+    if not dict(state.config).get("options", {}).get("spare_process", False):
+        return []
+    return [b for b, rep in ray.get(pool.health.remote()).items()
+            if "error" not in rep and rep["spare_expected"] and not rep["spare_ready"]]
+
+
 def settle(pool: Any, standby_wanted: int, quiet_s: float) -> PoolState:
     """Wait until the pool is in its steady shape and no event has arrived for ``quiet_s`` seconds."""
     import ray
@@ -168,11 +179,8 @@ def settle(pool: Any, standby_wanted: int, quiet_s: float) -> PoolState:
             last_seq, changed = state.last_seq, now
         why = pool_not_ready(state, MODEL, standby_wanted)
         if why is None and now - changed >= quiet_s:
-            # A pool whose browsers keep a spare process (actors/spare.py) is steady once every spare is ready
-            # (each is prepared after its browser's first run, and the pool has served one by now).
-            keeps_spares = dict(state.config).get("options", {}).get("spare_process", False)
-            waiting = [] if not keeps_spares else [
-                b for b, rep in ray.get(pool.health.remote()).items() if "error" not in rep and not rep["spare_ready"]]
+            # A pool whose browsers keep spare processes is steady once every spare it expects is ready.
+            waiting = spares_not_ready(pool, state)
             if not waiting:
                 return state
             why = f"spare process of {waiting} not ready"

@@ -30,6 +30,7 @@ Run: ``python -m benchmarks.sharded_generation [--quick]``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -42,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.pool_trials import spares_not_ready
 from benchmarks.results import summary, write_results
-from events.state import sessions_with_tokens
+from events.state import SessionTokens
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -88,17 +90,19 @@ def native_runs(model_name: str, prompt: str, tokens: int, repeats: int) -> dict
     return {"token_ids": token_ids, "decode_tokens_per_s": summary(tps), "prefill_ms": summary(prefill)}
 
 
-def wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[str, Any] | None:
-    """The plan of the open session that has produced ``n`` tokens (None if none did in time)."""
+def wait_for_tokens(pool: Any, seq: int, n: int, timeout: float = 120.0) -> dict[str, Any] | None:
+    """The plan of the first session opened after ``seq`` to produce ``n`` tokens (None if none did in time),
+    followed in the pool's log by long poll (``events_since``). Polling ``get_state`` instead, as this did
+    before, copied the pool's whole state 200 times a second and slowed the generation it was timing."""
     import ray
 
+    watch = SessionTokens()
+    watch.last_seq = seq
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = ray.get(pool.get_state.remote())
-        live = sessions_with_tokens(state, n)
-        if live:
-            return live[0].plan
-        time.sleep(0.005)
+    while (left := deadline - time.monotonic()) > 0:
+        watch.add(ray.get(pool.events_since.remote(watch.last_seq, min(left, 5.0))))
+        if (session := watch.reached(n)) is not None:
+            return watch.plans[session]
     return None
 
 
@@ -117,11 +121,12 @@ SPARE_WAIT_S = 30.0           # then at most this long for the browsers' spare p
 
 def settle(pool: Any) -> bool:
     """Wait for the pool's steady state before a faulted run: no recovery and no operation open and no event
-    for a second, then (where the pool keeps spare processes) up to ``SPARE_WAIT_S`` for every browser's spare
-    to be ready. Otherwise a run measures the previous fault too: the dead browser is recovered once its
-    session closes, and its new spare is prepared after that, both on the two cores the next generation needs.
+    for a second, then (where the pool keeps spare processes) up to ``SPARE_WAIT_S`` for every spare it expects
+    to be ready (each browser that has served a run keeps one; a standby that only warmed up does not).
+    Otherwise a run measures the previous fault too: the dead browser is recovered once its session closes,
+    and its new spare is prepared after that, both on the two cores the next generation needs.
     A spare may never come (none is started where it would leave under 2 GiB of memory free): returns whether
-    every spare was ready, and the run is kept either way."""
+    every expected spare was ready, and the run is kept either way."""
     import ray
 
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -135,14 +140,12 @@ def settle(pool: Any) -> bool:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the pool did not settle within {SETTLE_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
-    if not dict(state.config).get("options", {}).get("spare_process", False):
-        return True
     spare_deadline = time.monotonic() + SPARE_WAIT_S
-    while time.monotonic() < spare_deadline:
-        if all("error" not in rep and rep["spare_ready"] for rep in ray.get(pool.health.remote()).values()):
-            return True
+    while spares_not_ready(pool, state):
+        if time.monotonic() > spare_deadline:
+            return False
         time.sleep(0.25)
-    return False
+    return True
 
 
 def start_and_kill_middle_shard(pool: Any, model: str, tokens: int, kill_after: int) -> tuple[float, Any, str]:
@@ -150,9 +153,10 @@ def start_and_kill_middle_shard(pool: Any, model: str, tokens: int, kill_after: 
     (start time, the generation's ref, the killed browser)."""
     import ray
 
+    seq = ray.get(pool.get_state.remote()).last_seq
     t0 = time.perf_counter()
     ref = pool.generate.remote(model, PROMPT, max_new_tokens=tokens, shards=FAULT_SHARDS)
-    plan = wait_for_tokens(pool, kill_after)
+    plan = wait_for_tokens(pool, seq, kill_after)
     if plan is None:
         raise RuntimeError(f"no session reached {kill_after} tokens")
     victim = plan["shards"][1]["browser_id"]
@@ -359,6 +363,43 @@ def print_table(r: dict[str, Any]) -> None:
     console.print(f)
 
 
+def markdown(r: dict[str, Any]) -> str:
+    """The README's two tables from a results JSON. Decode speed shows the slowest run beside the median (the
+    tail that matters for a rate); each fault row counts its runs by how they were recovered and by whether
+    the pool's expected spare processes were ready when the kill came."""
+    from actors.decisions.recovery import FaultToleranceConfig  # imports ray: after configure_auth_env
+
+    nat = r["native_onnxruntime_1_thread"]
+    native_tps = nat["decode_tokens_per_s"]["median"]
+    lines = ["| configuration | decode tok/s median (slowest run) | prefill ms median | vs native | same tokens |",
+             "|---|---|---|---|---|",
+             f"| onnxruntime CPU, 1 thread, whole model | {_fmt(nat['decode_tokens_per_s'])} "
+             f"({_fmt(nat['decode_tokens_per_s'], 'min')}) | {_fmt(nat['prefill_ms'], digits=0)} | 1.00x | reference |"]
+    for n, d in r["decode"].items():
+        tps = d["decode_tokens_per_s"]
+        lines.append(f"| webpool, {n} shard{'s' if n != '1' else ''} | {_fmt(tps)} ({_fmt(tps, 'min')}) | "
+                     f"{_fmt(d['prefill_ms'], digits=0)} | {tps['median'] / native_tps:.2f}x | "
+                     f"{'yes' if d['tokens_identical'] else 'NO'} |")
+    lines += ["", "| recovery | runs (how recovered; spares ready) | no-fault tok/s | no-fault ms | "
+                  "faulted ms median / p95 | extra ms median / p95 | extra vs baseline | same tokens |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, options, _browsers in FAULT_CONFIGS:
+        s = r[key]
+        ratio = s.get("extra_latency_vs_baseline")
+        how = ", ".join(f"{k} {v}" for k, v in s["recovered_by"].items())
+        keeps_spares = FaultToleranceConfig.from_options(options).restarts_in_place     # the pool's default
+        ready = (f"{sum(bool(run.get('spares_ready')) for run in s['runs'])}/{len(s['runs'])}" if keeps_spares
+                 else "none kept")
+        vs_baseline = f"{ratio['median']:.2f}x" if ratio else "1.00x"      # the baseline row is its own unit
+        lines.append(
+            f"| {FAULT_LABELS[key]} | {how}; {ready} | {_fmt(s['clean_decode_tokens_per_s'])} | "
+            f"{_fmt(s['clean_total_ms'], digits=0)} | {_fmt(s['faulted_total_ms'], digits=0)} / "
+            f"{_fmt(s['faulted_total_ms'], 'p95', 0)} | {_fmt(s['extra_latency_ms'], digits=0)} / "
+            f"{_fmt(s['extra_latency_ms'], 'p95', 0)} | {vs_baseline} | "
+            f"{'yes' if s['tokens_identical'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     configure_auth_env()
     parser = argparse.ArgumentParser(description=plain(__doc__),
@@ -366,7 +407,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="CI size: tiny-llama, 3 runs each")
     parser.add_argument("--runs", type=int, default=None,
                         help="runs per configuration (default 10; 3 with --quick)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the results in JSON as the README's markdown tables and exit")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        r = json.loads(args.markdown.read_text())
+        print(markdown(r))
+        return r
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
     r = run(args.quick, args.runs)

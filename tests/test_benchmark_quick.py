@@ -228,3 +228,35 @@ def test_vanished_node_time_to_result_counts_only_requests_in_flight_at_the_loss
     assert v["time_to_result"]["n"] == 4 and v["last_answer"]["median_ms"] == pytest.approx(1200.0)
     assert v["found_by"] == {"probe": 1, "node verdict": 1, "a call": 0}
     assert "found by the probes in 1 of 2 trials" in vn.vanished_node_line(v)
+
+
+def test_sharded_generation_tables_count_every_run_and_show_the_slow_tail():
+    """Pure: the README's sharded-generation tables from a results dict. Every run is counted by how it was
+    recovered and by whether its pool's spares were ready (a level-none pool keeps none); decode speed shows
+    the slowest run beside the median."""
+    from benchmarks import sharded_generation as sg
+
+    def s(median: float, low: float) -> dict:
+        return {"n": 2, "median": median, "p95": median, "mean": median, "min": low, "max": median}
+
+    def section(how: str, ready: list[bool]) -> dict:
+        return {"recovered_by": {how: len(ready)}, "runs": [{"spares_ready": r} for r in ready],
+                "clean_decode_tokens_per_s": s(10.0, 9.0), "clean_total_ms": s(3000.0, 2900.0),
+                "faulted_total_ms": s(4000.0, 3900.0), "extra_latency_ms": s(1000.0, 900.0),
+                "extra_latency_vs_baseline": {"median": 0.25}, "tokens_identical": True}
+
+    r = {"native_onnxruntime_1_thread": {"decode_tokens_per_s": s(20.0, 19.0), "prefill_ms": s(50.0, 49.0)},
+         "decode": {"1": {"decode_tokens_per_s": s(12.0, 11.5), "prefill_ms": s(100.0, 99.0),
+                          "tokens_identical": True},
+                    "3": {"decode_tokens_per_s": s(10.0, 8.0), "prefill_ms": s(120.0, 119.0),
+                          "tokens_identical": False}}}
+    for key, _options, _browsers in sg.FAULT_CONFIGS:
+        r[key] = section("replay", [True, False])
+    r[sg.BASELINE] = section("restart and rerun", [True, True]) | {"extra_latency_vs_baseline": None}
+    lines = sg.markdown(r).splitlines()
+    assert "| webpool, 1 shard | 12.0 (11.5) | 100 | 0.60x | yes |" in lines
+    assert "| webpool, 3 shards | 10.0 (8.0) | 120 | 0.50x | NO |" in lines
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert "replay 2; 1/2" in rows[sg.FAULT_LABELS["fault_shadow"]]
+    assert "restart and rerun 2; none kept" in rows[sg.FAULT_LABELS[sg.BASELINE]]
+    assert rows[sg.FAULT_LABELS[sg.BASELINE]].endswith("| 1000 / 1000 | 1.00x | yes |")
