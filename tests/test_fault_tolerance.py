@@ -250,6 +250,7 @@ def test_parallel_wins_when_reconnect_fails_fast(ray_local, tmp_path, reference)
 
 def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, reference):
     pool = ResourcePool.remote(max_connections=3, event_log=str(tmp_path / "events"),
+                               spare_process=False,      # the dissenter is quarantined, nothing is restarted
                                fault_tolerance={"level": "critical", "standby_browsers": 0})
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:2]}))
     assert len(first["votes"]["agreeing"]) == 3
