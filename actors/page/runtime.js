@@ -99,6 +99,8 @@ async function probeCapabilities() {
     } catch (e) {
       detail.webnnError = String(e);
     }
+  } else {
+    detail.webnnError = "navigator.ml is not exposed";
   }
   return { backends: caps, detail };
 }
