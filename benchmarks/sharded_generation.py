@@ -17,7 +17,9 @@
      and the whole generation is run again from the first token.
    Clean and faulted runs alternate on the same pool (clean, faulted, clean, ...), each after the pool has
    settled (no recovery or operation open, no event for 1 s, then up to 30 s for the spare processes it
-   expects; each run records whether they were ready), so that a run pays for its own fault only.
+   expects; each run records whether they were ready), so that a run pays for its own fault only. Before
+   each pair the pool generates until it runs at steady speed again (a restarted browser's page starts on
+   V8's baseline WebAssembly); each run records how many generations that took.
    Each is timed from the request to the correct answer; a faulted run's extra latency is its time minus
    that of the clean run just before it (paired: the shared machine's drift cancels). Ratios are each
    recovery's median extra latency over the baseline's.
@@ -218,6 +220,22 @@ def faulted_with_restart(pool: Any, model: str, tokens: int, kill_after: int) ->
             "restart_ms": restart_ms, "token_ids": out["token_ids"], "victim": victim}
 
 
+RESTART_WARM_UP_MAX = 8       # generations at most to bring a restarted browser's page up to speed
+
+
+def warm_up(pool: Any, model: str, tokens: int) -> int:
+    """Generate until the pool runs at its steady speed (the standby warm-up's rule, on whole generations: at
+    least three, the last two within 1.25x of the fastest); returns how many it took. A browser restarted by
+    the last fault runs V8's baseline WebAssembly for its first ~80 runs (docs/facts.md): with one generation
+    after a fault the next clean run was slowed by it, and the faulted runs looked cheaper than free."""
+    from actors.decisions.warmup import warmed_up
+
+    times: list[float] = []
+    while not warmed_up(times, min_work_ms=0.0, max_rounds=RESTART_WARM_UP_MAX):
+        times.append(timed_generate(pool, model, tokens, FAULT_SHARDS)[0])
+    return len(times)
+
+
 def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: int, expected: list[int],
                   in_flight: bool) -> dict[str, Any]:
     """Clean runs (the reference time) and faulted runs on the same pool, taken in turn: clean, faulted,
@@ -228,14 +246,16 @@ def fault_section(pool: Any, model: str, tokens: int, kill_after: int, repeats: 
     timed_generate(pool, model, tokens, FAULT_SHARDS)                  # loads the shards; not timed
     clean, runs = [], []
     for _ in range(repeats):
+        # The last fault's recovery done, its restarted browser brought up to speed (and so its new spare
+        # prepared), then the pair: a clean run and a faulted one, each from a settled pool.
+        settle(pool)
+        warm_ups = warm_up(pool, model, tokens)
         settle(pool)
         clean.append(timed_generate(pool, model, tokens, FAULT_SHARDS))
         spares_ready = settle(pool)
         run = (faulted_in_flight if in_flight else faulted_with_restart)(pool, model, tokens, kill_after)
-        run["spares_ready"] = spares_ready
-        run["clean_before_ms"] = clean[-1][0]
+        run |= {"spares_ready": spares_ready, "clean_before_ms": clean[-1][0], "warm_up_generations": warm_ups}
         runs.append(run)
-        timed_generate(pool, model, tokens, FAULT_SHARDS)               # the restarted browser's shard is warm
     identical = all(out["token_ids"] == expected for _, out in clean) and all(
         run["token_ids"] == expected for run in runs)
     # Every run is kept and counted by how it was recovered; the times are those of the runs the kill interrupted.
