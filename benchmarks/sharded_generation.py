@@ -98,8 +98,7 @@ def wait_for_tokens(pool: Any, seq: int, n: int, timeout: float = 120.0) -> dict
     before, copied the pool's whole state 200 times a second and slowed the generation it was timing."""
     import ray
 
-    watch = SessionTokens()
-    watch.last_seq = seq
+    watch = SessionTokens(last_seq=seq)
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         watch.add(ray.get(pool.events_since.remote(watch.last_seq, min(left, 5.0))))

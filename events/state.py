@@ -170,8 +170,8 @@ class SessionTokens:
     shape: what a client following a pool with ``events_since`` (from ``last_seq``) needs to act on a session
     mid-way, without fetching the pool's whole state each time."""
 
-    def __init__(self) -> None:
-        self.last_seq = 0
+    def __init__(self, last_seq: int = 0) -> None:
+        self.last_seq = last_seq                          # follow on from here (events_since(last_seq))
         self.plans: dict[str, dict[str, Any]] = {}      # open sessions, in the order they opened
         self.tokens: dict[str, int] = {}
 
