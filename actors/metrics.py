@@ -6,6 +6,11 @@ requests by model and outcome, request latency, browser failures by category, re
 and outcome, requests refused as busy, hedged requests (sent, won), outside requests blocked, and the
 live browsers.
 Ray exports them with its ``ray_`` prefix (e.g. ``ray_webpool_requests_total``).
+
+A gauge is different from the counters: Ray's metrics agent drops a gauge value that has not been set for
+two report intervals (20 s at Ray's default ``metrics_report_interval_ms``; docs/facts.md), so the live
+browsers would vanish from the export of an idle pool. The pool's loop sets it again every report interval
+(``refresh``, ``refresh_interval_s``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class PoolMetrics:
         self.browsers = metrics.Gauge(
             "webpool_active_browsers", "Live browsers (serving and standby).", tag_keys=("pool",))
 
+    def refresh(self, state: PoolState) -> None:
+        """Set the gauge again with what ``state`` says, so that an idle pool's value stays exported."""
+        self.browsers.set(len(browsers_alive(state)), self.tags)
+
     def observe(self, before: PoolState, rec: ev.Recorded, after: PoolState) -> None:
         e = rec.event
         tags = self.tags
@@ -74,3 +83,14 @@ class PoolMetrics:
         if isinstance(e, ev.BrowserLaunched | ev.BrowserRetired | ev.BrowserFailed | ev.BrowserQuarantined
                       | ev.BrowserConnected):
             self.browsers.set(len(browsers_alive(after)), tags)
+
+
+def refresh_interval_s() -> float:
+    """Ray's metrics report interval as this process sees it (at least 1 s, as Ray floors it): setting the
+    gauges this often keeps them inside the agent's two-interval retention."""
+    try:
+        import ray
+
+        return max(ray._config.metrics_report_interval_ms(), 1000) / 1000.0
+    except Exception:              # a Ray without that (private) accessor: its documented default
+        return 10.0

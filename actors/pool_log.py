@@ -67,6 +67,14 @@ class PoolLog:
         self._handle = handle
         self._metrics = PoolMetrics(self.name)
 
+    def refresh_metrics(self) -> None:
+        """Set the pool's gauges again from its state (``PoolMetrics.refresh``)."""
+        if self._metrics is not None:
+            try:
+                self._metrics.refresh(self.state)
+            except Exception as exc:     # metrics are a view: they never stop the pool
+                log.warning("metrics refresh failed", extra={"error": str(exc)})
+
     def watch(self, callback: Callable[[ev.Recorded], None]) -> None:
         """Call ``callback(record)`` after each record is applied (the reconcile loop wakes on some kinds)."""
         self._watchers.append(callback)

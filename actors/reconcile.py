@@ -53,6 +53,7 @@ from actors.decisions.reconcile import (
 )
 from actors.decisions.recovery import FaultToleranceConfig, classify
 from actors.fleet import Fleet, KeyedLocks
+from actors.metrics import refresh_interval_s
 from actors.recovery import RecoveryExecutor
 from events import schema as ev
 from events.errors import ActorUnreachable, BrowserFailure, FailureCategory
@@ -130,7 +131,7 @@ class Reconciler:
         scale_every = min(1.0, self.scale_down_idle_s / 4) if self.adaptive_scaling else None
         probe_every = PROBE_INTERVAL if self.config.recovers else None
         every = {"health": health_every, "checkpoint": checkpoint_every, "scale": scale_every,
-                 "probe": probe_every}
+                 "probe": probe_every, "metrics": refresh_interval_s()}
         due = {name: now + t for name, t in every.items() if t is not None}
         while not self.closed:
             wait = min(due.values(), default=now + 60.0) - time.monotonic()
@@ -155,6 +156,8 @@ class Reconciler:
         """One pass: observe, decide, execute. Returns the actions it executed."""
         if "probe" in fired:
             self._probe()
+        if "metrics" in fired:
+            self.log.refresh_metrics()
         seen = Observations(
             alive_nodes=self._take_nodes(fired),
             leases=self.fleet.leases,

@@ -19,6 +19,9 @@ from webpool.localray import configure_auth_env
 # Token auth with a throwaway token (nothing written to ~/.ray); must precede any import of ray.
 configure_auth_env()
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray's metrics reach the export every second instead of every 10 s (tests/test_metrics.py waits for them),
+# and its agent drops a gauge not set for two of these intervals; every process Ray starts inherits this.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 def _missing_parts() -> list[str]:

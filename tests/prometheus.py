@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -13,6 +14,12 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 Samples = list[tuple[str, dict[str, str], float]]
+
+
+def report_interval_s() -> float:
+    """Ray's metrics report interval for the processes this session's Ray started (tests/conftest.py sets
+    it; Ray floors it at 1 s, and its default is 10 s)."""
+    return max(float(os.environ.get("RAY_metrics_report_interval_ms", "10000")), 1000.0) / 1000.0
 
 
 def export_port() -> int:

@@ -1,14 +1,16 @@
 """Every Prometheus metric of the pool (actors/metrics.py), read back from the node's export after a real
 run that moves it: answers and their latency, a busy refusal, outside requests a page attempted, a killed
-browser and its recovery, the live browsers. (Hedges are read back where a real hedge is sent:
-tests/test_hedging.py.) Each value is checked against what the run did or what the log says."""
+browser and its recovery, the live browsers (also while the pool sits idle). (Hedges are read back where a
+real hedge is sent: tests/test_hedging.py.) Each value is checked against what the run did or what the log says."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 import ray
-from prometheus import total, wait_until
+from prometheus import export_port, report_interval_s, scrape, total, wait_until
 
 from events.errors import PoolBusyError
 from sharding.models import minilm
@@ -72,6 +74,16 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
 
         samples = wait_until(missing)
         assert (total(samples, "ray_webpool_request_latency_ms_sum", pool=POOL, model=MODEL) or 0) > 0
+
+        # The live browsers stay in the export while the pool sits idle: Ray's agent drops a gauge that has
+        # not been set for two report intervals, so the pool sets it again every interval. Every scrape over
+        # three retention spans of an idle pool shows it (before the refresh it was gone after the first).
+        interval = report_interval_s()
+        idle_until = time.monotonic() + 3 * 2 * interval
+        port = export_port()
+        while time.monotonic() < idle_until:
+            assert total(scrape(port), "ray_webpool_active_browsers", pool=POOL) == 1
+            time.sleep(interval / 4)
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
