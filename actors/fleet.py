@@ -81,6 +81,7 @@ class Fleet:
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
         self._launching: dict[str, int] = {}             # node_id -> browsers being started there
+        self.standby_launching = 0                       # of those, the ones started as standbys
         self.cutoffs = CutOffs()                         # browsers whose actor was found unreachable
         self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
 
@@ -215,17 +216,22 @@ class Fleet:
         while starting is a BrowserFailure (its category from the signal), like any other.
         """
         excluded: set[str] = set()
-        for attempt in range(2):
-            try:
-                await self._start_on(browser_id, browser_type, standby, avoid_nodes, excluded)
-                return
-            except ray.exceptions.RayActorError as exc:
-                if attempt == 1 or not excluded:
+        self.standby_launching += standby      # from the first await on: the standby upkeep counts it
+        try:
+            for attempt in range(2):
+                try:
+                    await self._start_on(browser_id, browser_type, standby, avoid_nodes, excluded)
+                    return
+                except ray.exceptions.RayActorError as exc:
+                    if attempt == 1 or not excluded:
+                        raise classify(exc, browser_id) from None
+                    log.warning("browser died before it started; launching elsewhere",
+                                extra={"browser_id": browser_id, "nodes_excluded": sorted(excluded),
+                                       "error": str(exc)})
+                except asyncio.TimeoutError as exc:      # BROWSER_START_TIMEOUT: the actor never answered
                     raise classify(exc, browser_id) from None
-                log.warning("browser died before it started; launching elsewhere",
-                            extra={"browser_id": browser_id, "nodes_excluded": sorted(excluded), "error": str(exc)})
-            except asyncio.TimeoutError as exc:      # BROWSER_START_TIMEOUT: the actor never answered
-                raise classify(exc, browser_id) from None
+        finally:
+            self.standby_launching -= standby
 
     async def _start_on(self, browser_id: str, browser_type: str, standby: bool,
                         avoid_nodes: frozenset[str], excluded: set[str]) -> None:

@@ -165,6 +165,7 @@ class Reconciler:
             health_due="health" in fired,
             checkpoint_due="checkpoint" in fired,
             standby_busy=self._standby_task is not None and not self._standby_task.done(),
+            standby_launching=self.fleet.standby_launching,
             checking=frozenset(b for b, t in self._checking.items() if not t.done()),
             scale_down_due="scale" in fired,
             silent=self._silent(),
@@ -304,11 +305,15 @@ class Reconciler:
                 state = self.log.state
                 hot = hot_keys(state)
                 spares = [b for b in browsers_alive(state) if b.standby]
-                if len(spares) < self.policy.standby_browsers:
+                # A standby being launched elsewhere (a parallel recovery's fresh browser) counts: it joins
+                # as a spare, and this loop warms it up once it is there.
+                if len(spares) + self.fleet.standby_launching < self.policy.standby_browsers:
                     # A new browser's start-up, model load and warm-up take seconds of CPU: requests in flight
                     # (a failed-over request's rerun among them) go first, for at most STANDBY_DEFER_S.
                     await self._until_no_requests(STANDBY_DEFER_S)
-                    await self.fleet.launch(self._standby_type(), standby=True)
+                    spares = [b for b in browsers_alive(self.log.state) if b.standby]    # as they are now
+                    if len(spares) + self.fleet.standby_launching < self.policy.standby_browsers:
+                        await self.fleet.launch(self._standby_type(), standby=True)
                     continue
                 cold = [(b.browser_id, key) for b in spares for key in sorted(hot - warm_keys_on(state, b.browser_id))]
                 if not cold:

@@ -166,6 +166,8 @@ def test_spares_are_kept_only_once_a_model_serves_and_until_they_hold_it_warmed_
     assert warm_keys_on(state(*serving, *spare), "s1") == {KEY} and warm_keys_on(state(*serving), "b1") == set()
     assert standby_short(state(*serving, *spare, loaded("s1")), 1)        # a reload starts cold again
     assert not standby_short(state(*serving), 0)
+    assert not standby_short(state(*serving), 1, launching=1)            # one is being launched as a standby
+    assert standby_short(state(*serving), 2, launching=1)
     assert decide(state(*serving), seen(), HIGH) == [KeepStandby()]
     assert decide(state(*serving), seen(standby_busy=True), HIGH) == []
 

@@ -77,6 +77,7 @@ class Observations:
     health_due: bool = False
     checkpoint_due: bool = False
     standby_busy: bool = False                                # a KeepStandby task is still running
+    standby_launching: int = 0                                # browsers being launched as standbys now
     checking: frozenset[str] = frozenset()                    # browsers whose health check is under way
     scale_down_due: bool = False
     silent: frozenset[str] = frozenset()                      # browsers whose actor answers no probe (see ``silent``)
@@ -195,15 +196,16 @@ def hot_keys(state: PoolState) -> frozenset[str]:
                                if not b.standby and not b.draining))
 
 
-def standby_short(state: PoolState, wanted: int) -> bool:
-    """Fewer warm spares than ``wanted``, or a spare missing a hot model or not yet warmed up on one. Nothing
-    is short before a model serves: a spare keeps warm what serves traffic, and an idle pool has nothing to
-    keep warm."""
+def standby_short(state: PoolState, wanted: int, launching: int = 0) -> bool:
+    """Fewer warm spares than ``wanted`` (counting ``launching``: standbys being launched now, such as the
+    fresh browser of a parallel recovery), or a spare missing a hot model or not yet warmed up on one.
+    Nothing is short before a model serves: a spare keeps warm what serves traffic, and an idle pool has
+    nothing to keep warm."""
     hot = hot_keys(state)
     if wanted <= 0 or not hot:
         return False
     spares = [b for b in browsers_alive(state) if b.standby]
-    if len(spares) < wanted:
+    if len(spares) + launching < wanted:
         return True
     return any(hot - warm_keys_on(state, b.browser_id) for b in spares)
 
@@ -254,7 +256,7 @@ def decide(state: PoolState, seen: Observations, policy: Policy) -> list[Action]
     if seen.health_due:
         actions.extend(CheckHealth(b) for b in to_health_check(state, seen.leases)
                        if b not in busy and b not in seen.checking)
-    if not seen.standby_busy and standby_short(state, policy.standby_browsers):
+    if not seen.standby_busy and standby_short(state, policy.standby_browsers, seen.standby_launching):
         actions.append(KeepStandby())
     if seen.scale_down_due:
         actions.append(ScaleDown())
