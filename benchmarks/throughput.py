@@ -223,21 +223,41 @@ def kill_run(reference: dict[str, np.ndarray], seconds: float, kill_at: float, w
         if 0 <= i < len(bins):
             bins[i] += 1
     rate = bins / BIN_S
-    before = rate[int(1.0 / BIN_S):int(killed_at / BIN_S)]       # after a 1 s ramp, up to the kill
-    steady = float(np.median(before)) if len(before) else 0.0
-    low = np.flatnonzero(rate[int(killed_at / BIN_S):] < steady / 2)
-    # The dip: from the kill to the end of the last low bin that follows it without a long recovery between.
-    dip_bins = 0
-    for i in low.tolist():
-        if i - dip_bins > int(1.0 / BIN_S):
-            break
-        dip_bins = i + 1
     return {
         "clients": 16, "browsers": 2, "level": "high", "killed": victim, "killed_at_s": killed_at,
-        "seconds": seconds, "bin_s": BIN_S, "answers_per_s": rate.tolist(), "steady_answers_per_s": steady,
-        "dip_s": dip_bins * BIN_S, "answered": len(load.done), "wrong": load.wrong, "errors": len(load.errors),
+        "seconds": seconds, "bin_s": BIN_S, "answers_per_s": rate.tolist(),
+        **kill_timeline(rate, killed_at, BIN_S),
+        "answered": len(load.done), "wrong": load.wrong, "errors": len(load.errors),
         "error_examples": load.errors[:3], "recovery_statistics": stats,
     }
+
+
+AFTER_KILL_EARLY_S = 2.0             # the kill's own effect (detection, failover, reruns) falls in here
+
+
+def kill_timeline(rate: np.ndarray, killed_at: float, bin_s: float) -> dict[str, float]:
+    """What a kill did to the answers per bin: the steady rate before it (median over the bins after a 1 s
+    ramp), the dip (from the kill to the end of the last bin under half that rate that follows it without a
+    second of recovery between), the mean rate in the first 2 s after the kill and in the rest of the run,
+    each over the mean rate before (the pool also replaces its standby then, on the same cores), and the
+    bins with no answer after the kill."""
+    k = int(killed_at / bin_s)
+    before = rate[int(1.0 / bin_s):k]
+    steady = float(np.median(before)) if len(before) else 0.0
+    mean_before = float(before.mean()) if len(before) else 0.0
+    low = np.flatnonzero(rate[k:] < steady / 2)
+    dip_bins = 0
+    for i in low.tolist():
+        if i - dip_bins > int(1.0 / bin_s):
+            break
+        dip_bins = i + 1
+    early, late = rate[k:k + int(AFTER_KILL_EARLY_S / bin_s)], rate[k + int(AFTER_KILL_EARLY_S / bin_s):]
+
+    def ratio(part: np.ndarray) -> float | None:
+        return float(part.mean() / mean_before) if len(part) and mean_before > 0 else None
+
+    return {"steady_answers_per_s": steady, "dip_s": dip_bins * bin_s, "early_rate_ratio": ratio(early),
+            "late_rate_ratio": ratio(late), "empty_bins_after": int((rate[k:] == 0).sum())}
 
 
 def kill_runs(reference: dict[str, np.ndarray], runs: int, seconds: float, kill_at: float, warm_s: float,
@@ -252,7 +272,9 @@ def kill_runs(reference: dict[str, np.ndarray], runs: int, seconds: float, kill_
     dips = [r["dip_s"] for r in done]
     order = sorted(range(runs), key=lambda i: dips[i])
     return {"runs": done, "answered": sum(r["answered"] for r in done), "wrong": sum(r["wrong"] for r in done),
-            "errors": sum(r["errors"] for r in done), "dip_s": summary(dips), "shown": order[(runs - 1) // 2]}
+            "errors": sum(r["errors"] for r in done), "dip_s": summary(dips), "shown": order[(runs - 1) // 2],
+            **{key: summary([r[key] for r in done if r[key] is not None])
+               for key in ("early_rate_ratio", "late_rate_ratio", "empty_bins_after")}}
 
 
 def _warm(pool: Any, browsers: int, seconds: float, standby: int = 0) -> None:
@@ -422,7 +444,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{name}: {v}")
     kills = r["kill"]
     print(f"kill runs: {len(kills['runs'])}, {kills['answered']} answered, {kills['wrong']} wrong, "
-          f"{kills['errors']} errors; dip (s): {kills['dip_s']}")
+          f"{kills['errors']} errors; dip (s): {kills['dip_s']}; answers/s over before, first "
+          f"{AFTER_KILL_EARLY_S:.0f} s after: {kills['early_rate_ratio']}, rest: {kills['late_rate_ratio']}; "
+          f"empty bins after: {kills['empty_bins_after']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -4,7 +4,9 @@ speed is asserted: the machine is shared."""
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
+import pytest
 
 from benchmarks import throughput
 
@@ -28,6 +30,19 @@ def test_quick_throughput_run_answers_everything_correctly(ray_local, tmp_path, 
         assert sum(kill["answers_per_s"]) * kill["bin_s"] <= kill["answered"]
     assert kills["answered"] == sum(k["answered"] for k in kills["runs"])
     assert r["targets"]["kill"]["runs"] == 1
+
     native = r["native_onnxruntime"]["1_threads"]
     assert native["best_rows_per_s_median"] > 0 and set(native["by_batch"]) == {"1", "8"}
     assert set(r["targets"]) >= {"vs_one_sequential_client", "vs_batching_off", "vs_native_onnxruntime_best", "kill"}
+
+
+def test_kill_timeline_dip_and_rates():
+    """The kill run's arithmetic on a planted timeline (4 bins per second, the kill at 2 s)."""
+    rate = np.array([0, 0, 0, 0] + [80] * 4 + [0, 20] + [80] * 6 + [0] + [40] * 7, dtype=float)
+    t = throughput.kill_timeline(rate, killed_at=2.0, bin_s=0.25)
+    assert t["steady_answers_per_s"] == 80.0         # the ramp's first second left out
+    assert t["dip_s"] == 0.5                          # two low bins right after the kill; the later one is apart
+    assert t["early_rate_ratio"] == pytest.approx((20 + 6 * 80) / 8 / 80)
+    assert t["late_rate_ratio"] == pytest.approx(7 * 40 / 8 / 80)
+    assert t["empty_bins_after"] == 2
+    assert throughput.kill_timeline(np.zeros(8), killed_at=1.0, bin_s=0.25)["late_rate_ratio"] is None
