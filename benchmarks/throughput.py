@@ -400,7 +400,7 @@ def plot_kill(kills: dict[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no global backend to set, renders with Agg
 
     kill = kills["runs"][kills["shown"]]
-    fig = Figure(figsize=(8, 3.2))
+    fig = Figure(figsize=(8, 3.6))
     ax = fig.add_subplot()
     rate = kill["answers_per_s"]
     ax.step([i * kill["bin_s"] for i in range(len(rate))], rate, where="post", color="#1f77b4",
@@ -413,7 +413,8 @@ def plot_kill(kills: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"16 clients, 2 browsers, level high: run {kills['shown'] + 1} of {runs} (median dip), dip "
                  f"{kill['dip_s']:.2f} s\nall runs: {kills['answered']} answered, {kills['wrong']} wrong, "
                  f"{kills['errors']} errors; dip median {kills['dip_s']['median']:.2f} s, p95 "
-                 f"{kills['dip_s']['p95']:.2f} s", fontsize=9)
+                 f"{kills['dip_s']['p95']:.2f} s\nfrom {AFTER_KILL_EARLY_S:.0f} s after the kill: "
+                 f"{kills['late_rate_ratio']['median']:.2f}x the rate before (a new standby starts)", fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
