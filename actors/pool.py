@@ -399,7 +399,11 @@ class PoolCore:
             # never answers, so it is not awaited here (its error is collected in the background).
             self._spawn(_collect(handle.inject_fault.remote(kind)))
             return {"fault": kind, "browser_id": browser_id}
-        return await handle.inject_fault.remote(kind, **options)
+        # Leased like a request while it runs: a fault that is work in the page (exhaust_memory allocates for
+        # seconds on a loaded machine) must not be met half-done by a health check, whose timeout would then
+        # end the page's script and leave a different fault than the one asked for.
+        with self.fleet.lease(browser_id):
+            return await handle.inject_fault.remote(kind, **options)
 
     async def get_state(self) -> PoolState:
         await self._ensure_log()
