@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from standby import warm_standby
 
 from events.errors import BrowserFailure
 from events.state import open_operations
@@ -264,30 +265,18 @@ def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, refere
     _finish(pool)
 
 
-def _warm_standby(pool) -> str:
-    """The pool's standby, once it is up with the model loaded and warmed up (it comes up in the background)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = ray.get(pool.get_state.remote())
-        spares = [b for b in state.browsers.values() if b.standby and b.status == "launched"]
-        if spares and any(m.warmed_up for k, m in state.models.items() if k[0] == spares[0].browser_id):
-            return spares[0].browser_id
-        time.sleep(0.2)
-    raise AssertionError("no warm standby")
-
-
 def test_parallel_keeps_a_losing_fresh_browser_as_the_standby(ray_local, tmp_path, reference):
     """Level high, parallel, a browser SIGKILLed: reconnect fails, the warm standby (the failover attempt) wins,
     and the fresh browser launched beside it, ready later, is not thrown away: it becomes the pool's standby in
     place of the one that took over (README: "a losing fresh browser stays as a spare"), so no other browser
     is launched for that role, and none is retired as not needed."""
     pool, browser_id = _pool(tmp_path, "parallel", level="high")      # one standby, as by default
-    standby = _warm_standby(pool)
+    standby = warm_standby(pool)
     seq = ray.get(pool.get_state.remote()).last_seq
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    fresh = _warm_standby(pool)          # the pool has its standby again, model loaded and warmed up
+    fresh = warm_standby(pool)          # the pool has its standby again, model loaded and warmed up
     events = [e for e in ray.get(pool.recent_events.remote(1000)) if e["seq"] > seq]
     steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished"]
     assert [s["step"] for s in steps if s["success"]] == ["parallel:failover"], steps
@@ -306,7 +295,7 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
                                fault_tolerance={"level": "high", "recovery_strategy": "failover",
                                                 "standby_browsers": 1})
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm"}))
-    standby = _warm_standby(pool)
+    standby = warm_standby(pool)
     [warm_up] = [e for e in ray.get(pool.recent_events.remote(500))
                  if e["action"] == "ModelWarmedUp" and e["subject"] == standby]
     assert warm_up["data"]["rounds"] >= 1, warm_up

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import ray
 from prometheus import total, wait_until
+from standby import warm_standby
 
 from actors.constants import (
     HEDGE_BUDGET_BURST,
@@ -100,20 +101,12 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
                                fault_tolerance={"level": "high", "standby_browsers": 1, "hedge_budget": 1.0})
     try:
         serving = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))["browser_id"]
-        deadline = time.monotonic() + 120
-        while True:                         # the standby comes up in the background, model loaded and warmed up
-            state = ray.get(pool.get_state.remote())
-            spares = [b.browser_id for b in state.browsers.values() if b.standby and b.status == "launched"]
-            if spares and any(m.warmed_up for k, m in state.models.items() if k[0] == spares[0]):
-                break
-            assert time.monotonic() < deadline, "no warm standby"
-            time.sleep(0.2)
+        spare = warm_standby(pool)
         # History: the hedge delay comes from these requests' page times. 25 of them, after the standby's
         # warm-up (which shares the CPUs), so the first, cold runs (V8 not yet optimised: ~6x slower) have
         # left the 20-run window the p95 is taken over.
         for _ in range(25):
             ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
-        [spare] = spares
 
         ray.get(pool.inject_fault.remote(serving, "hang"))
         out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS}), timeout=120)
