@@ -24,10 +24,13 @@ class CutOffs:
         first: then the failure it was cut off with is raised at once, and the call's late end is dropped."""
         cut = self._future(key)
         answer = asyncio.ensure_future(ref)
-        await asyncio.wait({answer, cut}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({answer, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not answer.done():       # cut off, or this wait was cancelled: its late end is dropped
+                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
         if answer.done():
             return answer.result()
-        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise cut.exception()
 
     def cut(self, key: str, failure: BaseException) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -49,6 +50,15 @@ log = logging.getLogger(__name__)
 
 
 
+@dataclasses.dataclass
+class ModelCopy:
+    """A model's bytes in the object store, and the nodes they were sent to (each load there pulls a copy).
+    ``forgotten`` is set when one of those nodes may be gone: loads on their way stop using this copy."""
+    ref: ray.ObjectRef
+    nodes: set[str] = dataclasses.field(default_factory=set)
+    forgotten: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 class KeyedLocks:
     """One asyncio.Lock per name, made on first use."""
 
@@ -76,7 +86,7 @@ class Fleet:
         self.memory_limit_mb = memory_limit_mb
         self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
         self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle
-        self._model_refs: dict[str, ray.ObjectRef] = {}  # sha256 -> model bytes in the object store
+        self._model_copies: dict[str, ModelCopy] = {}    # sha256 -> its bytes in the object store
         self._artifacts: dict[tuple, list[ModelArtifact]] = {}
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
@@ -118,6 +128,7 @@ class Fleet:
         state = self.log.state.browsers.get(failure.browser_id)
         if state is not None and state.node_id:
             self._suspect_nodes[state.node_id] = time.monotonic()
+            self._forget_copies_on(state.node_id)
 
     def is_cut_off(self, browser_id: str) -> bool:
         return self.cutoffs.is_cut(browser_id)
@@ -163,11 +174,45 @@ class Fleet:
         return [await self.artifact(m.model, m.shard) for m in sorted(
             models_on(self.log.state, browser_id), key=lambda m: (m.model, m.shard or ""))]
 
-    async def _model_ref(self, art: ModelArtifact) -> ray.ObjectRef:
-        if art.sha256 not in self._model_refs:
+    async def _model_copy(self, art: ModelArtifact) -> ModelCopy:
+        if art.sha256 not in self._model_copies:
             # Both in a thread: copying hundreds of MB into the object store would stall the loop (probes).
-            self._model_refs[art.sha256] = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
-        return self._model_refs[art.sha256]
+            ref = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
+            self._model_copies.setdefault(art.sha256, ModelCopy(ref))
+        return self._model_copies[art.sha256]
+
+    def _forget_copies_on(self, node_id: str) -> None:
+        # Ray lists a vanished node's copy of an object until it declares the node dead (~15 s at its
+        # defaults), and a pull that picks that copy waits object_manager_pull_timeout_ms (10 s) before it
+        # tries another: a shard's load after a node loss took 9.5 s and 30 s so (docs/facts.md). A fresh
+        # put has one location, the pool's own node; copying the bytes once costs far less than one wait.
+        for sha, copy in list(self._model_copies.items()):
+            if node_id in copy.nodes:
+                del self._model_copies[sha]
+                copy.forgotten.set()
+
+    async def _send_bytes(self, browser_id: str, art: ModelArtifact) -> None:
+        """Get ``art``'s bytes to the browser (``receive_model``), from a fresh copy whenever the copy on its
+        way is forgotten meanwhile (a node holding it may be gone: ``_forget_copies_on``). Page work starts
+        only after this, so abandoning a send never leaves a half-made session."""
+        node_id = self.log.state.browsers[browser_id].node_id
+        while True:
+            copy = await self._model_copy(art)
+            if node_id:
+                copy.nodes.add(node_id)
+            sending = self._handles[browser_id].receive_model.remote(art.key, art.sha256, copy.ref)
+            received = asyncio.ensure_future(self.call(browser_id, sending))
+            forgotten = asyncio.ensure_future(copy.forgotten.wait())
+            await asyncio.wait({received, forgotten}, return_when=asyncio.FIRST_COMPLETED)
+            forgotten.cancel()
+            if received.done():
+                received.result()
+                return
+            # Still waiting for its argument, it never runs; if it runs, it only keeps bytes that the next
+            # send replaces.
+            ray.cancel(sending)
+            received.cancel()
+            log.info("model bytes sent again from a fresh copy", extra={"browser_id": browser_id, "model": art.key})
 
     # ----- starting browsers ------------------------------------------------------------------------
     def browser_type(self, preferred: str) -> str:
@@ -339,8 +384,9 @@ class Fleet:
         # busy page for a hung one.
         with self.lease(browser_id):
             try:
-                await self.call(browser_id, self._handles[browser_id].load_model.remote(
-                    art.key, await self._model_ref(art), art.sha256, backend))
+                await self._send_bytes(browser_id, art)
+                await self.call(browser_id, self._handles[browser_id].load_received.remote(
+                    art.key, art.sha256, backend))
             except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                 failure = classify(exc, browser_id)
                 await self.mark_failed(failure)
@@ -423,4 +469,4 @@ class Fleet:
         if retiring:
             await self.log.record(*(ev.BrowserRetired(browser_id=b, reason="pool shutdown") for b in retiring))
         await asyncio.gather(*(self.stop(b) for b in browser_ids))
-        self._model_refs.clear()
+        self._model_copies.clear()

@@ -1,0 +1,93 @@
+"""Model bytes on their way to a browser are sent again from a fresh copy when a node holding the copy in
+use may be gone (``Fleet._send_bytes``): a pull that picks a vanished node's copy waits Ray's pull timeout
+(10 s) before it tries another, and a shard's load after a node loss was seen to wait 9.5 s and 30 s so.
+
+Real local Ray and real object refs. The receiving actor stands in for a browser's actor (only its
+``receive_model`` is used: page work starts after the bytes arrive); the copy whose bytes never arrive is
+the result of a call that has not ended, as a pull from a vanished node does not end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
+import ray
+
+from actors.fleet import Fleet, KeyedLocks, ModelCopy
+from sharding.models.registry import ModelArtifact
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    """Keeps what ``receive_model`` got, as a browser's actor does, and says what it got."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, bytes]] = []
+
+    async def receive_model(self, key: str, sha256: str, model_bytes: np.ndarray) -> None:
+        self.received.append((key, sha256, model_bytes.tobytes()))
+
+    async def got(self) -> list[tuple[str, str, bytes]]:
+        return self.received
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """``bytes_`` ends only once the gate is opened: bytes that do not arrive until then."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+
+    async def bytes_(self) -> np.ndarray:
+        await self.opened.wait()
+        return np.zeros(1, np.uint8)
+
+    async def open(self) -> None:
+        self.opened.set()
+
+
+def _fleet(node_id: str) -> Fleet:
+    state = SimpleNamespace(browsers={"b1": SimpleNamespace(node_id=node_id)})
+    return Fleet(SimpleNamespace(state=state), KeyedLocks(), asyncio.ensure_future,
+                 num_threads=1, memory_limit_mb=None, backend="wasm")
+
+
+def test_forgetting_a_node_forgets_only_the_copies_sent_there() -> None:
+    fleet = _fleet("node-b")
+    there, elsewhere = ModelCopy("ref-1", {"node-a", "node-b"}), ModelCopy("ref-2", {"node-c"})
+    fleet._model_copies = {"sha-1": there, "sha-2": elsewhere}
+    fleet._forget_copies_on("node-a")
+    assert fleet._model_copies == {"sha-2": elsewhere}
+    assert there.forgotten.is_set() and not elsewhere.forgotten.is_set()
+
+
+def test_bytes_on_their_way_are_sent_again_from_a_fresh_copy(ray_local, tmp_path) -> None:
+    data = np.arange(64, dtype=np.uint8)
+    data.tofile(tmp_path / "model.onnx")
+    art = ModelArtifact("m", None, tmp_path / "model.onnx", hashlib.sha256(data.tobytes()).hexdigest(), {})
+    receiver, gate = Receiver.remote(), Gate.remote()
+
+    async def scenario() -> ModelCopy:
+        fleet = _fleet("node-b")
+        fleet._handles["b1"] = receiver
+        stuck = ModelCopy(gate.bytes_.remote(), {"node-a"})
+        fleet._model_copies[art.sha256] = stuck
+        sending = asyncio.ensure_future(fleet._send_bytes("b1", art))
+        done, _ = await asyncio.wait({sending}, timeout=1.0)
+        assert not done, "the bytes of the stuck copy arrived"
+        fleet._forget_copies_on("node-a")       # node-a may be gone: the send goes on from a fresh copy
+        await asyncio.wait_for(sending, 60)
+        return fleet._model_copies[art.sha256]
+
+    try:
+        fresh = asyncio.run(scenario())
+        assert fresh.nodes == {"node-b"} and fresh.ref != gate
+        # Exactly one receive ran, with the file's bytes: the abandoned send's bytes never arrived.
+        assert ray.get(receiver.got.remote(), timeout=30) == [(art.key, art.sha256, data.tobytes())]
+    finally:
+        ray.get(gate.open.remote(), timeout=30)
+        ray.kill(receiver)
+        ray.kill(gate)
