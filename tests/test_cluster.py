@@ -61,6 +61,10 @@ def test_losing_a_node_under_load_loses_no_request(observed):
     trace = "\n".join(observed["node_loss_trace"])
     assert all("no probe" in failed[b]["error"] for b in victims), trace
     assert all(failed[b]["after_s"] < observed["node_declared_dead_s"] for b in victims), trace
+    # The calls waiting on the lost node's browsers ended at once (cut off): every request in flight was
+    # answered before Ray declared the node dead (1.9-5.0 s after the loss against 12.5-15.0 s, in 11 runs).
+    late = [a for a in answers if a["done_ts"] - observed["node_removed_ts"] >= observed["node_declared_dead_s"]]
+    assert not late, (late, trace)
     assert all(b["node_id"] != observed["node_loss_victim_node"] for b in observed["node_loss_browsers_after"])
     assert len([b for b in observed["node_loss_browsers_after"] if not b["standby"]]) >= 1
     assert observed["node_loss_victim_pids_alive"] == [], "browser processes outlived their node"

@@ -304,9 +304,25 @@ def test_custom_recovery_strategy_example_and_parallel(ray_local, tmp_path, capl
     custom_log = logging.getLogger("webpool.test.custom")
 
     async def main() -> None:
-        pool = ResourcePoolBridgeIntegration(max_connections=2, event_log=str(tmp_path / "events"))
+        pool = ResourcePoolBridgeIntegration(max_connections=2, event_log=str(tmp_path / "events"),
+                                             adaptive_scaling=True)
         await pool.initialize()
         try:
+            # The bridge's adaptive_scaling is the pool's own (its log says how it runs; test_adaptive_pool
+            # shows what the option does).
+            configured = [e for e in await pool.connection_pool.recent_events.remote(1000)
+                          if e["action"] == ev.PoolConfigured.KIND]
+            assert configured and configured[-1]["data"]["options"]["adaptive_scaling"] is True, configured
+            # get_browser_for_model: a browser that holds the model (loaded now), whose calls are answered.
+            placed = await pool.get_browser_for_model(MODEL)
+            state = await pool.connection_pool.get_state.remote()
+            assert any(m.browser_id == placed["id"] and m.model == MODEL for m in state.models.values())
+            assert (placed["type"], placed["browser"].id) == ("chromium", placed["id"])
+            answer = await placed["browser"].call("inference", {"model_name": MODEL, "inputs": {"text": "bridge"}})
+            assert _max_err(answer["embedding"], ["bridge"]) <= TOL
+            with pytest.raises(InputError):
+                await placed["browser"].call("inference", {"model": MODEL})
+
             manager = CustomRecoveryManager(connection_pool=pool.connection_pool, logger=custom_log)
             await manager.initialize()
             first = await _run_with_recovery(pool, MODEL, "inference", {"text": "warm"}, manager)
