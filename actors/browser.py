@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ class BrowserCore:
         self.num_threads = num_threads
         self.spares = SpareKeeper(self) if spare_process else None
         self.held_models: dict[str, HeldModel] = {}     # what this page holds, verified (a spare loads them too)
-        self.received_models: dict[str, tuple[str, memoryview]] = {}    # key -> (sha256, bytes): receive_model
+        self.received_models: dict[str, tuple[str, memoryview]] = {}    # send id -> (sha256, bytes): receive_model
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
         self.temp_dir: Path | None = None
@@ -408,13 +409,15 @@ class BrowserCore:
     # ----- models -------------------------------------------------------------------------------
     async def load_model(self, key: str, model_bytes: np.ndarray, sha256: str, backend: str = "wasm") -> dict:
         """Create a session for ``model_bytes`` (verified against ``sha256``) on ``backend``."""
-        await self.receive_model(key, sha256, model_bytes)
-        return await self.load_received(key, sha256, backend)
+        send_id = uuid.uuid4().hex
+        await self.receive_model(send_id, key, model_bytes, sha256)
+        return await self.load_received(send_id, key, sha256, backend)
 
-    async def receive_model(self, key: str, sha256: str, model_bytes: np.ndarray) -> None:
-        """Keep ``model_bytes`` for ``load_received``, verified against ``sha256``. The bytes' way to this
-        node is a step of its own: the pool can abandon it and send them again from another copy, before
-        any page work starts (``Fleet.load``). A later receive of ``key`` replaces the bytes kept."""
+    async def receive_model(self, send_id: str, key: str, model_bytes: np.ndarray, sha256: str) -> None:
+        """Keep ``model_bytes`` for ``load_received`` under ``send_id``, verified against ``sha256``. The
+        bytes' way to this node is a step of its own: the pool can abandon it and send them again from
+        another copy before any page work starts (``Fleet._send_bytes``); it discards what an abandoned
+        send kept (``discard_received``)."""
         view = memoryview(model_bytes).cast("B")
         # In a thread (hashlib lets go of the GIL): hashing hundreds of MB takes ~1 s here, and this actor's
         # loop must keep answering the pool's probes meanwhile.
@@ -422,13 +425,16 @@ class BrowserCore:
         if digest != sha256:
             raise InputError("model_bytes", f"model {key}: sha256 {digest[:16]}… does not match expected "
                              f"{sha256[:16]}…")
-        self.received_models[key] = (sha256, view)
+        self.received_models[send_id] = (sha256, view)
 
-    async def load_received(self, key: str, sha256: str, backend: str = "wasm") -> dict:
-        """Create a session for the bytes ``receive_model`` kept for ``key`` on ``backend``."""
-        sha_kept, view = self.received_models.pop(key, (None, None))
-        if sha_kept != sha256 or view is None:
-            raise InputError("sha256", f"model {key}: no bytes with sha256 {sha256[:16]}… were received")
+    async def discard_received(self, send_id: str) -> None:
+        self.received_models.pop(send_id, None)
+
+    async def load_received(self, send_id: str, key: str, sha256: str, backend: str = "wasm") -> dict:
+        """Create a session of ``key`` on ``backend`` from the bytes ``receive_model`` kept under ``send_id``."""
+        sha_kept, view = self.received_models.pop(send_id, (None, None))
+        if sha_kept != sha256 or view is None:       # the pool's own mistake, never a caller's
+            raise LookupError(f"model {key}: no bytes with sha256 {sha256[:16]}… were received as {send_id}")
         backends = self.capabilities.get("backends", [])
         if backend not in backends:
             raise InputError("backend", f"{backend!r} is not available in browser {self.browser_id} "

@@ -10,6 +10,12 @@ import asyncio
 from typing import Any
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Retrieve a dropped call's outcome, so a late failure is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class CutOffs:
     """Per key (a browser id): a future that is resolved, with the failure, when the key is cut off."""
 
@@ -26,11 +32,12 @@ class CutOffs:
         answer = asyncio.ensure_future(ref)
         try:
             await asyncio.wait({answer, cut}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not answer.done():       # cut off, or this wait was cancelled: its late end is dropped
-                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        except BaseException:           # this wait was cancelled: the call's end is dropped
+            answer.add_done_callback(_retrieved)
+            raise
         if answer.done():
             return answer.result()
+        answer.add_done_callback(_retrieved)        # cut off: the call's late end is dropped
         raise cut.exception()
 
     def cut(self, key: str, failure: BaseException) -> None:

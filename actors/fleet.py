@@ -87,6 +87,7 @@ class Fleet:
         self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
         self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle
         self._model_copies: dict[str, ModelCopy] = {}    # sha256 -> its bytes in the object store
+        self._own_node: str | None = None                # the node this fleet (the pool) runs on
         self._artifacts: dict[tuple, list[ModelArtifact]] = {}
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
@@ -175,44 +176,77 @@ class Fleet:
             models_on(self.log.state, browser_id), key=lambda m: (m.model, m.shard or ""))]
 
     async def _model_copy(self, art: ModelArtifact) -> ModelCopy:
-        if art.sha256 not in self._model_copies:
-            # Both in a thread: copying hundreds of MB into the object store would stall the loop (probes).
-            ref = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
-            self._model_copies.setdefault(art.sha256, ModelCopy(ref))
-        return self._model_copies[art.sha256]
+        # One put per sha at a time: after a forget, every load of that model on its way wants a fresh copy.
+        async with self.locks(f"put:{art.sha256}"):
+            if art.sha256 not in self._model_copies:
+                # Both in a thread: copying hundreds of MB into the object store would stall the loop (probes).
+                ref = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
+                self._model_copies[art.sha256] = ModelCopy(ref)
+            return self._model_copies[art.sha256]
 
     def _forget_copies_on(self, node_id: str) -> None:
         # Ray lists a vanished node's copy of an object until it declares the node dead (~15 s at its
         # defaults), and a pull that picks that copy waits object_manager_pull_timeout_ms (10 s) before it
         # tries another: a shard's load after a node loss took 9.5 s and 30 s so (docs/facts.md). A fresh
         # put has one location, the pool's own node; copying the bytes once costs far less than one wait.
+        # The pool's own node is never forgotten: a fresh put would land there again (and if that node is
+        # gone, so is the pool).
+        if node_id == self._own_node_id():
+            return
         for sha, copy in list(self._model_copies.items()):
             if node_id in copy.nodes:
                 del self._model_copies[sha]
                 copy.forgotten.set()
 
-    async def _send_bytes(self, browser_id: str, art: ModelArtifact) -> None:
+    def _own_node_id(self) -> str:
+        if self._own_node is None:
+            self._own_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return self._own_node
+
+    async def _send_bytes(self, browser_id: str, art: ModelArtifact) -> str:
         """Get ``art``'s bytes to the browser (``receive_model``), from a fresh copy whenever the copy on its
-        way is forgotten meanwhile (a node holding it may be gone: ``_forget_copies_on``). Page work starts
-        only after this, so abandoning a send never leaves a half-made session."""
+        way is forgotten meanwhile (a node holding it may be gone: ``_forget_copies_on``). Returns the send's
+        id, which ``load_received`` names. Page work starts only after this, so abandoning a send never
+        leaves a half-made session."""
+        handle = self._handles[browser_id]
         node_id = self.log.state.browsers[browser_id].node_id
         while True:
             copy = await self._model_copy(art)
             if node_id:
                 copy.nodes.add(node_id)
-            sending = self._handles[browser_id].receive_model.remote(art.key, art.sha256, copy.ref)
+            send_id = uuid.uuid4().hex
+            sending = handle.receive_model.remote(send_id, art.key, copy.ref, art.sha256)
             received = asyncio.ensure_future(self.call(browser_id, sending))
             forgotten = asyncio.ensure_future(copy.forgotten.wait())
-            await asyncio.wait({received, forgotten}, return_when=asyncio.FIRST_COMPLETED)
-            forgotten.cancel()
-            if received.done():
-                received.result()
-                return
-            # Still waiting for its argument, it never runs; if it runs, it only keeps bytes that the next
-            # send replaces.
-            ray.cancel(sending)
-            received.cancel()
-            log.info("model bytes sent again from a fresh copy", extra={"browser_id": browser_id, "model": art.key})
+            try:
+                await asyncio.wait({received, forgotten}, return_when=asyncio.FIRST_COMPLETED)
+                if self.is_cut_off(browser_id):
+                    await received                  # raises the failure it was cut off with
+                if received.done():
+                    received.result()
+                    return send_id
+                log.info("model bytes sent again from a fresh copy",
+                         extra={"browser_id": browser_id, "model": art.key})
+            finally:
+                forgotten.cancel()
+                if not received.done():             # abandoned (a fresh copy goes), or this load was cancelled
+                    received.cancel()
+                    self._abandon(handle, sending, send_id)
+
+    def _abandon(self, handle: Any, sending: ray.ObjectRef, send_id: str) -> None:
+        """Cancel a send: still waiting for its argument, it never runs. One already running may still keep
+        its bytes: they are discarded once it ends."""
+        ray.cancel(sending)
+
+        async def discard() -> None:
+            try:
+                await sending
+            except Exception:
+                return                              # cancelled, or its actor is gone: nothing was kept
+            with contextlib.suppress(Exception):
+                await handle.discard_received.remote(send_id)
+
+        self._spawn(discard())
 
     # ----- starting browsers ------------------------------------------------------------------------
     def browser_type(self, preferred: str) -> str:
@@ -384,9 +418,9 @@ class Fleet:
         # busy page for a hung one.
         with self.lease(browser_id):
             try:
-                await self._send_bytes(browser_id, art)
+                send_id = await self._send_bytes(browser_id, art)
                 await self.call(browser_id, self._handles[browser_id].load_received.remote(
-                    art.key, art.sha256, backend))
+                    send_id, art.key, art.sha256, backend))
             except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                 failure = classify(exc, browser_id)
                 await self.mark_failed(failure)

@@ -149,6 +149,41 @@ def test_a_browser_that_dies_idle_is_recovered_on_its_own_signal(ray_local, tmp_
     _finish(pool)
 
 
+def test_a_browser_that_fails_more_often_than_max_recovery_attempts_is_failed_over_not_revived(
+        ray_local, tmp_path, reference):
+    """README: recovery is bounded by ``max_recovery_attempts``; a browser that failed more often than that
+    (consecutive failures: an answered request resets them) is failed over, not revived. Two real SIGKILLs of
+    the same idle browser with ``max_recovery_attempts=1``: the first is restarted in place, the second
+    moves the model to another browser and retires this one."""
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"), request_timeout=REQUEST_TIMEOUT,
+                               spare_process=False,
+                               fault_tolerance={"level": "medium", "recovery_strategy": "restart",
+                                                "max_recovery_attempts": 1})
+    browser_id = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm up"}))["browser_id"]
+
+    def recoveries_done() -> list[dict]:
+        events = ray.get(pool.recent_events.remote(1000))
+        return [e["subject"] for e in events if e["action"] == "RecoveryCompleted"
+                and e["data"]["browser_id"] == browser_id]
+
+    for kill in (1, 2):
+        ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))    # idle: the browser reports its death
+        deadline = time.monotonic() + 60
+        while len(recoveries_done()) < kill:
+            assert time.monotonic() < deadline, f"recovery {kill} never completed"
+            time.sleep(0.05)
+    events = ray.get(pool.recent_events.remote(1000))
+    first, second = recoveries_done()
+    steps = {r: [(e["data"]["step"], e["data"]["success"]) for e in events
+                 if e["action"] == "RecoveryStepFinished" and e["subject"] == r] for r in (first, second)}
+    assert steps[first] == [("restart", True)], steps
+    assert steps[second] == [("failover", True)], steps
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
+    assert out["browser_id"] != browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    done = _finish(pool)
+    assert done["state"].browsers[browser_id].status == "retired", done["state"].browsers[browser_id]
+
+
 def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):
     """After a dropped CDP connection, reconnect finds the same page with the model still loaded."""
     pool, browser_id = _pool(tmp_path, "reconnect")
@@ -179,11 +214,7 @@ def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_e
 def test_level_none_reports_the_error(ray_local, tmp_path):
     pool, browser_id = _pool(tmp_path, "progressive", level="none")
     ray.get(pool.inject_fault.remote(browser_id, "crash_page"))
-    deadline = time.monotonic() + 30            # the page's crash signal reaches the log (58 ms p50 here)
-    while not [e for e in ray.get(pool.recent_events.remote(100))
-               if e["action"] == "BrowserFailed" and e["subject"] == browser_id]:
-        assert time.monotonic() < deadline, "the crash was never recorded"
-        time.sleep(0.01)
+    time.sleep(0.3)
     with pytest.raises(BrowserFailure) as err:
         ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "x"}))
     assert err.value.category.value == "crash"

@@ -63,6 +63,10 @@ def test_a_killed_pool_is_restarted_rebuilds_from_its_log_and_answers_every_requ
                if e["action"] == "BrowserRetired" and e["data"]["reason"] == "pool restarted"}
     assert alive_before and not retired & set(alive_before), (alive_before, retired)
     assert {b: state.browsers[b].pid for b in alive_before} == alive_before, "same browser processes"
+    # Models as they were: a browser that held the model before the kill serves it on without loading it again.
+    held_before = {m.browser_id for m in before.models.values() if m.model == MODEL} & set(alive_before)
+    loaded_again = {e["subject"] for e in events if e["action"] == "ModelLoaded" and e["seq"] > restart_seq}
+    assert held_before and not held_before & loaded_again, (held_before, loaded_again)
     served_after = {e["data"]["browser_id"] for e in events if e["action"] == "OperationStarted"
                     and e["seq"] > restart_seq}
     assert served_after & set(alive_before), (served_after, alive_before)
