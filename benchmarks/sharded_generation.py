@@ -16,8 +16,9 @@
      browser is restarted (``recover_browser(strategy="restart")``: a new process, its shard loaded again)
      and the whole generation is run again from the first token.
    Clean and faulted runs alternate on the same pool (clean, faulted, clean, ...), each after the pool has
-   settled (no recovery or operation open, no event for 1 s, then up to 30 s for the spare processes it
-   expects; each run records whether they were ready), so that a run pays for its own fault only. Before
+   settled (no recovery or operation open, no event for 1 s, the standbys it is configured with up and
+   warmed up, then up to 30 s for the spare processes it expects; each run records whether they were
+   ready), so that a run pays for its own fault only. Before
    each pair the pool generates until it runs at steady speed again (a restarted browser's page starts on
    V8's baseline WebAssembly); each run records how many generations that took.
    Each is timed from the request to the correct answer; a faulted run's extra latency is its time minus
@@ -47,7 +48,7 @@ import numpy as np
 
 from benchmarks.pool_trials import spares_not_ready
 from benchmarks.results import summary, write_results
-from events.state import SessionTokens
+from events.state import SessionTokens, browsers_alive
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -120,10 +121,29 @@ SETTLE_QUIET_S = 1.0          # no new event for this long
 SPARE_WAIT_S = 30.0           # then at most this long for the browsers' spare processes to be ready
 
 
+def standbys_not_ready(state: Any) -> str | None:
+    """Why the pool's standbys are not yet what its configuration asks for, or None: as many alive as
+    ``standby_browsers`` (level high), each holding models, every one of them warmed up. A failover takes the
+    standby; its replacement starts after a deferral (seconds with no event), then loads and warms up
+    the shards, on the cores a generation needs: a run meanwhile measured that too (clean runs 2.4-3.1 s
+    after faults against 1.95 s before the first, 2026-12-05)."""
+    ft = state.config.get("options", {}).get("fault_tolerance", {})
+    wanted = ft.get("standby_browsers", 0) if state.config.get("level") == "high" else 0
+    standbys = [b.browser_id for b in browsers_alive(state) if b.standby]
+    if len(standbys) < wanted:
+        return f"{len(standbys)} of {wanted} standbys"
+    for b in standbys:
+        models = [m for m in state.models.values() if m.browser_id == b]
+        if not models or not all(m.warmed_up for m in models):
+            return f"standby {b} not warmed up"
+    return None
+
+
 def settle(pool: Any) -> bool:
-    """Wait for the pool's steady state before a faulted run: no recovery and no operation open and no event
-    for a second, then (where the pool keeps spare processes) up to ``SPARE_WAIT_S`` for every spare it expects
-    to be ready (each browser that has served a run keeps one; a standby that only warmed up does not).
+    """Wait for the pool's steady state before a run: no recovery and no operation open, no event for a
+    second and the standbys ready (``standbys_not_ready``), then (where the pool keeps spare processes) up
+    to ``SPARE_WAIT_S`` for every spare it expects to be ready (each browser that has served a run keeps
+    one; a standby that only warmed up does not).
     Otherwise a run measures the previous fault too: the dead browser is recovered once its session closes,
     and its new spare is prepared after that, both on the two cores the next generation needs.
     A spare may never come (none is started where it would leave under 2 GiB of memory free): returns whether
@@ -136,10 +156,12 @@ def settle(pool: Any) -> bool:
         state = ray.get(pool.get_state.remote())
         if state.last_seq != last_seq:            # a standby being replaced and warmed up logs as it goes
             last_seq, changed = state.last_seq, time.monotonic()
-        if not (state.recoveries or state.operations) and time.monotonic() - changed >= SETTLE_QUIET_S:
+        if not (state.recoveries or state.operations) and time.monotonic() - changed >= SETTLE_QUIET_S \
+                and standbys_not_ready(state) is None:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the pool did not settle within {SETTLE_TIMEOUT_S:.0f} s")
+            raise TimeoutError(f"the pool did not settle within {SETTLE_TIMEOUT_S:.0f} s "
+                               f"({standbys_not_ready(state) or 'work or events went on'})")
         time.sleep(0.1)
     spare_deadline = time.monotonic() + SPARE_WAIT_S
     while spares_not_ready(pool, state):
