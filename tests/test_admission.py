@@ -147,3 +147,24 @@ def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
     assert retry_after_s(100, 50.0) == 2.0
     assert retry_after_s(1, 1000.0) == 0.05 and retry_after_s(10**6, 1.0) == 30.0
     assert retry_after_s(100, None) == 1.0 and retry_after_s(100, 0.0) == 1.0
+
+
+def test_the_retry_hints_answer_rate_counts_the_last_window_only(monkeypatch):
+    """README: a refused client's hint is the rows ahead at the pool's answer rate of the last 5 s
+    (``ANSWER_RATE_WINDOW_S``). Pure logic on a stepped clock."""
+    from actors import pool as pool_module
+    from actors.constants import ANSWER_RATE_WINDOW_S
+
+    now = [1000.0]
+    monkeypatch.setattr(pool_module.time, "monotonic", lambda: now[0])
+    rate = pool_module._AnswerRate()
+    assert rate.rows_per_s() is None                        # nothing answered yet: no rate to promise
+    rate.add(100)
+    now[0] += 2.0
+    rate.add(20)
+    now[0] += 2.0
+    assert rate.rows_per_s() == pytest.approx(120 / 4.0)    # both inside the window
+    now[0] += ANSWER_RATE_WINDOW_S - 4.0 + 0.5              # the first answer is now older than the window
+    assert rate.rows_per_s() == pytest.approx(20 / (ANSWER_RATE_WINDOW_S - 2.0 + 0.5))
+    now[0] += ANSWER_RATE_WINDOW_S
+    assert rate.rows_per_s() is None                        # a quiet pool's old rate is not promised

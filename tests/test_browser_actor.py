@@ -223,6 +223,23 @@ def test_a_browser_type_that_cannot_be_driven_falls_back_and_says_so(monkeypatch
         exe = chromium.resolve_browser("firefox")
     assert exe.browser_type in chromium.SUPPORTED_TYPES and os.access(exe.path, os.X_OK)
     assert f"browser type firefox is not available; using {exe.browser_type}" in caplog.text
+    # The order: whichever of chromium -> chrome -> edge is installed first (only these two here).
+    tried: list[str] = []
+
+    def only(installed: set[str]):
+        def find(browser_type: str):
+            tried.append(browser_type)
+            return chromium.BrowserExecutable(browser_type, f"/opt/{browser_type}") if browser_type in installed \
+                else None
+        return find
+
+    monkeypatch.setattr(chromium, "find_executable", only({"chrome", "edge"}))
+    assert chromium.resolve_browser("firefox").browser_type == "chrome"
+    assert tried == ["firefox", "chromium", "chrome"]
+    tried.clear()
+    monkeypatch.setattr(chromium, "find_executable", only({"edge"}))
+    assert chromium.resolve_browser("chromium").browser_type == "edge"
+    assert tried == ["chromium", "chrome", "edge"]
     monkeypatch.setattr(chromium, "find_executable", lambda _type: None)
     with pytest.raises(chromium.BrowserNotFoundError, match="apt-get install chromium"):
         chromium.resolve_browser("chromium")

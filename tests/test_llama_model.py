@@ -379,3 +379,15 @@ def test_smollm2_greedy_paris_and_three_shards(smol):
     assert "Paris" in model.decode(full), model.decode(full)
     shards = LO.build_shards(model, [(0, 10), (10, 20), (20, 30)])
     assert LO.ort_greedy_generate(shards, ids, 16) == full
+
+
+def test_the_cache_is_under_the_home_directory_unless_webpool_cache_says_otherwise(tmp_path, monkeypatch):
+    """README: generated ONNX files go to ``~/.cache/webpool`` (owner-only); ``WEBPOOL_CACHE`` overrides."""
+    from sharding.models.cache import cache_dir
+
+    monkeypatch.delenv("WEBPOOL_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "webpool"
+    assert (cache_dir().stat().st_mode & 0o777) == 0o700
+    monkeypatch.setenv("WEBPOOL_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
