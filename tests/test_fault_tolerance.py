@@ -184,6 +184,44 @@ def test_a_browser_that_fails_more_often_than_max_recovery_attempts_is_failed_ov
     assert done["state"].browsers[browser_id].status == "retired", done["state"].browsers[browser_id]
 
 
+def test_at_level_low_an_idle_browsers_dropped_connection_is_revived_at_once_and_a_dead_one_is_not(
+        ray_local, tmp_path, reference):
+    """README: recovery starts at once on the browser's own signal at levels low and up; at ``low`` it is a
+    reconnect, which revives a dropped connection but not a dead process. No request and no health check
+    due (a minute apart) between the faults and the recoveries."""
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"), request_timeout=REQUEST_TIMEOUT,
+                               health_interval=60.0, spare_process=False, fault_tolerance={"level": "low"})
+    browser_id = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm up"}))["browser_id"]
+
+    def recovery_after(seq: int) -> tuple[dict, list[tuple[str, bool]]]:
+        deadline = time.monotonic() + 50
+        while True:
+            events = ray.get(pool.recent_events.remote(1000))
+            done = [e for e in events if e["action"] == "RecoveryCompleted" and e["seq"] > seq
+                    and e["data"]["browser_id"] == browser_id]
+            if done:
+                steps = [(e["data"]["step"], e["data"]["success"]) for e in events
+                         if e["action"] == "RecoveryStepFinished" and e["subject"] == done[0]["subject"]]
+                return done[0]["data"], steps
+            assert time.monotonic() < deadline, "no recovery followed the fault"
+            time.sleep(0.05)
+
+    seq = ray.get(pool.get_state.remote()).last_seq
+    ray.get(pool.inject_fault.remote(browser_id, "disconnect"))
+    completed, steps = recovery_after(seq)
+    assert completed["success"] and steps == [("reconnect", True)], (completed, steps)
+    assert not [e for e in ray.get(pool.recent_events.remote(1000))
+                if e["seq"] > seq and e["action"] in ("OperationStarted", "ModelLoaded")], "it was the signal's"
+    seq = ray.get(pool.get_state.remote()).last_seq
+    ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
+    completed, steps = recovery_after(seq)
+    assert not completed["success"] and steps == [("reconnect", False)], (completed, steps)
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
+    assert out["browser_id"] != browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    done = _finish(pool)
+    assert done["state"].browsers[browser_id].status in ("failed", "retired")
+
+
 def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):
     """After a dropped CDP connection, reconnect finds the same page with the model still loaded."""
     pool, browser_id = _pool(tmp_path, "reconnect")
@@ -206,6 +244,8 @@ def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_e
         time.sleep(0.005)
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    # spare_process=False overrides the default (on where a restart is the likely step, as here): no spare.
+    assert ray.get(pool.health.remote())[browser_id]["spare_expected"] is False
     done = _finish(pool)
     assert set(done["state"].browsers) == {browser_id}, "no second browser was launched"
     assert done["state"].metrics.get("recovery_successes", 0) >= 1
