@@ -416,7 +416,7 @@ class BrowserCore:
     async def receive_model(self, send_id: str, key: str, model_bytes: np.ndarray, sha256: str) -> None:
         """Keep ``model_bytes`` for ``load_received`` under ``send_id``, verified against ``sha256``. The
         bytes' way to this node is a step of its own: the pool can abandon it and send them again from
-        another copy before any page work starts (``Fleet._send_bytes``); it discards what an abandoned
+        another copy before any page work starts (``ModelCopies.send``); it discards what an abandoned
         send kept (``discard_received``)."""
         view = memoryview(model_bytes).cast("B")
         # In a thread (hashlib lets go of the GIL): hashing hundreds of MB takes ~1 s here, and this actor's

@@ -3,23 +3,21 @@
 Everything that starts, loads, restarts, retires or stops a browser goes through here, and each change
 is recorded in the log before the fleet returns (BrowserLaunched, ModelLoaded, ModelWarmedUp, BrowserFailed,
 BrowserRetired, BrowserQuarantined). Placement and recovery use the fleet through its public methods;
-what the fleet holds that the log does not is I/O: actor handles, object-store refs of model bytes,
-and leases (requests using a browser right now), which balance by construction (``lease`` is a
-context manager).
+what the fleet holds that the log does not is I/O: actor handles, model bytes in the object store
+(``actors/model_copies.py``), and leases (requests using a browser right now), which balance by
+construction (``lease`` is a context manager).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -39,6 +37,7 @@ from actors.decisions import placement
 from actors.decisions.reconcile import keys_on
 from actors.decisions.recovery import classify
 from actors.decisions.warmup import warmed_up
+from actors.model_copies import ModelCopies
 from actors.pool_log import PoolLog
 from events import schema as ev
 from events.errors import ActorUnreachable, BrowserFailure
@@ -48,15 +47,6 @@ from sharding.models.registry import ModelArtifact, artifact_key_parts, artifact
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclasses.dataclass
-class ModelCopy:
-    """A model's bytes in the object store, and the nodes they were sent to (each load there pulls a copy).
-    ``forgotten`` is set when one of those nodes may be gone: loads on their way stop using this copy."""
-    ref: ray.ObjectRef
-    nodes: set[str] = dataclasses.field(default_factory=set)
-    forgotten: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class KeyedLocks:
@@ -86,14 +76,13 @@ class Fleet:
         self.memory_limit_mb = memory_limit_mb
         self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
         self._handles: dict[str, Any] = {}              # browser_id -> BrowserActor handle
-        self._model_copies: dict[str, ModelCopy] = {}    # sha256 -> its bytes in the object store
-        self._own_node: str | None = None                # the node this fleet (the pool) runs on
         self._artifacts: dict[tuple, list[ModelArtifact]] = {}
         self._resolved_types: dict[str, str] = {}
         self._leases: dict[str, int] = {}                # browser_id -> requests using it now
         self._launching: dict[str, int] = {}             # node_id -> browsers being started there
         self.standby_launching = 0                       # of those, the ones started as standbys
         self.cutoffs = CutOffs()                         # browsers whose actor was found unreachable
+        self.model_copies = ModelCopies(self.call, self.is_cut_off, spawn)     # model bytes in the object store
         self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
 
     # ----- handles and leases -------------------------------------------------------------------
@@ -129,7 +118,7 @@ class Fleet:
         state = self.log.state.browsers.get(failure.browser_id)
         if state is not None and state.node_id:
             self._suspect_nodes[state.node_id] = time.monotonic()
-            self._forget_copies_on(state.node_id)
+            self.model_copies.forget_node(state.node_id)
 
     def is_cut_off(self, browser_id: str) -> bool:
         return self.cutoffs.is_cut(browser_id)
@@ -174,79 +163,6 @@ class Fleet:
         replacement must take over."""
         return [await self.artifact(m.model, m.shard) for m in sorted(
             models_on(self.log.state, browser_id), key=lambda m: (m.model, m.shard or ""))]
-
-    async def _model_copy(self, art: ModelArtifact) -> ModelCopy:
-        # One put per sha at a time: after a forget, every load of that model on its way wants a fresh copy.
-        async with self.locks(f"put:{art.sha256}"):
-            if art.sha256 not in self._model_copies:
-                # Both in a thread: copying hundreds of MB into the object store would stall the loop (probes).
-                ref = await asyncio.to_thread(lambda: ray.put(np.fromfile(art.path, np.uint8)))
-                self._model_copies[art.sha256] = ModelCopy(ref)
-            return self._model_copies[art.sha256]
-
-    def _forget_copies_on(self, node_id: str) -> None:
-        # Ray lists a vanished node's copy of an object until it declares the node dead (~15 s at its
-        # defaults), and a pull that picks that copy waits object_manager_pull_timeout_ms (10 s) before it
-        # tries another: a shard's load after a node loss took 9.5 s and 30 s so (docs/facts.md). A fresh
-        # put has one location, the pool's own node; copying the bytes once costs far less than one wait.
-        # The pool's own node is never forgotten: a fresh put would land there again (and if that node is
-        # gone, so is the pool).
-        if node_id == self._own_node_id():
-            return
-        for sha, copy in list(self._model_copies.items()):
-            if node_id in copy.nodes:
-                del self._model_copies[sha]
-                copy.forgotten.set()
-
-    def _own_node_id(self) -> str:
-        if self._own_node is None:
-            self._own_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        return self._own_node
-
-    async def _send_bytes(self, browser_id: str, art: ModelArtifact) -> str:
-        """Get ``art``'s bytes to the browser (``receive_model``), from a fresh copy whenever the copy on its
-        way is forgotten meanwhile (a node holding it may be gone: ``_forget_copies_on``). Returns the send's
-        id, which ``load_received`` names. Page work starts only after this, so abandoning a send never
-        leaves a half-made session."""
-        handle = self._handles[browser_id]
-        node_id = self.log.state.browsers[browser_id].node_id
-        while True:
-            copy = await self._model_copy(art)
-            if node_id:
-                copy.nodes.add(node_id)
-            send_id = uuid.uuid4().hex
-            sending = handle.receive_model.remote(send_id, art.key, copy.ref, art.sha256)
-            received = asyncio.ensure_future(self.call(browser_id, sending))
-            forgotten = asyncio.ensure_future(copy.forgotten.wait())
-            try:
-                await asyncio.wait({received, forgotten}, return_when=asyncio.FIRST_COMPLETED)
-                if self.is_cut_off(browser_id):
-                    await received                  # raises the failure it was cut off with
-                if received.done():
-                    received.result()
-                    return send_id
-                log.info("model bytes sent again from a fresh copy",
-                         extra={"browser_id": browser_id, "model": art.key})
-            finally:
-                forgotten.cancel()
-                if not received.done():             # abandoned (a fresh copy goes), or this load was cancelled
-                    received.cancel()
-                    self._abandon(handle, sending, send_id)
-
-    def _abandon(self, handle: Any, sending: ray.ObjectRef, send_id: str) -> None:
-        """Cancel a send: still waiting for its argument, it never runs. One already running may still keep
-        its bytes: they are discarded once it ends."""
-        ray.cancel(sending)
-
-        async def discard() -> None:
-            try:
-                await sending
-            except Exception:
-                return                              # cancelled, or its actor is gone: nothing was kept
-            with contextlib.suppress(Exception):
-                await handle.discard_received.remote(send_id)
-
-        self._spawn(discard())
 
     # ----- starting browsers ------------------------------------------------------------------------
     def browser_type(self, preferred: str) -> str:
@@ -418,7 +334,8 @@ class Fleet:
         # busy page for a hung one.
         with self.lease(browser_id):
             try:
-                send_id = await self._send_bytes(browser_id, art)
+                send_id = await self.model_copies.send(browser_id, self._handles[browser_id],
+                                                       self.log.state.browsers[browser_id].node_id, art)
                 await self.call(browser_id, self._handles[browser_id].load_received.remote(
                     send_id, art.key, art.sha256, backend))
             except (BrowserFailure, ray.exceptions.RayActorError) as exc:
@@ -465,6 +382,8 @@ class Fleet:
         """Record a browser's failure once, however many requests and health checks saw it at once."""
         async with self.locks(f"failed:{failure.browser_id}"):
             state = self.log.state.browsers.get(failure.browser_id)
+            if isinstance(failure, ActorUnreachable) and state is not None:
+                self.model_copies.forget_node(state.node_id)     # its node may be gone
             if state is not None and state.status in ALIVE_STATUSES:
                 await self.log.record(ev.BrowserFailed(browser_id=failure.browser_id,
                                                        category=failure.category.value, error=failure.detail[:500]))
@@ -503,4 +422,4 @@ class Fleet:
         if retiring:
             await self.log.record(*(ev.BrowserRetired(browser_id=b, reason="pool shutdown") for b in retiring))
         await asyncio.gather(*(self.stop(b) for b in browser_ids))
-        self._model_copies.clear()
+        self.model_copies.clear()

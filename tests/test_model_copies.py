@@ -1,5 +1,5 @@
 """Model bytes on their way to a browser are sent again from a fresh copy when a node holding the copy in
-use may be gone (``Fleet._send_bytes``): a pull that picks a vanished node's copy waits Ray's pull timeout
+use may be gone (``actors/model_copies.py``): a pull that picks a vanished node's copy waits Ray's pull timeout
 (10 s) before it tries another, and a shard's load after a node loss was seen to wait 9.5 s and 30 s so.
 
 Real local Ray and real object refs. The receiving actor stands in for a browser's actor (only its
@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import ray
 
-from actors.fleet import Fleet, KeyedLocks, ModelCopy
+from actors.cutoff import CutOffs
+from actors.model_copies import ModelCopies, ModelCopy
 from sharding.models.registry import ModelArtifact
 
 
@@ -55,21 +55,20 @@ class Gate:
         self.opened.set()
 
 
-def _fleet(node_id: str) -> Fleet:
-    state = SimpleNamespace(browsers={"b1": SimpleNamespace(node_id=node_id)})
-    return Fleet(SimpleNamespace(state=state), KeyedLocks(), asyncio.ensure_future,
-                 num_threads=1, memory_limit_mb=None, backend="wasm")
+def _copies() -> ModelCopies:
+    cutoffs = CutOffs()
+    return ModelCopies(cutoffs.call, cutoffs.is_cut, asyncio.ensure_future)
 
 
 def test_forgetting_a_node_forgets_only_the_copies_sent_there() -> None:
-    fleet = _fleet("node-b")
+    copies = _copies()
     there, elsewhere = ModelCopy("ref-1", {"node-a", "node-b"}), ModelCopy("ref-2", {"node-c"})
-    fleet._model_copies = {"sha-1": there, "sha-2": elsewhere}
-    fleet._own_node = "node-c"
-    fleet._forget_copies_on("node-c")            # the pool's own node: a fresh put would land there again
-    assert fleet._model_copies == {"sha-1": there, "sha-2": elsewhere}
-    fleet._forget_copies_on("node-a")
-    assert fleet._model_copies == {"sha-2": elsewhere}
+    copies.copies = {"sha-1": there, "sha-2": elsewhere}
+    copies.own_node = "node-c"
+    copies.forget_node("node-c")                 # the pool's own node: a fresh put would land there again
+    assert copies.copies == {"sha-1": there, "sha-2": elsewhere}
+    copies.forget_node("node-a")
+    assert copies.copies == {"sha-2": elsewhere}
     assert there.forgotten.is_set() and not elsewhere.forgotten.is_set()
 
 
@@ -80,16 +79,15 @@ def test_bytes_on_their_way_are_sent_again_from_a_fresh_copy(ray_local, tmp_path
     receiver, gate = Receiver.remote(), Gate.remote()
 
     async def scenario() -> tuple[ModelCopy, ModelCopy]:
-        fleet = _fleet("node-b")
-        fleet._handles["b1"] = receiver
+        copies = _copies()
         stuck = ModelCopy(gate.bytes_.remote(), {"node-a"})
-        fleet._model_copies[art.sha256] = stuck
-        sending = asyncio.ensure_future(fleet._send_bytes("b1", art))
+        copies.copies[art.sha256] = stuck
+        sending = asyncio.ensure_future(copies.send("b1", receiver, "node-b", art))
         done, _ = await asyncio.wait({sending}, timeout=1.0)
         assert not done, "the bytes of the stuck copy arrived"
-        fleet._forget_copies_on("node-a")       # node-a may be gone: the send goes on from a fresh copy
+        copies.forget_node("node-a")             # node-a may be gone: the send goes on from a fresh copy
         await asyncio.wait_for(sending, 60)
-        return stuck, fleet._model_copies[art.sha256]
+        return stuck, copies.copies[art.sha256]
 
     try:
         stuck, fresh = asyncio.run(scenario())
