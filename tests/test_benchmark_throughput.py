@@ -34,6 +34,14 @@ def test_quick_throughput_run_answers_everything_correctly(ray_local, tmp_path, 
     native = r["native_onnxruntime"]["1_threads"]
     assert native["best_rows_per_s_median"] > 0 and set(native["by_batch"]) == {"1", "8"}
     assert set(r["targets"]) >= {"vs_one_sequential_client", "vs_batching_off", "vs_native_onnxruntime_best", "kill"}
+    # The ceiling each target is set against: the same pages with nothing in front, every output checked.
+    alone = r["browsers_alone"]["1_pages_1_threads"]
+    assert alone["best_rows_per_s"] > 0 and alone["wrong"] == 0 and set(alone["by_batch"]) == {"8"}
+    assert alone["by_batch"]["8"]["n"] == 2
+    for name in ("vs_one_sequential_client", "vs_batching_off", "vs_native_onnxruntime_best", "p50_ms"):
+        target = r["targets"][name]
+        assert target["browsers_alone_rows_s"] == alone["best_rows_per_s"]
+        assert target["within_ceiling"] == (target["needs_req_s"] <= alone["best_rows_per_s"])
 
 
 def test_kill_timeline_dip_and_rates():
