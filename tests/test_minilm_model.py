@@ -128,6 +128,19 @@ def test_tokenize_shapes_and_types() -> None:
     assert not batch["token_type_ids"].any()
 
 
+def test_join_of_requests_equals_tokenizing_them_together() -> None:
+    """The batcher's join: requests tokenized apart (each padded to its own longest text) become the batch
+    tokenize would have made of all their texts, rows in order."""
+    requests = [["Hi"], ["A man is eating food.", "ok"], ["A much longer sentence than the others in here."], ["x"]]
+    joined = minilm.join([tokenize(texts) for texts in requests])
+    together = tokenize([t for texts in requests for t in texts])
+    assert set(joined) == set(together)
+    for name, arr in together.items():
+        assert joined[name].dtype == arr.dtype and np.array_equal(joined[name], arr), name
+    alone = tokenize(["one request"])
+    assert minilm.join([alone]) is alone
+
+
 @pytest.mark.parametrize(
     ("texts", "field"),
     [

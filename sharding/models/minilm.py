@@ -167,11 +167,17 @@ def join(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     (masked [PAD] tokens, which mean pooling ignores), so each request's rows embed as they would alone."""
     if len(feeds) == 1:
         return feeds[0]
+    rows = sum(f["input_ids"].shape[0] for f in feeds)
     seq = max(f["input_ids"].shape[1] for f in feeds)
     pads = {"input_ids": _tokenizer().token_to_id("[PAD]"), "attention_mask": 0, "token_type_ids": 0}
-    return {name: np.concatenate([np.pad(f[name], ((0, 0), (0, seq - f[name].shape[1])), constant_values=pad)
-                                  for f in feeds])
-            for name, pad in pads.items()}
+    out = {name: np.full((rows, seq), pad, dtype=np.int64) for name, pad in pads.items()}
+    at = 0                  # filled in place: np.pad per request cost the pool ~8 % of its CPU under load
+    for f in feeds:
+        n, width = f["input_ids"].shape
+        for name, joined in out.items():
+            joined[at:at + n, :width] = f[name]
+        at += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
