@@ -49,37 +49,84 @@ def listener():
     thread.join(5)
 
 
+async def _probe_page(core: BrowserCore, port: int) -> dict:
+    """Hostile code in ``core``'s page: a fetch, a WebSocket and a navigation to ``port``; then the page must
+    still serve MiniLM correctly."""
+    before = len(core.blocked_requests)
+    result = await core.page.evaluate("""async (port) => {
+        const out = {};
+        try { await fetch(`http://127.0.0.1:${port}/steal`); out.fetch = "reached"; }
+        catch (e) { out.fetch = "blocked"; }
+        out.ws = await new Promise((resolve) => {
+            const ws = new WebSocket(`ws://127.0.0.1:${port}/x`);
+            ws.onopen = () => resolve("open");
+            ws.onclose = (e) => resolve("closed " + e.code);
+            ws.onerror = () => resolve("error");
+        });
+        return out;
+    }""", port)
+    url_before = core.page.url
+    await core.page.evaluate("(port) => { location.href = `http://127.0.0.1:${port}/away`; }", port)
+    # The navigation is counted when its route is aborted, after evaluate returns.
+    deadline = time.monotonic() + 10
+    while len(core.blocked_requests) - before < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    result["url_kept"] = core.page.url == url_before
+    result["blocked"] = len(core.blocked_requests) - before
+    [art] = artifacts("all-minilm-l6-v2")
+    await core.load_model(art.key, np.fromfile(art.path, np.uint8), art.sha256, "wasm")
+    out = await core.run(art.key, minilm.tokenize(["still serving"]), fetch=["embedding"])
+    result["embedding"] = out["outputs"]["embedding"]
+    result["health_blocked"] = (await core.health())["blocked_requests"]
+    return result
+
+
 async def _probe(port: int) -> dict:
     core = BrowserCore("isolation-browser")
     await core.start()
     try:
-        before = len(core.blocked_requests)
-        result = await core.page.evaluate("""async (port) => {
-            const out = {};
-            try { await fetch(`http://127.0.0.1:${port}/steal`); out.fetch = "reached"; }
-            catch (e) { out.fetch = "blocked"; }
-            out.ws = await new Promise((resolve) => {
-                const ws = new WebSocket(`ws://127.0.0.1:${port}/x`);
-                ws.onopen = () => resolve("open");
-                ws.onclose = (e) => resolve("closed " + e.code);
-                ws.onerror = () => resolve("error");
-            });
-            return out;
-        }""", port)
-        url_before = core.page.url
-        await core.page.evaluate("(port) => { location.href = `http://127.0.0.1:${port}/away`; }", port)
-        # The navigation is counted when its route is aborted, after evaluate returns.
-        deadline = time.monotonic() + 10
-        while len(core.blocked_requests) - before < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        result["url_kept"] = core.page.url == url_before
-        result["blocked"] = len(core.blocked_requests) - before
+        return await _probe_page(core, port)
+    finally:
+        await core.close()
+
+
+# What a page can leave behind, in each place a page stores something, and what a later page finds there.
+LEAVE = """async () => {
+    localStorage.setItem("left", "secret");
+    sessionStorage.setItem("left", "secret");
+    document.cookie = "left=secret; max-age=3600";
+    await new Promise((resolve, reject) => {
+        const open = indexedDB.open("left", 1);
+        open.onupgradeneeded = () => open.result.createObjectStore("s");
+        open.onsuccess = () => { open.result.close(); resolve(); };
+        open.onerror = () => reject(open.error);
+    });
+    await (await caches.open("left")).put("/left", new Response("secret"));
+    globalThis.left = "secret";
+}"""
+FIND = """async () => ({
+    local: localStorage.getItem("left"), session: sessionStorage.getItem("left"), cookie: document.cookie,
+    indexedDB: (await indexedDB.databases()).map((d) => d.name), caches: await caches.keys(),
+    global: globalThis.left ?? null,
+})"""
+
+
+async def _restart_from_the_spare(port: int) -> dict:
+    core = BrowserCore("isolation-spare", spare_process=True)
+    await core.start()
+    try:
         [art] = artifacts("all-minilm-l6-v2")
         await core.load_model(art.key, np.fromfile(art.path, np.uint8), art.sha256, "wasm")
-        out = await core.run(art.key, minilm.tokenize(["still serving"]), fetch=["embedding"])
-        result["embedding"] = out["outputs"]["embedding"]
-        result["health_blocked"] = (await core.health())["blocked_requests"]
-        return result
+        await core.run(art.key, minilm.tokenize(["first"]), fetch=["embedding"])     # served: a spare is kept
+        await core.page.evaluate(LEAVE)
+        left = await core.page.evaluate(FIND)
+        deadline = time.monotonic() + 60
+        while not core.spares.ready():
+            assert time.monotonic() < deadline, "no spare process came up"
+            await asyncio.sleep(0.05)
+        info = await core.restart()
+        return {"from_spare": info["from_spare"], "left": left, "found": await core.page.evaluate(FIND),
+                "probe": await _probe_page(core, port)}
     finally:
         await core.close()
 
@@ -95,6 +142,23 @@ def test_outside_requests_websockets_and_navigation_are_blocked(listener):
     assert all(data == b"" for _peer, data in connected), connected
     assert result["blocked"] >= 3 and result["health_blocked"] >= 3     # counted, visible in health
     assert np.abs(result["embedding"] - minilm.reference_embed(["still serving"])).max() <= 1e-4
+
+
+def test_the_page_a_restart_takes_from_the_spare_is_isolated_and_holds_nothing_of_the_old_one(listener):
+    """README: a spare's page is isolated like any other, and nothing an earlier page stored (storage,
+    cookies, IndexedDB, Cache Storage, globals) reaches the page that serves after a restart from it."""
+    port, connected = listener
+    result = asyncio.run(_restart_from_the_spare(port))
+    assert result["from_spare"] is True
+    assert result["left"] == {"local": "secret", "session": "secret", "cookie": "left=secret", "indexedDB": ["left"],
+                              "caches": ["left"], "global": "secret"}, "the old page stored what it left"
+    assert result["found"] == {"local": None, "session": None, "cookie": "", "indexedDB": [], "caches": [],
+                               "global": None}
+    probe = result["probe"]
+    assert probe["fetch"] == "blocked" and probe["ws"] != "open" and probe["url_kept"]
+    assert all(data == b"" for _peer, data in connected), connected
+    assert probe["blocked"] >= 3 and probe["health_blocked"] >= 3
+    assert np.abs(probe["embedding"] - minilm.reference_embed(["still serving"])).max() <= 1e-4
 
 
 def test_devtools_listen_on_loopback_only_and_the_sandbox_is_off_only_as_root(monkeypatch, tmp_path):
