@@ -29,7 +29,7 @@ from actors.decisions import hedging
 from actors.decisions.recovery import FaultToleranceConfig
 from events.errors import InputError
 from events.state import open_operations
-from sharding.models import minilm
+from sharding.models import llama, llama_onnx, minilm
 from webpool import ResourcePool
 
 
@@ -147,6 +147,77 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
                              event=event)) != want])
         after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
         assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+
+# Longer than the hedge delay's cap (a request with too little history waits the cap before it is hedged),
+# short enough that the hung runs below do not hold the suite long.
+NO_HEDGE_TIMEOUT = 6.0
+
+
+def _events_until_failed(pool, since_seq: int, browser_id: str) -> list[dict]:
+    """The pool's events after ``since_seq`` up to the first BrowserFailed of ``browser_id``."""
+    events = [e for e in ray.get(pool.recent_events.remote(10_000)) if e["seq"] > since_seq]
+    failed = next(i for i, e in enumerate(events) if e["action"] == "BrowserFailed" and e["subject"] == browser_id)
+    return events[:failed + 1]
+
+
+def test_a_hedge_never_loads_a_model_or_starts_a_browser(ray_local, tmp_path):
+    """README: a hedge goes only to an idle browser that already holds the model. Here the other browser is
+    idle but holds another model, and the pool may still grow (max_connections=2 with a slot free): the
+    request to the hung browser is not hedged; it is answered after its budget, by the recovery."""
+    reference = minilm.reference_embed(TEXTS)
+    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
+                               request_timeout=NO_HEDGE_TIMEOUT, health_interval=60.0, spare_process=False,
+                               fault_tolerance={"level": "high", "standby_browsers": 0, "hedge_budget": 1.0})
+    try:
+        serving = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))["browser_id"]
+        other = ray.get(pool.generate.remote("tiny-llama", "hello", max_new_tokens=2))["browser_id"]
+        assert other != serving                 # the generation took a browser of its own
+        state = ray.get(pool.get_state.remote())
+        assert {k[0] for k in state.models if k[1] == "all-minilm-l6-v2"} == {serving}
+        mark = state.last_seq
+        ray.get(pool.inject_fault.remote(serving, "hang"))
+        out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS}), timeout=120)
+        assert np.abs(out["embedding"] - reference).max() <= 1e-4
+        assert "hedge" not in out
+        until_failed = _events_until_failed(pool, mark, serving)
+        assert [e["data"]["category"] for e in until_failed if e["action"] == "BrowserFailed"] == ["timeout"]
+        # Until the hung browser's budget ran out: no hedge, no model loaded, no browser started.
+        acted = [e["action"] for e in until_failed
+                 if e["action"] in ("HedgeSent", "ModelLoaded", "PoolScaled", "BrowserLaunched")]
+        assert acted == [], acted
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+
+
+def test_generation_is_not_hedged_even_with_a_warm_standby_holding_its_model(ray_local, tmp_path):
+    """README: generation is not hedged (a session's steps carry state: replay, not a copy, recovers them).
+    The warm standby holds tiny-llama and is idle, so a hedge could go there; a generation whose browser is
+    hung still sends none, and its tokens stay those of CPU onnxruntime."""
+    model = llama.tiny_llama(seed=0)
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"),
+                               request_timeout=NO_HEDGE_TIMEOUT, health_interval=60.0, spare_process=False,
+                               fault_tolerance={"level": "high", "standby_browsers": 1, "hedge_budget": 1.0})
+    try:
+        first = ray.get(pool.generate.remote("tiny-llama", "hello", max_new_tokens=4))
+        serving = first["browser_id"]
+        standby = warm_standby(pool)
+        state = ray.get(pool.get_state.remote())
+        assert (standby, "tiny-llama") in {k[:2] for k in state.models}, "the standby holds the model"
+        mark = state.last_seq
+        ray.get(pool.inject_fault.remote(serving, "hang"))
+        out = ray.get(pool.generate.remote("tiny-llama", "hello again", max_new_tokens=4), timeout=120)
+        expected = llama_onnx.ort_greedy_generate(llama_onnx.build_shards(model, [(0, model.config.n_layers)]),
+                                                  out["prompt_token_ids"], 4)
+        assert out["token_ids"] == expected
+        until_failed = _events_until_failed(pool, mark, serving)
+        assert [e["data"]["category"] for e in until_failed if e["action"] == "BrowserFailed"] == ["timeout"]
+        events = [e for e in ray.get(pool.recent_events.remote(10_000)) if e["seq"] > mark]
+        assert [e for e in events if e["action"] == "HedgeSent"] == []
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
