@@ -4,6 +4,7 @@ the coordinator's own process is killed (a new one resumes the session from the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import ray
 
 from events.errors import InputError
 from events.state import SessionTokens, open_operations
-from sharding.coordinator import ShardStage, after_promotions
+from sharding.coordinator import ShardStage, after_promotions, generate_tokens
 from sharding.models import llama, llama_onnx
 from sharding.plan import even_layer_ranges
 from sharding.sampling import sample_next, token_rng
@@ -35,6 +36,60 @@ def expected(smollm2):
     ids = smollm2.encode(PROMPT)
     whole = llama_onnx.build_shards(smollm2, [(0, smollm2.config.n_layers)])
     return llama_onnx.ort_greedy_generate(whole, ids, NEW_TOKENS)
+
+
+class _JournaledChain:
+    """A shard chain on CPU onnxruntime (real tiny-llama shards) that writes each forward into ``journal``: what
+    ``generate_tokens`` asks of a chain, with nothing of the browsers', to test the order of its steps."""
+
+    def __init__(self, artifacts, journal: list[tuple[str, object]]) -> None:
+        self.ort = llama_onnx.OrtShardChain(artifacts)
+        self.journal = journal
+        self.stages = [ShardStage(f"cpu-{i}", None, art) for i, art in enumerate(artifacts)]
+        self.shadows = [None] * len(artifacts)
+        self.session_id, self.recovery_ms, self.page_ms = "journaled", 0.0, 0.0
+        self.replays, self.promotions = [], []
+        self.compute_ms, self.call_ms = [0.0] * len(artifacts), [0.0] * len(artifacts)
+
+    async def forward(self, ids: list[int]):
+        self.journal.append(("forward", list(ids)))
+        return self.ort.step(ids)
+
+    def reset_timings(self) -> None:
+        pass
+
+
+def test_every_token_is_logged_before_the_next_step_runs():
+    """README: every token is a TokensAppended event before the next step runs. ``generate_tokens`` awaits
+    ``on_token`` (the coordinator's append to the pool's log) to its end before the forward that feeds that
+    token: a slow append holds the step back, and a failing one stops the generation with no step after it."""
+    model = llama.tiny_llama(seed=0)
+    shards = llama_onnx.build_shards(model, even_layer_ranges(model.config.n_layers, 2))
+    prompt = model.encode("order")
+    journal: list[tuple[str, object]] = []
+
+    async def on_token(position: int, token: int) -> None:
+        journal.append(("append begins", position))
+        await asyncio.sleep(0.01)                  # the log's round trip: the step must wait for it
+        journal.append(("logged", (position, token)))
+
+    out = asyncio.run(generate_tokens(_JournaledChain(shards, journal), prompt, 5, None, on_token=on_token))
+    tokens = out["token_ids"]
+    assert tokens == llama_onnx.ort_greedy_generate(shards, prompt, 5)
+    expected: list[tuple[str, object]] = [("forward", prompt)]
+    for position, token in enumerate(tokens):
+        expected += [("append begins", position), ("logged", (position, token))]
+        if position < len(tokens) - 1:
+            expected.append(("forward", [token]))
+    assert journal == expected
+
+    async def refused(position: int, token: int) -> None:
+        raise RuntimeError("the log refused the token")
+
+    journal.clear()
+    with pytest.raises(RuntimeError, match="refused"):
+        asyncio.run(generate_tokens(_JournaledChain(shards, journal), prompt, 5, None, on_token=refused))
+    assert journal == [("forward", prompt)], "no step runs after a token that was not logged"
 
 
 def test_a_retried_session_starts_from_its_promoted_shadows():
