@@ -252,7 +252,9 @@ def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_e
 
 
 def test_level_none_reports_the_error(ray_local, tmp_path):
-    pool, browser_id = _pool(tmp_path, "progressive", level="none")
+    pool, browser_id = _pool(tmp_path, "progressive", level="none", spare_process=True)
+    # spare_process=True overrides the default (off at level none): the browser that served keeps a spare.
+    assert ray.get(pool.health.remote())[browser_id]["spare_expected"] is True
     ray.get(pool.inject_fault.remote(browser_id, "crash_page"))
     time.sleep(0.3)
     with pytest.raises(BrowserFailure) as err:
