@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from actors.constants import SPARE_FAILURES_MAX, SPARE_MODEL_BYTES_MAX
 from actors.spare import HeldModel, SpareKeeper
 
@@ -52,3 +54,42 @@ def test_minilm_is_held_by_a_spare_and_smollm2_is_not():
     [minilm] = artifacts("all-minilm-l6-v2")
     [smollm2] = artifacts("smollm2-135m", [(0, llama_model("smollm2-135m").config.n_layers)])
     assert minilm.path.stat().st_size <= SPARE_MODEL_BYTES_MAX < smollm2.path.stat().st_size
+
+
+def _until_idle_on_a_stepped_clock(monkeypatch, core: SimpleNamespace, busy_until: float | None = None) -> float:
+    """How long ``_until_idle`` waits for ``core`` (seconds of a stepped clock; its sleeps advance it). With
+    ``busy_until``, the page works until then and is quiet after."""
+    import asyncio
+
+    from actors import spare
+
+    clock = [100.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        assert clock[0] < 1000.0, "the spare never starts"
+        if busy_until is not None and clock[0] >= busy_until and core.work_in_flight:
+            core.work_in_flight, core.work_ended_at = 0, busy_until
+
+    monkeypatch.setattr(spare, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(spare, "asyncio", SimpleNamespace(sleep=sleep))
+    asyncio.run(SpareKeeper(core)._until_idle())
+    return clock[0] - 100.0
+
+
+def test_a_spare_waits_for_a_quiet_page_but_at_most_its_start_cap(monkeypatch):
+    """README: a spare is started once the page has had SPARE_IDLE_S without work, at most
+    SPARE_START_WITHIN_S after it was wanted, so a page that is never idle still gets one."""
+    from actors.constants import SPARE_IDLE_S, SPARE_START_WITHIN_S
+
+    never_idle = SimpleNamespace(work_in_flight=1, work_ended_at=0.0)
+    waited = _until_idle_on_a_stepped_clock(monkeypatch, never_idle)
+    assert SPARE_START_WITHIN_S <= waited < SPARE_START_WITHIN_S + SPARE_IDLE_S
+    quiet_since_long = SimpleNamespace(work_in_flight=0, work_ended_at=0.0)
+    assert _until_idle_on_a_stepped_clock(monkeypatch, quiet_since_long) == 0.0
+    just_finished = SimpleNamespace(work_in_flight=0, work_ended_at=100.0 - SPARE_IDLE_S / 5)
+    assert _until_idle_on_a_stepped_clock(monkeypatch, just_finished) == pytest.approx(SPARE_IDLE_S * 4 / 5)
+    # Busy for 3 s, then quiet: the spare starts SPARE_IDLE_S after the work ended (within a sleep's step).
+    busy_a_while = SimpleNamespace(work_in_flight=1, work_ended_at=0.0)
+    waited = _until_idle_on_a_stepped_clock(monkeypatch, busy_a_while, busy_until=103.0)
+    assert 3.0 + SPARE_IDLE_S <= waited <= 3.0 + 2 * SPARE_IDLE_S
