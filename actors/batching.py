@@ -3,7 +3,8 @@
 A page runs one inference at a time, and most of a small request's time in it is per-run overhead,
 so requests that queue behind a busy browser are better run together. Requests join a queue per
 model; a batch starts when a slot is free (at most ``slots()`` batches of a model are in flight at
-once: the pool gives two per browser it may use, so the next batch travels to a page while one runs)
+once: the pool gives one or two per browser it may use, two while the machine has a core to spare for the
+next batch's way to a page while one runs: actors/decisions/batching.py ``batches_per_browser``)
 and either the queue fills ``max_rows`` rows or its oldest request has waited ``wait_s``
 (actors/decisions/batching.py decides both).
 

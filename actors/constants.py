@@ -71,9 +71,6 @@ ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: the rows ahe
 # browser waits for a batch to fill. A request arriving at an idle pool waits at most this long.
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 2.0
-# Batches of one model in flight per browser: the next batch travels to the page while one runs (with one,
-# the page idles between batches while results and inputs cross Ray and CDP).
-BATCHES_PER_BROWSER = 2
 # A spare process (actors/spare.py) also holds its browser's models if they take at most this many bytes in
 # all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second copy would cost ~1 GiB per browser).
 SPARE_MODEL_BYTES_MAX = 256 << 20

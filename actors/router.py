@@ -20,14 +20,17 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import ray
+
 from actors.batching import Batcher
-from actors.constants import BATCHES_PER_BROWSER, BUSY_THRESHOLD
-from actors.decisions import adaptive, hedging, placement, validation
+from actors.constants import BUSY_THRESHOLD
+from actors.decisions import adaptive, batching, hedging, placement, validation
 from actors.decisions.reconcile import warm_keys_on
 from actors.decisions.recovery import FaultToleranceConfig, classify, retry_delay
 from actors.decisions.voting import NoMajorityError, vote_embeddings
@@ -69,10 +72,20 @@ class Router:
         self._growing: set[asyncio.Future] = set()       # browsers starting for placement (see _grow)
         # Level high: how many slow requests may be hedged.
         self.hedge_budget = hedging.Budget(config.hedge_budget, now=time.monotonic())
+        self._own_node: str | None = None                # the pool's Ray node (found on first use)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
-            self._embed_batch, lambda: self.max_connections * BATCHES_PER_BROWSER, max_batch_size,
-            batch_wait_ms / 1000, spawn)
+            self._embed_batch, self._batch_slots, max_batch_size, batch_wait_ms / 1000, spawn)
+
+    def _batch_slots(self) -> int:
+        """Batches of a model in flight at once: per browser the pool may use, as many as this machine's free
+        cores allow (``batching.batches_per_browser``; the pages counted are the serving ones on the pool's
+        own node, which share its cores)."""
+        if self._own_node is None:
+            self._own_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        here = sum(1 for b in browsers_alive(self.log.state)
+                   if not b.standby and b.node_id in ("", self._own_node))
+        return self.max_connections * batching.batches_per_browser(here, os.cpu_count() or 1)
 
     # ----- placement ----------------------------------------------------------------------------------
     def browser_type(self, task: str) -> str:

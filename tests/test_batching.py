@@ -73,6 +73,15 @@ def test_delay_needs_a_queue():
         batching.delay(0, 0.0, 8, 0.0)
 
 
+@pytest.mark.parametrize(("pages", "cores", "batches"), [
+    (0, 2, 2), (1, 2, 2),          # a core to spare: the next batch travels while one runs
+    (2, 2, 1), (3, 2, 1),          # the pages have every core: one batch each, and larger
+    (2, 16, 2), (1, 1, 1),
+])
+def test_batches_per_browser_follow_the_cores_the_pages_leave(pages, cores, batches):
+    assert batching.batches_per_browser(pages, cores) == batches
+
+
 # ----- the Batcher as logic (the run is a plain coroutine; the real pool is tested below) ----------
 
 

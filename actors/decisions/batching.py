@@ -27,6 +27,15 @@ def take(rows: Sequence[int], max_rows: int, free_slots: int = 1) -> int:
     return taken
 
 
+def batches_per_browser(pages_here: int, cores_here: int) -> int:
+    """How many batches of a model may be in flight per browser: two while this machine has more cores than
+    serving pages, so that the next batch travels to a page (results back, the log's appends, the call
+    through the browser actor and CDP: work of the pool's processes) while one runs on a core of its own;
+    one once the pages have every core, where that work competes with the pages for the same cores and a
+    second batch only halves each batch (docs/facts.md, "Batches in flight per browser")."""
+    return 2 if cores_here > pages_here else 1
+
+
 def delay(queued_rows: int, oldest_waited_s: float, max_rows: int, wait_s: float) -> float:
     """Seconds to hold a free slot before starting the next batch: none once the queue fills a batch
     or its oldest request has waited ``wait_s``; else the rest of that wait (more requests may join)."""
