@@ -85,6 +85,10 @@ class Fleet:
         self.model_copies = ModelCopies(self.call, self.is_cut_off, spawn)     # model bytes in the object store
         self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
 
+    def own_node_id(self) -> str:
+        """The Ray node the pool runs on ("" outside Ray): browsers there share its cores."""
+        return self.model_copies.own_node_id()
+
     # ----- handles and leases -------------------------------------------------------------------
     def handle(self, browser_id: str) -> Any:
         return self._handles[browser_id]

@@ -67,7 +67,7 @@ class ModelCopies:
 
     def forget_node(self, node_id: str) -> None:
         """``node_id`` may be gone: drop the copies sent there (their sends on the way go again)."""
-        if not node_id or node_id == self._own_node_id():
+        if not node_id or node_id == self.own_node_id():
             return
         for sha, copy in list(self.copies.items()):
             if node_id in copy.nodes:
@@ -77,7 +77,8 @@ class ModelCopies:
     def clear(self) -> None:
         self.copies.clear()
 
-    def _own_node_id(self) -> str:
+    def own_node_id(self) -> str:
+        """The Ray node this process (the pool) runs on; "" outside Ray."""
         if self.own_node is None:
             self.own_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return self.own_node

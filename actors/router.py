@@ -26,8 +26,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import ray
-
 from actors.batching import Batcher
 from actors.constants import BUSY_THRESHOLD
 from actors.decisions import adaptive, batching, hedging, placement, validation
@@ -72,7 +70,6 @@ class Router:
         self._growing: set[asyncio.Future] = set()       # browsers starting for placement (see _grow)
         # Level high: how many slow requests may be hedged.
         self.hedge_budget = hedging.Budget(config.hedge_budget, now=time.monotonic())
-        self._own_node: str | None = None                # the pool's Ray node (found on first use)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, self._batch_slots, max_batch_size, batch_wait_ms / 1000, spawn)
@@ -81,10 +78,8 @@ class Router:
         """Batches of a model in flight at once: per browser the pool may use, as many as this machine's free
         cores allow (``batching.batches_per_browser``; the pages counted are the serving ones on the pool's
         own node, which share its cores)."""
-        if self._own_node is None:
-            self._own_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        here = sum(1 for b in browsers_alive(self.log.state)
-                   if not b.standby and b.node_id in ("", self._own_node))
+        own = self.fleet.own_node_id()
+        here = sum(1 for b in browsers_alive(self.log.state) if not b.standby and b.node_id in ("", own))
         return self.max_connections * batching.batches_per_browser(here, os.cpu_count() or 1)
 
     # ----- placement ----------------------------------------------------------------------------------
