@@ -357,6 +357,20 @@ def test_custom_recovery_strategy_example_and_parallel(ray_local, tmp_path, capl
             last = _recoveries(parallel)[-1]
             assert (last["strategy"], last["success"]) == ("parallel", True)
             _check_stats(parallel.get_recovery_statistics(), manager.recovery_attempts + parallel.recovery_attempts)
+
+            # The guide's failover, called as the custom manager's MEMORY branch calls it: another browser takes
+            # the failed one's model and the failed one is retired.
+            served = out["recovery_browser"]["id"]
+            await pool.connection_pool.inject_fault.remote(served, "kill_browser")
+            moved = await manager._failover_recovery(served, BrowserFailureCategory.CRASH)
+            assert moved["success"] and (moved["strategy"], moved["steps"]) == ("failover", ["failover"]), moved
+            taker = moved["recovery_browser"]["id"]
+            state = await pool.connection_pool.get_state.remote()
+            assert taker != served and state.browsers[served].status == "retired"
+            assert any(m.browser_id == taker and m.model == MODEL for m in state.models.values())
+            sentence = "Another browser took over."
+            answer = await pool.connection_pool.infer.remote(MODEL, {"text": sentence})
+            assert answer["browser_id"] == taker and _max_err(answer["embedding"], [sentence]) <= TOL
         finally:
             await pool.shutdown()
 
