@@ -58,6 +58,8 @@ from actors.tensors import decode_tensor, encode_tensor
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 
 log = logging.getLogger(__name__)
+# TMPDIR as this process had it before a browser pointed it into its own folder (see ``start``).
+_PROCESS_TMPDIR = os.environ.get("TMPDIR")
 
 class BrowserCore:
     """The browser-owning object, usable in-process (benchmarks' floor) or wrapped as a Ray actor.
@@ -348,6 +350,13 @@ class BrowserCore:
         if self.server is not None:
             await self.server.stop()
         if self.temp_dir is not None:
+            # In a browser actor's process this is its end; in one that goes on (a test, a benchmark's in-process
+            # pages), what it starts next must not inherit a folder that is about to be gone.
+            if os.environ.get("TMPDIR") == str(self.temp_dir):
+                if _PROCESS_TMPDIR is None:
+                    os.environ.pop("TMPDIR", None)
+                else:
+                    os.environ["TMPDIR"] = _PROCESS_TMPDIR
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 

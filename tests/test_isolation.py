@@ -8,6 +8,7 @@ code inside the page; the production API has no way to run caller-supplied JavaS
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -133,7 +134,11 @@ async def _restart_from_the_spare(port: int) -> dict:
 
 def test_outside_requests_websockets_and_navigation_are_blocked(listener):
     port, connected = listener
+    tmpdir = os.environ.get("TMPDIR")
     result = asyncio.run(_probe(port))
+    # The browser pointed TMPDIR into its own folder while it ran; closed, it leaves this process as it was
+    # (what the process starts next must not inherit a removed folder).
+    assert os.environ.get("TMPDIR") == tmpdir
     assert result["fetch"] == "blocked"
     assert result["ws"] != "open"
     assert result["url_kept"], "navigation away was blocked"
