@@ -8,8 +8,8 @@ the requests answered in it, and every answer's latency is kept. Every answer is
 numpy reference for its own texts (a wrong or mixed-up row counts as wrong, never dropped).
 
 Baseline: CPU onnxruntime on the same ONNX file and the same cores (all of them, and one thread),
-each at its best batch size, measured in this run. The ceiling: the same browsers with no pool in front
-(in-process pages fed MiniLM batches back to back), the most rows per second they compute here; each target
+each at its best batch size, measured in this run. The ceiling (``benchmarks/browsers_alone.py``): the same
+browsers with no pool in front, the most rows per second they compute here; each target
 is set against it (a target above it no pool of these browsers can meet). Then the kill runs (10; quick: 1): 16 clients,
 2 browsers, batching on, level high, a fresh pool each; one serving browser is SIGKILLed mid-load,
 and the answers per 250 ms show the dip and the recovery (PNG: the run whose dip is the median).
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from actors.constants import DEFAULT_NUM_THREADS
+from benchmarks.browsers_alone import browsers_alone
 from benchmarks.results import results_dir, summary, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
@@ -46,7 +47,6 @@ TOLERANCE = 1e-4                     # max abs difference from the float64 numpy
 TEXTS = [f"request {i}: {topic} under load, sentence {i % 7}" for i, topic in enumerate(
     ["browsers", "pools", "actors", "logs", "batches", "recovery", "shards", "tokens"] * 16)]
 BIN_S = 0.25                         # the kill run's timeline resolution
-RUNS_IN_FLIGHT_ALONE = 2             # runs queued per page in the browsers-alone ceiling: the page never waits
 
 
 @dataclass
@@ -192,79 +192,6 @@ def native_baseline(threads_list: list[int], batches: list[int], trials: int) ->
         best = max(cells, key=lambda b: cells[b]["median"])
         out[f"{threads}_threads"] = {"by_batch": cells, "best_batch": int(best),
                                      "best_rows_per_s_median": cells[best]["median"]}
-    return out
-
-
-async def _pages_alone(pages: int, threads: int, batches: list[int], trials: int, trial_s: float, warm_s: float,
-                       reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``pages`` browsers with no pool and no Ray in front (in-process ``BrowserCore``, the pool's page runtime),
-    each fed MiniLM batches back to back with a second run always queued behind the first: the most
-    rows per second these browsers compute on this machine, so the most any pool of them can answer. The
-    rows are tokenized once, before timing (the pool tokenizes in its own process); every output is checked."""
-    import asyncio
-
-    from actors.browser import BrowserCore
-    from sharding.models import minilm
-    from sharding.models.registry import artifacts
-
-    [art] = artifacts(MODEL)
-    data = np.fromfile(art.path, np.uint8)
-    cores = [BrowserCore(f"alone-{i}", num_threads=threads) for i in range(pages)]
-    wrong = 0
-
-    async def loop(core: BrowserCore, texts: list[str], until: float, done: list[tuple[float, int]]) -> None:
-        nonlocal wrong
-        feeds = minilm.tokenize(texts)
-        expected = np.stack([reference[t] for t in texts])
-        while time.perf_counter() < until:
-            out = (await core.run(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
-            wrong += int(out.shape != expected.shape or np.abs(out - expected).max() > TOLERANCE)
-            done.append((time.perf_counter(), len(texts)))
-
-    async def load(batch: int, seconds: float) -> tuple[float, list[tuple[float, int]]]:
-        start, done = time.perf_counter(), []
-        await asyncio.gather(*(loop(core, [TEXTS[(p * 17 + s * batch + i) % len(TEXTS)] for i in range(batch)],
-                                    start + seconds, done)
-                               for p, core in enumerate(cores) for s in range(RUNS_IN_FLIGHT_ALONE)))
-        return start, done
-
-    try:
-        await asyncio.gather(*(core.start() for core in cores))
-        for core in cores:
-            await core.load_model(art.key, data, art.sha256, "wasm")
-        await load(8, warm_s)                       # V8 tiers the runtime's WebAssembly up (see _warm)
-        cells = {}
-        for batch in batches:
-            start, done = await load(batch, trial_s * (trials + 1))
-            windows = [start + trial_s * (i + 1) for i in range(trials + 1)]     # the first window is the ramp
-            per_trial = [sum(n for t, n in done if lo <= t < hi) / trial_s for lo, hi in itertools.pairwise(windows)]
-            cells[str(batch)] = summary(per_trial) | {
-                "rows_per_s": sum(n for t, n in done if windows[0] <= t < windows[-1]) / (trial_s * trials)}
-        best = max(cells, key=lambda b: cells[b]["rows_per_s"])
-        return {"pages": pages, "threads_per_page": threads, "runs_in_flight_per_page": RUNS_IN_FLIGHT_ALONE,
-                "by_batch": cells, "best_batch": int(best), "best_rows_per_s": cells[best]["rows_per_s"],
-                "wrong": wrong}
-    finally:
-        await asyncio.gather(*(core.close() for core in cores), return_exceptions=True)
-
-
-def browsers_alone(browsers_list: list[int], batches: list[int], trials: int, trial_s: float, warm_s: float,
-                   reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The browsers' own ceiling (``_pages_alone``) for each browser count the cells use, one wasm thread per
-    page as the pool runs them, and one page with a thread per core (do more threads raise it here?)."""
-    import asyncio
-
-    shapes = [(n, DEFAULT_NUM_THREADS) for n in browsers_list]
-    cpus = os.cpu_count() or 1
-    if cpus > DEFAULT_NUM_THREADS:
-        shapes.append((1, cpus))
-    out = {}
-    for pages, threads in shapes:
-        out[f"{pages}_pages_{threads}_threads"] = asyncio.run(
-            _pages_alone(pages, threads, batches, trials, trial_s, warm_s, reference))
-        cell = out[f"{pages}_pages_{threads}_threads"]
-        print(f"  browsers alone, {pages} page(s) x {threads} thread(s): best {cell['best_rows_per_s']:.1f} rows/s "
-              f"(batch {cell['best_batch']}), wrong {cell['wrong']}", flush=True)
     return out
 
 
@@ -426,8 +353,8 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
         shutil.rmtree(temp, ignore_errors=True)
     if kill_only:
         return results
-    results["browsers_alone"] = browsers_alone(browsers_list, [8] if quick else [1, 8, 16, 32], trials, trial_s,
-                                               warm_s, reference)
+    results["browsers_alone"] = browsers_alone(MODEL, reference, TOLERANCE, browsers_list,
+                                               [8] if quick else [1, 8, 16, 32], trials, trial_s, warm_s)
     threads = sorted({1, os.cpu_count() or 1})
     results["native_onnxruntime"] = native_baseline(threads, [1, 8] if quick else [1, 8, 16, 32, 64],
                                                      trials=3 if quick else 10)
