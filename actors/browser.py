@@ -101,6 +101,8 @@ class BrowserCore:
         self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
         self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
         self._last_page_health: dict[str, Any] | None = None
+        self._memory = chromium.MemoryReading()        # the health report's PSS figures, read again when they
+        self._spare_memory = chromium.MemoryReading()  # may have moved (a read costs ~25 ms of CPU)
 
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -515,10 +517,12 @@ class BrowserCore:
         pids = await self.process_ids()
         # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
         # allocates a model, and this actor's loop must keep answering the pool's probes.
-        memory = await asyncio.to_thread(chromium.memory_bytes, list(pids.values()))
+        memory = await asyncio.to_thread(self._memory.read, list(pids.values()), tuple(sorted(page["models"])),
+                                         self.memory_limit_bytes)
         spare = self.spares.spare if self.spares is not None else None
         spare_memory = 0 if spare is None else await asyncio.to_thread(
-            chromium.memory_bytes, [spare.proc.pid, *chromium.descendants(spare.proc.pid)])
+            self._spare_memory.read, [spare.proc.pid, *chromium.descendants(spare.proc.pid)],
+            tuple(sorted(spare.models)))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
             self.signal.fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")

@@ -18,10 +18,12 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from actors.constants import BROWSER_TYPE_FALLBACK, DEVTOOLS_PORT_WAIT
+from actors.constants import BROWSER_TYPE_FALLBACK, DEVTOOLS_PORT_WAIT, MEMORY_READ_MAX_AGE_S
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def resident_bytes(pids: list[int]) -> int:
+    """Resident set size of these processes added up (``/proc/PID/statm``, ~20 us a process): pages shared
+    between them are counted once per process, so this is never below ``memory_bytes`` of the same PIDs."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def memory_bytes(pids: list[int]) -> int:
     """Proportional set size of these processes together: shared pages split between the processes that map
     them, so the browser's processes are not counted twice over."""
@@ -188,6 +204,37 @@ def memory_bytes(pids: list[int]) -> int:
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+class MemoryReading:
+    """A browser's ``memory_bytes``, read again only when it may have moved enough to matter.
+
+    Reading PSS walks each process's page tables: ~25 ms of CPU for a browser holding MiniLM here, most of
+    a health check's cost (docs/facts.md). The last reading is kept while the processes and the models they
+    hold are the same, for at most ``max_age_s``; a ceiling breach is never missed in between, since the
+    cheap ``resident_bytes`` bound is checked on every call and a bound above the ceiling reads PSS again.
+    """
+
+    def __init__(self, max_age_s: float = MEMORY_READ_MAX_AGE_S,
+                 read_pss: Callable[[list[int]], int] = memory_bytes,
+                 read_bound: Callable[[list[int]], int] = resident_bytes) -> None:
+        self.max_age_s = max_age_s
+        self._read_pss, self._read_bound = read_pss, read_bound
+        self._key: tuple[Any, ...] | None = None
+        self._at = 0.0
+        self._bytes = 0
+
+    def read(self, pids: list[int], holding: Any = None, ceiling: int | None = None,
+             now: float | None = None) -> int:
+        """PSS of ``pids`` (as ``memory_bytes``); ``holding``: what the processes hold (the page's models):
+        a change reads again at once, as does a ``resident_bytes`` bound over ``ceiling``."""
+        now = time.monotonic() if now is None else now
+        key = (tuple(sorted(pids)), holding)
+        fresh = key == self._key and now - self._at < self.max_age_s
+        if fresh and (not ceiling or self._read_bound(pids) <= ceiling):
+            return self._bytes
+        self._key, self._at, self._bytes = key, now, self._read_pss(pids)
+        return self._bytes
 
 
 def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:

@@ -19,6 +19,9 @@ BROWSER_CLOSE_WAIT = 5.0           # SIGTERM -> SIGKILL grace
 LOAD_MODEL_TIMEOUT = 180.0         # fetch + InferenceSession.create (SmolLM2 fp32 ~5 s; slow CI x10+)
 RUN_TIMEOUT = 60.0                 # one run() of a loaded model
 HEALTH_TIMEOUT = 5.0
+# A browser's PSS (memory use, split fairly between processes) is read again after this long, or at once when
+# its processes or models change or a cheap upper bound passes its ceiling (actors/chromium.py MemoryReading).
+MEMORY_READ_MAX_AGE_S = 5.0
 HANG_ARM_WAIT = 2.0                # fault injection: a busy page queues the hang behind its work, answering later
 
 # Failure signals. Guards only: the signals themselves arrive in milliseconds (a pidfd ~40 ms after a
