@@ -3,8 +3,8 @@ faults it can be asked to suffer (actors/faults.py).
 
 A pool's browser actors are detached (actors/fleet.py): they outlive a crash of the pool's process, so the
 incarnation Ray starts next adopts them. They do not outlive the pool itself: each keeps a call to the
-pool's ``until_closed`` open, and once that fails because the pool is dead for good (killed, its driver
-gone), the browser closes and its process exits.
+pool's ``until_closed`` open from its creation on (started or not), and once that fails because the pool is
+dead for good (killed, its driver gone), the browser closes and its process exits.
 """
 
 from __future__ import annotations
@@ -27,12 +27,26 @@ log = logging.getLogger(__name__)
 class BrowserActor(BrowserCore):
     """Ray actor around BrowserCore. Methods are async; Ray runs them on the actor's event loop."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool_watch: asyncio.Future | None = None
+        try:
+            asyncio.get_running_loop()        # Ray runs an async actor's constructor on the actor's loop
+        except RuntimeError:
+            return                            # else the watch begins with start()
+        self._watch_pool()
+
     async def start(self) -> dict[str, Any]:
         info = await super().start()
-        pool = self.signal.reporter
-        if pool is not None and not hasattr(self, "_pool_watch"):
-            self._pool_watch = asyncio.ensure_future(self._end_with_pool(pool))
+        self._watch_pool()
         return info
+
+    def _watch_pool(self) -> None:
+        """From now on, close and exit once the pool is dead for good. From the constructor on: an actor the
+        pool creates ahead of need (``Fleet.prepare``) may wait a while to be started, or never be."""
+        pool = self.signal.reporter
+        if pool is not None and self._pool_watch is None:
+            self._pool_watch = asyncio.ensure_future(self._end_with_pool(pool))
 
     async def _end_with_pool(self, pool: Any) -> None:
         while True:

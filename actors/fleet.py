@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -49,6 +50,19 @@ log = logging.getLogger(__name__)
 
 
 
+def _new_browser_id() -> str:
+    return f"browser-{uuid.uuid4().hex[:8]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A BrowserActor created, not started, for the next browser to launch on ``node_id``."""
+    browser_id: str
+    browser_type: str
+    node_id: str | None
+    handle: Any
+
+
 class KeyedLocks:
     """One asyncio.Lock per name, made on first use."""
 
@@ -84,6 +98,7 @@ class Fleet:
         self.cutoffs = CutOffs()                         # browsers whose actor was found unreachable
         self.model_copies = ModelCopies(self.call, self.is_cut_off, spawn)     # model bytes in the object store
         self._suspect_nodes: dict[str, float] = {}       # node_id -> when a browser there went unreachable
+        self._prepared: _Prepared | None = None          # an actor made ahead of the next launch (``prepare``)
 
     def own_node_id(self) -> str:
         """The Ray node the pool runs on ("" outside Ray): browsers there share its cores."""
@@ -183,7 +198,9 @@ class Fleet:
         """Live Ray nodes and the live browsers the log places on each (browsers still starting count as
         serving there: two launches at once must not both pick the emptiest node). A suspect node (see
         ``cut_off``) is left out: no new browser goes there."""
-        nodes = await asyncio.to_thread(ray.nodes)
+        return self._node_views(await asyncio.to_thread(ray.nodes))
+
+    def _node_views(self, nodes: list[dict[str, Any]]) -> list[placement.NodeView]:
         alive = browsers_alive(self.log.state)
         now = time.monotonic()
         suspect = {n for n, t in self._suspect_nodes.items() if now - t < SUSPECT_NODE_S}
@@ -198,30 +215,35 @@ class Fleet:
 
     async def launch(self, browser_type: str, standby: bool = False, avoid: frozenset[str] = frozenset()) -> str:
         """A new browser; ``avoid``: browsers whose nodes it should not share when another node can host it."""
-        browser_id = f"browser-{uuid.uuid4().hex[:8]}"
+        prepared = self._prepared if self._prepared and self._prepared.browser_type == browser_type else None
+        if prepared is not None:
+            self._prepared = None           # this launch's alone (no await since it was read)
+        browser_id = prepared.browser_id if prepared is not None else _new_browser_id()
         state = self.log.state
         avoid_nodes = frozenset(state.browsers[b].node_id for b in avoid if b in state.browsers)
-        await self.start(browser_id, browser_type, standby, avoid_nodes)
+        await self.start(browser_id, browser_type, standby, avoid_nodes, prepared)
         return browser_id
 
     async def start(self, browser_id: str, browser_type: str, standby: bool = False,
-                    avoid_nodes: frozenset[str] = frozenset()) -> None:
+                    avoid_nodes: frozenset[str] = frozenset(), prepared: _Prepared | None = None) -> None:
         """A new BrowserActor, started and recorded (BrowserLaunched), on the node placement chooses
         (spread; a standby away from the serving browsers). Where nodes advertise ``browser_slots``,
         each browser takes one.
 
         A node can vanish before Ray lists it as dead (that takes seconds): an actor placed there dies
         before it starts. The launch is then tried again, once, away from that node. A browser that dies
-        while starting is a BrowserFailure (its category from the signal), like any other.
+        while starting is a BrowserFailure (its category from the signal), like any other. ``prepared``: an
+        actor made ahead for ``browser_id`` (``prepare``), used if placement chooses its node, else ended.
         """
         excluded: set[str] = set()
         self.standby_launching += standby      # from the first await on: the standby upkeep counts it
         try:
             for attempt in range(2):
                 try:
-                    await self._start_on(browser_id, browser_type, standby, avoid_nodes, excluded)
+                    await self._start_on(browser_id, browser_type, standby, avoid_nodes, excluded, prepared)
                     return
                 except ray.exceptions.RayActorError as exc:
+                    prepared = None             # taken (and dead) or ended by the first attempt
                     if attempt == 1 or not excluded:
                         raise classify(exc, browser_id) from None
                     log.warning("browser died before it started; launching elsewhere",
@@ -233,30 +255,21 @@ class Fleet:
             self.standby_launching -= standby
 
     async def _start_on(self, browser_id: str, browser_type: str, standby: bool,
-                        avoid_nodes: frozenset[str], excluded: set[str]) -> None:
+                        avoid_nodes: frozenset[str], excluded: set[str], prepared: _Prepared | None) -> None:
         """One launch attempt; adds the node it chose to ``excluded`` before it starts there."""
         nodes = [n for n in await self.node_views() if n.node_id not in excluded]
-        options: dict[str, Any] = {"name": None}
-        if self.owner_id is not None:
-            # A nonce: a new actor under a browser id whose old actor is still being killed takes no taken name.
-            options |= {"name": f"{self._name_prefix()}{browser_id}:{uuid.uuid4().hex[:6]}", "lifetime": "detached",
-                        "namespace": BROWSER_ACTOR_NAMESPACE}
-        if any(n.browser_slots is not None for n in nodes):
-            options["resources"] = {placement.BROWSER_SLOTS: 1}
         node_id = placement.choose_node(nodes, standby, avoid_nodes)
-        if node_id is not None:
-            # Soft, and spilled when that node has no slot free: the node views count this pool's browsers
-            # only, and a plain soft affinity waits for a busy node rather than use another (Ray's docs).
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True,
-                                                                            _spill_on_unavailable=True)
         key = node_id or ""
         if node_id is not None:
             excluded.add(node_id)
         self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
-            handle = BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
-                                                            self.memory_limit_mb, self.reporter,
-                                                            spare_process=self.spare_process)
+            if prepared is not None and prepared.node_id == node_id:
+                handle = prepared.handle
+            else:
+                if prepared is not None:
+                    ray.kill(prepared.handle)
+                handle = self._new_actor(browser_id, browser_type, nodes, node_id)
             try:
                 info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot
@@ -265,6 +278,44 @@ class Fleet:
             await self._record_launch(browser_id, handle, info, standby)
         finally:
             self._launching[key] -= 1      # from here the log counts it
+
+    def _new_actor(self, browser_id: str, browser_type: str, nodes: list[placement.NodeView],
+                   node_id: str | None) -> Any:
+        """A BrowserActor for ``browser_id`` on ``node_id`` (None: where Ray puts it); not started."""
+        options: dict[str, Any] = {"name": None}
+        if self.owner_id is not None:
+            # A nonce: a new actor under a browser id whose old actor is still being killed takes no taken name.
+            options |= {"name": f"{self._name_prefix()}{browser_id}:{uuid.uuid4().hex[:6]}", "lifetime": "detached",
+                        "namespace": BROWSER_ACTOR_NAMESPACE}
+        if any(n.browser_slots is not None for n in nodes):
+            options["resources"] = {placement.BROWSER_SLOTS: 1}
+        if node_id is not None:
+            # Soft, and spilled when that node has no slot free: the node views count this pool's browsers
+            # only, and a plain soft affinity waits for a busy node rather than use another (Ray's docs).
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True,
+                                                                            _spill_on_unavailable=True)
+        return BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
+                                                      self.memory_limit_mb, self.reporter,
+                                                      spare_process=self.spare_process)
+
+    def prepare(self, browser_type: str) -> None:
+        """Create the actor of the next browser now, unstarted, where the first launch will place it: its Ray
+        worker process (a new Python process importing Ray and Playwright, 0.4-1 s here) starts while the pool
+        opens its log, instead of after (docs/facts.md, a pool's first answer). The launch that takes it must
+        want that browser type on that node; ``discard_prepared`` ends one that is not needed."""
+        if self.owner_id is None or self._prepared is not None:
+            return
+        nodes = self._node_views(ray.nodes())
+        node_id = placement.choose_node(nodes, standby=False)
+        browser_id = _new_browser_id()
+        handle = self._new_actor(browser_id, browser_type, nodes, node_id)
+        self._prepared = _Prepared(browser_id, browser_type, node_id, handle)
+
+    def discard_prepared(self) -> None:
+        """End the prepared actor, if any (the pool adopted its browsers, or shuts down)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            ray.kill(prepared.handle)
 
     async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
@@ -291,6 +342,8 @@ class Fleet:
         prefix = self._name_prefix()
         named = await asyncio.to_thread(ray.util.list_named_actors, True)
         names = [a["name"] for a in named if a["namespace"] == BROWSER_ACTOR_NAMESPACE and a["name"].startswith(prefix)]
+        if self._prepared is not None:          # this incarnation's own, not yet started
+            names = [n for n in names if not n.startswith(f"{prefix}{self._prepared.browser_id}:")]
 
         async def answers(name: str) -> tuple[str, Any, bool]:
             try:

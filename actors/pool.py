@@ -188,6 +188,13 @@ class PoolCore:
                              batch_wait_ms=batch_wait_ms)
         self.sessions = Sessions(self.fleet, self.reconciler, self.ft, self.locks, self.router.run_op,
                                  self.router.place, request_timeout, max_connections)
+        if self.fleet.owner_id is not None and not ray.get_runtime_context().was_current_actor_reconstructed:
+            # A new pool's first browser actor comes up while the log opens (an incarnation Ray restarted
+            # adopts the browsers its predecessor left instead).
+            try:
+                self.fleet.prepare(self.router.browser_type("text_embedding"))
+            except Exception as exc:       # a browser that cannot be had is the first request's error to give
+                log.info("no browser actor prepared", extra={"pool": self.name, "error": str(exc)})
 
     @property
     def state(self) -> PoolState:
@@ -205,6 +212,8 @@ class PoolCore:
             # An earlier incarnation's work and coordinators died with it; its browser actors outlive it, and
             # those still alive serve on. The log says so before anything new starts.
             adopted = await self.fleet.adopt(adoptable(self.state)) if self.state.last_seq else frozenset()
+            if adopted:
+                self.fleet.discard_prepared()
             if ended := ended_by_restart(self.state, adopted):
                 log.warning("pool rebuilt from its log", extra={"pool": self.name, "last_seq": self.state.last_seq,
                                                                 "closed": len(ended), "adopted": sorted(adopted)})
@@ -452,6 +461,7 @@ class PoolCore:
         self._shut_down.set()
         for task in list(self._background):
             task.cancel()
+        self.fleet.discard_prepared()
         if not self._started:
             return
         await self.fleet.close_all()

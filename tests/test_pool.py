@@ -13,6 +13,7 @@ import pytest
 import ray
 from procs import alive
 
+from actors.constants import BROWSER_ACTOR_NAMESPACE, BROWSER_ACTOR_PREFIX
 from events.errors import InputError
 from events.fold import replay
 from events.schema import BrowserLaunched
@@ -172,3 +173,49 @@ def test_a_checkpoint_reaches_the_pools_state_without_waiting_for_another_event(
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+
+
+def _browser_actors(pool) -> list[str]:
+    """The names of the browser actors named after ``pool`` (actors/fleet.py names them)."""
+    prefix = f"{BROWSER_ACTOR_PREFIX}{pool._actor_id.hex()}:"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == BROWSER_ACTOR_NAMESPACE and a["name"].startswith(prefix))
+
+
+def _until(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout         # a hang guard, not a speed limit
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_a_new_pool_prepares_its_first_browser_actor_and_its_first_launch_takes_it(ray_local, tmp_path):
+    """A new pool creates its first browser's actor (unstarted) when it is created, so that actor's Ray worker
+    process starts while the pool opens its log; the first launch starts that actor, not another."""
+    pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), spare_process=False)
+    ray.get(pool.__ray_ready__.remote())
+    prepared = _until(lambda: _browser_actors(pool), "the pool prepared no browser actor")
+    assert len(prepared) == 1
+    out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
+    assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES[:1])[0]).max() <= 1e-4
+    prefix = f"{BROWSER_ACTOR_PREFIX}{pool._actor_id.hex()}:"
+    assert out["browser_id"] == prepared[0][len(prefix):].rsplit(":", 1)[0]
+    assert _browser_actors(pool) == prepared, "the first launch made another actor"
+    ray.get(pool.shutdown.remote())
+    ray.kill(pool)
+
+
+def test_a_prepared_browser_actor_ends_with_its_pool(ray_local, tmp_path):
+    """Unused, it is ended by the pool's shutdown; and it ends itself when the pool dies without one (it is
+    detached, so nothing else would end it)."""
+    shut = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "shut"), spare_process=False)
+    killed = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "killed"), spare_process=False)
+    for pool in (shut, killed):
+        ray.get(pool.__ray_ready__.remote())
+        _until(lambda pool=pool: _browser_actors(pool), "the pool prepared no browser actor")
+    ray.get(shut.shutdown.remote())
+    _until(lambda: not _browser_actors(shut), "shutdown left the prepared browser actor")
+    ray.kill(shut)
+    ray.kill(killed)
+    _until(lambda: not _browser_actors(killed), "the prepared browser actor outlived its pool")
