@@ -215,9 +215,11 @@ class Fleet:
 
     async def launch(self, browser_type: str, standby: bool = False, avoid: frozenset[str] = frozenset()) -> str:
         """A new browser; ``avoid``: browsers whose nodes it should not share when another node can host it."""
-        prepared = self._prepared if self._prepared and self._prepared.browser_type == browser_type else None
-        if prepared is not None:
-            self._prepared = None           # this launch's alone (no await since it was read)
+        # The first launch takes the prepared actor or ends it (it may hold a node's browser slot).
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.browser_type != browser_type:
+            ray.kill(prepared.handle)
+            prepared = None
         browser_id = prepared.browser_id if prepared is not None else _new_browser_id()
         state = self.log.state
         avoid_nodes = frozenset(state.browsers[b].node_id for b in avoid if b in state.browsers)
@@ -301,8 +303,8 @@ class Fleet:
     def prepare(self, browser_type: str) -> None:
         """Create the actor of the next browser now, unstarted, where the first launch will place it: its Ray
         worker process (a new Python process importing Ray and Playwright, 0.4-1 s here) starts while the pool
-        opens its log, instead of after (docs/facts.md, a pool's first answer). The launch that takes it must
-        want that browser type on that node; ``discard_prepared`` ends one that is not needed."""
+        opens its log, instead of after (docs/facts.md, a pool's first answer). The next launch takes it if it
+        wants that browser type on that node, else ends it; ``discard_prepared`` ends one no launch came for."""
         if self.owner_id is None or self._prepared is not None:
             return
         nodes = self._node_views(ray.nodes())

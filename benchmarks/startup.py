@@ -187,6 +187,23 @@ def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]
     return rows
 
 
+# Where a pool's first answer spends its time: the first of each of these events in its log, in ms after
+# ``ResourcePool.remote()``, in the order they come.
+FIRST_ANSWER_MARKS = {"log_open_at_ms": "PoolConfigured", "browser_launched_at_ms": "BrowserLaunched",
+                      "model_loaded_at_ms": "ModelLoaded"}
+
+
+def first_answer_marks(events: list[dict[str, Any]], t0_wall: float) -> dict[str, float | None]:
+    """When (ms after ``t0_wall``, a ``time.time()``) the pool's log first recorded each of
+    ``FIRST_ANSWER_MARKS``; None for one it never recorded."""
+    marks: dict[str, float | None] = dict.fromkeys(FIRST_ANSWER_MARKS)
+    for name, action in FIRST_ANSWER_MARKS.items():
+        first = next((e for e in events if e["action"] == action), None)
+        if first is not None:
+            marks[name] = (first["timestamp"] - t0_wall) * 1000
+    return marks
+
+
 def pool_first_answer_trials(trials: int, temp: Path) -> list[dict[str, Any]]:
     import ray
 
@@ -195,12 +212,12 @@ def pool_first_answer_trials(trials: int, temp: Path) -> list[dict[str, Any]]:
     minilm = MiniLM()
     rows = []
     for i in range(trials):
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         pool = ResourcePool.remote(max_connections=1, event_log=str(temp / f"first-{i}"))
         try:
             out = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))
             ms = _ms(t0)
-            rows.append({"total_ms": ms,
+            rows.append({"total_ms": ms, **first_answer_marks(ray.get(pool.recent_events.remote(1000)), t0_wall),
                          "correct": bool(np.abs(out["embedding"] - minilm.reference).max() <= TOLERANCE)})
         finally:
             ray.get(pool.shutdown.remote())
@@ -239,7 +256,7 @@ def after_sigkill_trials(spare: bool, trials: int, temp: Path) -> list[dict[str,
 def _cell(name: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     cell = {"case": name, **extra, "summary": summary_ms([r["total_ms"] for r in rows]),
             "correct": sum(r["correct"] for r in rows), "trials": rows}
-    for part in ("restart_ms", "load_ms", "answer_ms", "create_ms", "runtime_warm_up_ms"):
+    for part in ("restart_ms", "load_ms", "answer_ms", "create_ms", "runtime_warm_up_ms", *FIRST_ANSWER_MARKS):
         values = [r[part] for r in rows if r.get(part) is not None]
         if values:
             cell[f"median_{part}"] = float(np.median(values))
@@ -256,7 +273,7 @@ def _row(cell: dict[str, Any]) -> str:
     label = cell["case"] + ("" if "spare" not in cell else f" (spare {'on' if cell['spare'] else 'off'})")
     parts = [f"{label:<42} p50 {s['median_ms']:7.0f} ms  p95 {s['p95_ms']:7.0f} ms  "
              f"correct {cell['correct']}/{s['n']}"]
-    for part in ("restart_ms", "load_ms", "create_ms", "answer_ms"):
+    for part in ("restart_ms", "load_ms", "create_ms", "answer_ms", *FIRST_ANSWER_MARKS):
         if f"median_{part}" in cell:
             parts.append(f"{part.removesuffix('_ms')} {cell[f'median_{part}']:.0f}")
     if "target_ms" in cell:

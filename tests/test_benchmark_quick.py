@@ -16,6 +16,7 @@ import pytest
 from benchmarks import pool_trials as pt
 from benchmarks import recovery_common as rc
 from benchmarks import recovery_latency as rl
+from benchmarks import startup
 from benchmarks import vanished_node as vn
 from benchmarks.results import summary_ms
 from events import schema as ev
@@ -50,6 +51,16 @@ def test_trial_latencies_from_the_event_log():
     assert rc.recovery_settled(events, "b1")
     nothing = rc.trial_latencies([e for e in events if e["action"] != "BrowserFailed"], "b1", fault_ts=100.0)
     assert not nothing["detected"] and nothing["detection_ms"] is None and nothing["recovery_ms"] is None
+
+
+def test_a_pool_first_answer_is_broken_down_by_the_first_of_each_event_in_its_log():
+    events = [_ev(1, 100.5, "PoolConfigured"), _ev(2, 100.6, "PoolScaled"),
+              _ev(3, 101.9, "BrowserLaunched", browser_id="b1"), _ev(4, 102.4, "BrowserLaunched", browser_id="b2"),
+              _ev(5, 103.2, "ModelLoaded", browser_id="b1"), _ev(6, 103.9, "ModelLoaded", browser_id="b2")]
+    marks = startup.first_answer_marks(events, t0_wall=100.0)
+    assert marks == pytest.approx({"log_open_at_ms": 500.0, "browser_launched_at_ms": 1900.0,
+                                   "model_loaded_at_ms": 3200.0})
+    assert startup.first_answer_marks(events[:2], 100.0)["model_loaded_at_ms"] is None    # never loaded
 
 
 def _state(*events: ev.Event):
