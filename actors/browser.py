@@ -101,6 +101,7 @@ class BrowserCore:
         self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
         self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
         self._last_page_health: dict[str, Any] | None = None
+        self._system_cdp: tuple[Browser, CDPSession] | None = None    # process_ids' session, per connection
         self._memory = chromium.MemoryReading()        # the health report's PSS figures, read again when they
         self._spare_memory = chromium.MemoryReading()  # may have moved (a read costs ~25 ms of CPU)
 
@@ -558,12 +559,13 @@ class BrowserCore:
         self._current_page()
         assert self.browser is not None and self.proc is not None
         try:
-            session = await self.browser.new_browser_cdp_session()
-            try:
-                info = await session.send("SystemInfo.getProcessInfo")
-            finally:
-                await session.detach()
+            # One browser-level session per connection, kept: opening and detaching one per health check
+            # was two of its three CDP round trips.
+            if self._system_cdp is None or self._system_cdp[0] is not self.browser:
+                self._system_cdp = (self.browser, await self.browser.new_browser_cdp_session())
+            info = await self._system_cdp[1].send("SystemInfo.getProcessInfo")
         except PlaywrightError as exc:
+            self._system_cdp = None
             raise await self.signal.after_call_failed(exc) from None
         pids: dict[str, int] = {"browser": self.proc.pid}
         for i, proc in enumerate(info["processInfo"]):
