@@ -98,6 +98,11 @@ class RecoveryExecutor:
             # Already replaced by an earlier recovery (or never started): the work is wherever the log says.
             return {"success": True, "browser_id": browser_id, "recovery_browser": None, "strategy": "none",
                     "steps": [], "duration_ms": 0.0, "error": None}
+        if state.status == "failed" and state.replaced_by is not None:
+            # Its failure was recovered a moment ago (another browser took its work) and it is only waiting to
+            # be retired (parallel's losers finish first): a late report of the same failure changes nothing.
+            return {"success": True, "browser_id": browser_id, "recovery_browser": state.replaced_by,
+                    "strategy": "none", "steps": [], "duration_ms": 0.0, "error": None}
         circuit_open = state.failures > config.max_recovery_attempts
         warm_standby = any(b.standby and b.browser_id != browser_id for b in browsers_alive(self.log.state))
         steps = plan_steps(config, failure.category, circuit_open, warm_standby,

@@ -199,7 +199,7 @@ def _set_status(d: Draft, rec: Recorded, browser_id: str, status: str, reason: s
     if b is None:
         d.anomaly(rec)
         return None
-    nb = dataclasses.replace(b, status=status, status_reason=reason)
+    nb = dataclasses.replace(b, status=status, status_reason=reason, replaced_by=None)
     d.w("browsers")[browser_id] = nb
     return nb
 
@@ -396,6 +396,10 @@ def _recovery_completed(d: Draft, rec: Recorded, e: RecoveryCompleted) -> None:
         d.anomaly(rec)
         return
     del d.w("recoveries")[e.recovery_id]
+    b = d.r("browsers").get(e.browser_id)
+    if e.success and e.replacement not in (None, e.browser_id) and b is not None and b.status == "failed":
+        # Its failure is handled: a later report of it (a request that met it a moment late) recovers nothing.
+        d.w("browsers")[e.browser_id] = dataclasses.replace(b, replaced_by=e.replacement)
     d.count("recovery_successes" if e.success else "recovery_failures")
     d.count("recovery_ms_total", e.duration_ms)
 

@@ -44,6 +44,7 @@ class BrowserState:
     last_error: str | None = None
     backend: str = ""           # the backend models run on there ("" when the log predates it)
     recover_after: str | None = None   # failed, and recovered once this session closes (BrowserRecoveryDeferred)
+    replaced_by: str | None = None     # failed, and its work taken over by this browser (a recovery completed)
 
 
 ModelKey = tuple[str, str, "str | None"]  # (browser_id, model, shard)

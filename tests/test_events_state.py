@@ -274,6 +274,22 @@ def test_browser_recovery_deferred_until_its_session_closes_and_cleared_when_the
     assert run(BrowserRecoveryDeferred("ghost", "s1")).metrics["anomaly.BrowserRecoveryDeferred"] == 1
 
 
+def test_recovery_completed_marks_a_failed_browser_replaced_until_it_changes_status():
+    s = run(launched(), BrowserFailed("b1", FailureCategory.CRASH, "gone"),
+            RecoveryStarted("r1", "b1", "parallel", 1, FailureCategory.CRASH),
+            RecoveryCompleted("r1", "b1", True, "b2", 30.0))
+    assert (s.browsers["b1"].status, s.browsers["b1"].replaced_by) == ("failed", "b2")
+    assert run(launched(), BrowserFailed("b1", FailureCategory.CRASH, "gone"),     # reconnect revived it later
+               RecoveryStarted("r1", "b1", "parallel", 1, FailureCategory.CRASH),
+               RecoveryCompleted("r1", "b1", True, "b2", 30.0), BrowserConnected("b1")).browsers["b1"].replaced_by \
+        is None
+    for completed in (RecoveryCompleted("r1", "b1", False, None, 30.0),       # not recovered: may be tried again
+                      RecoveryCompleted("r1", "b1", True, "b1", 30.0)):      # restarted in place: alive again
+        s = run(launched(), BrowserFailed("b1", FailureCategory.CRASH, "gone"),
+                RecoveryStarted("r1", "b1", "parallel", 1, FailureCategory.CRASH), completed)
+        assert s.browsers["b1"].replaced_by is None
+
+
 def test_recovery_started():
     s = run(RecoveryStarted("r1", "b1", "progressive", 1, FailureCategory.CRASH))
     assert s.recoveries["r1"].strategy == "progressive" and s.recoveries["r1"].steps == ()

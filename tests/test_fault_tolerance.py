@@ -353,13 +353,17 @@ def test_parallel_keeps_a_losing_fresh_browser_as_the_standby(ray_local, tmp_pat
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    # The same failure reported late (as a request that met the dead browser a moment after the others would):
+    # it was recovered already, so nothing is recovered again (the browser waits for parallel's losers to end).
+    late = ray.get(pool.recover_browser.remote(browser_id, "crash", "late report"))
+    assert late["success"] and late["steps"] == [] and late["recovery_browser"] in (standby, None), late
     fresh = warm_standby(pool)          # the pool has its standby again, model loaded and warmed up
     events = [e for e in ray.get(pool.recent_events.remote(1000)) if e["seq"] > seq]
     steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished"]
-    assert [s["step"] for s in steps if s["success"]] == ["parallel:failover"], steps
-    launched = [e["subject"] for e in events if e["action"] == "BrowserLaunched"]
     trace = [(e["action"], e["subject"], {k: v for k, v in e["data"].items() if k not in ("metrics",)})
              for e in events if e["action"] not in ("OperationStarted", "OperationCompleted", "BrowserHealthReported")]
+    assert [s["step"] for s in steps if s["success"]] == ["parallel:failover"], trace
+    launched = [e["subject"] for e in events if e["action"] == "BrowserLaunched"]
     assert launched == [fresh], (launched, fresh, trace)         # the fresh browser, and no other
     retired = {e["subject"]: e["data"]["reason"] for e in events if e["action"] == "BrowserRetired"}
     assert fresh not in retired and browser_id in retired, retired
