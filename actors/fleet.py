@@ -41,7 +41,7 @@ from actors.decisions.warmup import warmed_up
 from actors.model_copies import ModelCopies
 from actors.pool_log import PoolLog
 from events import schema as ev
-from events.errors import ActorUnreachable, BrowserFailure
+from events.errors import ActorUnreachable, BrowserFailure, describe
 from events.state import ALIVE_STATUSES, CLOSED_STATUSES, browsers_alive, models_on
 from sharding.models import registry
 from sharding.models.registry import ModelArtifact, artifact_key_parts, artifacts
@@ -50,17 +50,28 @@ log = logging.getLogger(__name__)
 
 
 
+async def collect(ref: Any) -> None:
+    """Await a call that is expected to fail (its actor is killed, or kills itself), so its error is not reported
+    as unhandled."""
+    try:
+        await ref
+    except ray.exceptions.RayError:
+        pass
+
+
 def _new_browser_id() -> str:
     return f"browser-{uuid.uuid4().hex[:8]}"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """A BrowserActor created, not started, for the next browser to launch on ``node_id``."""
+    """A BrowserActor created and starting (``started``: its ``start`` call) for the next browser to launch on
+    ``node_id``."""
     browser_id: str
     browser_type: str
     node_id: str | None
     handle: Any
+    started: Any
 
 
 class KeyedLocks:
@@ -218,7 +229,7 @@ class Fleet:
         # The first launch takes the prepared actor or ends it (it may hold a node's browser slot).
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared.browser_type != browser_type:
-            ray.kill(prepared.handle)
+            self._end_prepared(prepared)
             prepared = None
         browser_id = prepared.browser_id if prepared is not None else _new_browser_id()
         state = self.log.state
@@ -267,13 +278,14 @@ class Fleet:
         self._launching[key] = self._launching.get(key, 0) + 1     # no await since choose_node: atomic
         try:
             if prepared is not None and prepared.node_id == node_id:
-                handle = prepared.handle
+                handle, started = prepared.handle, prepared.started
             else:
                 if prepared is not None:
-                    ray.kill(prepared.handle)
+                    self._end_prepared(prepared)
                 handle = self._new_actor(browser_id, browser_type, nodes, node_id)
+                started = handle.start.remote()
             try:
-                info = await asyncio.wait_for(handle.start.remote(), BROWSER_START_TIMEOUT)
+                info = await asyncio.wait_for(started, BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot
                 ray.kill(handle)      # would otherwise start a browser nobody owns
                 raise
@@ -301,23 +313,30 @@ class Fleet:
                                                       spare_process=self.spare_process)
 
     def prepare(self, browser_type: str) -> None:
-        """Create the actor of the next browser now, unstarted, where the first launch will place it: its Ray
-        worker process (a new Python process importing Ray and Playwright, 0.4-1 s here) starts while the pool
-        opens its log, instead of after (docs/facts.md, a pool's first answer). The next launch takes it if it
-        wants that browser type on that node, else ends it; ``discard_prepared`` ends one no launch came for."""
+        """Create and start the next browser now, where the first launch will place it: its Ray worker process
+        (a new Python process importing Ray and Playwright, 0.4-1 s here) and its Chromium start while the pool
+        opens its log, instead of after (docs/facts.md, a pool's first answer). It is not the pool's until a
+        launch takes it (records BrowserLaunched): the next launch does if it wants that browser type on that
+        node, else ends it; ``discard_prepared`` ends one no launch came for."""
         if self.owner_id is None or self._prepared is not None:
             return
         nodes = self._node_views(ray.nodes())
         node_id = placement.choose_node(nodes, standby=False)
         browser_id = _new_browser_id()
         handle = self._new_actor(browser_id, browser_type, nodes, node_id)
-        self._prepared = _Prepared(browser_id, browser_type, node_id, handle)
+        self._prepared = _Prepared(browser_id, browser_type, node_id, handle, handle.start.remote())
 
     def discard_prepared(self) -> None:
-        """End the prepared actor, if any (the pool adopted its browsers, or shuts down)."""
+        """End the prepared browser, if any (the pool adopted its browsers, or shuts down)."""
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            ray.kill(prepared.handle)
+            self._end_prepared(prepared)
+
+    def _end_prepared(self, prepared: _Prepared) -> None:
+        """Kill its actor (its Chromium dies with it: PDEATHSIG; its folder's reaper cleans up); the start call's
+        error is collected, not reported as unhandled."""
+        ray.kill(prepared.handle)
+        self._spawn(collect(prepared.started))
 
     async def _record_launch(self, browser_id: str, handle: Any, info: dict[str, Any], standby: bool) -> None:
         self._handles[browser_id] = handle
@@ -385,6 +404,18 @@ class Fleet:
         await self.start(browser_id, previous.browser_type, previous.standby)
 
     # ----- models ------------------------------------------------------------------------------------
+    def stage(self, art: ModelArtifact) -> None:
+        """Put ``art``'s bytes in the object store now, in the background, for a browser being launched to load
+        it: the launch takes seconds, and the load then finds them there instead of putting them first (MiniLM's
+        90 MB: ~0.25 s here, on a pool's first answer). A failure is the load's to report."""
+        async def put() -> None:
+            try:
+                await self.model_copies.copy(art)
+            except Exception as exc:
+                log.info("model bytes not staged", extra={"model": art.key, "error": describe(exc)})
+
+        self._spawn(put())
+
     async def load(self, browser_id: str, art: ModelArtifact) -> None:
         """Load ``art`` into the browser's page (ModelLoaded). A failure is recorded and raised as BrowserFailure."""
         backend = self.log.state.browsers[browser_id].backend

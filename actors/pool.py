@@ -56,7 +56,7 @@ from actors.decisions.recovery import (
     FaultToleranceLevel,
     RecoveryStrategy,
 )
-from actors.fleet import Fleet, KeyedLocks
+from actors.fleet import Fleet, KeyedLocks, collect
 from actors.pool_log import PoolLog
 from actors.reconcile import Reconciler
 from actors.router import Router
@@ -109,15 +109,6 @@ def _own_handle() -> Any:
 def _own_actor_id() -> str | None:
     """This pool's actor id (the same in every incarnation); None when the pool runs in-process."""
     return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-
-
-async def _collect(ref: Any) -> None:
-    """Await a call that is expected to fail (the actor it went to kills itself), so its error is not reported
-    as unhandled."""
-    try:
-        await ref
-    except ray.exceptions.RayError:
-        pass
 
 
 class PoolCore:
@@ -406,7 +397,7 @@ class PoolCore:
         if kind == "kill_actor":
             # The actor SIGKILLs its own process (on any node), as a crash or the OOM killer would; the call
             # never answers, so it is not awaited here (its error is collected in the background).
-            self._spawn(_collect(handle.inject_fault.remote(kind)))
+            self._spawn(collect(handle.inject_fault.remote(kind)))
             return {"fault": kind, "browser_id": browser_id}
         # Leased like a request while it runs: a fault that is work in the page (exhaust_memory allocates for
         # seconds on a loaded machine) must not be met half-done by a health check, whose timeout would then

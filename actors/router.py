@@ -152,6 +152,7 @@ class Router:
         """Start a browser holding ``art``, in the background; counted in ``_growing`` until it is up. A
         failure nobody awaits is logged (the fleet has recorded it)."""
         async def grow() -> str:
+            self.fleet.stage(art)
             browser_id = await self.fleet.launch(browser_type, avoid=avoid)
             await self.fleet.ensure_loaded(browser_id, art)
             return browser_id

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 import ray
-from procs import alive
+from procs import alive, is_browser_main_process
 
+from actors.chromium import descendants
 from actors.constants import BROWSER_ACTOR_NAMESPACE, BROWSER_ACTOR_PREFIX
 from events.errors import InputError
 from events.fold import replay
@@ -191,8 +192,8 @@ def _until(predicate, what: str, timeout: float = 30.0):
 
 
 def test_a_new_pool_prepares_its_first_browser_actor_and_its_first_launch_takes_it(ray_local, tmp_path):
-    """A new pool creates its first browser's actor (unstarted) when it is created, so that actor's Ray worker
-    process starts while the pool opens its log; the first launch starts that actor, not another."""
+    """A new pool creates and starts its first browser when it is created, so that actor's Ray worker process
+    and its Chromium start while the pool opens its log; the first launch takes that browser, not another."""
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), spare_process=False)
     ray.get(pool.__ray_ready__.remote())
     prepared = _until(lambda: _browser_actors(pool), "the pool prepared no browser actor")
@@ -206,16 +207,25 @@ def test_a_new_pool_prepares_its_first_browser_actor_and_its_first_launch_takes_
     ray.kill(pool)
 
 
-def test_a_prepared_browser_actor_ends_with_its_pool(ray_local, tmp_path):
+def _browser_processes() -> set[int]:
+    """Every browser main process below this test process (its Ray runs the pools' browser actors)."""
+    return {p for p in descendants(os.getpid()) if is_browser_main_process(p)}
+
+
+def test_a_prepared_browser_ends_with_its_pool(ray_local, tmp_path):
     """Unused, it is ended by the pool's shutdown; and it ends itself when the pool dies without one (it is
-    detached, so nothing else would end it)."""
+    detached, so nothing else would end it). Its Chromium, started already, goes with it."""
+    before = _browser_processes()
     shut = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "shut"), spare_process=False)
     killed = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "killed"), spare_process=False)
     for pool in (shut, killed):
         ray.get(pool.__ray_ready__.remote())
         _until(lambda pool=pool: _browser_actors(pool), "the pool prepared no browser actor")
+    started = _until(lambda: len(_browser_processes() - before) >= 2 and _browser_processes() - before,
+                     "the prepared browsers never started Chromium")
     ray.get(shut.shutdown.remote())
     _until(lambda: not _browser_actors(shut), "shutdown left the prepared browser actor")
     ray.kill(shut)
     ray.kill(killed)
     _until(lambda: not _browser_actors(killed), "the prepared browser actor outlived its pool")
+    _until(lambda: not any(alive(p) for p in started), f"a prepared browser's Chromium outlived its pool: {started}")
