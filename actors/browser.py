@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,16 @@ class BrowserCore:
             await discard(spare)
         try:
             self.profile = self.temp_dir / f"profile-{self.generation}"
-            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile)
+            # The runtime page opens with the process and starts setting its runtime up (~0.7 s of compiling
+            # WebAssembly here) while Playwright's driver is still starting; see _open_page.
+            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile, self._runtime_url())
             watch_process(self, self.proc)
             if self.relay is None:
                 self.relay = CdpRelay()
                 await self.relay.start(self.port)
             else:
                 self.relay.retarget(self.port)
+            await chromium.tab_committed(self.port, self.server.base_url, PAGE_READY_WAIT)
             await self._connect()
             await self._open_page()
         except BrowserFailure:
@@ -188,11 +192,22 @@ class BrowserCore:
         self.browser = await self.pw.chromium.connect_over_cdp(f"ws://127.0.0.1:{self.relay.port}{self.ws_path}")
         watch_connection(self, self.browser)
 
+    def _runtime_url(self) -> str:
+        """The runtime page, told (as data in its URL) to set the runtime up for ``num_threads`` as it opens."""
+        assert self.server is not None
+        return self.server.base_url + "index.html?" + urllib.parse.urlencode({"threads": self.num_threads})
+
     async def _open_page(self) -> None:
+        """Take the runtime page the browser opened with and route its requests (actors/isolation.py). Until
+        then it has loaded only webpool's own runtime files, from its own origin; every model and request
+        comes after. A page found elsewhere (a browser that did not open it) is sent to it now."""
         assert self.browser is not None and self.server is not None
         self.page = await runtime_tab(self.browser)
         await self._attach_page()
-        await self._load_runtime(self.page)
+        if self.page.url.startswith(self.server.base_url):
+            await self.page.wait_for_function("window.webpoolReady === true", timeout=PAGE_READY_WAIT * 1000)
+        else:
+            await self._load_runtime(self.page)
         # The runtime's WebAssembly is set up in the page meanwhile; the first model load waits for it.
         self.capabilities = await self._call("init", [{"numThreads": self.num_threads, "warmRuntime": "background"}],
                                              PAGE_READY_WAIT)

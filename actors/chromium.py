@@ -127,16 +127,17 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subprocess.Popen, int, str]:
-    """Start the browser; returns the process, its DevTools port and the browser's WebSocket path
-    (``/devtools/browser/<id>``), both read from DevToolsActivePort.
+async def launch(exe: BrowserExecutable, user_data_dir: Path,
+                 url: str = "about:blank") -> tuple[subprocess.Popen, int, str]:
+    """Start the browser with ``url`` open in its one tab; returns the process, its DevTools port and the
+    browser's WebSocket path (``/devtools/browser/<id>``), both read from DevToolsActivePort.
 
     Must be called from a thread that lives as long as the browser should (the actor's event loop
     thread): PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
     """
     port_file = user_data_dir / "DevToolsActivePort"
     proc = subprocess.Popen(
-        [exe.path, *chromium_flags(user_data_dir), "about:blank"],
+        [exe.path, *chromium_flags(user_data_dir), url],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -155,6 +156,24 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path) -> tuple[subproces
         await asyncio.sleep(0.01)
     terminate(proc)
     raise TimeoutError(f"{exe.path} did not open its DevTools port within {DEVTOOLS_PORT_WAIT} s")
+
+
+async def tab_committed(port: int, url_prefix: str, timeout: float) -> None:
+    """Wait until the browser's tab has committed a URL under ``url_prefix`` (its DevTools target list shows
+    it). Playwright's ``connect_over_cdp`` waits for a tab it finds mid-navigation, and could wait out its
+    whole timeout on one whose navigation was under way as it attached (docs/facts.md)."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as answer:
+                targets = await answer.json(content_type=None)
+            if any(t.get("type") == "page" and t.get("url", "").startswith(url_prefix) for t in targets):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the browser's tab did not open {url_prefix} within {timeout} s")
+            await asyncio.sleep(0.01)
 
 
 def descendants(pid: int) -> list[int]:

@@ -7,8 +7,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 ORT_WEB_DIST = REPO_ROOT / "node_modules" / "onnxruntime-web" / "dist"
-# The only onnxruntime-web files the page needs (wasm + webgpu + webnn in one build).
-ORT_WEB_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
+# The onnxruntime-web files the page loads: the lean build (wasm backend only) and the full one (wasm + WebGPU
+# + WebNN), which a page imports only where the browser offers WebGPU or WebNN (actors/page/runtime.js).
+ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                 "ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 
 # Browser start-up.
 DEVTOOLS_PORT_WAIT = 15.0          # waiting for Chromium to write DevToolsActivePort

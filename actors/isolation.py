@@ -6,6 +6,11 @@ goes on, anything else is refused and its URL listed (health reports the list; t
 navigation would replace the runtime with an error page); a WebSocket is closed at once (the page has
 no reason to open one). Routing turns Chromium's HTTP cache off for the page (Playwright's doing); a
 cross-launch code cache was measured to gain nothing here anyway (docs/facts.md).
+
+A browser opens its runtime page as it is launched, before Playwright is connected (the runtime's set-up
+overlaps the driver's start): the route is attached once it is, so the page's first requests, for
+webpool's own runtime files from its own origin, are not routed. Everything a model or a request brings
+comes after.
 """
 
 from __future__ import annotations

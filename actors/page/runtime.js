@@ -4,7 +4,13 @@
 // Everything the actor sends arrives as evaluate() *arguments* (data), never as JavaScript source.
 // Tensors cross as {dtype, dims, b64}; large bodies (model bytes) are fetched over same-origin HTTP,
 // never through the Playwright protocol (it is quadratic in message size).
-import * as ort from "./ort/ort.min.mjs";
+
+// onnxruntime-web comes in two builds here: the lean one drives the wasm backend, the full one (JSEP) also
+// WebGPU and WebNN. A page imports the lean build as it opens, and the full one only once a model is loaded
+// on WebGPU or WebNN: its WebAssembly is twice the size (28 vs 14 MB to compile) and built with Asyncify,
+// which costs every run (docs/facts.md). A session, and the tensors fed to it, belong to one build.
+const ORT_BUILDS = { lean: "./ort/ort.wasm.min.mjs", full: "./ort/ort.min.mjs" };
+const runtimes = new Map();   // build -> the promise of its module, configured
 
 const BASE = new URL(".", import.meta.url).href;
 const DTYPES = {
@@ -57,7 +63,7 @@ function bytesToB64(bytes) {
   return btoa(bin);
 }
 
-function toTensor(name, spec) {
+function toTensor(ort, name, spec) {
   const Ctor = DTYPES[spec.dtype];
   if (!Ctor) throw new RequestError(`input ${name}: unsupported dtype ${spec.dtype}`);
   const bytes = b64ToBytes(spec.b64);
@@ -106,29 +112,56 @@ async function probeCapabilities() {
 }
 
 // A one-node ONNX model (opset 17: y = Identity(x), x a float[1]), 65 bytes. Creating a session of it
-// makes onnxruntime-web fetch, compile and instantiate its WebAssembly and set up its runtime: ~0.7 s
-// here, every page once (docs/facts.md), which the first real model's session would otherwise pay.
+// makes onnxruntime-web fetch, compile and instantiate its WebAssembly and set up its runtime, once per
+// page (docs/facts.md), which the first real model's session would otherwise pay.
 const RUNTIME_WARM_UP_MODEL = "CAg6NwoQCgF4EgF5IghJZGVudGl0eRIBdFoPCgF4EgoKCAgBEgQKAggBYg8KAXkSCgoICAESBAoCCAFCBAoAEBE=";
-let runtimeReady = Promise.resolve();
 
-async function warmRuntime() {
+let setUpWith = null;                    // the options of the page's one set-up (setUp), once it began
+let runtimeLoaded = null;                // its probe and the lean build's import: init waits for them
+let runtimeReady = Promise.resolve();    // and the lean build's warm-up (ms, or null if it failed)
+
+// The build that drives `backend`, imported (once) and configured with the page's thread count.
+function runtimeFor(backend) {
+  const build = backend === "wasm" ? "lean" : "full";
+  if (!runtimes.has(build)) {
+    runtimes.set(build, import(ORT_BUILDS[build]).then((ort) => {
+      ort.env.wasm.wasmPaths = BASE + "ort/";
+      ort.env.wasm.numThreads = setUpWith.numThreads;
+      ort.env.logLevel = "error";
+      return ort;
+    }));
+  }
+  return runtimes.get(build);
+}
+
+async function warmRuntime(ort) {
   const session = await ort.InferenceSession.create(b64ToBytes(RUNTIME_WARM_UP_MODEL), { executionProviders: ["wasm"] });
   await session.release();
 }
 
-// `options.warmRuntime`: "wait" sets the runtime up before answering (a spare process: it must be ready
-// when taken), "background" starts it and answers at once (a model load waits for it), else not at all.
-export async function init(options) {
-  ort.env.wasm.wasmPaths = BASE + "ort/";
-  ort.env.wasm.numThreads = options.numThreads;
-  ort.env.logLevel = "error";
-  capabilities = await probeCapabilities();
-  if (options.warmRuntime === "wait" || options.warmRuntime === "background") {
+// Probe the backends, import the lean build and start setting its WebAssembly up; once per page (the page
+// opened with ?threads=N began it already). A failed warm-up is not the page's end: the first model's
+// session sets the runtime up itself; a failed import is (init rejects).
+export function setUp(options) {
+  if (setUpWith === null) {
+    setUpWith = { numThreads: options.numThreads };
     const t0 = performance.now();
-    // A failed warm-up is not this page's end: the first model's session sets the runtime up itself.
-    runtimeReady = warmRuntime().then(() => performance.now() - t0, () => null);
-    if (options.warmRuntime === "wait") capabilities = { ...capabilities, runtimeWarmUpMs: await runtimeReady };
+    const lean = runtimeFor("wasm");
+    runtimeLoaded = Promise.all([probeCapabilities().then((c) => { capabilities = c; }), lean]);
+    runtimeReady = lean.then(warmRuntime).then(() => performance.now() - t0, () => null);
   }
+  return runtimeLoaded;
+}
+
+// The page's capabilities once the runtime is imported. `options.warmRuntime`: "wait" also waits for its
+// warm-up (a spare process: it must be ready when taken, and reports runtimeWarmUpMs); otherwise the
+// warm-up goes on after the answer (a model load waits for it).
+export async function init(options) {
+  if (setUpWith !== null && setUpWith.numThreads !== options.numThreads) {
+    throw new Error(`the runtime was set up with ${setUpWith.numThreads} thread(s), not ${options.numThreads}`);
+  }
+  await setUp(options);
+  if (options.warmRuntime === "wait") return { ...capabilities, runtimeWarmUpMs: await runtimeReady };
   return capabilities;
 }
 
@@ -166,7 +199,7 @@ async function loadNow(key, url, backend) {
   const t1 = performance.now();
   await runtimeReady;     // being set up since the page opened; the bytes were fetched meanwhile
   const t2 = performance.now();
-  const session = await createSession(key, bytes, backend);
+  const session = await createSession(key, bytes, backend);   // a first WebGPU/WebNN model imports the full build
   return { fetchMs: t1 - t0, runtimeWaitMs: t2 - t1, createMs: performance.now() - t2, bytes: bytes.byteLength,
            inputNames: session.inputNames, outputNames: session.outputNames };
 }
@@ -182,6 +215,7 @@ function asRequestError(err) {
 }
 
 async function createSession(key, bytes, backend) {
+  const ort = await runtimeFor(backend);
   let session;
   try {
     session = await ort.InferenceSession.create(bytes, {
@@ -196,7 +230,7 @@ async function createSession(key, bytes, backend) {
     gpuDeviceLostReport = device.lost.then((info) => { gpuDeviceLost = { reason: info.reason, message: info.message }; });
   }
   sessions.set(key, {
-    session, backend,
+    session, backend, ort,
     inputNames: session.inputNames, outputNames: session.outputNames,
     queue: Promise.resolve(),
   });
@@ -252,14 +286,16 @@ async function runNow(entry, key, feeds, opts) {
   const t0 = performance.now();
   runsStarted += 1;
   const inputs = {};
-  for (const [name, spec] of Object.entries(feeds)) inputs[name] = toTensor(name, spec);
+  for (const [name, spec] of Object.entries(feeds)) inputs[name] = toTensor(entry.ort, name, spec);
   let state = null;
   if (opts.state) {
     if (opts.initialState) dropState(opts.state);
     state = states.get(opts.state);
     if (!state) {
       state = { key, tensors: new Map() };
-      for (const [name, spec] of Object.entries(opts.initialState || {})) state.tensors.set(name, toTensor(name, spec));
+      for (const [name, spec] of Object.entries(opts.initialState || {})) {
+        state.tensors.set(name, toTensor(entry.ort, name, spec));
+      }
       states.set(opts.state, state);
     } else if (state.key !== key) {
       throw new RequestError(`state ${opts.state} belongs to model ${state.key}, not ${key}`);
