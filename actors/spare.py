@@ -73,7 +73,7 @@ class SpareProcess:
 
 
 async def runtime_tab(browser: Browser) -> Page:
-    """The browser's one tab (a headless Chromium opens one with about:blank), or a new one."""
+    """The browser's one tab (the one it was launched with: the runtime page, or about:blank), or a new one."""
     context = browser.contexts[0]
     return context.pages[0] if context.pages else await context.new_page()
 
