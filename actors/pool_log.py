@@ -86,10 +86,11 @@ class PoolLog:
         are applied strictly in ``seq`` order; a gap that does not fill (a lost reply) is read back from
         the log after RECORD_GAP_WAIT.
         """
-        # The batch id makes Ray's at-least-once retry of this append write it once.
+        # The batch id makes Ray's at-least-once retry of this append write it once. The reply can end with
+        # records the log appended by itself (an automatic snapshot's marker): applied too, not returned.
         records = await self._handle.append_batch.remote(list(events), new_batch_id())
         await self.take(records)
-        return records
+        return records[:len(events)]
 
     async def take(self, records: list[ev.Recorded]) -> None:
         """Apply ``records`` (acknowledged by the log) and every one before them, in seq order."""

@@ -83,7 +83,11 @@ class StateLog:
         return rec
 
     async def append_batch(self, events: Sequence[Event], batch_id: str | None = None) -> list[Recorded]:
-        """Record events as one batch, in the given order; committed with whatever other appends wait."""
+        """Record events as one batch, in the given order; committed with whatever other appends wait.
+
+        Returns the batch's records, followed by any the log appended on its own right after the group (an
+        automatic snapshot's SnapshotWritten): a reader that applies records strictly in seq order (the
+        pool's PoolLog) then finds no gap it would have to wait out."""
         done = asyncio.get_running_loop().create_future()
         self._queue.append((list(events), batch_id, done))
         if self._committer is None:
@@ -103,6 +107,8 @@ class StateLog:
                     outcomes = self._store.append_group([(events, batch_id) for events, batch_id, _ in group])
                 except Exception as exc:      # the write failed: no append of the group is recorded
                     outcomes = [exc] * len(group)
+                else:
+                    outcomes = self._with_own_records(outcomes)
                 for (_, _, done), outcome in zip(group, outcomes, strict=True):
                     if done.done():
                         continue
@@ -113,6 +119,17 @@ class StateLog:
                 self._notify()
         finally:
             self._committer = None
+
+    def _with_own_records(self, outcomes: list) -> list:
+        """``outcomes`` with the records the store appended after them by itself (an automatic snapshot's
+        marker, written inside the group's append) added to the reply of the group's last batch."""
+        written = [rec.seq for outcome in outcomes if not isinstance(outcome, BaseException) for rec in outcome]
+        last = max(written, default=None)
+        if last is None or self._store.last_seq <= last:
+            return outcomes
+        own = list(self._store.read(last + 1, self._store.last_seq))
+        i = max(i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException))
+        return [*outcomes[:i], [*outcomes[i], *own], *outcomes[i + 1:]]
 
     async def read(self, start_seq: int = 1, end_seq: int | None = None, kinds: Sequence[str] | None = None,
                    subject: str | None = None, limit: int | None = None) -> list[Recorded]:

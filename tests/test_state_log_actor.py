@@ -212,3 +212,18 @@ def test_kill_9_while_writers_append_loses_no_acknowledged_event(state_log, tmp_
         on_disk = list(store.read())
     assert on_disk == served
     check(on_disk)
+
+
+def test_an_automatic_snapshots_marker_comes_back_with_the_append_that_caused_it(state_log):
+    """The store snapshots every ``snapshot_every`` events inside an append and records a SnapshotWritten of
+    its own: the append's reply carries it after the batch's records, so a reader applying replies in seq
+    order meets no gap (the pool's log waited RECORD_GAP_WAIT, 5 s, for it: every request stalled)."""
+    log = state_log(snapshot_every=5)
+    seen: list[int] = []
+    for i in range(12):
+        reply = ray.get(log.append_batch.remote([BrowserConnected(f"b{i}")], new_batch_id()))
+        assert reply[0].kind == "BrowserConnected"
+        seen += [rec.seq for rec in reply]
+        assert seen == list(range(1, len(seen) + 1)), seen          # contiguous: nothing left to read back
+    markers = [rec for rec in ray.get(log.read.remote(1)) if rec.kind == "SnapshotWritten"]
+    assert len(markers) == 2 and {m.seq for m in markers} <= set(seen)
