@@ -41,7 +41,7 @@ from actors.decisions.warmup import warmed_up
 from actors.model_copies import ModelCopies
 from actors.pool_log import PoolLog
 from events import schema as ev
-from events.errors import ActorUnreachable, BrowserFailure, describe
+from events.errors import ActorUnreachable, BrowserFailure, FailureCategory, describe
 from events.state import ALIVE_STATUSES, CLOSED_STATUSES, browsers_alive, models_on
 from sharding.models import registry
 from sharding.models.registry import ModelArtifact, artifact_key_parts, artifacts
@@ -117,7 +117,15 @@ class Fleet:
 
     # ----- handles and leases -------------------------------------------------------------------
     def handle(self, browser_id: str) -> Any:
-        return self._handles[browser_id]
+        """The browser's actor. One the pool has stopped since (retired, quarantined: a recovery or a drain
+        took it away while a request was on its way to it) is a BrowserFailure, which the request's
+        recovery answers by placing it again, never a bare KeyError to the caller."""
+        handle = self._handles.get(browser_id)
+        if handle is None:
+            state = self.log.state.browsers.get(browser_id)
+            why = f"{state.status}: {state.status_reason}" if state is not None else "never launched"
+            raise BrowserFailure(browser_id, FailureCategory.UNKNOWN, f"no longer in the pool ({why})"[:500])
+        return handle
 
     def has_handle(self, browser_id: str) -> bool:
         return browser_id in self._handles
@@ -391,7 +399,7 @@ class Fleet:
     async def relaunch(self, browser_id: str) -> None:
         """A new browser process under the same id (the restart step): in the same actor, or in a new actor
         (elsewhere if its node is dead) when the actor process itself is gone."""
-        handle = self._handles[browser_id]
+        handle = self.handle(browser_id)
         previous = self.log.state.browsers[browser_id]
         if not self.is_cut_off(browser_id):         # else there is nothing to restart in: its actor is silent
             try:
@@ -424,9 +432,9 @@ class Fleet:
         # busy page for a hung one.
         with self.lease(browser_id):
             try:
-                send_id = await self.model_copies.send(browser_id, self._handles[browser_id],
+                send_id = await self.model_copies.send(browser_id, self.handle(browser_id),
                                                        self.log.state.browsers[browser_id].node_id, art)
-                await self.call(browser_id, self._handles[browser_id].load_received.remote(
+                await self.call(browser_id, self.handle(browser_id).load_received.remote(
                     send_id, art.key, art.sha256, backend))
             except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                 failure = classify(exc, browser_id)
@@ -458,7 +466,7 @@ class Fleet:
                     return False
                 try:
                     rounds.append(await self.call(browser_id,
-                                                  self._handles[browser_id].warm_up_round.remote(art.key, feeds)))
+                                                  self.handle(browser_id).warm_up_round.remote(art.key, feeds)))
                 except (BrowserFailure, ray.exceptions.RayActorError) as exc:
                     failure = classify(exc, browser_id)
                     await self.mark_failed(failure)
