@@ -153,7 +153,7 @@ class BrowserCore:
             await discard(spare)
         try:
             self.profile = self.temp_dir / f"profile-{self.generation}"
-            # The runtime page opens with the process and starts setting its runtime up (~0.7 s of compiling
+            # The runtime page opens with the process and starts setting its runtime up (~0.4 s of compiling
             # WebAssembly here) while Playwright's driver is still starting; see _open_page.
             self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile, self._runtime_url())
             watch_process(self, self.proc)
