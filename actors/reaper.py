@@ -8,8 +8,8 @@ for the actor to exit, gives the browser (killed by PR_SET_PDEATHSIG at that mom
 let go of its files, then deletes the folder. A clean ``close`` removes the folder first; the
 reaper then finds nothing to do.
 
-The daemon boots a bare Python (``-S``: no site-packages) that imports only what ``main`` needs, ~25 ms of
-CPU on each browser start instead of ~65 ms; the actor's side imports the rest where it is used.
+The daemon boots a bare Python (``-S``: no site-packages) that imports only what ``main`` needs: ~40 ms on
+each browser start instead of ~100 ms (docs/facts.md); the actor's side imports the rest where it is used.
 """
 
 from __future__ import annotations
