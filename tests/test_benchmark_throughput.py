@@ -54,3 +54,15 @@ def test_kill_timeline_dip_and_rates():
     assert t["late_rate_ratio"] == pytest.approx(7 * 40 / 8 / 80)
     assert t["empty_bins_after"] == 2
     assert throughput.kill_timeline(np.zeros(8), killed_at=1.0, bin_s=0.25)["late_rate_ratio"] is None
+
+
+def test_kill_plot_says_n_a_when_no_run_lasted_past_the_early_window(tmp_path):
+    """A kill that came late in a short run leaves no bins for the later rate (None): the PNG says so
+    rather than failing (CI once killed 2 s into a 4 s quick run)."""
+    rate = np.array([0] * 4 + [80] * 6, dtype=float)
+    run = {"answers_per_s": rate.tolist(), "bin_s": 0.25, "killed_at_s": 2.0, "answered": 30,
+           **throughput.kill_timeline(rate, killed_at=2.0, bin_s=0.25)}
+    assert run["late_rate_ratio"] is None
+    kills = {"runs": [run], "shown": 0, "answered": 30, "wrong": 0, "errors": 0,
+             "dip_s": {"median": 0.0, "p95": 0.0}, "late_rate_ratio": None}
+    assert throughput.plot_kill(kills, tmp_path / "kill.png").stat().st_size > 1000
