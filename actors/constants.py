@@ -93,9 +93,10 @@ DEFAULT_MAX_RECOVERY_ATTEMPTS = 3    # per request, and consecutive failures bef
 DEFAULT_STANDBY_BROWSERS = 1         # warm spares at level high and up: failover without a cold start
 STANDBY_DEFER_S = 2.0                # a missing spare is started once no request is in flight, or after this
 # A standby's warm-up runs (actors/decisions/warmup.py): V8 optimises a page's WebAssembly only after it has
-# done some work, ~1.5 s of page time for MiniLM here (docs/facts.md). Warm-up stops when this much page time
-# is spent and the last two rounds are within the ratio of the fastest, or at the round / time caps.
-WARMUP_MIN_WORK_MS = 3000.0
+# done some work: on the lean wasm build, MiniLM's 8-sentence rounds settle after the second (~0.5 s of page
+# time) and runs after 3 rounds are within ~10 % of runs after 20 (docs/facts.md). Warm-up stops when this much
+# page time is spent and the last two rounds are within the ratio of the fastest, or at the round / time caps.
+WARMUP_MIN_WORK_MS = 1000.0
 WARMUP_SETTLE_RATIO = 1.25
 WARMUP_MAX_ROUNDS = 40
 WARMUP_MAX_S = 30.0
