@@ -19,6 +19,7 @@ judged here, so a scenario that goes wrong still leaves its observations (and it
    location, and every acknowledged event is still there, once.
 6. a pool that is not pinned (it runs on a worker) loses its own node under load: Ray restarts it
    elsewhere, it rebuilds from its log, and every request in flight is answered.
+   5 and 6 lose their nodes at the same moment (``vanish_together``): both wait for Ray's verdict on them.
 
 Usage: python tests/cluster_scenarios.py OUT.json [SCENARIO ...]   (all of them unless named)
 """
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +286,7 @@ def sharded_generation_loses_a_node(cluster: Cluster, pool, expected: list[int],
     out["shard_trace"] = _trace(events, t_removed)
 
 
-def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
+def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> Moving:
     """A StateLog on a worker node, over a location every node reaches (here: this machine's disk, as a
     shared file system or pyarrow URI would be): its node is removed; Ray restarts it on another node
     from the same location, and every acknowledged event is there."""
@@ -310,7 +312,7 @@ def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
         raise RuntimeError(f"the StateLog never ran on a worker node: {tries}")
     acked = [ray.get(log.append_batch.remote([ev.BrowserConnected(browser_id=f"b{i}")], new_batch_id()),
                      timeout=60)[0].seq for i in range(20)]
-    _vanish(cluster, node)
+    yield node
     # A worker can answer for a moment after its raylet is killed: wait until Ray has declared the node
     # dead, so that what follows really goes to a restarted StateLog.
     _wait(lambda: not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()), 120,
@@ -327,7 +329,7 @@ def state_log_moves(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
     ray.kill(log, no_restart=True)
 
 
-def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, Any]) -> None:
+def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, Any]) -> Moving:
     """A pool left where Ray puts it (a soft preference for a worker node, as any unpinned actor may land
     there) loses its node under load: Ray restarts it on another node once it declares the node dead, the
     new incarnation rebuilds from its log (on storage every node reaches) and every request that was in
@@ -364,11 +366,10 @@ def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, An
         pool_pid = ray.get(pool.pid.remote(), timeout=60)
         refs = [pool.infer.remote(EMBED, {"text": t}) for t in texts]
         _wait(lambda: _state(pool).operations, 60, "the requests to start")
-        # Browsers on the other nodes outlive the pool's: the new incarnation must adopt them, not retire them.
-        out["unpinned_browsers_elsewhere"] = sorted(b["browser_id"] for b in _browsers(pool)
-                                                    if b["node_id"] != victim.node_id)
-        t_removed = time.time()
-        _vanish(cluster, victim)
+        browsers = _browsers(pool)
+        t_removed, gone = yield victim
+        # Browsers on the nodes that stay outlive the pool's: the new incarnation must adopt them, not retire them.
+        out["unpinned_browsers_elsewhere"] = sorted(b["browser_id"] for b in browsers if b["node_id"] not in gone)
         # The pool's own process went with its node (a SIGKILL lands within moments, not at once).
         out["unpinned_pool_pid_gone"] = _wait(lambda: not alive(pool_pid), 10, "the pool's process to exit",
                                               allow_timeout=True) is not None
@@ -398,6 +399,39 @@ def unpinned_pool_loses_its_node(cluster: Cluster, temp: Path, out: dict[str, An
         ray.get(pool.shutdown.remote(), timeout=120)
     finally:
         ray.kill(pool, no_restart=True)
+
+
+# A scenario whose node goes while Ray is to restart its actors elsewhere: it yields that node once set up, and
+# is resumed with (when it went, the ids of every node that went with it).
+Moving = Generator[Any, tuple[float, set[str]], None]
+
+
+def vanish_together(cluster: Cluster, scenarios: dict[str, Callable[[], Moving]], out: dict[str, Any]) -> None:
+    """Set each scenario up, then make all their nodes vanish at once and let each see what followed: Ray
+    declares a vanished node dead only after its health checks fail (~13 s at its defaults, the scenarios'
+    setting), and these scenarios need that verdict, so they wait for it together, not one after another."""
+    running, nodes = {}, {}
+    for name, scenario in scenarios.items():
+        try:
+            running[name] = scenario()
+            nodes[name] = next(running[name])
+        except Exception:
+            out["errors"][name] = traceback.format_exc()[-3000:]
+            running.pop(name, None)
+    gone = {node.node_id: node for node in nodes.values()}
+    t_removed = time.time()
+    for node in gone.values():
+        _vanish(cluster, node)
+    for name, scenario in running.items():
+        try:
+            scenario.send((t_removed, set(gone)))
+        except StopIteration:
+            continue
+        except Exception:
+            out["errors"][name] = traceback.format_exc()[-3000:]
+        else:
+            out["errors"][name] = "the scenario yielded a second node"
+        scenario.close()
 
 
 DRIVER = """
@@ -482,13 +516,15 @@ def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
                                                   model.encode(PROMPT), NEW_TOKENS)
         if len(expected) != NEW_TOKENS:
             raise RuntimeError(f"the reference ends after {len(expected)} tokens: too soon to lose a node mid-way")
+        moving = {"state_log": lambda: state_log_moves(cluster, temp, out),
+                  "unpinned": lambda: unpinned_pool_loses_its_node(cluster, temp, out)}
         for name, run in (("placement", lambda: placement(pool, out)),
                           ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),
                           ("sharded", lambda: sharded_generation_loses_a_node(cluster, pool, expected, out)),
                           ("reattach", lambda: reattach(cluster, pool, out)),
-                          ("state_log", lambda: state_log_moves(cluster, temp, out)),
-                          ("unpinned", lambda: unpinned_pool_loses_its_node(cluster, temp, out))):
-            if only and name not in only:
+                          ("state_log+unpinned", lambda: vanish_together(
+                              cluster, {k: v for k, v in moving.items() if not only or k in only}, out))):
+            if only and not set(name.split("+")) & only:
                 continue
             t0 = time.perf_counter()
             try:
