@@ -297,3 +297,17 @@ def test_status_watch_outlives_the_pool_restarting(pool):
     # The restarted pool answers requests (and the fixture's shutdown reaches it).
     out = ray.get(pool["handle"].infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
     assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"], ["doctor"], ["log"], ["log", "tail"], ["log", "show"],
+                                  ["log", "replay"], ["status"], ["analyze"], ["bench"]]
+                         + [["bench", name] for name in cli.BENCHMARKS], ids=lambda argv: " ".join(argv) or "webpool")
+def test_help_is_plain_words(argv, capsys):
+    """Every ``--help`` (the benchmarks' own included) reads as plain text: no reStructuredText markup
+    from the docstrings it is made of (``literal``, :role:`x`)."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage:") and len(text.splitlines()) > 3, text
+    assert "``" not in text and ":`" not in text, text
