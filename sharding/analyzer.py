@@ -12,11 +12,13 @@ Shard-count model (``recommend_shard_count``), per decoded token:
   h  per-hop latency: the median of every measured hop;
   o  coordinator overhead: the median of decode_ms_per_token - sum(compute) - sum(hops) (sampling,
      the call to the first shard and back from the last, the TokensAppended event).
-Memory of the largest shard for n shards: measured (median of each run's largest shard) where n was
-measured; otherwise b + W / n, an even split of W (model memory) over n browsers that each pay b (the
-page). b and W are fitted by least squares on sum(memory_bytes_per_shard) = n * b + W over runs with
-two or more distinct shard counts; with one count (or a fit giving b or W below zero), b is the
-planner's idle-page bytes and W the median of sum(memory) - n * b.
+Memory of the largest shard for n shards: where n was run, the median of each run's largest shard, from
+the runs whose memory was read (``memory_measured``; "memory_source": "measured") or, with none, from the
+planner's estimates they carry ("planner"); otherwise ("model") b + W / n, an even split of W (model
+memory) over n browsers that each pay b (the page). b and W are fitted by least squares on
+sum(memory_bytes_per_shard) = n * b + W over runs with two or more distinct shard counts; with one count
+(or a fit giving b or W below zero), b is the planner's idle-page bytes and W the median of
+sum(memory) - n * b.
 Recommendation: the fewest shards whose largest shard fits ``memory_limit_bytes``, unless a larger
 shard count that fits was MEASURED at least ``min_advantage`` faster per token than that one.
 
@@ -31,9 +33,10 @@ per token against time (the same significance and relevance guards as the perfor
   "shard_compute_ms"       list of floats, one per shard, per decoded token
   "hop_ms"                 list of floats, one per boundary (shards - 1), per decoded token
   "tokens"                 int, tokens generated
-  "memory_bytes_per_shard" list of ints (optional: else the session's plan below)
+  "memory_bytes_per_shard" list of ints (optional: else the session's plan below), as read
   "session_id"             str (optional): links to the SessionOpened whose ``plan["shards"][i]``
-                           carries "memory_bytes" (as ``ShardPlan.as_dict()`` writes it), or else
+                           carries "memory_bytes" (as ``ShardPlan.as_dict()`` writes it: the
+                           planner's estimate, so the run's ``memory_measured`` is False), or else
                            "browser_id" and "artifact" (as the pool writes it): the memory is then
                            the one measured for that browser by its health report
                            (BrowserHealthReported) that lists the artifact loaded, the last one
@@ -104,12 +107,14 @@ class ShardRunRecord:
     tokens: int
     memory_bytes_per_shard: tuple[int, ...]
     success: bool
+    memory_measured: bool = True               # False: memory_bytes_per_shard is the planner's estimate
 
     def __post_init__(self) -> None:
         if type(self.model) is not str or not self.model:
             raise AnalyzerError(f"ShardRunRecord.model must be a non-empty str, got {self.model!r}")
-        if type(self.success) is not bool:
-            raise AnalyzerError(f"ShardRunRecord.success must be a bool, got {self.success!r}")
+        for name in ("success", "memory_measured"):
+            if type(getattr(self, name)) is not bool:
+                raise AnalyzerError(f"ShardRunRecord.{name} must be a bool, got {getattr(self, name)!r}")
         _finite("ShardRunRecord.ts", self.ts)
         n = _count("ShardRunRecord.num_shards", self.num_shards, 1)
         _count("ShardRunRecord.tokens", self.tokens, 0)
@@ -131,10 +136,13 @@ class ShardRunRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShardRunRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(d, Mapping) or set(d) != names:
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}   # older records lack the rest
+        if not isinstance(d, Mapping) or not required <= set(d) <= names:
             got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
-            raise AnalyzerError(f"a run record needs exactly the keys {sorted(names)}, got {got}")
+            raise AnalyzerError(f"a run record needs the keys {sorted(required)} (and may have "
+                                f"{sorted(names - required)}), got {got}")
         return cls(**d)
 
     def as_dict(self) -> dict[str, Any]:
@@ -188,13 +196,15 @@ class ModelShardingAnalyzer:
             skipped[why] = skipped.get(why, 0) + 1
             lg.warning("sharding analyzer: skipped generation %s (%s)", op_id, why)
 
-        def add_run(rec: Recorded, start: OperationStarted, m: dict[str, Any], memory: list[int]) -> None:
+        def add_run(rec: Recorded, start: OperationStarted, m: dict[str, Any], memory: list[int],
+                    measured: bool) -> None:
             try:
                 runs.append(ShardRunRecord(
                     ts=rec.ts, model=start.model, num_shards=m["shards"],
                     shard_compute_ms=tuple(m["shard_compute_ms"]), hop_ms=tuple(m["hop_ms"]),
                     prefill_ms=m["prefill_ms"], decode_ms_per_token=m["decode_ms_per_token"],
-                    tokens=m["tokens"], memory_bytes_per_shard=tuple(memory), success=True))
+                    tokens=m["tokens"], memory_bytes_per_shard=tuple(memory), success=True,
+                    memory_measured=measured))
             except (AnalyzerError, TypeError) as exc:
                 skip(f"malformed metrics: {exc}", rec.event.op_id)
 
@@ -224,11 +234,12 @@ class ModelShardingAnalyzer:
                     skip(f"metrics lack {', '.join(missing)}", e.op_id)
                     continue
                 memory = m.get("memory_bytes_per_shard")
+                measured = True                   # the generation's own figures, or its browsers' reports
                 session = sessions.get(m.get("session_id"))
                 shards = session.plan.get("shards") if session is not None else None
                 if memory is None and isinstance(shards, list):
                     try:
-                        memory = [sh["memory_bytes"] for sh in shards]
+                        memory, measured = [sh["memory_bytes"] for sh in shards], False     # the planner's
                     except (KeyError, TypeError):
                         if all(isinstance(sh, dict) and {"browser_id", "artifact"} <= sh.keys() for sh in shards):
                             waiting.append((rec, start, m, shards))      # from the health reports, at the end
@@ -236,7 +247,7 @@ class ModelShardingAnalyzer:
                 if memory is None:
                     skip("no memory figures (metrics, session plan or health reports)", e.op_id)
                     continue
-                add_run(rec, start, m, memory)
+                add_run(rec, start, m, memory, measured)
             elif isinstance(e, OperationFailed):
                 start = started.get(e.op_id)
                 session = op_session.get(e.op_id)
@@ -255,7 +266,7 @@ class ModelShardingAnalyzer:
             if None in memory:
                 skip("no health report of a shard's browser with its shard loaded", rec.event.op_id)
                 continue
-            add_run(rec, start, m, memory)
+            add_run(rec, start, m, memory, True)
         analyzer = cls(runs, min_relative_change, logger)
         analyzer.skipped = skipped
         return analyzer
@@ -330,14 +341,15 @@ class ModelShardingAnalyzer:
             model_ms = None if (n > 1 and hop is None) else compute + (n - 1) * (hop or 0.0) + overhead
             if n in measured:
                 decode = _median(r.decode_ms_per_token for r in measured[n])
-                mem = int(_median(max(r.memory_bytes_per_shard) for r in measured[n]))
-                source = "measured"
+                read = [r for r in measured[n] if r.memory_measured]
+                mem = int(_median(max(r.memory_bytes_per_shard) for r in read or measured[n]))
+                source, memory_source = "measured", "measured" if read else "planner"
             else:
-                decode, mem, source = model_ms, math.ceil(base + weights / n), "model"
+                decode, mem, source, memory_source = model_ms, math.ceil(base + weights / n), "model", "model"
             estimates[n] = {"decode_ms_per_token": decode, "fits_memory": memory_limit_bytes is None
                             or mem <= memory_limit_bytes, "max_shard_memory_bytes": mem,
                             "model_decode_ms_per_token": model_ms, "source": source,
-                            "runs": len(measured.get(n, []))}
+                            "memory_source": memory_source, "runs": len(measured.get(n, []))}
 
         fitting = [n for n, e in estimates.items() if e["fits_memory"]]
         if not fitting:

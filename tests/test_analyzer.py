@@ -96,8 +96,9 @@ def test_unmeasured_counts_follow_the_compute_hop_overhead_model():
         assert e["decode_ms_per_token"] == pytest.approx(COMPUTE + (n - 1) * HOP + OVERHEAD, rel=0.03)
         # Memory: sum = n * PAGE + WEIGHTS (+10 MB) fitted from the two measured counts.
         assert e["max_shard_memory_bytes"] == pytest.approx(PAGE + WEIGHTS / n, rel=0.02)
-    assert rec["estimates"][2]["source"] == "measured"
+    assert rec["estimates"][2]["source"] == rec["estimates"][2]["memory_source"] == "measured"
     assert rec["estimates"][2]["max_shard_memory_bytes"] == PAGE + WEIGHTS // 2 + 10_000_000
+    assert {rec["estimates"][n]["memory_source"] for n in (3, 4, 5)} == {"model"}
     assert rec["model"]["page_bytes"] == pytest.approx(PAGE, rel=0.02)
 
 
@@ -178,10 +179,14 @@ def test_history_from_events_uses_metrics_and_the_session_plan():
     assert a.skipped == {}
     [r] = a.history
     assert r == ShardRunRecord(T0 + 2, "smollm2-135m", 3, (20.0, 20.0, 21.0), (6.0, 7.0), 410.0, 80.0, 32,
-                               tuple(plan.memory_bytes), True)
-    # Memory given in the metrics wins over the plan's estimate.
+                               tuple(plan.memory_bytes), True, memory_measured=False)
+    # The plan's memory is the planner's estimate, and the recommendation says so: its decode speed was measured.
+    estimate = a.recommend_shard_count()["estimates"][3]
+    assert estimate["source"] == "measured" and estimate["memory_source"] == "planner"
+    # Memory given in the metrics wins over the plan's estimate, as a reading.
     a = ModelShardingAnalyzer.from_events(_events(plan.as_dict(), metrics | {"memory_bytes_per_shard": [1, 2, 3]}))
-    assert a.history[0].memory_bytes_per_shard == (1, 2, 3)
+    assert a.history[0].memory_bytes_per_shard == (1, 2, 3) and a.history[0].memory_measured
+    assert a.recommend_shard_count()["estimates"][3]["memory_source"] == "measured"
     # A failed generation tied to its session by the plan's op_id.
     a = ModelShardingAnalyzer.from_events(_events(plan.as_dict(), metrics, failed_op=True))
     assert [(r.num_shards, r.success) for r in a.history] == [(3, False)]

@@ -521,6 +521,7 @@ def test_model_sharding_example_recovers_a_shard_mid_generation(ray_local, tmp_p
 
             assert trends["model"] == "smollm2-135m" and trends["by_shards"][2]["successful"] == 2
             assert shard_recommendation["estimates"][2]["source"] == "measured"
+            assert shard_recommendation["estimates"][2]["memory_source"] == "planner"     # estimated, said so
             assert shard_recommendation["recommended_shards"] in shard_recommendation["estimates"]
             assert sharding_manager.get_performance_metrics()["recovered_runs"] == 1
             # The pool's own log holds the same per-shard timings: the analyzer reads them from events too.

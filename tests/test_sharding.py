@@ -150,7 +150,7 @@ def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, capsys):
     assert smollm2["recommended_shards"] in (1, 2, 3), smollm2["reason"]
     for n in ("1", "2", "3"):
         estimate = smollm2["estimates"][n]
-        assert estimate["source"] == "measured" and estimate["runs"] == 1
+        assert estimate["source"] == estimate["memory_source"] == "measured" and estimate["runs"] == 1
     # Measured, not modelled: the browser that ran all 30 layers holds SmolLM2's 517 MB of fp32 weights.
     assert smollm2["estimates"]["1"]["max_shard_memory_bytes"] > 517 << 20
 

@@ -224,7 +224,7 @@ class ModelShardingManager:
                 ts=time.time(), model=self.model_name, num_shards=int(m["shards"]),
                 shard_compute_ms=tuple(m["shard_compute_ms"]), hop_ms=tuple(m["hop_ms"]),
                 prefill_ms=float(m["prefill_ms"]), decode_ms_per_token=float(m["decode_ms_per_token"]),
-                tokens=int(m["tokens"]), memory_bytes_per_shard=memory, success=True))
+                tokens=int(m["tokens"]), memory_bytes_per_shard=memory, success=True, memory_measured=False))
         self.browser_ids = list(out["browser_ids"])
         state = await pool.get_state.remote()
         self._browser_memory_mb = {b: state.resources[b].memory_mb for b in self.browser_ids
