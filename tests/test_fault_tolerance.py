@@ -17,7 +17,7 @@ from standby import warm_standby
 
 from events.errors import BrowserFailure
 from events.state import open_operations
-from sharding.models import minilm
+from sharding.models import llama, llama_onnx, minilm
 from webpool import ResourcePool
 
 # Long enough to be in flight when the fault hits (~1 s on a quiet 2-core machine), well inside the
@@ -347,6 +347,19 @@ def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, refere
     assert out["votes"]["dissenting"] == [bad]
     state = ray.get(pool.get_state.remote())
     assert state.browsers[bad].status == "quarantined"
+    # A generation is voted the same way (tiny-llama: the vote is under test): three voters, one of them the
+    # pool launches in the quarantined one's place; the one that then returns wrong logits is outvoted by its
+    # tokens, quarantined, and the answer is the CPU reference's.
+    model = llama.tiny_llama(seed=0)
+    whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
+    agreed = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=8))
+    expected = llama_onnx.ort_greedy_generate(whole, agreed["prompt_token_ids"], 8)
+    assert agreed["token_ids"] == expected and len(agreed["votes"]["agreeing"]) == 3, agreed["votes"]
+    liar = agreed["votes"]["agreeing"][0]
+    ray.get(pool.inject_fault.remote(liar, "corrupt_output"))
+    out = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=8))
+    assert out["token_ids"] == expected and out["votes"]["dissenting"] == [liar], out["votes"]
+    assert ray.get(pool.get_state.remote()).browsers[liar].status == "quarantined"
     _finish(pool)
 
 

@@ -329,15 +329,22 @@ async function runNow(entry, key, feeds, opts) {
   }
   const fetched = {};
   for (const name of opts.fetch || entry.outputNames) {
-    if (faults.corrupt && outputs[name].type === "float32") corrupt(outputs[name].data);
+    if (faults.corrupt) corrupt(outputs[name].data);
     fetched[name] = fromTensor(outputs[name]);
   }
   return { outputs: fetched, ms: performance.now() - t0 };
 }
 
-// Fault injection: make this browser return wrong numbers (a dissenter for voting tests).
+// Fault injection: make this browser return wrong numbers (a dissenter for voting tests): floats change
+// sign and scale, integers (a generation's top-k token ids) their lowest bit, so ids stay in an even vocabulary.
 function corrupt(data) {
-  for (let i = 0; i < data.length; i++) data[i] = data[i] * -0.5 + 0.01 * ((i * 7919) % 13);
+  if (data instanceof BigInt64Array) {
+    for (let i = 0; i < data.length; i++) data[i] ^= 1n;
+  } else if (data instanceof Float32Array) {
+    for (let i = 0; i < data.length; i++) data[i] = data[i] * -0.5 + 0.01 * ((i * 7919) % 13);
+  } else if (data instanceof Int32Array) {
+    for (let i = 0; i < data.length; i++) data[i] ^= 1;
+  }
 }
 
 export function setCorrupt(on) {
