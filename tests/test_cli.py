@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -242,7 +243,11 @@ def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
     assert "1. all-MiniLM-L6-v2 in browser-" in out and "(tolerance 1e-4)" in out
     assert "spare process (runtime set up, MiniLM loaded) was ready" in out
     assert "2. browser process killed mid-request" in out and "BrowserFailed" in out and "RecoveryCompleted" in out
-    assert "recovered: True" in out
+    assert "recovered: True; the kill hit the request in flight: True" in out
+    assert "OperationFailed" in out, "the log shows the operation the kill cut short"
+    # The shard killed mid-generation is rebuilt by replaying its prefix, not by running the request again.
+    replays = re.search(r"killed after 4 tokens, (\d+) shard rebuilt by prefix replay", out)
+    assert replays and int(replays.group(1)) >= 1, out[-3000:]
     assert "identical to CPU onnxruntime: True" in out
     assert "tokens/s, not counting the" in out, "decode speed and the kill's cost are reported apart"
     assert "recovery statistics" in out and _row(out, "recovery_successes").split("│")[2].strip() != "0"
