@@ -64,10 +64,18 @@ def analysis_document(tracker, location: str, model: str | None, browser_type: s
 
 
 def plot_latency(table, path: Path, title: str, marks: dict[str, list] | None = None) -> int:
-    """PNG of operation latency over time. One colour per browser type (a browser's operations joined by a
-    thin line of its type's colour), so the plot reads the same with 2 browsers or 50; the legend sits
-    outside the axes. Failed operations are red crosses on the time axis; ``marks`` adds the log's browser
-    failures (red lines) and recoveries (green spans, start to end). Returns the operations plotted."""
+    """``latency_figure`` as a PNG at ``path``; returns the operations plotted."""
+    fig = latency_figure(table, title, marks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return table.num_rows
+
+
+def latency_figure(table, title: str, marks: dict[str, list] | None = None):
+    """Operation latency over time. One colour per browser type (a browser's operations joined by a thin
+    line of its type's colour), so the plot reads the same with 2 browsers or 50; the legend sits outside
+    the axes. Failed operations are red crosses on the time axis; ``marks`` adds the log's browser failures
+    (red lines) and recoveries (green spans, start to end)."""
     import numpy as np
     import pyarrow.compute as pc
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
@@ -117,9 +125,7 @@ def plot_latency(table, path: Path, title: str, marks: dict[str, list] | None = 
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return table.num_rows
+    return fig
 
 
 def _trend_rows(analyses: dict[str, dict]) -> list[list]:
