@@ -99,7 +99,8 @@ def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "inference", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_before": os.getloadavg()[0]},
     }
     floor = asyncio.run(floor_minilm(n, text))
 
@@ -126,6 +127,7 @@ def run(quick: bool) -> dict[str, Any]:
         shutil.rmtree(temp, ignore_errors=True)
 
     native = native_decode(gen_model, "The capital of France is", tokens, decode_runs)
+    results["machine"]["load_after"] = os.getloadavg()[0]
     results["minilm"] = {"pool": summary_ms(pool_ms), "floor_in_process": summary_ms(floor)}
     results["minilm"]["overhead_ratio_median"] = results["minilm"]["pool"]["median_ms"] / summary_ms(floor)["median_ms"]
     results["minilm"]["overhead_ratio_p95"] = results["minilm"]["pool"]["p95_ms"] / summary_ms(floor)["p95_ms"]
@@ -145,7 +147,9 @@ def print_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"webpool inference ({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    m = r["machine"]
+    t = Table(title=f"webpool inference ({r['date']}, {m['cpus']} CPUs, load {m['load_before']:.2f}→"
+                    f"{m['load_after']:.2f}{', quick' if r['quick'] else ''})")
     for col in ("measure", "webpool", "baseline", "ratio"):
         t.add_column(col)
     m = r["minilm"]
