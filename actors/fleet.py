@@ -487,9 +487,20 @@ class Fleet:
                                                        category=failure.category.value, error=failure.detail[:500]))
 
     async def retire(self, browser_id: str, reason: str) -> None:
+        if records := self.retirement(browser_id, reason):
+            await self.log.record(*records)
+        self.stop_soon(browser_id)
+
+    def retirement(self, browser_id: str, reason: str) -> list[ev.Event]:
+        """The record retiring ``browser_id`` (none if it is closed already), for a caller that appends it with
+        its own records and then calls ``stop_soon``; ``retire`` does both alone."""
         state = self.log.state.browsers.get(browser_id)
-        if state is not None and state.status not in CLOSED_STATUSES:
-            await self.log.record(ev.BrowserRetired(browser_id=browser_id, reason=reason))
+        if state is None or state.status in CLOSED_STATUSES:
+            return []
+        return [ev.BrowserRetired(browser_id=browser_id, reason=reason)]
+
+    def stop_soon(self, browser_id: str) -> None:
+        """``stop`` in the background (after its retirement is in the log)."""
         self._spawn(self.stop(browser_id))
 
     async def quarantine(self, browser_id: str, reason: str) -> None:

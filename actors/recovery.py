@@ -11,7 +11,9 @@ The steps, each returning the id of the browser now serving the failed one's wor
 - reconnect: re-attach over CDP to the same, still running browser; its page (and models) are kept.
 - restart:   a new browser process under the same id; the models the log says it held are loaded again.
 - failover:  another browser (a warm standby first, then a live one, else a new one) takes the failed
-             browser's models, replayed from the log; the failed browser is retired.
+             browser's models, replayed from the log; the failed browser is retired. When that browser
+             holds every model already, the whole recovery (started, promotion, retirement, step,
+             completed) is one append to the log: the work waiting for it goes on three round trips sooner.
 - parallel:  all three at once; the first success wins. A fast failure does not cancel the others;
              browsers the losers bring up stay in the pool (a restarted or failover browser holding
              the models serves as capacity), failed attempts are cleaned up.
@@ -111,15 +113,22 @@ class RecoveryExecutor:
         attempt = state.failures
         strategy = config.recovery_strategy.value if config.level is not FaultToleranceLevel.LOW else "reconnect"
         t0 = time.perf_counter()
-        await self.log.record(ev.RecoveryStarted(recovery_id=recovery_id, browser_id=browser_id, strategy=strategy,
-                                                 attempt=max(attempt, 1), category=failure.category.value))
+        # Records of this recovery not appended yet: they go with its next append. A failover to a browser that
+        # holds every model already adds its own, so such a recovery is one append, not four round trips.
+        deferred: list[ev.Event] = [ev.RecoveryStarted(recovery_id=recovery_id, browser_id=browser_id,
+                                                       strategy=strategy, attempt=max(attempt, 1),
+                                                       category=failure.category.value)]
         serving: str | None = None
         error: str | None = "no recovery step applies" if not steps else None
         done: list[str] = []
         for step in steps:
             s0 = time.perf_counter()
             try:
-                if step == "parallel":
+                if step != "failover":
+                    await self._append(deferred)          # before any record the step makes itself
+                if step == "failover":
+                    serving = await asyncio.wait_for(self.failover(browser_id, deferred), RECOVERY_STEP_TIMEOUT)
+                elif step == "parallel":
                     serving, winner = await asyncio.wait_for(self._parallel(browser_id), RECOVERY_STEP_TIMEOUT)
                     step = f"parallel:{winner}"
                 else:
@@ -134,15 +143,15 @@ class RecoveryExecutor:
                                                duration_ms=(time.perf_counter() - s0) * 1000, error=error)
             if ok:
                 break
-            await self.log.record(finished)
+            await self._append(deferred, finished)
         else:
             finished = None
         duration_ms = (time.perf_counter() - t0) * 1000
         success = serving is not None
         # The winning step and the completion in one record: the work waiting for them goes on a round trip sooner.
-        await self.log.record(*([finished] if finished is not None else []),
-                              ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
-                                                   replacement=serving, duration_ms=duration_ms))
+        await self._append(deferred, *([finished] if finished is not None else []),
+                           ev.RecoveryCompleted(recovery_id=recovery_id, browser_id=browser_id, success=success,
+                                                replacement=serving, duration_ms=duration_ms))
         if not success and retire_if_not_recovered:
             # Nothing revived it: a failed browser must not linger with a live actor and its processes.
             # Its models stay known through the log; the next request places them elsewhere.
@@ -150,9 +159,18 @@ class RecoveryExecutor:
         return {"success": success, "browser_id": browser_id, "recovery_browser": serving, "strategy": strategy,
                 "steps": done, "duration_ms": duration_ms, "error": error}
 
+    async def _append(self, deferred: list[ev.Event], *events: ev.Event) -> None:
+        """Append ``deferred`` (emptied) and ``events`` in one record; a browser retired among them is stopped
+        once its retirement is in the log."""
+        records, deferred[:] = [*deferred, *events], []
+        if records:
+            await self.log.record(*records)
+        for e in records:
+            if isinstance(e, ev.BrowserRetired):
+                self.fleet.stop_soon(e.browser_id)
+
     async def _step(self, step: str, browser_id: str) -> str:
-        return await {"resume": self.resume, "reconnect": self.reconnect, "restart": self.restart,
-                      "failover": self.failover}[step](browser_id)
+        return await {"resume": self.resume, "reconnect": self.reconnect, "restart": self.restart}[step](browser_id)
 
     # ----- the steps: each returns the id of the browser now serving the failed one's work -----
     async def resume(self, browser_id: str) -> str:
@@ -187,24 +205,37 @@ class RecoveryExecutor:
             for b in browsers_alive(self.log.state) if b.browser_id != browser_id and not b.draining
         ])
 
-    async def _promote(self, target: str) -> None:
+    def _promotion(self, target: str) -> list[ev.Event]:
         """A standby taking over serves traffic from now on (the reconcile loop warms another spare)."""
-        if self.log.state.browsers[target].standby:
-            await self.log.record(ev.BrowserRoleChanged(browser_id=target, standby=False))
+        return [ev.BrowserRoleChanged(browser_id=target, standby=False)] if self.log.state.browsers[target].standby \
+            else []
+
+    async def _promote(self, target: str) -> None:
+        if promotion := self._promotion(target):
+            await self.log.record(*promotion)
 
     async def _load_missing(self, target: str, needed: list[ModelArtifact]) -> None:
         for art in needed:
             await self.fleet.ensure_loaded(target, art)
 
-    async def failover(self, browser_id: str) -> str:
-        """Move the failed browser's models to another browser; retire the failed one."""
+    async def failover(self, browser_id: str, deferred: list[ev.Event] | None = None) -> str:
+        """Move the failed browser's models to another browser; retire the failed one. ``deferred``: the
+        recovery's records not appended yet. A target that holds every model already adds its promotion and the
+        retirement to them (the recovery appends them with its completion); otherwise they are appended first."""
         needed = await self.fleet.artifacts_on(browser_id)
         target = await self._failover_target(browser_id)
+        reason = f"failed over to {target}"
+        if deferred is not None and target is not None and all(a.key in self.fleet.keys_on(target) for a in needed):
+            deferred += [*self._promotion(target), *self.fleet.retirement(browser_id, reason)]
+            return target
+        if deferred:
+            await self._append(deferred)
         if target is None:
             target = await self.fleet.launch(self.log.state.browsers[browser_id].browser_type)
+            reason = f"failed over to {target}"
         await self._promote(target)
         await self._load_missing(target, needed)
-        await self.fleet.retire(browser_id, f"failed over to {target}")
+        await self.fleet.retire(browser_id, reason)
         return target
 
     async def fresh_browser(self, browser_id: str) -> str:
