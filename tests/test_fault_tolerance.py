@@ -407,6 +407,14 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
     events = ray.get(pool.recent_events.remote(500))
     loads_on_standby = [e for e in events if e["action"] == "ModelLoaded" and e["subject"] == standby]
     assert len(loads_on_standby) == 1          # loaded while standby; the failover itself loaded nothing
+    # ... so the whole recovery is one append: started, standby promoted, failed browser retired, step, completed
+    # (consecutive, with the one timestamp an append gets), not a round trip to the log each.
+    start = next(i for i, e in enumerate(events) if e["action"] == "RecoveryStarted"
+                 and e["data"]["browser_id"] == first["browser_id"])
+    recovery = events[start:start + 5]
+    assert [e["action"] for e in recovery] == ["RecoveryStarted", "BrowserRoleChanged", "BrowserRetired",
+                                               "RecoveryStepFinished", "RecoveryCompleted"], recovery
+    assert len({e["timestamp"] for e in recovery}) == 1, recovery
     _finish(pool)
 
 
