@@ -224,18 +224,16 @@ class RecoveryExecutor:
         retirement to them (the recovery appends them with its completion); otherwise they are appended first."""
         needed = await self.fleet.artifacts_on(browser_id)
         target = await self._failover_target(browser_id)
-        reason = f"failed over to {target}"
         if deferred is not None and target is not None and all(a.key in self.fleet.keys_on(target) for a in needed):
-            deferred += [*self._promotion(target), *self.fleet.retirement(browser_id, reason)]
+            deferred += [*self._promotion(target), *self.fleet.retirement(browser_id, f"failed over to {target}")]
             return target
         if deferred:
             await self._append(deferred)
         if target is None:
             target = await self.fleet.launch(self.log.state.browsers[browser_id].browser_type)
-            reason = f"failed over to {target}"
         await self._promote(target)
         await self._load_missing(target, needed)
-        await self.fleet.retire(browser_id, reason)
+        await self.fleet.retire(browser_id, f"failed over to {target}")
         return target
 
     async def fresh_browser(self, browser_id: str) -> str:
