@@ -1,4 +1,4 @@
-"""Chaos: 200+ requests, 16 at a time, over 4 browsers while a seeded random real fault strikes every 4-6 s.
+"""Chaos: 200+ requests, 16 at a time, over 4 browsers while a seeded random real fault strikes every 2.5-4 s.
 
 Every request must return the right embedding (numpy reference); the event log must have no gap
 and every started operation must end; the pool's state must equal a fresh replay of the segment files
@@ -26,7 +26,7 @@ FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_actor", "disconne
 REQUESTS = 208
 WAVE = 16               # in flight at once (4 per browser): each wave waits for its slowest, a recovery
 MIN_FAULTS = 6          # keep sending past REQUESTS until this many faults have struck (quiet machines)...
-FAULTS_WAIT_S = 180.0   # ...for at most this long (faults come every 4-6 s; recoveries from a spare are fast)
+FAULTS_WAIT_S = 180.0   # ...for at most this long (faults come every 2.5-4 s; recoveries from a spare are fast)
 
 
 
@@ -47,7 +47,7 @@ def test_chaos_every_request_correct_no_event_lost_nothing_left(ray_local, tmp_p
     stop = threading.Event()
 
     def chaos() -> None:
-        while not stop.wait(rng.uniform(4.0, 6.0)):
+        while not stop.wait(rng.uniform(2.5, 4.0)):
             health = ray.get(pool.health.remote())   # failures come back as reports, never as errors
             alive = sorted(b for b, h in health.items() if "pids" in h)
             for report in health.values():

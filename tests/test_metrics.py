@@ -1,7 +1,8 @@
 """Every Prometheus metric of the pool (actors/metrics.py), read back from the node's export after a real
-run that moves it: answers and their latency, a busy refusal, outside requests a page attempted, a killed
-browser and its recovery, the live browsers (also while the pool sits idle). (Hedges are read back where a
-real hedge is sent: tests/test_hedging.py.) Each value is checked against what the run did or what the log says."""
+run that moves it: answers and their latency, an operation failed under a killed browser, a busy refusal,
+outside requests a page attempted, a killed browser and its recovery, the live browsers (also while the
+pool sits idle). (Hedges are read back where a real hedge is sent: tests/test_hedging.py.) Each value is
+checked against what the run did or what the log says."""
 
 from __future__ import annotations
 
@@ -38,9 +39,14 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
         browser = out["browser_id"]
         ray.get(pool.inject_fault.remote(browser, "exfiltrate"))
         ray.get(pool.health.remote())                  # the check that finds the page's attempts
+        # The browser is killed under a request: its operation fails (outcome "failed"), and the request is
+        # answered by its rerun after the recovery.
+        ref = pool.infer.remote(MODEL, {"texts": TEXTS * 4})
+        while not ray.get(pool.get_state.remote()).operations:
+            time.sleep(0.01)
         ray.get(pool.inject_fault.remote(browser, "kill_browser"))
-        out = ray.get(pool.infer.remote(MODEL, {"texts": TEXTS}))     # waits for the recovery
-        assert np.abs(out["embedding"] - reference).max() <= 1e-4
+        out = ray.get(ref)
+        assert np.abs(out["embedding"] - np.concatenate([reference] * 4)).max() <= 1e-4 and out["recovered"]
         answered += 1
         # One request admitted at a time: the others sent with it are refused at the door.
         busy = 0
@@ -56,10 +62,12 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
         blocked = sum(e["data"]["count"] for e in events if e["action"] == "PageRequestsBlocked")
         crashes = len([e for e in events if e["action"] == "BrowserFailed" and e["data"]["category"] == "crash"])
         recovered = len([e for e in events if e["action"] == "RecoveryCompleted" and e["data"]["success"]])
-        assert blocked >= 1 and crashes >= 1 and recovered >= 1, (blocked, crashes, recovered)
+        failed = len([e for e in events if e["action"] == "OperationFailed"])
+        assert blocked >= 1 and crashes >= 1 and recovered >= 1 and failed >= 1, (blocked, crashes, recovered, failed)
 
         expected = [      # (metric, its labels besides the pool's, the value the run must have given it)
             ("ray_webpool_requests_total", {"model": MODEL, "outcome": "completed"}, answered),
+            ("ray_webpool_requests_total", {"model": MODEL, "outcome": "failed"}, failed),
             ("ray_webpool_requests_total", {"model": MODEL, "outcome": "busy"}, busy),
             ("ray_webpool_request_latency_ms_count", {"model": MODEL}, answered),
             ("ray_webpool_browser_failures_total", {"category": "crash"}, crashes),
@@ -77,9 +85,9 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
 
         # The live browsers stay in the export while the pool sits idle: Ray's agent drops a gauge that has
         # not been set for two report intervals, so the pool sets it again every interval. Every scrape over
-        # three retention spans of an idle pool shows it (before the refresh it was gone after the first).
+        # two retention spans of an idle pool shows it (before the refresh it was gone after the first).
         interval = report_interval_s()
-        idle_until = time.monotonic() + 3 * 2 * interval
+        idle_until = time.monotonic() + 2 * 2 * interval
         port = export_port()
         while time.monotonic() < idle_until:
             assert total(scrape(port), "ray_webpool_active_browsers", pool=POOL) == 1
