@@ -48,6 +48,7 @@ def test_a_browser_killed_while_starting_is_recovered_and_one_killed_every_time_
         # 2. Every browser dies while starting (the serving one is killed to make the pool start others):
         #    every request, the one in flight at the kill and those sent while the pool tries, ends with the
         #    documented error, and nothing is left running.
+        seq0 = ray.get(pool.get_state.remote()).last_seq
         with BrowserStartKiller(os.getpid()) as killer:
             refs = [pool.infer.remote(MODEL, {"texts": SENTENCES * 8})]      # in flight when its browser dies
             ray.get(pool.inject_fault.remote(out["browser_id"], "kill_browser"))
@@ -67,6 +68,12 @@ def test_a_browser_killed_while_starting_is_recovered_and_one_killed_every_time_
         steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished"]
         errors = [s["error"] for s in steps if not s["success"]]
         assert any("BrowserFailure: " in e and "during start-up" in e for e in errors), errors
+        # Bounded, not a retry loop: the failed browser's recoveries stay within max_recovery_attempts, and
+        # once they are spent each request makes at most one launch of its own before it gets the error.
+        later = [e for e in events if e["seq"] > seq0]
+        recoveries = [e for e in later if e["action"] == "RecoveryStarted"]
+        launches = [e for e in later if e["action"] == "PoolScaled" and e["data"]["direction"] == "up"]
+        assert 1 <= len(recoveries) <= 2 and len(launches) <= len(refs), (recoveries, launches)
 
         # 3. The faults stop: the same pool serves again.
         again = ray.get(pool.infer.remote(MODEL, {"texts": SENTENCES}), timeout=300)
