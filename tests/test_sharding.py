@@ -336,8 +336,8 @@ def test_with_shadows_a_shard_kill_switches_to_the_shadow_with_no_replay(ray_loc
 def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, tmp_path):
     """Level critical with two voters (tiny-llama: the votes, not the model, are under test): greedy and
     seeded-sampled generations are each run by both voters and answered when they agree (the CPU
-    reference's tokens); a sharded one is run by two chains on disjoint browsers; a sharded request
-    whose voters do not fit is refused before it runs."""
+    reference's tokens); a sharded one, greedy and sampled, is run by two chains on disjoint browsers; a
+    sharded request whose voters do not fit is refused before it runs."""
     model = llama.tiny_llama(seed=0)
     whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=60.0,
@@ -356,6 +356,10 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
         opened = [e for e in ray.get(pool.recent_events.remote(2000)) if e["action"] == "SessionOpened"][-2:]
         chains = [{s["browser_id"] for s in e["data"]["plan"]["shards"]} for e in opened]
         assert all(len(c) == 2 for c in chains) and not chains[0] & chains[1], chains   # four browsers, none shared
+        sampled_sharded = ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=12, shards=2,
+                                                       temperature=0.8, top_p=0.9, seed=7))
+        assert sampled_sharded["token_ids"] == sampled["token_ids"], "the seed, not the sharding, decides"
+        assert len(sampled_sharded["votes"]["agreeing"]) == 2
         with pytest.raises(InputError) as refused:
             ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=8, shards=3))
         assert refused.value.field == "shards"
