@@ -35,6 +35,15 @@ def summary_ms(samples_ms: Sequence[float]) -> dict[str, float] | None:
     return None if s is None else {"n": s["n"]} | {f"{k}_ms": v for k, v in s.items() if k != "n"}
 
 
+def load_text(machine: dict[str, Any]) -> str:
+    """", load 1.62→2.51": the 1-minute load average before and after a run, for a table's title ("" if the
+    run did not record it)."""
+    if "load_before" not in machine:
+        return ""
+    after = machine.get("load_after")
+    return f", load {machine['load_before']:.2f}" + ("" if after is None else f"→{after:.2f}")
+
+
 def write_json(result: dict[str, Any], path: Path) -> Path:
     """Write ``result`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

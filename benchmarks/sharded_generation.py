@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.pool_trials import spares_not_ready
-from benchmarks.results import summary, write_results
+from benchmarks.results import load_text, summary, write_results
 from events.state import SessionTokens, browsers_alive
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
@@ -311,7 +311,8 @@ def run(quick: bool, runs: int | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "sharded_generation", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_before": round(os.getloadavg()[0], 2)},     # the 1-minute load average
         "model": model, "prompt": PROMPT, "new_tokens": tokens, "repeats": repeats, "kill_after_tokens": kill_after,
     }
     native = native_runs(model, PROMPT, tokens, repeats)
@@ -356,6 +357,7 @@ def run(quick: bool, runs: int | None = None) -> dict[str, Any]:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
+    results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
     restart = results[BASELINE]["extra_latency_ms"]
     for key, _options, _browsers in FAULT_CONFIGS:
         extra = results[key]["extra_latency_ms"]
@@ -381,7 +383,8 @@ def print_table(r: dict[str, Any]) -> None:
 
     console = Console()
     t = Table(title=f"sharded generation: {r['model']}, {r['new_tokens']} tokens, {r['repeats']} runs "
-                    f"({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+                    f"({r['date']}, {r['machine']['cpus']} CPUs{load_text(r['machine'])}"
+                    f"{', quick' if r['quick'] else ''})")
     for col in ("configuration", "decode tok/s median", "p95", "prefill ms median", "vs native", "same tokens"):
         t.add_column(col)
     nat = r["native_onnxruntime_1_thread"]

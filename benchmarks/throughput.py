@@ -38,7 +38,7 @@ import numpy as np
 
 from actors.constants import DEFAULT_NUM_THREADS
 from benchmarks.browsers_alone import browsers_alone
-from benchmarks.results import results_dir, summary, summary_ms, write_results
+from benchmarks.results import load_text, results_dir, summary, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -324,7 +324,8 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
     results: dict[str, Any] = {
         "benchmark": "throughput_kill" if kill_only else "throughput", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_before": round(os.getloadavg()[0], 2)},     # the 1-minute load average
         "model": MODEL, "tolerance": TOLERANCE, "cells": [],
     }
     temp = Path(tempfile.mkdtemp(prefix="wpbench-", dir="/tmp"))
@@ -352,6 +353,7 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
         if started_ray:
             ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+    results["machine"]["load_after"] = round(os.getloadavg()[0], 2)   # the pools' part (the ceilings follow)
     if kill_only:
         return results
     results["browsers_alone"] = browsers_alone(MODEL, reference, TOLERANCE, browsers_list,
@@ -449,7 +451,8 @@ def print_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"webpool throughput ({r['date']}, {r['machine']['cpus']} CPUs{', quick' if r['quick'] else ''})")
+    t = Table(title=f"webpool throughput ({r['date']}, {r['machine']['cpus']} CPUs{load_text(r['machine'])}"
+                    f"{', quick' if r['quick'] else ''})")
     for col in ("browsers", "rows/req", "clients", "batching", "req/s", "req/s per window (median, p95)", "p50 ms",
                 "p95 ms", "p99 ms", "wrong", "errors"):
         t.add_column(col)

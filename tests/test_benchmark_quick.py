@@ -271,3 +271,11 @@ def test_sharded_generation_tables_count_every_run_and_show_the_slow_tail():
     assert "replay 2; 1/2" in rows[sg.FAULT_LABELS["fault_shadow"]]
     assert "restart and rerun 2; none kept" in rows[sg.FAULT_LABELS[sg.BASELINE]]
     assert rows[sg.FAULT_LABELS[sg.BASELINE]].endswith("| 1000 / 1000 | 1.00x | yes |")
+
+
+def test_a_tables_title_says_the_load_the_run_recorded():
+    from benchmarks.results import load_text
+
+    assert load_text({"cpus": 2, "load_before": 1.5, "load_after": 2.254}) == ", load 1.50→2.25"
+    assert load_text({"cpus": 2, "load_before": 1.5}) == ", load 1.50"
+    assert load_text({"cpus": 2}) == ""          # an older run's JSON: nothing made up

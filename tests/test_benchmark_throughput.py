@@ -17,6 +17,7 @@ def test_quick_throughput_run_answers_everything_correctly(ray_local, tmp_path, 
     written = orjson.loads((tmp_path / "throughput-quick.json").read_bytes())
     assert written["cells"] == orjson.loads(orjson.dumps(r["cells"]))
     assert (tmp_path / "throughput_kill-quick.png").stat().st_size > 1000
+    assert r["machine"]["load_before"] >= 0 and r["machine"]["load_after"] >= 0    # the table says how loaded
     assert {(c["batching"], c["clients"]) for c in r["cells"]} == {(b, n) for b in (False, True) for n in (1, 4)}
     for cell in r["cells"]:
         assert cell["answered"] > 0 and cell["wrong"] == 0 and cell["errors"] == 0, cell
