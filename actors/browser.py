@@ -489,8 +489,11 @@ class BrowserCore:
     async def run(self, key: str, feeds: dict[str, np.ndarray], fetch: list[str] | None = None,
                   state: str | None = None, state_pairs: list[tuple[str, str]] | None = None,
                   initial_state: dict[str, np.ndarray] | None = None,
-                  timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
-        """Run one step of model ``key``; returns {"outputs": {name: array}, "ms": in-page time}."""
+                  timeout: float = RUN_TIMEOUT, standby: bool = False) -> dict[str, Any]:
+        """Run one step of model ``key``; returns {"outputs": {name: array}, "ms": in-page time}. A run on a
+        ``standby`` (a hedge's copy) starts no spare process: a standby is the failover's spare itself, and
+        a spare's start (a Chromium and the models: seconds of CPU) would slow the very requests the copy
+        hedges; it gets one once it serves."""
         opts = {
             "fetch": fetch,
             "state": state,
@@ -501,7 +504,7 @@ class BrowserCore:
         }
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
-        if self.spares is not None:
+        if self.spares is not None and not standby:
             self.spares.tend()
         return {"outputs": {k: decode_tensor(v) for k, v in result["outputs"].items()}, "ms": result["ms"]}
 

@@ -51,6 +51,8 @@ class _Embedding:
     request: validation.EmbeddingRequest
     feeds: dict[str, Any]
     digest: str
+    # The page runs that carried it, in order (its own, a hedge's copy, a rerun after a recovery).
+    runs: list[hedging.PageRun] = dataclasses.field(default_factory=list, compare=False)
 
 
 class Router:
@@ -70,6 +72,7 @@ class Router:
         self._growing: set[asyncio.Future] = set()       # browsers starting for placement (see _grow)
         # Level high: how many slow requests may be hedged.
         self.hedge_budget = hedging.Budget(config.hedge_budget, now=time.monotonic())
+        self._page_runs: dict[str, list[hedging.PageRun]] = {}     # embedding runs in flight, by model
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, self._batch_slots, max_batch_size, batch_wait_ms / 1000, spawn)
@@ -362,21 +365,32 @@ class Router:
 
     async def _hedged(self, art: ModelArtifact, job: _Embedding, run: Callable[[], Awaitable[dict[str, Any]]],
                       on: Callable[[str], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Level high: ``run()`` answers the request; if it has not after ``hedging.delay_ms``, a copy runs
-        ``on`` an idle browser holding the model (budget permitting) and the first answer is the request's.
+        """Level high: ``run()`` answers the request; if it has not once the page run it waits for is slow
+        (``hedging.hedge_at``), a copy runs ``on`` an idle browser holding the model (budget permitting) and
+        the first answer is the request's.
 
         Guarantees: the caller gets one answer, computed in full by one page run of its own inputs (a copy
         is its own operation, never mixed with another run's rows). The run that loses goes on: its
         operation ends in the log as any does, and a browser failure it meets is reported for recovery.
         Both failing raises the first run's error (a BrowserFailure is recovered and retried as always).
         """
-        rows = len(job.request.texts)
-        after_ms = hedging.delay_ms(self._row_ms(art.model), rows)
+        rows, row_ms = len(job.request.texts), self._row_ms(art.model)
+        submitted, seen = time.monotonic(), len(job.runs)
         first = asyncio.ensure_future(run())
-        done, _ = await asyncio.wait({first}, timeout=after_ms / 1000)
-        target = None if done else self._hedge_target(art)
+        while True:
+            # Looked at again whenever the time set comes: the run it waits for may have changed meanwhile
+            # (its own has started, or the one ahead of it has ended).
+            own = job.runs[seen] if len(job.runs) > seen else None
+            at = hedging.hedge_at(submitted, rows, own, self._page_runs.get(art.model, ()), row_ms)
+            if at <= time.monotonic():
+                break
+            done, _ = await asyncio.wait({first}, timeout=at - time.monotonic())
+            if done:
+                return await first
+        target = self._hedge_target(art)
         if target is None or not self.hedge_budget.try_spend(time.monotonic()):
             return await first
+        after_ms = (time.monotonic() - submitted) * 1000
         hedge_id = uuid.uuid4().hex[:12]
         copy = asyncio.ensure_future(on(target))
         runs = (first, copy)
@@ -425,15 +439,32 @@ class Router:
         rows = [len(j.request.texts) for j in jobs]
         total = sum(rows)
 
+        standby = self.log.state.browsers[browser_id].standby      # a hedge's copy (actors/browser.py: run)
+
         async def call(_op_ids: list[str]) -> dict[str, Any]:
             out = await self.fleet.call(browser_id, handle.run.remote(
-                art.key, minilm.join([j.feeds for j in jobs]), fetch=["embedding"], timeout=self.request_timeout))
+                art.key, minilm.join([j.feeds for j in jobs]), fetch=["embedding"], timeout=self.request_timeout,
+                standby=standby))
             batch = {} if len(jobs) == 1 else {"batch_requests": len(jobs), "batch_rows": total,
                                                "batch_page_ms": out["ms"]}
             return {"embedding": out["outputs"]["embedding"], "metrics": batch,
                     "op_metrics": [{"page_ms": out["ms"] * n / total, "rows": n} for n in rows]}
 
-        result = await self._run_ops(browser_id, art.model, "infer", [j.digest for j in jobs], call)
+        running = self._page_runs.setdefault(art.model, [])
+        ahead = any(r.browser_id == browser_id for r in running)
+        run = hedging.PageRun(browser_id, total, None if ahead else time.monotonic())
+        running.append(run)
+        for job in jobs:
+            job.runs.append(run)
+        try:
+            result = await self._run_ops(browser_id, art.model, "infer", [j.digest for j in jobs], call)
+        finally:
+            running.remove(run)
+            # The page takes up the next run waiting in it (they are sent, and run, in order).
+            waiting = next((r for r in running if r.browser_id == browser_id and r.started is None), None)
+            if waiting is not None and not any(r.browser_id == browser_id and r.started is not None
+                                               for r in running):
+                waiting.started = time.monotonic()
         backend = self.log.state.browsers[browser_id].backend
         answers, at = [], 0
         for job, n, own in zip(jobs, rows, result["op_metrics"], strict=True):

@@ -168,7 +168,10 @@ def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_mod
     ref = minilm.reference_embed(SENTENCES)
     try:
         _load(handle, art)
-        # A spare is kept once the browser has served: a load alone (a standby warming up) starts none.
+        # A spare is kept once the browser has served: a load alone (a standby warming up) starts none, nor
+        # does a run on a standby (a hedge's copy).
+        assert ray.get(handle.health.remote())["spare_expected"] is False
+        ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"], standby=True))
         assert ray.get(handle.health.remote())["spare_expected"] is False
         ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))
         spare = _spare_pid(handle, [art.key])

@@ -43,6 +43,25 @@ def test_delay_is_the_p95_of_the_rows_plus_transport_within_floor_and_cap():
     assert hedging.delay_ms([500.0] * 20, 64) == HEDGE_MAX_MS            # cap
 
 
+def test_a_request_is_hedged_once_the_page_run_it_waits_for_is_slow():
+    row_ms = [10.0] * 20                                   # 10 ms a row: a run of r rows is slow after 10r + 30 ms
+    slow_after = [hedging.delay_ms(row_ms, r) / 1000 for r in range(9)]
+    run = hedging.PageRun
+    # Its own run, once its page has taken it up: from then, for that run's rows (a batch's, not its own).
+    mine = run("b1", 8, 100.0)
+    assert hedging.hedge_at(99.0, 1, mine, [mine], row_ms) == pytest.approx(100.0 + slow_after[8])
+    # Sent, but its page is busy with the run ahead: that run decides (a hung one ahead hedges it).
+    queued, ahead, elsewhere = run("b1", 1, None), run("b1", 4, 100.5), run("b2", 2, 100.1)
+    assert hedging.hedge_at(99.0, 1, queued, [elsewhere, ahead, queued], row_ms) == pytest.approx(
+        100.5 + slow_after[4])
+    # Still in the pool's queue: the oldest run of its model anywhere.
+    assert hedging.hedge_at(99.0, 1, None, [ahead, elsewhere, queued], row_ms) == pytest.approx(
+        100.1 + slow_after[2])
+    # Nothing runs (its browser is being placed or launched): its own delay from when it was sent.
+    assert hedging.hedge_at(99.0, 3, None, [], row_ms) == pytest.approx(99.0 + slow_after[3])
+    assert hedging.hedge_at(99.0, 3, queued, [queued], row_ms) == pytest.approx(99.0 + slow_after[3])
+
+
 def test_the_target_is_an_idle_browser_holding_the_model():
     c = hedging.Candidate
     assert hedging.pick_target([]) is None

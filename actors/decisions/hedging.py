@@ -1,8 +1,8 @@
 """Hedged requests: when to send a second copy of a slow request, to which browser, and how many.
 
-A request still unanswered after the time nearly all requests of its size take (the p95 of the model's
-per-row page time, times its rows, plus the transport) is also sent to another browser that holds the
-model and is idle; the first answer wins (Dean & Barroso, "The Tail at Scale"). A hang, or a browser that
+A request whose page run has taken longer than nearly all runs of its size take (the p95 of the model's
+per-row page time, times the run's rows, plus the transport) is also sent to another browser that holds
+the model and is idle; the first answer wins (Dean & Barroso, "The Tail at Scale"). A hang, or a browser that
 died without a signal yet, then costs the caller about one more request time instead of a time budget
 and a recovery. A token bucket bounds the extra load.
 
@@ -38,6 +38,34 @@ def delay_ms(row_ms: Sequence[float], rows: int) -> float:
     if len(row_ms) < HEDGE_MIN_SAMPLES:
         return HEDGE_MAX_MS
     return min(HEDGE_MAX_MS, max(HEDGE_MIN_MS, p95(row_ms) * max(rows, 1) + HEDGE_TRANSPORT_MS))
+
+
+@dataclass(eq=False)
+class PageRun:
+    """A page run in flight on ``browser_id`` with ``rows`` rows. ``started`` (monotonic seconds) is when the
+    page took it up: None while it waits in the page behind another run (a page runs one at a time)."""
+
+    browser_id: str
+    rows: int
+    started: float | None
+
+
+def hedge_at(submitted: float, rows: int, own: PageRun | None, in_flight: Sequence[PageRun],
+             row_ms: Sequence[float]) -> float:
+    """When a request is hedged (monotonic seconds): once the page run it waits for is slow, that is, has run
+    longer than ``delay_ms`` for that run's rows. That is its own run once its page has taken it up; before
+    that, the run its page is busy with (or, still queued in the pool, the oldest run of its model): a hung
+    run ahead holds it up as its own would, and runs that end in time never hedge it, however many wait (a
+    copy would only compete with them for the same cores). With no run at all (its browser being placed or
+    launched), its own delay from when it was submitted. ``in_flight``: the model's runs in flight."""
+    if own is not None and own.started is not None:
+        return own.started + delay_ms(row_ms, own.rows) / 1000
+    busy = [r for r in in_flight if r.started is not None and (own is None or r.browser_id == own.browser_id)]
+    if busy:
+        oldest = min(busy, key=lambda r: r.started or 0.0)
+        assert oldest.started is not None
+        return oldest.started + delay_ms(row_ms, oldest.rows) / 1000
+    return submitted + delay_ms(row_ms, rows) / 1000
 
 
 @dataclass(frozen=True)
