@@ -72,7 +72,7 @@ class Router:
         self._growing: set[asyncio.Future] = set()       # browsers starting for placement (see _grow)
         # Level high: how many slow requests may be hedged.
         self.hedge_budget = hedging.Budget(config.hedge_budget, now=time.monotonic())
-        self._page_runs: dict[str, list[hedging.PageRun]] = {}     # embedding runs in flight, by model
+        self.page_runs = hedging.PageRuns()                # embedding runs in flight (when to hedge)
         # Embedding requests that queue for a model run together (max_batch_size 1: each runs alone).
         self.batcher = None if max_batch_size == 1 else Batcher(
             self._embed_batch, self._batch_slots, max_batch_size, batch_wait_ms / 1000, spawn)
@@ -375,13 +375,13 @@ class Router:
         Both failing raises the first run's error (a BrowserFailure is recovered and retried as always).
         """
         rows, row_ms = len(job.request.texts), self._row_ms(art.model)
-        submitted, seen = time.monotonic(), len(job.runs)
+        submitted, earlier_runs = time.monotonic(), len(job.runs)    # runs of earlier attempts (a retry)
         first = asyncio.ensure_future(run())
         while True:
             # Looked at again whenever the time set comes: the run it waits for may have changed meanwhile
             # (its own has started, or the one ahead of it has ended).
-            own = job.runs[seen] if len(job.runs) > seen else None
-            at = hedging.hedge_at(submitted, rows, own, self._page_runs.get(art.model, ()), row_ms)
+            own = job.runs[earlier_runs] if len(job.runs) > earlier_runs else None
+            at = hedging.hedge_at(submitted, rows, own, self.page_runs.of(art.model), row_ms)
             if at <= time.monotonic():
                 break
             done, _ = await asyncio.wait({first}, timeout=at - time.monotonic())
@@ -450,21 +450,13 @@ class Router:
             return {"embedding": out["outputs"]["embedding"], "metrics": batch,
                     "op_metrics": [{"page_ms": out["ms"] * n / total, "rows": n} for n in rows]}
 
-        running = self._page_runs.setdefault(art.model, [])
-        ahead = any(r.browser_id == browser_id for r in running)
-        run = hedging.PageRun(browser_id, total, None if ahead else time.monotonic())
-        running.append(run)
+        run = self.page_runs.begin(art.model, browser_id, total, time.monotonic())
         for job in jobs:
             job.runs.append(run)
         try:
             result = await self._run_ops(browser_id, art.model, "infer", [j.digest for j in jobs], call)
         finally:
-            running.remove(run)
-            # The page takes up the next run waiting in it (they are sent, and run, in order).
-            waiting = next((r for r in running if r.browser_id == browser_id and r.started is None), None)
-            if waiting is not None and not any(r.browser_id == browser_id and r.started is not None
-                                               for r in running):
-                waiting.started = time.monotonic()
+            self.page_runs.end(art.model, run, time.monotonic())
         backend = self.log.state.browsers[browser_id].backend
         answers, at = [], 0
         for job, n, own in zip(jobs, rows, result["op_metrics"], strict=True):

@@ -62,6 +62,22 @@ def test_a_request_is_hedged_once_the_page_run_it_waits_for_is_slow():
     assert hedging.hedge_at(99.0, 3, queued, [queued], row_ms) == pytest.approx(99.0 + slow_after[3])
 
 
+def test_a_page_takes_up_the_runs_sent_to_it_one_at_a_time_in_order():
+    runs = hedging.PageRuns()
+    a = runs.begin("m", "b1", 4, now=1.0)
+    b = runs.begin("m", "b1", 2, now=1.1)         # behind a in b1's page
+    c = runs.begin("m", "b2", 1, now=1.2)         # another page: taken up at once
+    d = runs.begin("m", "b1", 3, now=1.3)
+    other = runs.begin("n", "b1", 1, now=1.4)     # another model's runs are counted apart
+    assert [(r.started) for r in (a, b, c, d, other)] == [1.0, None, 1.2, None, 1.4]
+    runs.end("m", a, now=2.0)
+    assert (b.started, d.started) == (2.0, None) and list(runs.of("m")) == [b, c, d]
+    runs.end("m", c, now=2.5)
+    assert d.started is None
+    runs.end("m", b, now=3.0)
+    assert d.started == 3.0 and list(runs.of("m")) == [d] and list(runs.of("x")) == []
+
+
 def test_the_target_is_an_idle_browser_holding_the_model():
     c = hedging.Candidate
     assert hedging.pick_target([]) is None

@@ -60,12 +60,38 @@ def hedge_at(submitted: float, rows: int, own: PageRun | None, in_flight: Sequen
     launched), its own delay from when it was submitted. ``in_flight``: the model's runs in flight."""
     if own is not None and own.started is not None:
         return own.started + delay_ms(row_ms, own.rows) / 1000
-    busy = [r for r in in_flight if r.started is not None and (own is None or r.browser_id == own.browser_id)]
+    busy = [(r.started, r.rows) for r in in_flight
+            if r.started is not None and (own is None or r.browser_id == own.browser_id)]
     if busy:
-        oldest = min(busy, key=lambda r: r.started or 0.0)
-        assert oldest.started is not None
-        return oldest.started + delay_ms(row_ms, oldest.rows) / 1000
+        started, run_rows = min(busy)
+        return started + delay_ms(row_ms, run_rows) / 1000
     return submitted + delay_ms(row_ms, rows) / 1000
+
+
+class PageRuns:
+    """The embedding runs in flight, by model: each begins taken up by its page unless another run is ahead
+    of it in that page (a page runs one at a time, in the order they were sent), and its page takes up the
+    next waiting run when it ends. In memory, the router's view of its own calls (not pool state)."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, list[PageRun]] = {}
+
+    def of(self, model: str) -> Sequence[PageRun]:
+        return self._by_model.get(model, ())
+
+    def begin(self, model: str, browser_id: str, rows: int, now: float) -> PageRun:
+        running = self._by_model.setdefault(model, [])
+        ahead = any(r.browser_id == browser_id for r in running)
+        run = PageRun(browser_id, rows, None if ahead else now)
+        running.append(run)
+        return run
+
+    def end(self, model: str, run: PageRun, now: float) -> None:
+        running = self._by_model[model]
+        running.remove(run)
+        same_page = [r for r in running if r.browser_id == run.browser_id]
+        if same_page and all(r.started is None for r in same_page):
+            same_page[0].started = now
 
 
 @dataclass(frozen=True)
