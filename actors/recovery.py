@@ -124,16 +124,16 @@ class RecoveryExecutor:
         for step in steps:
             s0 = time.perf_counter()
             try:
-                if step != "failover":
-                    await self._append(deferred)          # before any record the step makes itself
-                if step == "failover":
+                if step == "failover":                 # appends the deferred records itself, or adds to them
                     serving = await asyncio.wait_for(self.failover(browser_id, deferred), RECOVERY_STEP_TIMEOUT)
-                elif step == "parallel":
-                    serving, winner = await asyncio.wait_for(self._parallel(browser_id), RECOVERY_STEP_TIMEOUT)
-                    step = f"parallel:{winner}"
                 else:
-                    serving = await asyncio.wait_for(self._step(step, browser_id),
-                                                     RESUME_TIMEOUT if step == "resume" else RECOVERY_STEP_TIMEOUT)
+                    await self._append(deferred)       # before any record the step makes itself
+                    if step == "parallel":
+                        serving, winner = await asyncio.wait_for(self._parallel(browser_id), RECOVERY_STEP_TIMEOUT)
+                        step = f"parallel:{winner}"
+                    else:
+                        serving = await asyncio.wait_for(self._step(step, browser_id),
+                                                         RESUME_TIMEOUT if step == "resume" else RECOVERY_STEP_TIMEOUT)
                 ok, error = True, None
             except Exception as exc:   # a failed step is recorded and the plan goes on
                 ok, error = False, describe(exc)
