@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.decisions import adaptive
-from actors.decisions.placement import BrowserView, place
+from actors.decisions.placement import BrowserView, Placement, place
 from events import schema as ev
 from events.fold import apply
 from events.state import PoolState
@@ -100,9 +100,19 @@ def test_placement_prefers_the_browser_expected_to_answer_first():
     # Busy with one, the fast browser still answers first (2 x 40 < 160).
     assert place("k", [view("fast", 1, 40), view("slow", 0, 160)], 2, "chromium").browser_id == "fast"
     assert place("k", [view("fast", 1, 100), view("slow", 0, 160)], 2, "chromium").browser_id == "slow"
-    # A browser whose cost is unknown is tried first (least busy first), so that it gets known.
+    # A browser whose cost is unknown wins a tie, so that its cost gets known (least busy first when no cost
+    # is known at all) ...
     assert place("k", [view("known", 0, 40), view("new", 0, None)], 2, "chromium").browser_id == "new"
     assert place("k", [view("new1", 1, None), view("new2", 0, None)], 2, "chromium").browser_id == "new2"
+    # ... but is expected to cost what its peers do (their median), not nothing: a standby promoted under load
+    # is not sent every request while the others idle.
+    assert place("k", [view("known", 0, 40), view("new", 1, None)], 2, "chromium").browser_id == "known"
+    peers = [view("a", 3, 30), view("b", 0, 100), view("c", 0, 500)]     # expected waits 120, 100, 500
+    assert place("k", [*peers, view("new", 0, None)], 4, "chromium").browser_id == "new"     # 100 (median), tie
+    assert place("k", [*peers, view("new", 1, None)], 4, "chromium").browser_id == "b"       # 200
+    both_busy = [view("known", 1, 40), view("new", 1, None)]           # step 3: the least expected wait, a tie
+    assert place("k", both_busy, 2, "chromium", busy_at=1) == Placement("use", "new")
+    assert place("k", [view("known", 1, 40), view("new", 2, None)], 2, "chromium", busy_at=1).browser_id == "known"
 
 
 def test_the_verdict_follows_the_latest_operations():

@@ -55,8 +55,11 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
 
     1. a browser of the wanted type that already holds it and is not busy (fewer than ``busy_at`` runs on
        it; a batch of requests, which should not queue behind another, uses 1): the one expected to answer
-       first ((in flight + 1) x its expected cost; a browser whose cost is still unknown is tried first,
-       so that it gets known), least busy first when nothing is known;
+       first ((in flight + 1) x its expected cost), least busy first when nothing is known. A browser whose
+       cost is still unknown (new, or a standby just promoted) is expected to cost what its peers holding
+       the model do, and wins a tie, so that its cost gets known; it is not sent everything meanwhile (it
+       was, when an unknown cost counted as none: after a failover under load the promoted standby took
+       every request while the surviving browser idled, and the answers per second halved for ~1 s);
     2. else a new browser, while the pool is below ``max_connections``. With ``grow_meanwhile`` the busy
        holder takes this request (a page queues its runs: ~0.1-1 s) while the new browser starts (~3-8 s);
        else, or with no holder, the request waits for the new browser;
@@ -68,8 +71,14 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
     """
     candidates = [b for b in browsers if b.browser_id not in avoid]
     holding = [b for b in candidates if key in b.models and b.browser_type == browser_type]
-    best = min(holding, key=lambda b: ((b.in_flight + 1) * (b.cost or 0.0), b.in_flight, b.browser_id)) \
-        if holding else None
+    known = sorted(b.cost for b in holding if b.cost is not None)
+    peers_cost = known[len(known) // 2] if known else 0.0
+
+    def expected_wait(b: BrowserView) -> tuple[float, int, bool, str]:
+        cost = peers_cost if b.cost is None else b.cost
+        return (b.in_flight + 1) * cost, b.in_flight, b.cost is not None, b.browser_id
+
+    best = min(holding, key=expected_wait) if holding else None
     if best is not None and best.in_flight < busy_at:
         return Placement("use", best.browser_id)
     if not browsers and launching:
