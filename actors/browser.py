@@ -40,7 +40,7 @@ from playwright.async_api import Browser, CDPSession, Page, Playwright, async_pl
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
-from actors import chromium, logs, reaper
+from actors import chromium, logs, priority, reaper
 from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
@@ -96,20 +96,24 @@ class BrowserCore:
         self.blocked_requests: list[str] = []
         self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.generation = 0                           # browser processes started by this actor
+        self.background = False                       # its processes run in the background (actors/priority.py)
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
         self.work_in_flight = 0                       # model loads and runs under way in the page
         self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
-        self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
+        self._aside_tasks: set[asyncio.Future] = set()   # work beside the caller's (old profiles removed): close waits
         self._last_page_health: dict[str, Any] | None = None
         self._system_cdp: tuple[Browser, CDPSession] | None = None    # process_ids' session, per connection
         self._memory = chromium.MemoryReading()        # the health report's PSS figures, read again when they
         self._spare_memory = chromium.MemoryReading()  # may have moved (a read costs ~25 ms of CPU)
 
     # ----- life cycle -------------------------------------------------------------------------
-    async def start(self) -> dict[str, Any]:
+    async def start(self, background: bool = False) -> dict[str, Any]:
+        """Start the browser; a ``background`` one (a standby) at a lower CPU priority until it first serves
+        (actors/priority.py)."""
         t0 = time.perf_counter()
+        self.background = background and priority.can_restore()
         self.exe = chromium.resolve_browser(self.requested_type)
         self.temp_dir = reaper.new_folder()
         # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
@@ -155,7 +159,8 @@ class BrowserCore:
             self.profile = self.temp_dir / f"profile-{self.generation}"
             # The runtime page opens with the process and starts setting its runtime up (~0.4 s of compiling
             # WebAssembly here) while Playwright's driver is still starting; see _open_page.
-            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile, self._runtime_url())
+            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile, self._runtime_url(),
+                                                                       background=self.background)
             watch_process(self, self.proc)
             if self.relay is None:
                 self.relay = CdpRelay()
@@ -239,6 +244,8 @@ class BrowserCore:
         watch_process(self, self.proc)
         watch_connection(self, self.browser)
         watch_page(self, self.page)
+        if spare.background and not self.background:     # a spare waits in the background; this browser serves
+            priority.to_foreground(self.proc.pid, self.browser_id)
         if old_relay is not None:
             await old_relay.close()
 
@@ -311,14 +318,14 @@ class BrowserCore:
         if self.browser is not None:
             # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s). From
             # here it is not this browser's connection: its late events are ignored (actors/failure_signal.py).
-            self._spawn_cleanup(_close_quietly(self.browser))
+            self._aside(_close_quietly(self.browser))
             self.browser = self.page = self.page_cdp = None
         phases = {"close": time.perf_counter()}
         self.closing = True
         if self.proc is not None:
             await asyncio.to_thread(chromium.terminate, self.proc, 0.5)
         if self.profile is not None:     # removed in the background: nothing waits for it
-            self._spawn_cleanup(asyncio.to_thread(shutil.rmtree, self.profile, True))
+            self._aside(asyncio.to_thread(shutil.rmtree, self.profile, True))
         phases["terminate"] = time.perf_counter()
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
@@ -332,10 +339,11 @@ class BrowserCore:
                               "phases_ms": {name: (b - a) * 1000
                                             for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
 
-    def _spawn_cleanup(self, work: Any) -> None:
+    def _aside(self, work: Any) -> None:
+        """Run ``work`` beside whatever called this; ``close`` waits for it."""
         task = asyncio.ensure_future(work)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._aside_tasks.add(task)
+        task.add_done_callback(self._aside_tasks.discard)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -343,6 +351,7 @@ class BrowserCore:
             "browser_type": self.exe.browser_type if self.exe else self.requested_type,
             "executable": self.exe.path if self.exe else None,
             "pid": self.proc.pid if self.proc else None,
+            "background": self.background,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "backends": list(self.capabilities.get("backends", [])),
             "detail": self.capabilities.get("detail", {}),
@@ -355,8 +364,8 @@ class BrowserCore:
         self.closing = True
         if self.spares is not None:
             await self.spares.close()
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        if self._aside_tasks:
+            await asyncio.gather(*self._aside_tasks, return_exceptions=True)
         if self.pw is None and self._pw_starting is not None:
             try:
                 self.pw = await self._pw_starting       # a start-up that failed before it was needed
@@ -493,7 +502,8 @@ class BrowserCore:
         """Run one step of model ``key``; returns {"outputs": {name: array}, "ms": in-page time}. A run on a
         ``standby`` (a hedge's copy) starts no spare process: a standby is the failover's spare itself, and
         a spare's start (a Chromium and the models: seconds of CPU) would slow the very requests the copy
-        hedges; it gets one once it serves."""
+        hedges; it gets one once it serves. The first run that is not a standby's gives a browser started in
+        the background the normal CPU priority."""
         opts = {
             "fetch": fetch,
             "state": state,
@@ -502,6 +512,11 @@ class BrowserCore:
             "initialState": (None if initial_state is None
                              else {k: encode_tensor(v) for k, v in initial_state.items()}),
         }
+        if self.background and not standby and self.proc is not None:
+            # A standby's first request: it serves from now on. Its threads are moved beside the run (~5 ms of
+            # /proc reads and system calls), not ahead of it.
+            self.background = False
+            self._aside(asyncio.to_thread(priority.to_foreground, self.proc.pid, self.browser_id))
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
         if self.spares is not None and not standby:

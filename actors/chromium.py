@@ -122,15 +122,21 @@ class BrowserExitedError(RuntimeError):
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _child_setup(background: bool) -> Callable[[], None]:
+    def setup() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if background:      # inherited by every process and thread the browser starts (actors/priority.py)
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+    return setup
 
 
-async def launch(exe: BrowserExecutable, user_data_dir: Path,
-                 url: str = "about:blank") -> tuple[subprocess.Popen, int, str]:
-    """Start the browser with ``url`` open in its one tab; returns the process, its DevTools port and the
-    browser's WebSocket path (``/devtools/browser/<id>``), both read from DevToolsActivePort.
+async def launch(exe: BrowserExecutable, user_data_dir: Path, url: str = "about:blank",
+                 background: bool = False) -> tuple[subprocess.Popen, int, str]:
+    """Start the browser with ``url`` open in its one tab (in the ``background``: see actors/priority.py);
+    returns the process, its DevTools port and the browser's WebSocket path (``/devtools/browser/<id>``), both
+    read from DevToolsActivePort.
 
     Must be called from a thread that lives as long as the browser should (the actor's event loop
     thread): PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
@@ -141,7 +147,7 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_child_setup(background),
     )
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
     while time.monotonic() < deadline:
@@ -270,14 +276,16 @@ def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
             proc.wait(timeout=grace)
     # Children exit on their own once the browser is gone, but not at once: do not leave it to chance.
     deadline = time.monotonic() + grace
-    while (left := [c for c in children if _alive(c)]) and time.monotonic() < deadline:
+    while (left := [c for c in children if alive(c)]) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: not gone, and not exited (a zombie, or a leader whose other threads are
+    still being torn down, which ``waitpid`` does not report yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -291,7 +291,7 @@ class Fleet:
                 if prepared is not None:
                     self._end_prepared(prepared)
                 handle = self._new_actor(browser_id, browser_type, nodes, node_id)
-                started = handle.start.remote()
+                started = handle.start.remote(background=standby)
             try:
                 info = await asyncio.wait_for(started, BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 
+from actors import priority
 from actors.browser import BrowserFailure
 from actors.browser_actor import BrowserActor
 from events.errors import InputError
@@ -160,21 +161,38 @@ def _spare_pid(handle, models: list[str], timeout: float = 60.0) -> int:
         time.sleep(0.05)
 
 
+# Where this user may give a thread the normal policy back, work for later runs in the background.
+BACKGROUND = {os.SCHED_IDLE} if priority.can_restore() else {os.SCHED_OTHER}
+
+
+def _until_policies(pid: int, wanted: set[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := priority.policies_of(pid)) != wanted:
+        assert time.monotonic() < deadline, f"threads of {pid}: policies {now}, not {wanted}"
+        time.sleep(0.02)
+
+
 def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_models(ray_local):
+    """Also: a browser started in the background (as a standby is) and its spare run every thread at the idle
+    policy; its first run that is not a standby's, and a restart taking the spare, give them the normal one."""
     handle = BrowserActor.remote("spare-browser", "chromium", 1, spare_process=True)
-    ray.get(handle.start.remote())
+    info = ray.get(handle.start.remote(background=True))
+    assert info["background"] is (BACKGROUND == {os.SCHED_IDLE}) and priority.policies_of(info["pid"]) == BACKGROUND
     [art] = artifacts("all-minilm-l6-v2")
     feeds = minilm.tokenize(SENTENCES)
     ref = minilm.reference_embed(SENTENCES)
     try:
         _load(handle, art)
         # A spare is kept once the browser has served: a load alone (a standby warming up) starts none, nor
-        # does a run on a standby (a hedge's copy).
+        # does a run on a standby (a hedge's copy), which leaves it in the background too.
         assert ray.get(handle.health.remote())["spare_expected"] is False
         ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"], standby=True))
         assert ray.get(handle.health.remote())["spare_expected"] is False
+        assert priority.policies_of(info["pid"]) == BACKGROUND
         ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))
+        _until_policies(info["pid"], {os.SCHED_OTHER})
         spare = _spare_pid(handle, [art.key])
+        assert priority.policies_of(spare) == BACKGROUND
         health = ray.get(handle.health.remote())
         assert health["spare_expected"] is True
         # README: the spare is not counted against memory_limit_mb: its processes are not the browser's
@@ -186,6 +204,7 @@ def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_mod
         ray.get(handle.inject_fault.remote("kill_browser"))
         info = ray.get(handle.restart.remote())
         assert info["from_spare"] is True and info["pid"] == spare
+        assert priority.policies_of(spare) == {os.SCHED_OTHER}          # it serves now
         # The process taken over holds the browser's model (same verified bytes) and nothing else: no
         # generation state, no run has been made in it.
         health = ray.get(handle.health.remote())
@@ -195,11 +214,16 @@ def test_a_restart_takes_the_spare_process_which_holds_only_the_browsers_own_mod
         out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
         assert np.abs(out - ref).max() <= 1e-4
         spare = _spare_pid(handle, [art.key])      # the next spare, for the next restart
-        # A spare that died meanwhile is not taken: the restart launches, serves, and a new spare follows.
+        # A spare that died meanwhile is not taken: the restart launches, serves, and a new spare follows. (Dead,
+        # not only sent SIGKILL: a process in the background policy may take a while to be scheduled to exit.)
         os.kill(spare, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _pids_alive([spare]):
+            assert time.monotonic() < deadline, "the spare never exited"
+            time.sleep(0.01)
         ray.get(handle.inject_fault.remote("kill_browser"))
         info = ray.get(handle.restart.remote())
-        assert info["from_spare"] is False and info["pid"] != spare
+        assert info["from_spare"] is False and info["pid"] != spare, (info, spare)
         assert not _load(handle, art).get("alreadyLoaded")
         out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
         assert np.abs(out - ref).max() <= 1e-4

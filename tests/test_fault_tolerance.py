@@ -8,6 +8,7 @@ numpy reference and the recovery in the event log.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import ray
 from standby import warm_standby
 
+from actors import priority
 from events.errors import BrowserFailure
 from events.state import open_operations
 from sharding.models import llama, llama_onnx, minilm
@@ -401,9 +403,16 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
     [warm_up] = [e for e in ray.get(pool.recent_events.remote(500))
                  if e["action"] == "ModelWarmedUp" and e["subject"] == standby]
     assert warm_up["data"]["rounds"] >= 1, warm_up
+    # The standby was built in the background (actors/priority.py), and serves at the normal priority.
+    standby_pid = ray.get(pool.get_state.remote()).browsers[standby].pid
+    assert priority.policies_of(standby_pid) == ({os.SCHED_IDLE} if priority.can_restore() else {os.SCHED_OTHER})
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
+    deadline = time.monotonic() + 30
+    while priority.policies_of(standby_pid) != {os.SCHED_OTHER}:
+        assert time.monotonic() < deadline, priority.policies_of(standby_pid)
+        time.sleep(0.02)
     events = ray.get(pool.recent_events.remote(500))
     loads_on_standby = [e for e in events if e["action"] == "ModelLoaded" and e["subject"] == standby]
     assert len(loads_on_standby) == 1          # loaded while standby; the failover itself loaded nothing
