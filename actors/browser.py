@@ -97,6 +97,7 @@ class BrowserCore:
         self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.generation = 0                           # browser processes started by this actor
         self.background = False                       # its processes run in the background (actors/priority.py)
+        self._background_ends: asyncio.Future | None = None     # moves them to the normal priority at its cap
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
@@ -109,11 +110,11 @@ class BrowserCore:
         self._spare_memory = chromium.MemoryReading()  # may have moved (a read costs ~25 ms of CPU)
 
     # ----- life cycle -------------------------------------------------------------------------
-    async def start(self, background: bool = False) -> dict[str, Any]:
-        """Start the browser; a ``background`` one (a standby) at a lower CPU priority until it first serves
-        (actors/priority.py)."""
+    async def start(self, background_s: float = 0.0) -> dict[str, Any]:
+        """Start the browser; with ``background_s`` (a standby) in the background (actors/priority.py) until it
+        first serves, or for at most that many seconds after it has started."""
         t0 = time.perf_counter()
-        self.background = background and priority.can_restore()
+        self.background = background_s > 0 and priority.can_restore()
         self.exe = chromium.resolve_browser(self.requested_type)
         self.temp_dir = reaper.new_folder()
         # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
@@ -132,6 +133,8 @@ class BrowserCore:
             await self._launch_browser()
         finally:
             await watching
+        if self.background:
+            self._background_ends = asyncio.ensure_future(self._to_foreground(after_s=background_s))
         ms = (time.perf_counter() - t0) * 1000
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
         return self.info() | {"start_ms": ms}
@@ -244,8 +247,6 @@ class BrowserCore:
         watch_process(self, self.proc)
         watch_connection(self, self.browser)
         watch_page(self, self.page)
-        if spare.background and not self.background:     # a spare waits in the background; this browser serves
-            priority.to_foreground(self.proc.pid, self.browser_id)
         if old_relay is not None:
             await old_relay.close()
 
@@ -339,6 +340,17 @@ class BrowserCore:
                               "phases_ms": {name: (b - a) * 1000
                                             for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
 
+    async def _to_foreground(self, after_s: float = 0.0) -> None:
+        """Give the browser's processes the normal priority, now or ``after_s`` seconds from now (if still in
+        the background then)."""
+        if after_s:
+            await asyncio.sleep(after_s)
+        elif self._background_ends is not None:
+            self._background_ends.cancel()
+        if self.background and self.proc is not None:
+            self.background = False
+            await asyncio.to_thread(priority.to_foreground, self.proc.pid, self.browser_id)
+
     def _aside(self, work: Any) -> None:
         """Run ``work`` beside whatever called this; ``close`` waits for it."""
         task = asyncio.ensure_future(work)
@@ -362,6 +374,8 @@ class BrowserCore:
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""
         self.closing = True
+        if self._background_ends is not None:
+            self._background_ends.cancel()
         if self.spares is not None:
             await self.spares.close()
         if self._aside_tasks:
@@ -512,11 +526,10 @@ class BrowserCore:
             "initialState": (None if initial_state is None
                              else {k: encode_tensor(v) for k, v in initial_state.items()}),
         }
-        if self.background and not standby and self.proc is not None:
+        if self.background and not standby:
             # A standby's first request: it serves from now on. Its threads are moved beside the run (~5 ms of
             # /proc reads and system calls), not ahead of it.
-            self.background = False
-            self._aside(asyncio.to_thread(priority.to_foreground, self.proc.pid, self.browser_id))
+            self._aside(self._to_foreground())
         encoded = {name: encode_tensor(v) for name, v in feeds.items()}
         result = await self._call("run", [key, encoded, opts], timeout, work=True)
         if self.spares is not None and not standby:

@@ -36,8 +36,8 @@ class BrowserActor(BrowserCore):
             return                            # else the watch begins with start()
         self._watch_pool()
 
-    async def start(self, background: bool = False) -> dict[str, Any]:
-        info = await super().start(background)
+    async def start(self, background_s: float = 0.0) -> dict[str, Any]:
+        info = await super().start(background_s)
         self._watch_pool()
         return info
 

@@ -29,6 +29,7 @@ from actors.constants import (
     BROWSER_ACTOR_NAMESPACE,
     BROWSER_ACTOR_PREFIX,
     BROWSER_START_TIMEOUT,
+    STANDBY_BACKGROUND_S,
     STOP_BROWSER_WAIT,
     SUSPECT_NODE_S,
     WARMUP_MAX_S,
@@ -291,7 +292,7 @@ class Fleet:
                 if prepared is not None:
                     self._end_prepared(prepared)
                 handle = self._new_actor(browser_id, browser_type, nodes, node_id)
-                started = handle.start.remote(background=standby)
+                started = handle.start.remote(background_s=STANDBY_BACKGROUND_S if standby else 0.0)
             try:
                 info = await asyncio.wait_for(started, BROWSER_START_TIMEOUT)
             except BaseException:     # also cancelled (pool shutdown): an actor still waiting for a slot

@@ -1,18 +1,18 @@
-"""CPU priority of a browser's processes: work prepared for later yields the cores to work answering now.
+"""CPU priority of a browser's processes: a standby being built yields the cores to the browsers answering now.
 
-A standby (the failover's replacement, built after every failover) and a spare process (a blank Chromium for
-the next restart) cost seconds of CPU each: a launch, a model's session, warm-up runs. Built beside busy
-serving browsers, a standby took about half of the pool's answers for the ~6 s it took (docs/facts.md, "A
-standby rebuilt under load"). So they start in the background: Linux's ``SCHED_IDLE`` policy, which runs a
-thread only on CPU time no other thread wants, and which every process and thread Chromium starts inherits
-(a nice value does not do: Chromium sets its threads' nice values itself). A browser that takes traffic (a
-standby promoted and sent its first request, a spare adopted by a serving browser) is given the normal
-policy again, every thread of every one of its processes.
+A standby (the failover's replacement, built after every failover) costs seconds of CPU: a launch, the
+models' sessions, warm-up runs. Built beside busy serving browsers, it took about half of the pool's answers
+for the ~6 s it took (docs/facts.md, "A standby rebuilt under load"). So it starts in the background: Linux's
+``SCHED_IDLE`` policy, which runs a thread only on CPU time no other thread wants, and which every process and
+thread Chromium starts inherits (a nice value does not do: Chromium sets its threads' nice values itself).
+When it first serves (a failover promoted it and sent it a request), or at the latest ``STANDBY_BACKGROUND_S``
+after its start, every thread of every one of its processes gets the normal policy back: on cores that
+serving keeps fully busy the pool has a standby again within that bound and the standby's own build time.
 
-The price: on cores that serving keeps fully busy a standby is built only as the load leaves time; the
-failover it is for is not needed until then unless a second browser fails. Where the normal policy could not
-be given back (an unprivileged user whose ``RLIMIT_NICE`` does not allow nice 0), nothing is started in the
-background: a promoted standby must not serve below its peers.
+Restart spares (actors/spare.py) are not started in the background: they wait for their browser's quiet
+instead, and a restart needs them soon (a chaos run with faults every few seconds found them not ready).
+Where the normal policy could not be given back (an unprivileged user whose ``RLIMIT_NICE`` does not allow
+nice 0), nothing is started in the background: a promoted standby must not serve below its peers.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 from playwright.async_api import Browser, CDPSession, Page, Playwright
 from playwright.async_api import Error as PlaywrightError
 
-from actors import chromium, priority
+from actors import chromium
 from actors.cdp_relay import CdpRelay
 from actors.constants import (
     LOAD_MODEL_TIMEOUT,
@@ -56,7 +56,6 @@ class SpareProcess:
     proc: subprocess.Popen
     port: int
     ws_path: str
-    background: bool            # started in the background (actors/priority.py): until a browser adopts it
     relay: CdpRelay
     profile: Path
     browser: Browser | None = None
@@ -69,7 +68,7 @@ class SpareProcess:
     crashed: bool = False
 
     def usable(self) -> bool:
-        # alive() too: a process killed in the background policy may linger a while before waitpid sees it exit
+        # alive() too: waitpid does not report a leader whose other threads are still exiting (its stat says Z)
         return (self.proc.poll() is None and chromium.alive(self.proc.pid) and not self.crashed
                 and self.browser is not None and self.browser.is_connected() and self.page is not None
                 and not self.page.is_closed())
@@ -86,12 +85,10 @@ async def start_spare(exe: chromium.BrowserExecutable, pw: Playwright, profile: 
                       load_runtime: Callable[[Page], Awaitable[None]]) -> SpareProcess:
     """Launch, connect, isolate and open the runtime page the way the browser's own process is (``isolate``
     and ``load_runtime`` are BrowserCore's), then set the runtime up and wait for it. On any failure the
-    process is stopped and its folder removed before the error propagates. It runs in the background
-    (actors/priority.py) until a browser adopts it."""
+    process is stopped and its folder removed before the error propagates."""
     t0 = time.perf_counter()
-    background = priority.can_restore()
-    proc, port, ws_path = await chromium.launch(exe, profile, background=background)
-    spare = SpareProcess(proc, port, ws_path, background, CdpRelay(), profile)
+    proc, port, ws_path = await chromium.launch(exe, profile)
+    spare = SpareProcess(proc, port, ws_path, CdpRelay(), profile)
     try:
         await spare.relay.start(port)
         spare.browser = await pw.chromium.connect_over_cdp(f"ws://127.0.0.1:{spare.relay.port}{ws_path}")
