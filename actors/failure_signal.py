@@ -41,8 +41,9 @@ class FailureSignal:
         self._came = asyncio.Event()
         self.checks: set[asyncio.Future] = set()     # lost connections being classified (held: not collected)
 
-    def fail(self, category: FailureCategory, detail: str) -> None:
-        """Record a failure signal; the first one wins and is reported once."""
+    def fail(self, category: FailureCategory, detail: str, exited_pid: int | None = None) -> None:
+        """Record a failure signal; the first one wins and is reported once. ``exited_pid``: the browser process
+        whose exit this is (the pool then knows without asking whether the failure is still this browser's)."""
         if self.failure is not None:
             return
         self.failure = (category, detail)
@@ -50,7 +51,7 @@ class FailureSignal:
         log.warning("browser failed", extra={"browser_id": self.browser_id, "category": category.value,
                                              "detail": detail})
         if self.reporter is not None:
-            self.reporter.browser_failed.remote(self.browser_id, category.value, detail)
+            self.reporter.browser_failed.remote(self.browser_id, category.value, detail, exited_pid)
 
     def clear(self) -> None:
         """A recovery step revived the browser: the next failure is a new one."""
@@ -97,7 +98,7 @@ def watch_process(core: SignalledBrowser, proc: subprocess.Popen) -> None:
     """The exit of ``proc`` is a CRASH of ``core``, while it is ``core``'s process and ``core`` is not closing it."""
     def exited() -> None:
         if proc is core.proc and not core.closing:
-            core.signal.fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})")
+            core.signal.fail(FailureCategory.CRASH, f"browser process exited ({proc.poll()})", proc.pid)
 
     _when_exited(proc, exited)
 
@@ -130,7 +131,7 @@ async def _classify_disconnect(core: SignalledBrowser, proc: subprocess.Popen | 
         return
     if proc is None or proc.poll() is not None:
         code = None if proc is None else proc.returncode
-        core.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})")
+        core.signal.fail(FailureCategory.CRASH, f"browser process exited ({code})", None if proc is None else proc.pid)
         return
     if await devtools_answers(core.port):
         if proc is core.proc:

@@ -363,21 +363,28 @@ class PoolCore:
         return await self.reconciler.report(BrowserFailure(browser_id, category, detail), config,
                                             retire_if_not_recovered=strategy != RecoveryStrategy.RECONNECT.value)
 
-    async def browser_failed(self, browser_id: str, category: str, detail: str) -> None:
+    async def browser_failed(self, browser_id: str, category: str, detail: str,
+                             exited_pid: int | None = None) -> None:
         """A browser actor saw its browser fail (process exit, page crash, lost connection): recovered now,
         not when the next request or health check meets the dead browser. Ignored at level none (a failure
         is then the error of the request that meets it, for its caller to handle), when the pool knows of
         the failure already (the browser is not alive in the log), when an open generation session uses
-        the browser (the session handles its shards' failures), and when a recovery revived it since."""
+        the browser (the session handles its shards' failures), and when a recovery revived it since: the exit
+        of the process the log says the browser runs (``exited_pid``) is final, anything else is asked of the
+        browser actor (a round trip, ~5-10 ms on a busy machine, in which requests still went to the dead
+        browser)."""
         await self._ensure_log()
         state = self.state.browsers.get(browser_id)
         if not self.ft.recovers or self._closed or state is None or state.status not in ALIVE_STATUSES \
                 or in_open_session(self.state, browser_id) or not self.fleet.has_handle(browser_id):
             return
-        try:
-            now = await self.fleet.call(browser_id, self.fleet.handle(browser_id).current_failure.remote())
-        except (ray.exceptions.RayActorError, ActorUnreachable):
-            now = (category, detail)         # its actor died since: still failed
+        if exited_pid is not None and exited_pid == state.pid:
+            now: tuple[str, str] | None = (category, detail)
+        else:
+            try:
+                now = await self.fleet.call(browser_id, self.fleet.handle(browser_id).current_failure.remote())
+            except (ray.exceptions.RayActorError, ActorUnreachable):
+                now = (category, detail)         # its actor died since: still failed
         if now is not None:
             self.reconciler.report_soon(BrowserFailure(browser_id, FailureCategory(now[0]), now[1]))
 

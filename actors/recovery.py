@@ -224,6 +224,8 @@ class RecoveryExecutor:
         retirement to them (the recovery appends them with its completion); otherwise they are appended first."""
         needed = await self.fleet.artifacts_on(browser_id)
         target = await self._failover_target(browser_id)
+        if target is not None and self.log.state.browsers[target].standby:
+            self.fleet.serving_soon(target)
         if deferred is not None and target is not None and all(a.key in self.fleet.keys_on(target) for a in needed):
             deferred += [*self._promotion(target), *self.fleet.retirement(browser_id, f"failed over to {target}")]
             return target
