@@ -103,7 +103,7 @@ class BrowserCore:
         self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
         self.work_in_flight = 0                       # model loads and runs under way in the page
         self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
-        self._aside_tasks: set[asyncio.Future] = set()   # work beside the caller's (old profiles removed): close waits
+        self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
         self._last_page_health: dict[str, Any] | None = None
         self._system_cdp: tuple[Browser, CDPSession] | None = None    # process_ids' session, per connection
         self._memory = chromium.MemoryReading()        # the health report's PSS figures, read again when they
@@ -134,7 +134,7 @@ class BrowserCore:
         finally:
             await watching
         if self.background:
-            self._background_ends = asyncio.ensure_future(self._to_foreground(after_s=background_s))
+            self._background_ends = asyncio.ensure_future(self.leave_background(after_s=background_s))
         ms = (time.perf_counter() - t0) * 1000
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
         return self.info() | {"start_ms": ms}
@@ -319,14 +319,14 @@ class BrowserCore:
         if self.browser is not None:
             # Closed in the background (a dead connection takes 20-150 ms to close, a hung one up to 2 s). From
             # here it is not this browser's connection: its late events are ignored (actors/failure_signal.py).
-            self._aside(_close_quietly(self.browser))
+            self._spawn_cleanup(_close_quietly(self.browser))
             self.browser = self.page = self.page_cdp = None
         phases = {"close": time.perf_counter()}
         self.closing = True
         if self.proc is not None:
             await asyncio.to_thread(chromium.terminate, self.proc, 0.5)
         if self.profile is not None:     # removed in the background: nothing waits for it
-            self._aside(asyncio.to_thread(shutil.rmtree, self.profile, True))
+            self._spawn_cleanup(asyncio.to_thread(shutil.rmtree, self.profile, True))
         phases["terminate"] = time.perf_counter()
         # No process until the new one runs: a check meanwhile must not read the old one's exit as a crash.
         self.proc = None
@@ -340,13 +340,9 @@ class BrowserCore:
                               "phases_ms": {name: (b - a) * 1000
                                             for name, a, b in zip(phases, marks[:-1], marks[1:], strict=True)}}
 
-    async def leave_background(self) -> None:
-        """Give the browser's processes the normal priority (a standby about to serve; ~5 ms for ~110 threads)."""
-        await self._to_foreground()
-
-    async def _to_foreground(self, after_s: float = 0.0) -> None:
-        """Give the browser's processes the normal priority, now or ``after_s`` seconds from now (if still in
-        the background then)."""
+    async def leave_background(self, after_s: float = 0.0) -> None:
+        """Give the browser's processes the normal priority (~5 ms for ~110 threads): now (a standby about to
+        serve), or ``after_s`` seconds from now if still in the background then (its bound)."""
         if after_s:
             await asyncio.sleep(after_s)
         elif self._background_ends is not None:
@@ -355,11 +351,10 @@ class BrowserCore:
             self.background = False
             await asyncio.to_thread(priority.to_foreground, self.proc.pid, self.browser_id)
 
-    def _aside(self, work: Any) -> None:
-        """Run ``work`` beside whatever called this; ``close`` waits for it."""
+    def _spawn_cleanup(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
-        self._aside_tasks.add(task)
-        task.add_done_callback(self._aside_tasks.discard)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -382,8 +377,8 @@ class BrowserCore:
             self._background_ends.cancel()
         if self.spares is not None:
             await self.spares.close()
-        if self._aside_tasks:
-            await asyncio.gather(*self._aside_tasks, return_exceptions=True)
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         if self.pw is None and self._pw_starting is not None:
             try:
                 self.pw = await self._pw_starting       # a start-up that failed before it was needed
