@@ -5,8 +5,9 @@ models' sessions, warm-up runs. Built beside busy serving browsers, it took abou
 for the ~6 s it took (docs/facts.md, "A standby rebuilt under load"). So it starts in the background: Linux's
 ``SCHED_IDLE`` policy, which runs a thread only on CPU time no other thread wants, and which every process and
 thread Chromium starts inherits (a nice value does not do: Chromium sets its threads' nice values itself).
-When it first serves (a failover promoted it and sent it a request), or at the latest ``STANDBY_BACKGROUND_S``
-after its start, every thread of every one of its processes gets the normal policy back: on cores that
+When a failover picks it (``Fleet.serving_soon``, while the log records the promotion; else its first request
+that is not a hedge's copy), or at the latest ``STANDBY_BACKGROUND_S`` after its start, every thread of every
+one of its processes gets the normal policy back: on cores that
 serving keeps fully busy the pool has a standby again within that bound and the standby's own build time.
 
 Restart spares (actors/spare.py) are not started in the background: they wait for their browser's quiet
