@@ -1,9 +1,9 @@
 """Real faults in real browsers, hitting a request in flight; the request still returns the right answer.
 
-Each case starts a pool at level medium with one recovery strategy, sends a batch request long
-enough to be in flight, injects a real fault (page crash, process kills, hang, dropped CDP
-connection, memory exhaustion, killed actor) while it runs, and checks the answer against the
-numpy reference and the recovery in the event log.
+Each case takes a pool at level medium with one recovery strategy (started for it, or left settled by the case
+before it that asked for the same configuration: ``SharedPools``), sends a batch request long enough to be in
+flight, injects a real fault (page crash, process kills, hang, dropped CDP connection, memory exhaustion, killed
+actor) while it runs, and checks the answer against the numpy reference and the recovery in the event log.
 """
 
 from __future__ import annotations
@@ -37,17 +37,65 @@ def reference():
     return minilm.reference_embed(TEXTS)
 
 
-def _pool(tmp_path, strategy: str, level: str = "medium", **options):
+class SharedPools:
+    """Pools shared by the cases that ask for the same configuration: one start (~4 s and ~5 CPU-s here) instead
+    of one per case. A case gets its pool only if the case before left it settled (no operation open, no
+    recovery under way, every browser serving or retired); otherwise that pool is shut down and a fresh one
+    started. Cases on a shared pool look only at what happened after they began (``seq``), never at totals."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.pools: dict[tuple, ray.actor.ActorHandle] = {}
+
+    def get(self, strategy: str, level: str, options: dict) -> ray.actor.ActorHandle:
+        key = (strategy, level, tuple(sorted(options.items())))
+        pool = self.pools.get(key)
+        if pool is not None and not _settled(ray.get(pool.get_state.remote())):
+            self.pools.pop(key)
+            _shut_down(pool)
+            pool = None
+        if pool is None:
+            pool = ResourcePool.remote(max_connections=2, event_log=str(self.folder / f"events-{len(self.pools)}-"
+                                                                        f"{strategy}-{level}"),
+                                       health_interval=0.5,
+                                       fault_tolerance={"level": level, "recovery_strategy": strategy}, **options)
+            self.pools[key] = pool
+        return pool
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            state = ray.get(pool.get_state.remote())
+            _shut_down(pool)
+            assert open_operations(state) == [], "every started operation ends completed or failed"
+
+
+def _settled(state) -> bool:
+    return (not open_operations(state) and not state.recoveries
+            and all(b.status in ("launched", "connected", "retired") for b in state.browsers.values()))
+
+
+def _shut_down(pool) -> None:
+    ray.get(pool.shutdown.remote())
+    ray.kill(pool)
+
+
+@pytest.fixture(scope="module")
+def pools(ray_local, tmp_path_factory):
+    shared = SharedPools(tmp_path_factory.mktemp("fault-pools"))
+    yield shared
+    shared.close()
+
+
+def _pool(pools: SharedPools, strategy: str, level: str = "medium", **options):
+    """A pool of this configuration (shared with the other cases of it, see SharedPools), warm: the model is loaded
+    on a browser before the fault; returns it and that browser."""
     # No spare process (actors/spare.py): each fault here meets the request sent right after the warm-up, before
     # a spare could be ready (one starts after 0.5 s without work), so a restart here is a cold one either way
     # and a spare would only burn the machine's two cores. A restart from the spare is proven by
     # tests/test_browser_actor.py and the demo's test; the chaos tests run with spares on.
     options.setdefault("spare_process", False)
     options.setdefault("request_timeout", REQUEST_TIMEOUT)
-    pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
-                               health_interval=0.5,
-                               fault_tolerance={"level": level, "recovery_strategy": strategy}, **options)
-    # Warm: the model is loaded on one browser before the fault.
+    pool = pools.get(strategy, level, options)
     first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "warm up"}))
     return pool, first["browser_id"]
 
@@ -63,12 +111,23 @@ def _wait_in_flight(pool, timeout: float = 30.0) -> str:
 
 
 def _finish(pool) -> dict:
+    """The state and statistics of a pool of the case's own, then shut down."""
     state = ray.get(pool.get_state.remote())
     stats = ray.get(pool.get_recovery_statistics.remote())
-    ray.get(pool.shutdown.remote())
-    ray.kill(pool)
+    _shut_down(pool)
     assert open_operations(state) == [], "every started operation ends completed or failed"
     return {"state": state, "stats": stats}
+
+
+def _since(pool, seq: int) -> list[dict]:
+    """The pool's events after ``seq``, once no operation is open (every started one ended)."""
+    state = ray.get(pool.get_state.remote())
+    assert open_operations(state) == [], "every started operation ends completed or failed"
+    return [e for e in ray.get(pool.recent_events.remote(10_000)) if e["seq"] > seq]
+
+
+def _last_seq(pool) -> int:
+    return ray.get(pool.get_state.remote()).last_seq
 
 
 # Each fault kind at least once and each strategy at least once, where it applies (the full matrix
@@ -100,11 +159,11 @@ STRIKES_IN_FLIGHT = {"kill_browser", "kill_renderer", "kill_actor", "disconnect"
 
 
 @pytest.mark.parametrize(("strategy", "fault"), CASES)
-def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strategy, fault):
-    pool, browser_id = _pool(tmp_path, strategy,
-                             request_timeout=HANG_REQUEST_TIMEOUT if fault == "hang" else REQUEST_TIMEOUT)
+def test_request_in_flight_survives_fault(pools, reference, strategy, fault):
+    pool, _ = _pool(pools, strategy, request_timeout=HANG_REQUEST_TIMEOUT if fault == "hang" else REQUEST_TIMEOUT)
+    seq, stats_before = _last_seq(pool), ray.get(pool.get_recovery_statistics.remote())
     ref = pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS})
-    assert _wait_in_flight(pool) == browser_id, "the request runs on the browser the fault strikes"
+    browser_id = _wait_in_flight(pool)          # the fault strikes the browser running the request
     ray.get(pool.inject_fault.remote(browser_id, fault))
     out = ray.get(ref, timeout=120)
     assert np.abs(out["embedding"] - reference).max() <= 1e-4
@@ -116,10 +175,10 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     # the fault and recovers (the log must show it).
     after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
-    events = ray.get(pool.recent_events.remote(10_000))
-    done = _finish(pool)
-    stats = done["stats"]
-    assert stats["recovery_attempts"] >= 1 and stats["recovery_successes"] >= 1
+    events = _since(pool, seq)
+    stats = ray.get(pool.get_recovery_statistics.remote())
+    assert stats["recovery_attempts"] > stats_before["recovery_attempts"]
+    assert stats["recovery_successes"] > stats_before["recovery_successes"]
     # The first failure of the faulted browser is read as the fault's category, from its signal...
     failed = [e["data"] for e in events if e["action"] == "BrowserFailed" and e["subject"] == browser_id]
     assert failed and failed[0]["category"] == CATEGORY_OF[fault], failed
@@ -132,7 +191,8 @@ def test_request_in_flight_survives_fault(ray_local, tmp_path, reference, strate
     # A hang ended by its budget leaves the page usable: it is resumed in place, whatever the strategy.
     assert len(won) == 1 and won[0] in ({"resume"} if fault == "hang" else STEPS_OF[strategy]), steps
     if won[0] == "failover":       # the failed browser is retired, its work moved to another
-        assert done["state"].browsers[browser_id].status == "retired", done["state"].browsers[browser_id]
+        retired = ray.get(pool.get_state.remote()).browsers[browser_id]
+        assert retired.status == "retired", retired
 
 
 def test_a_browser_that_dies_idle_is_recovered_on_its_own_signal(ray_local, tmp_path, reference):
@@ -232,21 +292,23 @@ def test_at_level_low_an_idle_browsers_dropped_connection_is_revived_at_once_and
     assert done["state"].browsers[browser_id].status in ("failed", "retired")
 
 
-def test_reconnect_keeps_page_state_and_models(ray_local, tmp_path, reference):
+def test_reconnect_keeps_page_state_and_models(pools, reference):
     """After a dropped CDP connection, reconnect finds the same page with the model still loaded."""
-    pool, browser_id = _pool(tmp_path, "reconnect")
+    pool, browser_id = _pool(pools, "reconnect")
+    seq = _last_seq(pool)
     ray.get(pool.inject_fault.remote(browser_id, "disconnect"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    done = _finish(pool)
-    assert done["state"].metrics.get("models_loaded") == 1     # nothing was loaded again
+    events = _since(pool, seq)
+    assert [e for e in events if e["action"] == "BrowserFailed"], "the fault was seen"
+    assert not [e for e in events if e["action"] == "ModelLoaded"], "nothing was loaded again"
 
 
-def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_elsewhere(ray_local, tmp_path,
-                                                                                          reference):
+def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_elsewhere(pools, reference):
     """The health loop finds a killed browser and restarts it (~1.5 s with the model reload); a request
     arriving meanwhile is served by the restarted browser, not by a second one launched for it."""
-    pool, browser_id = _pool(tmp_path, "restart")
+    pool, browser_id = _pool(pools, "restart")
+    seq, successes = _last_seq(pool), ray.get(pool.get_recovery_statistics.remote())["recovery_successes"]
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     deadline = time.monotonic() + 30
     while not ray.get(pool.get_state.remote()).recoveries:
@@ -256,13 +318,13 @@ def test_a_request_during_a_recovery_waits_for_it_instead_of_loading_the_model_e
     assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
     # spare_process=False overrides the default (on where a restart is the likely step, as here): no spare.
     assert ray.get(pool.health.remote())[browser_id]["spare_expected"] is False
-    done = _finish(pool)
-    assert set(done["state"].browsers) == {browser_id}, "no second browser was launched"
-    assert done["state"].metrics.get("recovery_successes", 0) >= 1
+    launched = {e["subject"] for e in _since(pool, seq) if e["action"] == "BrowserLaunched"}
+    assert launched == {browser_id}, "restarted in place; no second browser was launched"
+    assert ray.get(pool.get_recovery_statistics.remote())["recovery_successes"] > successes
 
 
-def test_level_none_reports_the_error(ray_local, tmp_path):
-    pool, browser_id = _pool(tmp_path, "progressive", level="none", spare_process=True)
+def test_level_none_reports_the_error(pools):
+    pool, browser_id = _pool(pools, "progressive", level="none", spare_process=True)
     # spare_process=True overrides the default (off at level none): the browser that served keeps a spare.
     assert ray.get(pool.health.remote())[browser_id]["spare_expected"] is True
     ray.get(pool.inject_fault.remote(browser_id, "crash_page"))
@@ -270,27 +332,28 @@ def test_level_none_reports_the_error(ray_local, tmp_path):
     with pytest.raises(BrowserFailure) as err:
         ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": "x"}))
     assert err.value.category.value == "crash"
-    _finish(pool)
+    _since(pool, 0)
 
 
-def test_reconnect_cannot_revive_a_killed_browser_and_says_so(ray_local, tmp_path, reference):
+def test_reconnect_cannot_revive_a_killed_browser_and_says_so(pools, reference):
     """Reconnect has nothing to attach to: the recovery fails (recorded), the browser stays failed,
     and new requests are served by a newly placed browser."""
-    pool, browser_id = _pool(tmp_path, "reconnect")
+    pool, browser_id = _pool(pools, "reconnect")
+    failures = ray.get(pool.get_recovery_statistics.remote())["recovery_failures"]
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] != browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    done = _finish(pool)
-    assert done["stats"]["recovery_failures"] >= 1
-    assert done["state"].browsers[browser_id].status in ("failed", "retired")
+    _since(pool, 0)
+    assert ray.get(pool.get_recovery_statistics.remote())["recovery_failures"] > failures
+    assert ray.get(pool.get_state.remote()).browsers[browser_id].status in ("failed", "retired")
 
 
-def test_an_explicit_reconnect_that_fails_leaves_the_browser_for_the_callers_restart(ray_local, tmp_path, reference):
+def test_an_explicit_reconnect_that_fails_leaves_the_browser_for_the_callers_restart(pools, reference):
     """The guide's progressive strategy escalates by itself (reconnect, then restart): a failed explicit
     reconnect leaves the browser failed, not retired, so the restart that follows revives it in place.
     (Level none: the pool recovers nothing by itself, not even on the browser's own report of its death, so
     the caller's escalation is the only one; at level low the pool's own reconnect races it.)"""
-    pool, browser_id = _pool(tmp_path, "reconnect", level="none")
+    pool, browser_id = _pool(pools, "reconnect", level="none")
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
     first = ray.get(pool.recover_browser.remote(browser_id, "connection", "test", strategy="reconnect"))
     assert not first["success"] and first["steps"] == ["reconnect"]
@@ -299,41 +362,44 @@ def test_an_explicit_reconnect_that_fails_leaves_the_browser_for_the_callers_res
     assert second["success"] and second["steps"] == ["restart"] and second["recovery_browser"] == browser_id
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == browser_id and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    _finish(pool)
+    _since(pool, 0)
 
 
-def test_memory_ceiling_is_detected_and_recovered(ray_local, tmp_path, reference):
-    pool, browser_id = _pool(tmp_path, "progressive", memory_limit_mb=1500)
+def test_memory_ceiling_is_detected_and_recovered(pools, reference):
+    pool, browser_id = _pool(pools, "progressive", memory_limit_mb=1500)
+    seq = _last_seq(pool)
     ray.get(pool.inject_fault.remote(browser_id, "exhaust_memory", mb=1200))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        state = ray.get(pool.get_state.remote())
-        if state.metrics.get("browser_failures.memory") and state.metrics.get("recovery_successes"):
+        events = [e for e in ray.get(pool.recent_events.remote(1000)) if e["seq"] > seq]
+        failed = [e for e in events if e["action"] == "BrowserFailed" and e["data"]["category"] == "memory"]
+        if failed and [e for e in events if e["action"] == "RecoveryCompleted" and e["data"]["success"]]:
             break
         time.sleep(0.2)
     else:
-        raise AssertionError(f"memory failure not recovered: {dict(state.metrics)}")
+        raise AssertionError(f"memory failure not recovered: {[(e['action'], e['data']) for e in events]}")
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    _finish(pool)
+    _since(pool, seq)
 
 
-def test_parallel_wins_when_reconnect_fails_fast(ray_local, tmp_path, reference):
+def test_parallel_wins_when_reconnect_fails_fast(pools, reference):
     """A crashed page: reconnect fails at once, a fresh or existing browser wins; nothing is cancelled."""
-    pool, browser_id = _pool(tmp_path, "parallel")
+    pool, browser_id = _pool(pools, "parallel")
+    seq = _last_seq(pool)
     ray.get(pool.inject_fault.remote(browser_id, "crash_page"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:     # the request or the health check triggered the recovery
-        events = ray.get(pool.recent_events.remote(300))
+        events = [e for e in ray.get(pool.recent_events.remote(300)) if e["seq"] > seq]
         steps = [e["data"] for e in events if e["action"] == "RecoveryStepFinished"]
         if any(s["success"] for s in steps):
             break
         time.sleep(0.2)
     winning = [s for s in steps if s["success"]]
     assert winning and winning[0]["step"] in ("parallel:restart", "parallel:failover"), steps
-    _finish(pool)
+    _since(pool, seq)
 
 
 def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, reference):
@@ -365,12 +431,12 @@ def test_critical_level_outvotes_a_corrupted_browser(ray_local, tmp_path, refere
     _finish(pool)
 
 
-def test_parallel_keeps_a_losing_fresh_browser_as_the_standby(ray_local, tmp_path, reference):
+def test_parallel_keeps_a_losing_fresh_browser_as_the_standby(pools, reference):
     """Level high, parallel, a browser SIGKILLed: reconnect fails, the warm standby (the failover attempt) wins,
     and the fresh browser launched beside it, ready later, is not thrown away: it becomes the pool's standby in
     place of the one that took over (README: "a losing fresh browser stays as a spare"), so no other browser
     is launched for that role, and none is retired as not needed."""
-    pool, browser_id = _pool(tmp_path, "parallel", level="high")      # one standby, as by default
+    pool, browser_id = _pool(pools, "parallel", level="high")      # one standby, as by default
     standby = warm_standby(pool)
     seq = ray.get(pool.get_state.remote()).last_seq
     ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
@@ -390,7 +456,7 @@ def test_parallel_keeps_a_losing_fresh_browser_as_the_standby(ray_local, tmp_pat
     assert launched == [fresh], (launched, fresh, trace)         # the fresh browser, and no other
     retired = {e["subject"]: e["data"]["reason"] for e in events if e["action"] == "BrowserRetired"}
     assert fresh not in retired and browser_id in retired, retired
-    _finish(pool)
+    _since(pool, seq)
 
 
 def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference):
