@@ -71,7 +71,7 @@ STATE_LOG_OPEN_WAIT = 30.0         # a restarted pool waits this long for its de
 DEFAULT_MAX_QUEUED_REQUESTS = 256
 # ...and rows (texts) admitted at once: 64-text requests weigh 64 times a single sentence.
 DEFAULT_MAX_QUEUED_ROWS = 4096
-ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: the rows ahead at this window's answer rate
+ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: rows ahead at this window's rate while busy
 # Dynamic batching of embedding requests (actors/batching.py): rows per page run, and how long a free
 # browser waits for a batch to fill. A request arriving at an idle pool waits at most this long.
 DEFAULT_MAX_BATCH_SIZE = 32

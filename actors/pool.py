@@ -80,22 +80,42 @@ TASK_FAMILIES = ("text_embedding", "text_generation")
 
 
 class _AnswerRate:
-    """Rows answered per second over the last ``ANSWER_RATE_WINDOW_S``: what a refused client's retry
-    hint is computed from (an observation of this process, like the admitted counts; not pool state)."""
+    """Rows answered per second of the time the pool had work (a request admitted), over the last
+    ``ANSWER_RATE_WINDOW_S``: what a refused client's retry hint is computed from (an observation of this
+    process, like the admitted counts; not pool state). Idle time is left out: a burst after a quiet spell
+    would otherwise be promised the quiet spell's rate (100 rows answered in 0.5 s, then 4 s idle, read as
+    22 rows/s instead of 200)."""
 
     def __init__(self) -> None:
         self._answers: collections.deque[tuple[float, int]] = collections.deque()
+        self._busy: collections.deque[tuple[float, float]] = collections.deque()     # ended busy stretches
+        self._busy_since: float | None = None
+
+    def work_began(self) -> None:
+        """The first request was admitted into an idle pool."""
+        self._busy_since = time.monotonic()
+
+    def work_ended(self) -> None:
+        """The last admitted request left."""
+        if self._busy_since is not None:
+            self._busy.append((self._busy_since, time.monotonic()))
+            self._busy_since = None
 
     def add(self, rows: int) -> None:
         self._answers.append((time.monotonic(), rows))
 
     def rows_per_s(self) -> float | None:
         now = time.monotonic()
-        while self._answers and self._answers[0][0] < now - ANSWER_RATE_WINDOW_S:
+        start = now - ANSWER_RATE_WINDOW_S
+        while self._answers and self._answers[0][0] < start:
             self._answers.popleft()
+        while self._busy and self._busy[0][1] < start:
+            self._busy.popleft()
         if not self._answers:
             return None
-        return sum(rows for _, rows in self._answers) / max(now - self._answers[0][0], 0.1)
+        stretches = [*self._busy, *([(self._busy_since, now)] if self._busy_since is not None else [])]
+        busy_s = sum(end - max(begin, start) for begin, end in stretches)
+        return sum(rows for _, rows in self._answers) / max(busy_s, 0.1)
 
 
 def _own_handle() -> Any:
@@ -236,7 +256,7 @@ class PoolCore:
     async def _admission(self, model: str, rows: int) -> AsyncIterator[None]:
         """Admit a request of ``rows`` rows, or refuse it with PoolBusyError when ``max_queued_requests``
         requests, or ``max_queued_rows`` rows with it, are in (a request alone is always admitted). The
-        error says when to retry: the rows ahead at the pool's recent answer rate.
+        error says when to retry: the rows ahead at the pool's recent answer rate (``_AnswerRate``).
 
         The check and the count happen with no await between them, so the bounds are exact.
         """
@@ -253,6 +273,8 @@ class PoolCore:
             raise PoolBusyError(f"pool busy: {admitted} requests ({admitted_rows} rows) in progress "
                                 f"(max_queued_requests={self.max_queued_requests}, max_queued_rows="
                                 f"{self.max_queued_rows}); retry in {retry:.2f} s", retry_after_s=retry)
+        if not self._admitted:
+            self._answer_rate.work_began()
         self._admitted += 1
         self._admitted_rows += rows
         self._no_requests.clear()
@@ -263,6 +285,7 @@ class PoolCore:
             self._admitted -= 1
             self._admitted_rows -= rows
             if not self._admitted:
+                self._answer_rate.work_ended()
                 self._no_requests.set()
 
     async def _until_no_requests(self, timeout: float) -> bool:

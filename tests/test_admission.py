@@ -140,7 +140,7 @@ def test_a_bad_spare_process_option_is_a_typed_error():
 
 
 def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
-    """README: ``retry_after_s`` is the rows ahead at the last 5 s answer rate, within [0.05 s, 30 s]; a second
+    """README: ``retry_after_s`` is the rows ahead at the recent answer rate, within [0.05 s, 30 s]; a second
     before any answer."""
     from actors.decisions.batching import retry_after_s
 
@@ -149,9 +149,10 @@ def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
     assert retry_after_s(100, None) == 1.0 and retry_after_s(100, 0.0) == 1.0
 
 
-def test_the_retry_hints_answer_rate_counts_the_last_window_only(monkeypatch):
-    """README: a refused client's hint is the rows ahead at the pool's answer rate of the last 5 s
-    (``ANSWER_RATE_WINDOW_S``). Pure logic on a stepped clock."""
+def test_the_retry_hints_answer_rate_counts_the_busy_time_of_the_last_window_only(monkeypatch):
+    """README: a refused client's hint is the rows ahead at the rate the pool answered rows while it had work,
+    over the last 5 s (``ANSWER_RATE_WINDOW_S``): time with no request admitted does not count. Pure logic on a
+    stepped clock."""
     from actors import pool as pool_module
     from actors.constants import ANSWER_RATE_WINDOW_S
 
@@ -159,12 +160,23 @@ def test_the_retry_hints_answer_rate_counts_the_last_window_only(monkeypatch):
     monkeypatch.setattr(pool_module.time, "monotonic", lambda: now[0])
     rate = pool_module._AnswerRate()
     assert rate.rows_per_s() is None                        # nothing answered yet: no rate to promise
-    rate.add(100)
-    now[0] += 2.0
+    rate.work_began()
+    now[0] += 0.5
+    rate.add(100)                                           # 100 rows in 0.5 s of work
+    rate.work_ended()
+    now[0] += 2.0                                           # idle: not counted
+    rate.work_began()
+    now[0] += 0.25
     rate.add(20)
-    now[0] += 2.0
-    assert rate.rows_per_s() == pytest.approx(120 / 4.0)    # both inside the window
-    now[0] += ANSWER_RATE_WINDOW_S - 4.0 + 0.5              # the first answer is now older than the window
-    assert rate.rows_per_s() == pytest.approx(20 / (ANSWER_RATE_WINDOW_S - 2.0 + 0.5))
+    assert rate.rows_per_s() == pytest.approx(120 / 0.75)  # both inside the window, still busy
+    rate.work_ended()
+    now[0] += 1.0
+    assert rate.rows_per_s() == pytest.approx(120 / 0.75)  # an idle second changes nothing
+    now[0] = 1000.5 + ANSWER_RATE_WINDOW_S + 0.1             # the first answer and its work are now older
+    assert rate.rows_per_s() == pytest.approx(20 / 0.25)
+    rate.work_began()
+    now[0] += 0.05
+    assert rate.rows_per_s() == pytest.approx(20 / 0.3)    # the stretch under way counts as it goes
+    rate.work_ended()
     now[0] += ANSWER_RATE_WINDOW_S
     assert rate.rows_per_s() is None                        # a quiet pool's old rate is not promised
