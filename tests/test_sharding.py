@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from events.errors import InputError
+from events.errors import InputError, NoMajorityError
 from events.state import SessionTokens, open_operations
 from sharding.coordinator import ShardStage, after_promotions, generate_tokens
 from sharding.models import llama, llama_onnx
@@ -337,7 +337,8 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
     """Level critical with two voters (tiny-llama: the votes, not the model, are under test): greedy and
     seeded-sampled generations are each run by both voters and answered when they agree (the CPU
     reference's tokens); a sharded one, greedy and sampled, is run by two chains on disjoint browsers; a
-    sharded request whose voters do not fit is refused before it runs."""
+    sharded request whose voters do not fit is refused before it runs; and two chains that disagree (one
+    shard corrupted) give no answer but the typed NoMajorityError."""
     model = llama.tiny_llama(seed=0)
     whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
     pool = ResourcePool.remote(max_connections=4, event_log=str(tmp_path / "events"), request_timeout=60.0,
@@ -363,6 +364,19 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
         with pytest.raises(InputError) as refused:
             ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=8, shards=3))
         assert refused.value.field == "shards"
+        # A voter whose second shard returns wrong numbers: two voters that disagree have no majority, so the
+        # request fails with the typed error and no answer (a guess between them would be a coin toss).
+        liar = opened[0]["data"]["plan"]["shards"][1]["browser_id"]
+        ray.get(pool.inject_fault.remote(liar, "corrupt_output"))
+        seq = ray.get(pool.get_state.remote()).last_seq
+        with pytest.raises(NoMajorityError, match="no majority of 2 voters"):
+            ray.get(pool.generate.remote("tiny-llama", "hello votes", max_new_tokens=12, shards=2))
+        state = ray.get(pool.get_state.remote())
+        assert open_operations(state) == [] and not [b for b in state.browsers.values() if b.status == "quarantined"]
+        sessions = [e for e in ray.get(pool.recent_events.remote(2000)) if e["seq"] > seq
+                    and e["action"] == "SessionOpened"]
+        assert any(s["browser_id"] == liar for e in sessions for s in e["data"]["plan"]["shards"]), \
+            "the corrupted browser ran in the vote"
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
