@@ -30,13 +30,13 @@ def is_browser_main_process(pid: int) -> bool:
 
 
 class BrowserStartKiller:
-    """SIGKILLs every browser main process that appears below ``root`` (this test process: its Ray and
-    every browser the pool starts) after it was created, as soon as it is seen (polled every ~2 ms,
-    well inside a start-up), up to ``limit`` kills (None: until stopped). Victims are picked by PID
-    from /proc, never by name."""
+    """SIGKILLs (or sends ``sig``: SIGSTOP freezes it) every browser main process that appears below ``root``
+    (this test process: its Ray and every browser the pool starts) after it was created, as soon as it is seen
+    (polled every ~2 ms, well inside a start-up), up to ``limit`` kills (None: until stopped). Victims are
+    picked by PID from /proc, never by name; ``killed`` lists them."""
 
-    def __init__(self, root: int, limit: int | None = None) -> None:
-        self.root, self.limit = root, limit
+    def __init__(self, root: int, limit: int | None = None, sig: signal.Signals = signal.SIGKILL) -> None:
+        self.root, self.limit, self.sig = root, limit, sig
         self.killed: list[int] = []
         self._before = {p for p in descendants(root) if is_browser_main_process(p)}
         self._stop = threading.Event()
@@ -60,7 +60,7 @@ class BrowserStartKiller:
                     return
                 if is_browser_main_process(pid):
                     try:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, self.sig)
                         self.killed.append(pid)
                     except ProcessLookupError:
                         pass

@@ -7,15 +7,19 @@ port. Answers are checked against the numpy reference.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 
 import numpy as np
 import pytest
 import ray
 from procs import BrowserStartKiller, is_browser_main_process
 
+from actors import chromium
+from actors.browser import BrowserCore
 from actors.chromium import descendants
-from events.errors import NoBrowserAvailableError
+from events.errors import BrowserFailure, FailureCategory, NoBrowserAvailableError
 from events.state import browsers_alive, open_operations
 from sharding.models import minilm
 from webpool import ResourcePool
@@ -82,3 +86,26 @@ def test_a_browser_killed_while_starting_is_recovered_and_one_killed_every_time_
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+
+
+def test_a_browser_that_never_opens_its_devtools_port_is_a_start_up_timeout(monkeypatch):
+    """A start-up that runs out of time is a TIMEOUT BrowserFailure, from the budget that ran out, and leaves no
+    process behind. Real: the browser's main process is frozen (SIGSTOP) as soon as it appears, before it writes
+    its DevTools port. In-process BrowserCore, so the port's wait can be cut to 1 s (15 s in a pool)."""
+    monkeypatch.setattr(chromium, "DEVTOOLS_PORT_WAIT", 1.0)
+    before = _browser_processes()
+    core = BrowserCore("frozen-at-start")
+
+    async def start_then_close() -> None:
+        try:
+            await core.start()
+        finally:
+            await core.close()
+
+    with BrowserStartKiller(os.getpid(), limit=1, sig=signal.SIGSTOP) as stopper:
+        with pytest.raises(BrowserFailure) as failure:
+            asyncio.run(start_then_close())
+    assert len(stopper.killed) == 1, "the browser was frozen as it started"
+    assert failure.value.category is FailureCategory.TIMEOUT, failure.value
+    assert "start-up ran out of time" in str(failure.value) and "DevTools port" in str(failure.value), failure.value
+    assert _browser_processes() - before == set(), "the frozen browser was ended"
