@@ -245,7 +245,10 @@ def kill_timeline(rate: np.ndarray, killed_at: float, bin_s: float) -> dict[str,
     ramp), the dip (from the kill to the end of the last bin under half that rate that follows it without a
     second of recovery between), the mean rate in the first 2 s after the kill and in the rest of the run,
     each over the mean rate before (the pool also replaces its standby then, on the same cores), and the
-    bins with no answer after the kill."""
+    bins with no answer after the kill; and the service the kill cost, as seconds of the rate before: each bin
+    after the kill short of that rate adds its shortfall (``lost_s``: a bin with no answer adds its whole
+    length, one at half the rate half of it). Unlike the dip, whose end is one bin crossing a threshold, it
+    counts a shallow, long slowdown too and moves little with one bin's noise."""
     k = int(killed_at / bin_s)
     before = rate[int(1.0 / bin_s):k]
     steady = float(np.median(before)) if len(before) else 0.0
@@ -261,8 +264,9 @@ def kill_timeline(rate: np.ndarray, killed_at: float, bin_s: float) -> dict[str,
     def ratio(part: np.ndarray) -> float | None:
         return float(part.mean() / mean_before) if len(part) and mean_before > 0 else None
 
+    lost_s = float((np.clip(1.0 - rate[k:] / mean_before, 0.0, 1.0) * bin_s).sum()) if mean_before > 0 else None
     return {"steady_answers_per_s": steady, "dip_s": dip_bins * bin_s, "early_rate_ratio": ratio(early),
-            "late_rate_ratio": ratio(late), "empty_bins_after": int((rate[k:] == 0).sum())}
+            "late_rate_ratio": ratio(late), "empty_bins_after": int((rate[k:] == 0).sum()), "lost_s": lost_s}
 
 
 def kill_runs(reference: dict[str, np.ndarray], runs: int, seconds: float, kill_at: float, warm_s: float,
@@ -279,7 +283,7 @@ def kill_runs(reference: dict[str, np.ndarray], runs: int, seconds: float, kill_
     return {"runs": done, "answered": sum(r["answered"] for r in done), "wrong": sum(r["wrong"] for r in done),
             "errors": sum(r["errors"] for r in done), "dip_s": summary(dips), "shown": order[(runs - 1) // 2],
             **{key: summary([r[key] for r in done if r[key] is not None])
-               for key in ("early_rate_ratio", "late_rate_ratio", "empty_bins_after")}}
+               for key in ("early_rate_ratio", "late_rate_ratio", "empty_bins_after", "lost_s")}}
 
 
 def _warm(pool: Any, browsers: int, seconds: float, standby: int = 0) -> None:
@@ -432,14 +436,16 @@ def plot_kill(kills: dict[str, Any], path: Path) -> Path:
     ax.axhline(kill["steady_answers_per_s"], color="#7f7f7f", linestyle=":", label="steady (median before)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("answers per second")
+    ax.set_ylim(bottom=0)              # a rate read against zero: a dip looks as deep as it is
     runs = len(kills["runs"])
     # None when no run lasted AFTER_KILL_EARLY_S past its kill (a quick run on a slow machine): said, not faked
     late = "n/a" if kills["late_rate_ratio"] is None else f"{kills['late_rate_ratio']['median']:.2f}x"
+    lost = "n/a" if not kills.get("lost_s") else f"{kills['lost_s']['median']:.2f} s"
     ax.set_title(f"16 clients, 2 browsers, level high: run {kills['shown'] + 1} of {runs} (median dip), dip "
                  f"{kill['dip_s']:.2f} s\nall runs: {kills['answered']} answered, {kills['wrong']} wrong, "
                  f"{kills['errors']} errors; dip median {kills['dip_s']['median']:.2f} s, p95 "
                  f"{kills['dip_s']['p95']:.2f} s\nfrom {AFTER_KILL_EARLY_S:.0f} s after the kill: {late} the rate "
-                 "before (a new standby starts)", fontsize=8)
+                 f"before (a new standby starts); service lost, median: {lost} of the rate before", fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +483,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"kill runs: {len(kills['runs'])}, {kills['answered']} answered, {kills['wrong']} wrong, "
           f"{kills['errors']} errors; dip (s): {kills['dip_s']}; answers/s over before, first "
           f"{AFTER_KILL_EARLY_S:.0f} s after: {kills['early_rate_ratio']}, rest: {kills['late_rate_ratio']}; "
-          f"empty bins after: {kills['empty_bins_after']}")
+          f"empty bins after: {kills['empty_bins_after']}; service lost (s of the rate before): {kills['lost_s']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -54,6 +54,8 @@ def test_kill_timeline_dip_and_rates():
     assert t["early_rate_ratio"] == pytest.approx((20 + 6 * 80) / 8 / 80)
     assert t["late_rate_ratio"] == pytest.approx(7 * 40 / 8 / 80)
     assert t["empty_bins_after"] == 2
+    # Each bin after the kill adds its shortfall from the mean rate before (80): 2 empty bins, one at 20, seven at 40.
+    assert t["lost_s"] == pytest.approx(0.25 * (2 + 0.75 + 7 * 0.5))
     assert throughput.kill_timeline(np.zeros(8), killed_at=1.0, bin_s=0.25)["late_rate_ratio"] is None
 
 
