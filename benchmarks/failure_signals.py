@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -25,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import summary_ms, write_results
+from benchmarks.results import ended, machine, summary_ms, write_results
 from events.errors import BrowserFailure
 from webpool.helptext import plain
 
@@ -100,7 +98,7 @@ async def run(trials: int) -> dict[str, Any]:
     [art] = artifacts("all-minilm-l6-v2")
     data = np.fromfile(art.path, np.uint8)
     core = BrowserCore("signals-bench")
-    load0 = os.getloadavg()[0]
+    started_on = machine()
     cells: list[dict[str, Any]] = []
     await core.start()
     try:
@@ -119,8 +117,7 @@ async def run(trials: int) -> dict[str, Any]:
     return {
         "benchmark": "failure_signals",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_before": load0, "load_after": os.getloadavg()[0]},
+        "machine": ended(started_on),
         "trials_per_cell": trials,
         "poll_resolution_ms": SIGNAL_POLL_S * 1000,
         "cells": cells,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -24,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import summary_ms, write_results
+from benchmarks.results import ended, load_text, machine, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -99,8 +97,7 @@ def run(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "inference", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_before": os.getloadavg()[0]},
+        "machine": machine(),
     }
     floor = asyncio.run(floor_minilm(n, text))
 
@@ -127,7 +124,7 @@ def run(quick: bool) -> dict[str, Any]:
         shutil.rmtree(temp, ignore_errors=True)
 
     native = native_decode(gen_model, "The capital of France is", tokens, decode_runs)
-    results["machine"]["load_after"] = os.getloadavg()[0]
+    ended(results["machine"])
     results["minilm"] = {"pool": summary_ms(pool_ms), "floor_in_process": summary_ms(floor)}
     results["minilm"]["overhead_ratio_median"] = results["minilm"]["pool"]["median_ms"] / summary_ms(floor)["median_ms"]
     results["minilm"]["overhead_ratio_p95"] = results["minilm"]["pool"]["p95_ms"] / summary_ms(floor)["p95_ms"]
@@ -148,8 +145,7 @@ def print_table(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     m = r["machine"]
-    t = Table(title=f"webpool inference ({r['date']}, {m['cpus']} CPUs, load {m['load_before']:.2f}→"
-                    f"{m['load_after']:.2f}{', quick' if r['quick'] else ''})")
+    t = Table(title=f"webpool inference ({r['date']}, {m['cpus']} CPUs{load_text(m)}{', quick' if r['quick'] else ''})")
     for col in ("measure", "webpool", "baseline", "ratio"):
         t.add_column(col)
     m = r["minilm"]

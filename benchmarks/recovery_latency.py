@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import platform
 import secrets
 import shutil
 import tempfile
@@ -84,7 +83,7 @@ from benchmarks.recovery_common import (
     ratio,
 )
 from benchmarks.recovery_report import markdown, print_tables, write_chart
-from benchmarks.results import results_dir, summary_ms, write_json
+from benchmarks.results import ended, machine, results_dir, summary_ms, write_json
 from benchmarks.vanished_node import run_vanished_node, vanished_node_line
 from events.errors import InputError
 from webpool.helptext import plain
@@ -191,8 +190,7 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
     r: dict[str, Any] = {
         "benchmark": "recovery_latency", "quick": cfg.quick, "complete": False,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_1m_before": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
         "duration_s": None, "phases": {},
         "config": dataclasses.asdict(cfg) | {"model": MODEL, "tolerance": TOLERANCE,
                                              "max_connections": 1, "standby_browsers_at_high": 1},
@@ -265,7 +263,7 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
 
             ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    r["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    ended(r["machine"])
     r["duration_s"] = round(time.perf_counter() - t_run, 1)
     r["complete"] = True
     return r

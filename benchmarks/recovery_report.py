@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from benchmarks.recovery_common import _fmt
+from benchmarks.results import load_text
 from benchmarks.vanished_node import vanished_node_line
 
 
@@ -21,8 +22,8 @@ def print_tables(r: dict[str, Any]) -> None:
     if not console.is_terminal:     # a log file or CI: do not squeeze the tables into 80 columns
         console = Console(width=200)
     m = r["machine"]
-    t = Table(title=f"Recovery latency, median / p95 ms ({r['date']}, {m['cpus']} CPUs, load "
-                    f"{m['load_average_1m_before']}→{m['load_average_1m_after']}{', quick' if r['quick'] else ''})")
+    t = Table(title=f"Recovery latency, median / p95 ms ({r['date']}, {m['cpus']} CPUs{load_text(m)}"
+                    f"{', quick' if r['quick'] else ''})")
     for col in ("fault", "strategy", "level", "n", "detect", "recover", "time to result", "TTR - request",
                 "rerun starts", "vs careful Ray actor", "outcomes / note"):
         t.add_column(col)
@@ -137,8 +138,8 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(faults)), faults, rotation=20)
     ax.set_ylabel("time to result, ms (median; whisker to p95)")
     m = r["machine"]
-    ax.set_title(f"webpool: fault -> correct answer ({r['date'][:16]}, {m['cpus']} CPUs, load "
-                 f"{m['load_average_1m_before']}{', quick' if r['quick'] else ''})", fontsize=10)
+    ax.set_title(f"webpool: fault -> correct answer ({r['date'][:16]}, {m['cpus']} CPUs{load_text(m)}"
+                 f"{', quick' if r['quick'] else ''})", fontsize=10)
     # Below the axes: inside, it covered the first groups' "never" marks.
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
@@ -161,8 +162,8 @@ def markdown(r: dict[str, Any]) -> str:
     """The results as the README shows them: time to result per (fault, strategy, level), medians and p95,
     the Ray baseline, and the overhead ratios; with the date, the machine and its load."""
     m = r["machine"]
-    lines = [f"Recovery latency, {r['date'][:16]} UTC, {m['cpus']} CPUs ({m['platform']}), load "
-             f"{m['load_average_1m_before']}→{m['load_average_1m_after']}, {r['config']['trials']} trial(s) per case"
+    lines = [f"Recovery latency, {r['date'][:16]} UTC, {m['cpus']} CPUs ({m['platform']}){load_text(m)}, "
+             f"{r['config']['trials']} trial(s) per case"
              f"{', quick' if r['quick'] else ''}; all answers checked against the numpy reference "
              f"(max abs error ≤ {r['config']['tolerance']:g}).", "",
              "| fault | strategy | level | time to result p50 / p95 ms | beyond the request p50 ms "

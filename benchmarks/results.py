@@ -7,6 +7,7 @@ writes, so a caller (a test, the CLI) can redirect them without touching module 
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,19 @@ def summary_ms(samples_ms: Sequence[float]) -> dict[str, float] | None:
     """``summary`` of a sample of milliseconds, its keys named with the unit (``median_ms``, ...)."""
     s = summary(samples_ms)
     return None if s is None else {"n": s["n"]} | {f"{k}_ms": v for k, v in s.items() if k != "n"}
+
+
+def machine() -> dict[str, Any]:
+    """The machine a run is on, with its 1-minute load average as the run begins (``load_before``); ``ended``
+    adds it as the run ends. On a shared machine the load is what makes two runs' numbers comparable or not."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_before": round(os.getloadavg()[0], 2)}
+
+
+def ended(machine: dict[str, Any]) -> dict[str, Any]:
+    """``machine`` with the load average as the run ends (``load_after``)."""
+    machine["load_after"] = round(os.getloadavg()[0], 2)
+    return machine
 
 
 def load_text(machine: dict[str, Any]) -> str:

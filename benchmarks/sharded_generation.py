@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -47,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.pool_trials import spares_not_ready
-from benchmarks.results import load_text, summary, write_results
+from benchmarks.results import ended, load_text, machine, summary, write_results
 from events.state import SessionTokens, browsers_alive
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
@@ -311,8 +309,7 @@ def run(quick: bool, runs: int | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "sharded_generation", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_before": round(os.getloadavg()[0], 2)},     # the 1-minute load average
+        "machine": machine(),
         "model": model, "prompt": PROMPT, "new_tokens": tokens, "repeats": repeats, "kill_after_tokens": kill_after,
     }
     native = native_runs(model, PROMPT, tokens, repeats)
@@ -357,7 +354,7 @@ def run(quick: bool, runs: int | None = None) -> dict[str, Any]:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
-    results["machine"]["load_after"] = round(os.getloadavg()[0], 2)
+    ended(results["machine"])
     restart = results[BASELINE]["extra_latency_ms"]
     for key, _options, _browsers in FAULT_CONFIGS:
         extra = results[key]["extra_latency_ms"]

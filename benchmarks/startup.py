@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -32,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import results_dir, summary_ms, write_results
+from benchmarks.results import ended, machine, results_dir, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -284,11 +282,10 @@ def _row(cell: dict[str, Any]) -> str:
 def run(trials: int, quick: bool, smollm2: bool = True) -> dict[str, Any]:
     import ray
 
-    load0 = os.getloadavg()[0]
     result: dict[str, Any] = {
         "benchmark": "startup", "quick": quick,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "trials_per_cell": trials, "tolerance": TOLERANCE, "cells": [],
     }
     cells = result["cells"]
@@ -321,7 +318,7 @@ def run(trials: int, quick: bool, smollm2: bool = True) -> dict[str, Any]:
     result["floors"]["minilm_session_create"] = summary_ms(
         [r["create_ms"] for c in cells if c["case"] == "restart_minilm" and not c["spare"] for r in c["trials"]
          if "create_ms" in r])
-    result["machine"]["load_before"], result["machine"]["load_after"] = load0, os.getloadavg()[0]
+    ended(result["machine"])
     return result
 
 

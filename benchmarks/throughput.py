@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -38,7 +37,7 @@ import numpy as np
 
 from actors.constants import DEFAULT_NUM_THREADS
 from benchmarks.browsers_alone import browsers_alone
-from benchmarks.results import load_text, results_dir, summary, summary_ms, write_results
+from benchmarks.results import ended, load_text, machine, results_dir, summary, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -328,8 +327,7 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
     results: dict[str, Any] = {
         "benchmark": "throughput_kill" if kill_only else "throughput", "quick": quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_before": round(os.getloadavg()[0], 2)},     # the 1-minute load average
+        "machine": machine(),
         "model": MODEL, "tolerance": TOLERANCE, "cells": [],
     }
     temp = Path(tempfile.mkdtemp(prefix="wpbench-", dir="/tmp"))
@@ -357,7 +355,7 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
         if started_ray:
             ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-    results["machine"]["load_after"] = round(os.getloadavg()[0], 2)   # the pools' part (the ceilings follow)
+    ended(results["machine"])        # the pools' part (the ceilings follow)
     if kill_only:
         return results
     results["browsers_alone"] = browsers_alone(MODEL, reference, TOLERANCE, browsers_list,
