@@ -41,10 +41,10 @@ class SharedPools:
     """The pool of consecutive cases that ask for the same configuration: one start (~4 s and ~5 CPU-s here)
     instead of one per case. One pool is kept at a time (an idle pool still runs its health checks: with every
     configuration's pool kept until the module's end, its CPU time in the suite rose from 346 to 449 s), so the
-    cases below are ordered to follow each other. A case
-    gets the kept pool only if the case before left it settled (no operation open, no recovery under way, every
-    browser serving or retired); otherwise a fresh one. Cases on a shared pool look only at what happened after
-    they began (``seq``) and at deltas of the statistics, never at totals."""
+    cases below are ordered to follow each other. A case gets the kept pool only if the case before left it
+    settled (no operation open, no recovery under way, every browser serving or retired); otherwise a fresh one.
+    Cases on a shared pool look only at what happened after they began (``seq``) and at deltas of the
+    statistics, never at totals."""
 
     def __init__(self, folder) -> None:
         self.folder = folder
@@ -123,7 +123,7 @@ def _finish(pool) -> dict:
 
 
 def _since(pool, seq: int) -> list[dict]:
-    """The pool's events after ``seq``, once no operation is open (every started one ended)."""
+    """The pool's events after ``seq``; asserts that every operation started meanwhile has ended."""
     state = ray.get(pool.get_state.remote())
     assert open_operations(state) == [], "every started operation ends completed or failed"
     return [e for e in ray.get(pool.recent_events.remote(10_000)) if e["seq"] > seq]
