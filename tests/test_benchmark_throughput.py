@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks import throughput
+from benchmarks import throughput, throughput_kill
 
 
 def test_quick_throughput_run_answers_everything_correctly(ray_local, tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_quick_throughput_run_answers_everything_correctly(ray_local, tmp_path, 
 def test_kill_timeline_dip_and_rates():
     """The kill run's arithmetic on a planted timeline (4 bins per second, the kill at 2 s)."""
     rate = np.array([0, 0, 0, 0] + [80] * 4 + [0, 20] + [80] * 6 + [0] + [40] * 7, dtype=float)
-    t = throughput.kill_timeline(rate, killed_at=2.0, bin_s=0.25)
+    t = throughput_kill.kill_timeline(rate, killed_at=2.0, bin_s=0.25)
     assert t["steady_answers_per_s"] == 80.0         # the ramp's first second left out
     assert t["dip_s"] == 0.5                          # two low bins right after the kill; the later one is apart
     assert t["early_rate_ratio"] == pytest.approx((20 + 6 * 80) / 8 / 80)
@@ -56,7 +56,7 @@ def test_kill_timeline_dip_and_rates():
     assert t["empty_bins_after"] == 2
     # Each bin after the kill adds its shortfall from the mean rate before (80): 2 empty bins, one at 20, seven at 40.
     assert t["lost_s"] == pytest.approx(0.25 * (2 + 0.75 + 7 * 0.5))
-    assert throughput.kill_timeline(np.zeros(8), killed_at=1.0, bin_s=0.25)["late_rate_ratio"] is None
+    assert throughput_kill.kill_timeline(np.zeros(8), killed_at=1.0, bin_s=0.25)["late_rate_ratio"] is None
 
 
 def test_kill_plot_says_n_a_when_no_run_lasted_past_the_early_window(tmp_path):
@@ -64,8 +64,8 @@ def test_kill_plot_says_n_a_when_no_run_lasted_past_the_early_window(tmp_path):
     rather than failing (CI once killed 2 s into a 4 s quick run)."""
     rate = np.array([0] * 4 + [80] * 6, dtype=float)
     run = {"answers_per_s": rate.tolist(), "bin_s": 0.25, "killed_at_s": 2.0, "answered": 30,
-           **throughput.kill_timeline(rate, killed_at=2.0, bin_s=0.25)}
+           **throughput_kill.kill_timeline(rate, killed_at=2.0, bin_s=0.25)}
     assert run["late_rate_ratio"] is None
     kills = {"runs": [run], "shown": 0, "answered": 30, "wrong": 0, "errors": 0,
              "dip_s": {"median": 0.0, "p95": 0.0}, "late_rate_ratio": None}
-    assert throughput.plot_kill(kills, tmp_path / "kill.png").stat().st_size > 1000
+    assert throughput_kill.plot_kill(kills, tmp_path / "kill.png").stat().st_size > 1000
