@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from benchmarks.recovery_common import _fmt
-from benchmarks.results import load_text
+from benchmarks.results import load_text, save_chart
 from benchmarks.vanished_node import vanished_node_line
 
 
@@ -142,8 +142,7 @@ def write_chart(r: dict[str, Any], path: Path) -> None:
                  f"{', quick' if r['quick'] else ''})", fontsize=10)
     # Below the axes: inside, it covered the first groups' "never" marks.
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_chart(fig, path)
 
 
 def after_kill_line(r: dict[str, Any]) -> str:

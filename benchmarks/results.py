@@ -58,6 +58,15 @@ def load_text(machine: dict[str, Any]) -> str:
     return f", load {machine['load_before']:.2f}" + ("" if after is None else f"→{after:.2f}")
 
 
+def save_chart(fig: Any, path: Path) -> Path:
+    """Write a benchmark's matplotlib ``Figure`` as a PNG at ``path`` (its folder made if missing), laid out to
+    fit; every benchmark chart is written this way, at the same resolution."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_json(result: dict[str, Any], path: Path) -> Path:
     """Write ``result`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

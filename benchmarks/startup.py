@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results import ended, machine, results_dir, summary_ms, write_results
+from benchmarks.results import ended, machine, results_dir, save_chart, summary_ms, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -349,10 +349,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Start-up and restart, {result['trials_per_cell']} trials each "
                  f"(bare Chromium launch: {floor:.0f} ms p50)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_chart(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

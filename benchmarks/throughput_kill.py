@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.client_load import Load, warm
-from benchmarks.results import summary
+from benchmarks.results import save_chart, summary
 
 BIN_S = 0.25                         # the kill run's timeline resolution
 
@@ -132,7 +132,4 @@ def plot_kill(kills: dict[str, Any], path: Path) -> Path:
                  f"{kills['dip_s']['p95']:.2f} s\nfrom {AFTER_KILL_EARLY_S:.0f} s after the kill: {late} the rate "
                  f"before (a new standby starts); service lost, median: {lost} of the rate before", fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_chart(fig, path)
