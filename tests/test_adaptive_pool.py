@@ -101,8 +101,14 @@ def test_the_history_of_a_real_run_shows_a_planted_slowdown(ray_local, tmp_path,
 
 
 def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_local, tmp_path, reference):
+    """Two browsers, pairs of requests, one browser slowed 10x: it is judged degraded after exactly the slow
+    operations its upper median needs (half of ``MIN_SAMPLES``), drained, retired and replaced.
+
+    Batching off: with it on, a pair that reaches the pool together is one page run on the faster browser,
+    the slowed one gets nothing to be judged by, and it keeps its slot, idle (seen under load; a browser
+    that serves nothing costs no request anything, and is judged on the work it next gets)."""
     pool = ResourcePool.remote(max_connections=2, event_log=str(tmp_path / "events"),
-                               fault_tolerance={"level": "medium"},
+                               fault_tolerance={"level": "medium"}, max_batch_size=1,
                                spare_process=False)      # a drained browser is replaced, never restarted
     try:
         # Two browsers holding the model: concurrent requests make the pool grow to max_connections (in the
@@ -116,6 +122,7 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
             for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(2)]):
                 _check(out["embedding"], reference)
         slowed = browsers[0]
+        seq_slowed = ray.get(pool.get_state.remote()).last_seq
         ray.get(pool.inject_fault.remote(slowed, "slow", factor=10.0))
         for _ in range(40):
             outs = ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(2)])
@@ -137,6 +144,10 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
         draining = [e for e in events if e["action"] == "BrowserDraining"]
         assert [e["subject"] for e in draining] == [slowed], draining
         assert "slower than its peers" in draining[0]["data"]["reason"]
+        # Judged as soon as half its window was slow: the pairs kept giving it work until then.
+        slow_runs = [e for e in events if e["action"] == "OperationStarted" and e["data"]["browser_id"] == slowed
+                     and seq_slowed < e["seq"] < draining[0]["seq"]]
+        assert adaptive.MIN_SAMPLES // 2 <= len(slow_runs) <= adaptive.MIN_SAMPLES // 2 + 1, len(slow_runs)
         retired = [e for e in events if e["action"] == "BrowserRetired" and e["subject"] == slowed]
         assert retired and "drained" in retired[0]["data"]["reason"]
         # Traffic moved: from the drain on, the slowed browser started nothing new.
