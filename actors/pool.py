@@ -256,14 +256,19 @@ class PoolCore:
     async def _admission(self, model: str, rows: int) -> AsyncIterator[None]:
         """Admit a request of ``rows`` rows, or refuse it with PoolBusyError when ``max_queued_requests``
         requests, or ``max_queued_rows`` rows with it, are in (a request alone is always admitted). The
-        error says when to retry: the rows ahead at the pool's recent answer rate (``_AnswerRate``).
+        error says when to retry: the rows ahead at the pool's recent rate, the faster of the rate it answered
+        rows at while it had work (``_AnswerRate``) and its serving pages' own (``batching.page_rows_per_s``).
 
         The check and the count happen with no await between them, so the bounds are exact.
         """
         over_rows = self._admitted and self._admitted_rows + rows > self.max_queued_rows
         if self._admitted >= self.max_queued_requests or over_rows:
             admitted, admitted_rows = self._admitted, self._admitted_rows
-            retry = batching.retry_after_s(admitted_rows, self._answer_rate.rows_per_s())
+            # The faster of two lower bounds: the rate answered while busy (low after a model load or with
+            # one client at a time) and the pages' own rate (low when rows run batched).
+            rates = [r for r in (self._answer_rate.rows_per_s(), batching.page_rows_per_s(self.log.state, model))
+                     if r is not None]
+            retry = batching.retry_after_s(admitted_rows, max(rates, default=None))
             rejected = (ev.RequestRejected(model=model, reason="busy_rows", admitted=admitted_rows,
                                            limit=self.max_queued_rows) if over_rows else
                         ev.RequestRejected(model=model, reason="busy", admitted=admitted,

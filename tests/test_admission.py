@@ -80,7 +80,7 @@ def test_a_flood_beyond_the_queue_bound_gets_busy_errors_and_loses_nothing(pool)
 
 def test_the_door_counts_rows_and_says_when_to_come_back(pool):
     """Requests of 16 texts: the third at once would bring the admitted rows past ROWS_BOUND (40) while
-    fewer than QUEUE_BOUND requests are in; it is refused with a retry hint from the answer rate, and
+    fewer than QUEUE_BOUND requests are in; it is refused with a retry hint from the pool's rates, and
     a client that waits that long is served."""
     texts = [f"row {i} of a large request" for i in range(16)]
     seq0 = ray.get(pool.get_state.remote()).last_seq
@@ -147,6 +147,41 @@ def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
     assert retry_after_s(100, 50.0) == 2.0
     assert retry_after_s(1, 1000.0) == 0.05 and retry_after_s(10**6, 1.0) == 30.0
     assert retry_after_s(100, None) == 1.0 and retry_after_s(100, 0.0) == 1.0
+
+
+def test_the_pages_own_rate_sums_each_serving_browsers_median_per_row_time():
+    """The retry hint's second rate (``batching.page_rows_per_s``): rows per second from each serving browser's
+    median per-row page time, summed; a standby, a draining browser and another model's history do not count.
+    Pure, over folded events."""
+    from actors.decisions.batching import page_rows_per_s
+    from events import schema as ev
+    from events.fold import apply
+    from events.state import PoolState
+
+    def fold(*events: ev.Event) -> PoolState:
+        state = PoolState()
+        for i, e in enumerate(events):
+            state = apply(state, ev.Recorded(state.last_seq + 1, 1000.0 + i, e))
+        return state
+
+    def browser(b: str, standby: bool = False) -> ev.Event:
+        return ev.BrowserLaunched(browser_id=b, browser_type="chromium", backend_caps=("wasm",), pid=1, node_id="n",
+                                  standby=standby)
+
+    def runs(b: str, page_ms: list[float], rows: int = 1, model: str = "m") -> list[ev.Event]:
+        return [e for i, ms in enumerate(page_ms) for e in (
+            ev.OperationStarted(f"{b}-{model}-{i}", model, b, "infer", "d"),
+            ev.OperationCompleted(f"{b}-{model}-{i}", ms + 5, {"page_ms": ms, "rows": rows}))]
+
+    assert page_rows_per_s(fold(browser("b1")), "m") is None
+    # b1: 10 ms a row (16-row runs of 160 ms); b2: 20 ms a row, median of a noisy window; b3 another model only.
+    state = fold(browser("b1"), browser("b2"), browser("b3"), browser("s", standby=True),
+                 *runs("b1", [160] * 3, rows=16), *runs("b2", [18, 20, 90, 22, 20]), *runs("b3", [1], model="other"),
+                 *runs("s", [1]))
+    assert page_rows_per_s(state, "m") == 100.0 + 50.0
+    assert page_rows_per_s(state, "other") == 1000.0
+    state = apply(state, ev.Recorded(state.last_seq + 1, 2000.0, ev.BrowserDraining(browser_id="b1", reason="slow")))
+    assert page_rows_per_s(state, "m") == 50.0
 
 
 def test_the_retry_hints_answer_rate_counts_the_busy_time_of_the_last_window_only(monkeypatch):

@@ -1,11 +1,14 @@
 """Queueing decisions: when the next batch of a model's queued requests starts and which requests it
 takes (actors/batching.py acts on them), and when a refused client should come back. Pure functions
-over row counts, rates and clocks.
+over row counts, rates, clocks and the pool's state.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
+
+from events.state import PoolState, browsers_alive
 
 
 def take(rows: Sequence[int], max_rows: int, free_slots: int = 1) -> int:
@@ -44,6 +47,19 @@ def delay(queued_rows: int, oldest_waited_s: float, max_rows: int, wait_s: float
     if queued_rows >= max_rows:
         return 0.0
     return max(0.0, wait_s - oldest_waited_s)
+
+
+def page_rows_per_s(state: PoolState, model: str) -> float | None:
+    """The rows per second the pool's serving browsers run ``model`` at once rows reach their pages: each
+    browser's median per-row page time (its ``perf`` window) as a rate, summed over the browsers. Queueing,
+    model loads and browser starts are left out, and the windows hold runs a request had alone, whose
+    per-row time carries the whole run's fixed cost: a lower bound when rows run batched. None with no
+    history of ``model`` on a serving browser."""
+    rates = [1000.0 / statistics.median(w.recent_ms) for b in browsers_alive(state)
+             if not b.standby and not b.draining
+             and (w := state.perf.get((b.browser_id, model))) is not None and w.recent_ms
+             and statistics.median(w.recent_ms) > 0]
+    return sum(rates) if rates else None
 
 
 def retry_after_s(queued_rows: int, rows_per_s: float | None, floor_s: float = 0.05, ceiling_s: float = 30.0) -> float:
