@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from actors.constants import ORT_WEB_DIST, ORT_WEB_FILES, PAGE_DIR
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ class PageServer:
         return f"{self.origin}{self.prefix}/"
 
     async def start(self) -> None:
+        # aiohttp is imported here, not with the module: the pool's process imports this module (through the
+        # browser actor's class) but never serves a page, and the import is ~0.1 CPU-s of every pool's start.
+        from aiohttp import web
+
         app = web.Application()
         app.router.add_get(self.prefix + "/{path:.+}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -81,6 +87,8 @@ class PageServer:
         self._blobs.pop(url.removeprefix(self.base_url), None)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         path = request.match_info["path"]
         if path in self._static:
             file = self._static[path]
