@@ -28,7 +28,7 @@ from typing import Any
 
 from actors.batching import Batcher
 from actors.constants import BUSY_THRESHOLD
-from actors.decisions import adaptive, batching, hedging, placement, validation
+from actors.decisions import adaptive, batching, hedging, placement, validation, voting
 from actors.decisions.reconcile import warm_keys_on
 from actors.decisions.recovery import FaultToleranceConfig, classify, retry_delay
 from actors.decisions.voting import NoMajorityError, vote_embeddings
@@ -288,7 +288,8 @@ class Router:
     async def voted(self, art: ModelArtifact, task: str, on: Callable[[str], Awaitable[dict[str, Any]]],
                     vote: Callable[[dict[str, dict[str, Any]], int], Any]) -> dict[str, Any]:
         """Level critical: run on ``vote_k`` distinct browsers, answer by a majority of all ``vote_k`` (a
-        voter that failed counts against the majority), quarantine dissenters. Fewer than ``vote_k``
+        voter that failed counts against the majority), quarantine every browser a dissenting answer came from
+        (``voting.to_quarantine``: a sharded voter's whole chain). Fewer than ``vote_k``
         browsers available is a NoBrowserAvailableError, never a smaller vote."""
         k = self.ft.vote_k
         chosen: list[str] = []
@@ -312,9 +313,13 @@ class Router:
             if others:
                 raise others[0] from None     # e.g. no browser for a voter's other shards
             raise
-        for dissenter in result.dissenting:
-            log.warning("browser outvoted", extra={"browser_id": dissenter, "agreeing": result.agreeing})
-            await self.fleet.quarantine(dissenter, f"outvoted by {', '.join(result.agreeing)}")
+        chains = {b: answer.get("browser_ids") or [b] for b, answer in answers.items()}
+        for browser_id in voting.to_quarantine(result, chains):
+            voter = next(v for v in result.dissenting if browser_id in chains[v])
+            log.warning("browser outvoted", extra={"browser_id": browser_id, "agreeing": result.agreeing})
+            chain = (f" (shard {chains[voter].index(browser_id) + 1} of {len(chains[voter])} that gave the "
+                     f"dissenting answer)" if len(chains[voter]) > 1 else "")
+            await self.fleet.quarantine(browser_id, f"outvoted by {', '.join(result.agreeing)}{chain}")
         for failure in failures:
             self.reconciler.report_soon(failure)
         winner = answers[result.agreeing[0]]

@@ -380,3 +380,40 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+
+
+def test_three_sharded_voters_outvote_a_corrupted_shard_and_quarantine_its_whole_chain(ray_local, tmp_path):
+    """Level critical, three voters, two shards each (six browsers, tiny-llama): one voter's second shard returns
+    wrong numbers, so its chain dissents; the answer is the two agreeing chains' (the CPU reference's tokens), and
+    both browsers of the dissenting chain are quarantined, the corrupted one included (which of them erred
+    cannot be told from the answer; quarantining the voted-on first shard alone would keep the liar)."""
+    model = llama.tiny_llama(seed=0)
+    whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
+    pool = ResourcePool.remote(max_connections=6, event_log=str(tmp_path / "events"), request_timeout=60.0,
+                               spare_process=False,
+                               fault_tolerance={"level": "critical", "vote_k": 3, "standby_browsers": 0})
+    try:
+        first = ray.get(pool.generate.remote("tiny-llama", "three voters", max_new_tokens=8, shards=2))
+        reference = llama_onnx.ort_greedy_generate(whole, first["prompt_token_ids"], 8)
+        assert first["token_ids"] == reference and len(first["votes"]["agreeing"]) == 3
+        opened = [e for e in ray.get(pool.recent_events.remote(2000)) if e["action"] == "SessionOpened"]
+        liar = opened[0]["data"]["plan"]["shards"][1]["browser_id"]
+        ray.get(pool.inject_fault.remote(liar, "corrupt_output"))
+        seq = ray.get(pool.get_state.remote()).last_seq
+
+        out = ray.get(pool.generate.remote("tiny-llama", "three voters", max_new_tokens=8, shards=2))
+        assert out["token_ids"] == reference
+        assert len(out["votes"]["agreeing"]) == 2 and len(out["votes"]["dissenting"]) == 1, out["votes"]
+        events = [e for e in ray.get(pool.recent_events.remote(2000)) if e["seq"] > seq]
+        chains = [[s["browser_id"] for s in e["data"]["plan"]["shards"]] for e in events
+                  if e["action"] == "SessionOpened"]
+        [dissenting] = [c for c in chains if liar in c]
+        assert dissenting[0] == out["votes"]["dissenting"][0]
+        quarantined = {e["subject"]: e["data"]["reason"] for e in events if e["action"] == "BrowserQuarantined"}
+        assert set(quarantined) == set(dissenting), (quarantined, chains)
+        assert "shard 2 of 2" in quarantined[liar] and "outvoted by" in quarantined[liar]
+        state = ray.get(pool.get_state.remote())
+        assert open_operations(state) == [] and all(state.browsers[b].status == "quarantined" for b in dissenting)
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)

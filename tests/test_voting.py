@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from actors.decisions.recovery import FaultToleranceConfig
-from actors.decisions.voting import vote_embeddings, vote_tokens
+from actors.decisions.voting import to_quarantine, vote_embeddings, vote_tokens
 from events.errors import InputError, NoMajorityError
 
 
@@ -34,6 +34,17 @@ def test_without_a_count_of_voters_the_answers_are_the_voters():
     assert vote_tokens({"b1": [1], "b2": [1], "b3": [2]}).dissenting == ("b3",)
     with pytest.raises(NoMajorityError):
         vote_tokens({"b1": [1], "b2": [2]})
+
+
+def test_a_dissenting_chain_of_shards_is_quarantined_whole():
+    """A sharded voter's answer came from a chain of browsers, any of which may have erred: each is quarantined,
+    none of an agreeing chain; a voter of one browser (an embedding) is its own chain."""
+    vote = vote_tokens({"a1": [1, 2], "b1": [1, 2], "c1": [1, 3]}, voters=3)
+    chains = {"a1": ["a1", "a2"], "b1": ["b1", "b2"], "c1": ["c1", "c2"]}
+    assert to_quarantine(vote, chains) == ["c1", "c2"]
+    assert to_quarantine(vote, {}) == ["c1"]
+    # A browser in an agreeing chain as well is kept (voters' chains are disjoint in the pool; said anyway).
+    assert to_quarantine(vote, chains | {"c1": ["c1", "b2"]}) == ["c1"]
 
 
 def test_embeddings_agree_by_cosine_and_never_across_shapes():

@@ -8,6 +8,7 @@ error), because picking one of several disagreeing answers would be a guess.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,21 @@ def _majority(answers: dict[str, Any], agree, voters: int | None) -> Vote:
         raise NoMajorityError(f"no majority of {voters} voters among {len(ids)} answers "
                               f"(largest agreeing group: {best})")
     return Vote(answers[best[0]], tuple(best), tuple(b for b in ids if b not in best))
+
+
+def to_quarantine(vote: Vote, chains: dict[str, Sequence[str]]) -> list[str]:
+    """The browsers a vote takes out of service: every browser that computed a dissenting answer.
+
+    ``chains`` maps each voter (the browser the vote placed it on) to the browsers its answer came from, in
+    order: one for an embedding, one per shard for a sharded generation. Which browser of a dissenting chain
+    erred cannot be told from its answer, so each is quarantined: a fresh browser replacing an innocent one
+    costs a launch, a faulty one kept (the voted-on first shard alone, as before) would go on answering. A
+    browser that also computed an agreeing answer is never quarantined."""
+    agreeing = {b for voter in vote.agreeing for b in chains.get(voter, (voter,))}
+    out: list[str] = []
+    for voter in vote.dissenting:
+        out += [b for b in chains.get(voter, (voter,)) if b not in agreeing and b not in out]
+    return out
 
 
 def vote_embeddings(answers: dict[str, np.ndarray], min_cosine: float = 0.999, voters: int | None = None) -> Vote:
