@@ -441,7 +441,10 @@ async def _wait_for_tokens(pool: Any, n: int, timeout: float = 120.0) -> dict[st
 @pytest.mark.browser
 @pytest.mark.slow
 def test_model_sharding_example_recovers_a_shard_mid_generation(ray_local, tmp_path):
-    reference = _cpu_reference("smollm2-135m", GUIDE_PROMPT, 32)
+    # tiny-llama: the guide's API and a real fault under it are tested here; SmolLM2's real weights through the
+    # same sharded path, a shard killed and crashed mid-generation, are tests/test_sharding.py's (SmolLM2 made
+    # this test 27 s of the suite).
+    reference = _cpu_reference("tiny-llama", GUIDE_PROMPT, 32)
 
     async def main() -> None:
         pool = ResourcePoolBridgeIntegration(
@@ -466,7 +469,7 @@ def test_model_sharding_example_recovers_a_shard_mid_generation(ray_local, tmp_p
 
             # Create model sharding manager
             sharding_manager = ModelShardingManager(
-                model_name="smollm2-135m",           # guide: "llama-13b"
+                model_name="tiny-llama",             # guide: "llama-13b"
                 sharding_strategy="layer_based",
                 num_shards=2,                        # guide: 3 (tests use at most 2 browsers)
                 fault_tolerance_level="high",
@@ -519,7 +522,7 @@ def test_model_sharding_example_recovers_a_shard_mid_generation(ray_local, tmp_p
             await sharding_manager.shutdown()
             # ---- end of the guide's example ----
 
-            assert trends["model"] == "smollm2-135m" and trends["by_shards"][2]["successful"] == 2
+            assert trends["model"] == "tiny-llama" and trends["by_shards"][2]["successful"] == 2
             assert shard_recommendation["estimates"][2]["source"] == "measured"
             assert shard_recommendation["estimates"][2]["memory_source"] == "planner"     # estimated, said so
             assert shard_recommendation["recommended_shards"] in shard_recommendation["estimates"]
