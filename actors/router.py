@@ -28,10 +28,10 @@ from typing import Any
 
 from actors.batching import Batcher
 from actors.constants import BUSY_THRESHOLD
-from actors.decisions import adaptive, batching, hedging, placement, validation, voting
+from actors.decisions import adaptive, batching, hedging, placement, validation
 from actors.decisions.reconcile import warm_keys_on
 from actors.decisions.recovery import FaultToleranceConfig, classify, retry_delay
-from actors.decisions.voting import NoMajorityError, vote_embeddings
+from actors.decisions.voting import NoMajorityError, to_quarantine, vote_embeddings
 from actors.fleet import Fleet, KeyedLocks
 from actors.reconcile import Reconciler
 from actors.sessions import digest
@@ -289,7 +289,7 @@ class Router:
                     vote: Callable[[dict[str, dict[str, Any]], int], Any]) -> dict[str, Any]:
         """Level critical: run on ``vote_k`` distinct browsers, answer by a majority of all ``vote_k`` (a
         voter that failed counts against the majority), quarantine every browser a dissenting answer came from
-        (``voting.to_quarantine``: a sharded voter's whole chain). Fewer than ``vote_k``
+        (``to_quarantine``: a sharded voter's whole chain). Fewer than ``vote_k``
         browsers available is a NoBrowserAvailableError, never a smaller vote."""
         k = self.ft.vote_k
         chosen: list[str] = []
@@ -314,7 +314,7 @@ class Router:
                 raise others[0] from None     # e.g. no browser for a voter's other shards
             raise
         chains = {b: answer.get("browser_ids") or [b] for b, answer in answers.items()}
-        for browser_id in voting.to_quarantine(result, chains):
+        for browser_id in to_quarantine(result, chains):
             voter = next(v for v in result.dissenting if browser_id in chains[v])
             log.warning("browser outvoted", extra={"browser_id": browser_id, "agreeing": result.agreeing})
             chain = (f" (shard {chains[voter].index(browser_id) + 1} of {len(chains[voter])} that gave the "

@@ -55,10 +55,9 @@ def page_rows_per_s(state: PoolState, model: str) -> float | None:
     model loads and browser starts are left out, and the windows hold runs a request had alone, whose
     per-row time carries the whole run's fixed cost: a lower bound when rows run batched. None with no
     history of ``model`` on a serving browser."""
-    rates = [1000.0 / statistics.median(w.recent_ms) for b in browsers_alive(state)
-             if not b.standby and not b.draining
-             and (w := state.perf.get((b.browser_id, model))) is not None and w.recent_ms
-             and statistics.median(w.recent_ms) > 0]
+    medians = [statistics.median(w.recent_ms) for b in browsers_alive(state) if not b.standby and not b.draining
+               and (w := state.perf.get((b.browser_id, model))) is not None and w.recent_ms]
+    rates = [1000.0 / ms for ms in medians if ms > 0]
     return sum(rates) if rates else None
 
 
