@@ -71,10 +71,15 @@ def vanished_node_line(v: dict[str, Any]) -> str:
 
 
 def run_vanished_node(temp: Path, trials: int = 1) -> dict[str, Any]:
-    """``trials`` runs of the cluster scenarios' node loss, each on a fresh cluster."""
+    """``trials`` runs of the cluster scenarios' node loss, each on a fresh cluster; with the run's date and
+    machine (load before and after), as this part may run alone (``--vanished-node-only``)."""
+    import datetime
     import subprocess
     import sys
 
+    from benchmarks.results import ended, machine
+
+    began, host = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), machine()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     results = []
     for i in range(trials):
@@ -87,4 +92,4 @@ def run_vanished_node(temp: Path, trials: int = 1) -> dict[str, Any]:
                             "found_by": [], "ray_declared_dead_s": None, "error": error})
         else:
             results.append(vanished_node_trial(orjson.loads(out.read_bytes())))
-    return vanished_node_result(results)
+    return vanished_node_result(results) | {"date": began, "machine": ended(host)}
