@@ -15,6 +15,9 @@ Guarantees:
 - A batch whose run raises InputError is run again one request at a time: the error reaches only the
   request that caused it, and the others get their answers.
 - Requests start in arrival order; none waits behind one that came later.
+
+``AnswerRate`` is the other observation of the queue's flow: the rows answered per busy second, which a
+client refused at the pool's door is told to wait by (with the pages' own rate; actors/pool.py ``_admission``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from actors.constants import ANSWER_RATE_WINDOW_S
 from actors.decisions import batching
 from events.errors import InputError
 
@@ -126,3 +130,42 @@ class Batcher:
         else:
             if not job.answer.done():
                 job.answer.set_result(result)
+
+
+class AnswerRate:
+    """Rows answered per second of the time the pool had work (a request admitted), over the last
+    ``ANSWER_RATE_WINDOW_S``: what a refused client's retry hint is computed from (an observation of this
+    process, like the admitted counts; not pool state). Idle time is left out: a burst after a quiet spell
+    would otherwise be promised the quiet spell's rate (100 rows answered in 0.5 s, then 4 s idle, read as
+    22 rows/s instead of 200)."""
+
+    def __init__(self) -> None:
+        self._answers: deque[tuple[float, int]] = deque()
+        self._busy: deque[tuple[float, float]] = deque()     # ended busy stretches
+        self._busy_since: float | None = None
+
+    def work_began(self) -> None:
+        """The first request was admitted into an idle pool."""
+        self._busy_since = time.monotonic()
+
+    def work_ended(self) -> None:
+        """The last admitted request left."""
+        if self._busy_since is not None:
+            self._busy.append((self._busy_since, time.monotonic()))
+            self._busy_since = None
+
+    def add(self, rows: int) -> None:
+        self._answers.append((time.monotonic(), rows))
+
+    def rows_per_s(self) -> float | None:
+        now = time.monotonic()
+        start = now - ANSWER_RATE_WINDOW_S
+        while self._answers and self._answers[0][0] < start:
+            self._answers.popleft()
+        while self._busy and self._busy[0][1] < start:
+            self._busy.popleft()
+        if not self._answers:
+            return None
+        stretches = [*self._busy, *([(self._busy_since, now)] if self._busy_since is not None else [])]
+        busy_s = sum(end - max(begin, start) for begin, end in stretches)
+        return sum(rows for _, rows in self._answers) / max(busy_s, 0.1)

@@ -24,12 +24,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -37,8 +35,8 @@ from typing import Any
 import ray
 
 from actors import logs
+from actors.batching import AnswerRate
 from actors.constants import (
-    ANSWER_RATE_WINDOW_S,
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CONNECTIONS,
@@ -77,45 +75,6 @@ from sharding.models.registry import get_spec
 log = logging.getLogger(__name__)
 
 TASK_FAMILIES = ("text_embedding", "text_generation")
-
-
-class _AnswerRate:
-    """Rows answered per second of the time the pool had work (a request admitted), over the last
-    ``ANSWER_RATE_WINDOW_S``: what a refused client's retry hint is computed from (an observation of this
-    process, like the admitted counts; not pool state). Idle time is left out: a burst after a quiet spell
-    would otherwise be promised the quiet spell's rate (100 rows answered in 0.5 s, then 4 s idle, read as
-    22 rows/s instead of 200)."""
-
-    def __init__(self) -> None:
-        self._answers: collections.deque[tuple[float, int]] = collections.deque()
-        self._busy: collections.deque[tuple[float, float]] = collections.deque()     # ended busy stretches
-        self._busy_since: float | None = None
-
-    def work_began(self) -> None:
-        """The first request was admitted into an idle pool."""
-        self._busy_since = time.monotonic()
-
-    def work_ended(self) -> None:
-        """The last admitted request left."""
-        if self._busy_since is not None:
-            self._busy.append((self._busy_since, time.monotonic()))
-            self._busy_since = None
-
-    def add(self, rows: int) -> None:
-        self._answers.append((time.monotonic(), rows))
-
-    def rows_per_s(self) -> float | None:
-        now = time.monotonic()
-        start = now - ANSWER_RATE_WINDOW_S
-        while self._answers and self._answers[0][0] < start:
-            self._answers.popleft()
-        while self._busy and self._busy[0][1] < start:
-            self._busy.popleft()
-        if not self._answers:
-            return None
-        stretches = [*self._busy, *([(self._busy_since, now)] if self._busy_since is not None else [])]
-        busy_s = sum(end - max(begin, start) for begin, end in stretches)
-        return sum(rows for _, rows in self._answers) / max(busy_s, 0.1)
 
 
 def _own_handle() -> Any:
@@ -178,7 +137,7 @@ class PoolCore:
         self._admitted_rows = 0                          # their rows (texts; a generation counts one)
         self._no_requests = asyncio.Event()              # set while no request is admitted
         self._no_requests.set()
-        self._answer_rate = _AnswerRate()
+        self._answer_rate = AnswerRate()
         self._background: set[asyncio.Future] = set()
         self._closed = False
         self._shut_down = asyncio.Event()              # set by shutdown (until_closed answers then)
@@ -257,7 +216,7 @@ class PoolCore:
         """Admit a request of ``rows`` rows, or refuse it with PoolBusyError when ``max_queued_requests``
         requests, or ``max_queued_rows`` rows with it, are in (a request alone is always admitted). The
         error says when to retry: the rows ahead at the pool's recent rate, the faster of the rate it answered
-        rows at while it had work (``_AnswerRate``) and its serving pages' own (``batching.page_rows_per_s``).
+        rows at while it had work (``AnswerRate``) and its serving pages' own (``batching.page_rows_per_s``).
 
         The check and the count happen with no await between them, so the bounds are exact.
         """

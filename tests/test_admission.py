@@ -188,12 +188,12 @@ def test_the_retry_hints_answer_rate_counts_the_busy_time_of_the_last_window_onl
     """README: a refused client's hint is the rows ahead at the rate the pool answered rows while it had work,
     over the last 5 s (``ANSWER_RATE_WINDOW_S``): time with no request admitted does not count. Pure logic on a
     stepped clock."""
-    from actors import pool as pool_module
+    from actors import batching as batching_module
     from actors.constants import ANSWER_RATE_WINDOW_S
 
     now = [1000.0]
-    monkeypatch.setattr(pool_module.time, "monotonic", lambda: now[0])
-    rate = pool_module._AnswerRate()
+    monkeypatch.setattr(batching_module.time, "monotonic", lambda: now[0])
+    rate = batching_module.AnswerRate()
     assert rate.rows_per_s() is None                        # nothing answered yet: no rate to promise
     rate.work_began()
     now[0] += 0.5
