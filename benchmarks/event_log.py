@@ -23,11 +23,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import summary_ms, write_results
+from benchmarks.results import summary_ms, utc_now, write_results
 from events.columnar import replay_batches
 from events.fold import replay
 from events.schema import (
@@ -318,7 +317,7 @@ def run(quick: bool, workdir: Path | None) -> dict[str, Any]:
 
     base = Path(tempfile.mkdtemp(prefix="webpool-eventlog-", dir=workdir))
     results: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "quick": quick,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "workdir": str(base)},

@@ -18,12 +18,11 @@ import argparse
 import asyncio
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from benchmarks.results import ended, machine, summary_ms, write_results
+from benchmarks.results import ended, machine, summary_ms, utc_now, write_results
 from events.errors import BrowserFailure
 from webpool.helptext import plain
 
@@ -116,7 +115,7 @@ async def run(trials: int) -> dict[str, Any]:
     reconnect = [c["summary"]["reconnect"]["median_ms"] for c in cells if c["summary"].get("reconnect")]
     return {
         "benchmark": "failure_signals",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": utc_now(),
         "machine": ended(started_on),
         "trials_per_cell": trials,
         "poll_resolution_ms": SIGNAL_POLL_S * 1000,

@@ -22,14 +22,13 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from benchmarks.results import summary_ms, write_results
+from benchmarks.results import summary_ms, utc_now, write_results
 from events.history import PerformanceHistoryTracker
 from events.performance import SCHEMA
 from events.schema import BrowserLaunched, ModelLoaded, OperationCompleted, OperationFailed, OperationStarted, Recorded
@@ -199,7 +198,7 @@ def recorded_stream(n_ops: int, seed: int = 1) -> list[Recorded]:
 def run(n: int, repeats: int, ingest_ops: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "benchmark": "history", "entries": n, "repeats": repeats,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "pyarrow": pa.__version__, "numpy": np.__version__},
     }

@@ -16,13 +16,12 @@ import asyncio
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.results import ended, load_text, machine, summary_ms, write_results
+from benchmarks.results import ended, load_text, machine, summary_ms, utc_now, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -96,7 +95,7 @@ def run(quick: bool) -> dict[str, Any]:
     text = "A man is eating food."
     results: dict[str, Any] = {
         "benchmark": "inference", "quick": quick,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
     }
     floor = asyncio.run(floor_minilm(n, text))

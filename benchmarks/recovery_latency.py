@@ -56,7 +56,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ from benchmarks.recovery_common import (
     ratio,
 )
 from benchmarks.recovery_report import markdown, print_tables, write_chart
-from benchmarks.results import ended, machine, results_dir, summary_ms, write_json
+from benchmarks.results import ended, machine, results_dir, summary_ms, utc_now, write_json
 from benchmarks.vanished_node import run_vanished_node, vanished_node_line
 from events.errors import InputError
 from webpool.helptext import plain
@@ -189,7 +188,7 @@ def run(cfg: Config, advance: Callable[[str], None] = lambda _d: None,
     t_run = time.perf_counter()
     r: dict[str, Any] = {
         "benchmark": "recovery_latency", "quick": cfg.quick, "complete": False,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "duration_s": None, "phases": {},
         "config": dataclasses.asdict(cfg) | {"model": MODEL, "tolerance": TOLERANCE,

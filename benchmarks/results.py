@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,11 @@ def load_text(machine: dict[str, Any]) -> str:
         return ""
     after = machine.get("load_after")
     return f", load {machine['load_before']:.2f}" + ("" if after is None else f"→{after:.2f}")
+
+
+def utc_now() -> str:
+    """The time a run began, as every benchmark's JSON records it (ISO 8601, UTC, whole seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def save_chart(fig: Any, path: Path) -> Path:

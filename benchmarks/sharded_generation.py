@@ -38,14 +38,13 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.pool_trials import spares_not_ready
-from benchmarks.results import ended, load_text, machine, summary, write_results
+from benchmarks.results import ended, load_text, machine, summary, utc_now, write_results
 from events.state import SessionTokens, browsers_alive
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
@@ -308,7 +307,7 @@ def run(quick: bool, runs: int | None = None) -> dict[str, Any]:
     kill_after = 8 if quick else 12
     results: dict[str, Any] = {
         "benchmark": "sharded_generation", "quick": quick,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "model": model, "prompt": PROMPT, "new_tokens": tokens, "repeats": repeats, "kill_after_tokens": kill_after,
     }

@@ -24,13 +24,12 @@ import asyncio
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.results import ended, machine, results_dir, save_chart, summary_ms, write_results
+from benchmarks.results import ended, machine, results_dir, save_chart, summary_ms, utc_now, write_results
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
 
@@ -284,7 +283,7 @@ def run(trials: int, quick: bool, smollm2: bool = True) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "benchmark": "startup", "quick": quick,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": utc_now(),
         "machine": machine(),
         "trials_per_cell": trials, "tolerance": TOLERANCE, "cells": [],
     }

@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import numpy as np
 from actors.constants import DEFAULT_NUM_THREADS
 from benchmarks.browsers_alone import browsers_alone
 from benchmarks.client_load import MODEL, TEXTS, TOLERANCE, Load, warm
-from benchmarks.results import ended, load_text, machine, results_dir, summary, summary_ms, write_results
+from benchmarks.results import ended, load_text, machine, results_dir, summary, summary_ms, utc_now, write_results
 from benchmarks.throughput_kill import AFTER_KILL_EARLY_S, kill_runs, plot_kill
 from webpool.helptext import plain
 from webpool.localray import configure_auth_env, start_local_ray
@@ -160,7 +159,7 @@ def run(quick: bool, trials: int | None = None, trial_s: float | None = None, ki
     reference = dict(zip(TEXTS, minilm.reference_embed(TEXTS), strict=True))
     results: dict[str, Any] = {
         "benchmark": "throughput_kill" if kill_only else "throughput", "quick": quick,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": machine(),
         "model": MODEL, "tolerance": TOLERANCE, "cells": [],
     }

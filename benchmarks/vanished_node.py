@@ -73,13 +73,12 @@ def vanished_node_line(v: dict[str, Any]) -> str:
 def run_vanished_node(temp: Path, trials: int = 1) -> dict[str, Any]:
     """``trials`` runs of the cluster scenarios' node loss, each on a fresh cluster; with the run's date and
     machine (load before and after), as this part may run alone (``--vanished-node-only``)."""
-    import datetime
     import subprocess
     import sys
 
-    from benchmarks.results import ended, machine
+    from benchmarks.results import ended, machine, utc_now
 
-    began, host = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), machine()
+    began, host = utc_now(), machine()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     results = []
     for i in range(trials):
