@@ -22,6 +22,8 @@ const DTYPES = {
 };
 
 const sessions = new Map();   // model key -> {session, backend, inputNames, outputNames, queue}
+// model key -> its bytes, fetched ahead without a session (a spare process holding a big model: `stage`)
+const staged = new Map();
 const states = new Map();     // state id -> {model key, tensors: Map(inputName -> ort.Tensor)}
 let capabilities = null;
 let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the device lost
@@ -191,17 +193,38 @@ export async function load(key, url, backend) {
   }
 }
 
-async function loadNow(key, url, backend) {
-  const t0 = performance.now();
+async function fetchModel(key, url) {
   const response = await fetch(url);
   if (!response.ok) throw new Error(`fetching model ${key}: HTTP ${response.status}`);
-  const bytes = new Uint8Array(await response.arrayBuffer());
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+async function loadNow(key, url, backend) {
+  const t0 = performance.now();
+  const wasStaged = staged.has(key);
+  const bytes = wasStaged ? staged.get(key) : await fetchModel(key, url);
+  staged.delete(key);     // the session holds the model now (or the load failed: fetched afresh next time)
   const t1 = performance.now();
   await runtimeReady;     // being set up since the page opened; the bytes were fetched meanwhile
   const t2 = performance.now();
   const session = await createSession(key, bytes, backend);   // a first WebGPU/WebNN model imports the full build
   return { fetchMs: t1 - t0, runtimeWaitMs: t2 - t1, createMs: performance.now() - t2, bytes: bytes.byteLength,
-           inputNames: session.inputNames, outputNames: session.outputNames };
+           staged: wasStaged, inputNames: session.inputNames, outputNames: session.outputNames };
+}
+
+// Fetch a model's bytes and keep them, without a session: a spare process does this for models too big to
+// hold twice as sessions, so that once it is taken, loading the model skips the fetch (1.4 s for SmolLM2's
+// 540 MB here). Idempotent per key, like `load`.
+export async function stage(key, url) {
+  if (staged.has(key) || sessions.has(key)) return { fetchMs: 0, bytes: 0, alreadyHeld: true };
+  const t0 = performance.now();
+  const bytes = await fetchModel(key, url);
+  staged.set(key, bytes);
+  return { fetchMs: performance.now() - t0, bytes: bytes.byteLength };
+}
+
+export function unstage(key) {
+  return staged.delete(key);
 }
 
 // onnxruntime rejects a feed of the wrong type or shape (or bytes that are no model) with a status
@@ -214,13 +237,19 @@ function asRequestError(err) {
   return err;
 }
 
+// onnxruntime's graph optimisations, per backend. On wasm they cost more than they give, measured (docs/facts.md):
+// with "disabled" instead of "all", SmolLM2's session is created in 2.3 s instead of 2.9 s, holds 200 MB less and
+// decodes as fast; MiniLM's is created in 0.33 s instead of 0.45 s and runs 8 sentences in 86 ms instead of 104.
+// WebGPU and WebNN keep "all": not measured on a GPU here.
+const GRAPH_OPTIMIZATION = { wasm: "disabled", webgpu: "all", webnn: "all" };
+
 async function createSession(key, bytes, backend) {
   const ort = await runtimeFor(backend);
   let session;
   try {
     session = await ort.InferenceSession.create(bytes, {
       executionProviders: [backend],
-      graphOptimizationLevel: "all",
+      graphOptimizationLevel: GRAPH_OPTIMIZATION[backend] || "all",
     });
   } catch (err) {
     throw asRequestError(err);
@@ -367,6 +396,7 @@ export function dropState(id) {
 }
 
 export async function unload(key) {
+  staged.delete(key);
   const entry = sessions.get(key);
   if (!entry) return false;
   for (const [id, state] of states) if (state.key === key) dropState(id);
@@ -379,7 +409,7 @@ export async function unload(key) {
 // The one entry the actor calls: ``name`` of an exported function and its arguments, both data. The
 // answer is an envelope, so the actor can tell the runtime's own errors (typed, by name) from a call
 // the browser never finished (Playwright raises for those): {value} or {error: {name, message}}.
-const API = { init, load, run, dropState, unload, health, settled, setCorrupt, allocateBallast };
+const API = { init, load, stage, unstage, run, dropState, unload, health, settled, setCorrupt, allocateBallast };
 
 // `deadline` (ms since the epoch, the actor's clock: same host) is when the actor stops waiting. A call
 // that starts after it has no caller left: when a hung script is terminated, the calls queued behind it
@@ -409,6 +439,7 @@ export function health() {
   const mem = performance.memory || {};
   return {
     models: Array.from(sessions.keys()),
+    staged: Array.from(staged.keys()),
     backends: Object.fromEntries(Array.from(sessions, ([k, v]) => [k, v.backend])),
     states: Array.from(states.keys()),
     jsHeapBytes: mem.usedJSHeapSize || 0,
