@@ -50,6 +50,7 @@ from actors.constants import (
     PAGE_READY_WAIT,
     RESUME_SETTLE_WAIT,
     RUN_TIMEOUT,
+    STAGED_CLAIM_S,
 )
 from actors.failure_signal import FailureSignal, runtime_error, watch_connection, watch_page, watch_process
 from actors.isolation import isolate
@@ -78,6 +79,9 @@ class BrowserCore:
         self.num_threads = num_threads
         self.spares = SpareKeeper(self) if spare_process else None
         self.held_models: dict[str, HeldModel] = {}     # what this page holds, verified (a spare loads them too)
+        # Models whose bytes this page holds without a session: staged by the spare it was (actors/spare.py).
+        self.staged_models: dict[str, HeldModel] = {}
+        self._unstaging: asyncio.Future | None = None   # drops staged bytes that no reload claimed
         self.received_models: dict[str, tuple[str, memoryview]] = {}    # send id -> (sha256, bytes): receive_model
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
@@ -150,12 +154,15 @@ class BrowserCore:
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
-        held, self.held_models = self.held_models, {}
+        held, self.held_models, self.staged_models = self.held_models, {}, {}
         spare = self.spares.take() if self.spares is not None else None
         if spare is not None:
             if spare.usable():
                 await self._adopt(spare)
                 self.held_models = {k: m for k, m in held.items() if k in spare.models}
+                self.staged_models = {k: m for k, m in held.items() if k in spare.staged}
+                if self.staged_models:
+                    self._unstaging = asyncio.ensure_future(self._unstage_unclaimed(self.generation))
                 return True
             await discard(spare)
         try:
@@ -235,6 +242,21 @@ class BrowserCore:
         return await isolate(page, self.server.base_url, blocked)
 
     # ----- the spare process (actors/spare.py) ----------------------------------------------------
+    async def _unstage_unclaimed(self, generation: int) -> None:
+        """Drop the staged bytes no reload claimed within ``STAGED_CLAIM_S`` of taking the spare over (the pool
+        reloads a restarted browser's models at once; one it moved elsewhere would otherwise stay in memory)."""
+        await asyncio.sleep(STAGED_CLAIM_S)
+        for key in list(self.staged_models):
+            if generation != self.generation or self.closing:
+                return
+            self.staged_models.pop(key, None)
+            try:
+                await self._call("unstage", [key], HEALTH_TIMEOUT)
+            except Exception as exc:        # a page that is gone holds nothing; its failure is the signal's
+                log.info("staged model bytes not dropped", extra={"browser_id": self.browser_id, "model": key,
+                                                                  "error": describe(exc, limit=200)})
+                return
+
     async def _adopt(self, spare: SpareProcess) -> None:
         """Make ``spare`` this browser's process: its exit, crash and lost connection are the signals now."""
         old_relay = self.relay
@@ -373,8 +395,9 @@ class BrowserCore:
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""
         self.closing = True
-        if self._background_ends is not None:
-            self._background_ends.cancel()
+        for task in (self._background_ends, self._unstaging):
+            if task is not None:
+                task.cancel()
         if self.spares is not None:
             await self.spares.close()
         if self._cleanups:
@@ -472,10 +495,17 @@ class BrowserCore:
         return await self.load_received(send_id, key, sha256, backend)
 
     async def receive_model(self, send_id: str, key: str, model_bytes: np.ndarray, sha256: str) -> None:
-        """Keep ``model_bytes`` for ``load_received`` under ``send_id``, verified against ``sha256``. The
+        """Keep ``model_bytes`` for ``load_received`` under ``send_id``, verified against ``sha256`` (unless the
+        page holds that content already, verified before: then its own copy is kept instead). The
         bytes' way to this node is a step of its own: the pool can abandon it and send them again from
         another copy before any page work starts (``ModelCopies.send``); it discards what an abandoned
         send kept (``discard_received``)."""
+        held = self.held_models.get(key) or self.staged_models.get(key)
+        if held is not None and held.sha256 == sha256:
+            # The page holds this very content already (a session, or bytes a spare staged), verified when this
+            # browser first received it: the load uses what the page holds, so these bytes need no hash.
+            self.received_models[send_id] = (sha256, held.data)
+            return
         view = memoryview(model_bytes).cast("B")
         # In a thread (hashlib lets go of the GIL): hashing hundreds of MB takes ~1 s here, and this actor's
         # loop must keep answering the pool's probes meanwhile.
@@ -498,6 +528,9 @@ class BrowserCore:
             raise InputError("backend", f"{backend!r} is not available in browser {self.browser_id} "
                              f"(has {', '.join(backends)})")
         assert self.server is not None
+        staged = self.staged_models.pop(key, None)
+        if staged is not None and staged.sha256 != sha256:      # other content under the key: not these bytes
+            await self._call("unstage", [key], HEALTH_TIMEOUT)
         url = self.server.put_blob(key, view)
         try:
             result = await self._call("load", [key, url, backend], LOAD_MODEL_TIMEOUT, work=True)
@@ -547,8 +580,9 @@ class BrowserCore:
         return await self._call("dropState", [state], HEALTH_TIMEOUT)
 
     async def unload_model(self, key: str) -> bool:
-        dropped = await self._call("unload", [key], LOAD_MODEL_TIMEOUT)
+        dropped = await self._call("unload", [key], LOAD_MODEL_TIMEOUT)     # staged bytes too
         self.held_models.pop(key, None)
+        self.staged_models.pop(key, None)
         if self.spares is not None:
             self.spares.tend(start=False)
         return dropped
@@ -597,6 +631,8 @@ class BrowserCore:
             "busy": self.work_in_flight > 0,
             "spare_pid": None if spare is None else spare.proc.pid,
             "spare_models": [] if spare is None else sorted(spare.models),
+            "spare_staged": [] if spare is None else sorted(spare.staged),
+            "staged_models": page.get("staged", []),
             # A restart now would take a spare that holds what it should (actors/spare.py).
             "spare_ready": self.spares is not None and self.spares.ready(),
             "spare_expected": self.spares is not None and self.spares.expected(),

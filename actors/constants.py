@@ -77,8 +77,12 @@ ANSWER_RATE_WINDOW_S = 5.0         # a refused client's retry hint: rows ahead a
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 2.0
 # A spare process (actors/spare.py) also holds its browser's models if they take at most this many bytes in
-# all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second copy would cost ~1 GiB per browser).
+# all: MiniLM (86 MiB) does, SmolLM2 (~540 MiB) does not (a second session of it takes ~2.3 GiB, docs/facts.md).
 SPARE_MODEL_BYTES_MAX = 256 << 20
+# Bigger models, up to this many bytes in all, are staged in the spare instead: their bytes fetched into its
+# page without a session (1x their bytes, not ~4x), so a restart skips their fetch (1.4 s for SmolLM2 here).
+SPARE_STAGED_BYTES_MAX = 1 << 30
+STAGED_CLAIM_S = 60.0              # staged bytes a restarted browser's reloads did not use by then are dropped
 SPARE_BLANK_BYTES = 400 << 20      # a spare's Chromium with the runtime set up, no model (PSS, docs/facts.md)
 SPARE_MEMORY_RESERVE_BYTES = 2 << 30   # no spare is started if it would leave less memory free than this
 SPARE_IDLE_S = 0.5                 # a spare is started once its browser's page has had no work this long...

@@ -12,8 +12,11 @@ it would leave less than ``SPARE_MEMORY_RESERVE_BYTES`` of the machine's memory 
 A spare also holds the browser's own models when they are small (``SPARE_MODEL_BYTES_MAX`` in all): the
 same content-addressed bytes, verified by the browser before its own page loaded them, loaded into the
 spare's page in the background. The pool's reloads after a restart then find them there (the page's
-``load`` answers at once for a key it holds) and the restart costs tens of milliseconds. Never anything
-else: no generation state (a session's shards rebuild theirs by replay), no model of another browser.
+``load`` answers at once for a key it holds) and the restart costs tens of milliseconds. Bigger models
+(up to ``SPARE_STAGED_BYTES_MAX``; a second session would cost ~4x their bytes) are staged instead: their
+bytes fetched into the spare's page without a session, so a reload after a restart skips the fetch and the
+hash, and pays only the session's creation. Never anything else: no generation state (a session's shards
+rebuild theirs by replay), no model of another browser.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from actors.constants import (
     SPARE_IDLE_S,
     SPARE_MEMORY_RESERVE_BYTES,
     SPARE_MODEL_BYTES_MAX,
+    SPARE_STAGED_BYTES_MAX,
     SPARE_START_WITHIN_S,
 )
 from events.errors import describe
@@ -64,6 +68,7 @@ class SpareProcess:
     capabilities: dict[str, Any] = field(default_factory=dict)
     blocked: list[str] = field(default_factory=list)     # URLs its page was refused (isolation)
     models: set[str] = field(default_factory=set)        # model keys loaded into its page
+    staged: set[str] = field(default_factory=set)        # model keys whose bytes its page holds, no session
     ready_ms: float = 0.0
     crashed: bool = False
 
@@ -117,10 +122,24 @@ async def discard(spare: SpareProcess) -> None:
     await asyncio.to_thread(shutil.rmtree, spare.profile, True)
 
 
-def spare_fits(available_bytes: int, model_bytes: int) -> bool:
-    """Whether the machine has room for a spare holding ``model_bytes`` of models and still keeps
-    ``SPARE_MEMORY_RESERVE_BYTES`` free (a model takes about twice its bytes in a page)."""
-    return available_bytes - (SPARE_BLANK_BYTES + 2 * model_bytes) >= SPARE_MEMORY_RESERVE_BYTES
+def spare_fits(available_bytes: int, model_bytes: int, staged_bytes: int = 0) -> bool:
+    """Whether the machine has room for a spare holding sessions of ``model_bytes`` of models and
+    ``staged_bytes`` of staged ones and still keeps ``SPARE_MEMORY_RESERVE_BYTES`` free (a session takes about
+    twice its model's bytes in a page; staged bytes take themselves)."""
+    need = SPARE_BLANK_BYTES + 2 * model_bytes + staged_bytes
+    return available_bytes - need >= SPARE_MEMORY_RESERVE_BYTES
+
+
+def spare_holdings(held: dict[str, HeldModel]) -> tuple[dict[str, HeldModel], dict[str, HeldModel]]:
+    """What a spare holds of its browser's models ``held``: (as sessions, staged). Sessions of all of them
+    if they take at most ``SPARE_MODEL_BYTES_MAX`` in all; else their bytes staged, if at most
+    ``SPARE_STAGED_BYTES_MAX``; else nothing."""
+    total = sum(m.data.nbytes for m in held.values())
+    if total <= SPARE_MODEL_BYTES_MAX:
+        return held, {}
+    if total <= SPARE_STAGED_BYTES_MAX:
+        return {}, held
+    return {}, {}
 
 
 def memory_available() -> int:
@@ -173,7 +192,9 @@ class SpareKeeper:
 
     def ready(self) -> bool:
         """A spare is there, alive, and holds every model it should."""
-        return self.spare is not None and self.spare.usable() and self.spare.models >= set(self.wanted())
+        sessions, staged = self.wanted()
+        return (self.spare is not None and self.spare.usable() and self.spare.models >= set(sessions)
+                and self.spare.staged >= set(staged))
 
     def expected(self) -> bool:
         """A spare is being kept: the browser has served a run (a standby that only warmed up has none until
@@ -191,10 +212,9 @@ class SpareKeeper:
         if spare is not None:
             await discard(spare)
 
-    def wanted(self) -> dict[str, HeldModel]:
-        """The browser's models the spare should hold: all of them, if they fit in ``SPARE_MODEL_BYTES_MAX``."""
-        held: dict[str, HeldModel] = self.core.held_models
-        return held if sum(m.data.nbytes for m in held.values()) <= SPARE_MODEL_BYTES_MAX else {}
+    def wanted(self) -> tuple[dict[str, HeldModel], dict[str, HeldModel]]:
+        """The browser's models the spare should hold: (as sessions, staged), by ``spare_holdings``."""
+        return spare_holdings(self.core.held_models)
 
     async def _tend(self) -> None:
         core = self.core
@@ -205,9 +225,10 @@ class SpareKeeper:
             await self._until_idle()
             if core.closing or core.proc is None:
                 return
-            model_bytes = sum(m.data.nbytes for m in self.wanted().values())
+            sessions, staged = self.wanted()
             available = memory_available()
-            if not spare_fits(available, model_bytes):
+            if not spare_fits(available, sum(m.data.nbytes for m in sessions.values()),
+                              sum(m.data.nbytes for m in staged.values())):
                 log.info("no spare browser process: too little memory free",
                          extra={"browser_id": core.browser_id, "available_mib": available >> 20})
                 return          # asked again after the next run
@@ -230,18 +251,22 @@ class SpareKeeper:
         spare = self.spare
         # Re-read each time round: the browser may load or unload meanwhile; stop once the spare is taken.
         while spare is self.spare and spare.usable():
-            wanted = self.wanted()
-            missing = [k for k in wanted if k not in spare.models and wanted[k].backend in
+            sessions, staged = self.wanted()
+            missing = [k for k in sessions if k not in spare.models and sessions[k].backend in
                        spare.capabilities.get("backends", [])]
-            extra = [k for k in spare.models if k not in wanted]
-            if not missing and not extra:
+            unstaged = [k for k in staged if k not in spare.staged]
+            extra = [k for k in spare.models | spare.staged if k not in sessions and k not in staged]
+            if not missing and not unstaged and not extra:
                 return
             try:
                 if missing:
-                    await self._load(spare, missing[0], wanted[missing[0]])
-                else:
+                    await self._load(spare, missing[0], sessions[missing[0]])
+                elif unstaged:
+                    await self._stage(spare, unstaged[0], staged[unstaged[0]])
+                else:       # the page's unload also drops staged bytes
                     await _page_call(spare.page, "unload", [extra[0]], LOAD_MODEL_TIMEOUT)
                     spare.models.discard(extra[0])
+                    spare.staged.discard(extra[0])
             except Exception as exc:
                 self.failures += 1
                 log.warning("spare browser process dropped",
@@ -270,6 +295,14 @@ class SpareKeeper:
         finally:
             self.core.server.drop_blob(url)
         spare.models.add(key)
+
+    async def _stage(self, spare: SpareProcess, key: str, model: HeldModel) -> None:
+        url = self.core.server.put_blob(key, model.data)
+        try:
+            await _page_call(spare.page, "stage", [key, url], LOAD_MODEL_TIMEOUT)
+        finally:
+            self.core.server.drop_blob(url)
+        spare.staged.add(key)
 
 
 async def _page_call(page: Page | None, name: str, args: list[Any], timeout: float) -> Any:

@@ -47,18 +47,20 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _wait_for_spare(handle: Any, models: list[str]) -> None:
-    """Until the browser's spare process is ready and holds ``models`` (the state a restart meets when the
-    browser failed a while after it last loaded a model)."""
+def _wait_for_spare(handle: Any, model: Any) -> None:
+    """Until the browser's spare process is ready and holds ``model`` as it should (a session, or its bytes
+    staged): the state a restart meets when the browser failed a while after it last loaded a model."""
     import ray
 
     deadline = time.monotonic() + SPARE_WAIT_S
     while True:
         health = ray.get(handle.health.remote())
-        if health["spare_pid"] is not None and health["spare_models"] == models:
+        if (health["spare_pid"] is not None and health["spare_models"] == model.spare_models
+                and health["spare_staged"] == model.spare_staged):
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no spare process holding {models} within {SPARE_WAIT_S} s")
+            raise RuntimeError(f"no spare process holding {model.spare_models} (staged: {model.spare_staged}) "
+                               f"within {SPARE_WAIT_S} s")
         time.sleep(0.02)
 
 
@@ -94,6 +96,7 @@ class MiniLM:
         self.reference = minilm.reference_embed([SENTENCE])[0]
         self.ref: Any = None
         self.spare_models = [self.art.key]      # small enough to be held by a spare too
+        self.spare_staged: list[str] = []
 
     def load(self, handle: Any) -> dict[str, Any]:
         import ray
@@ -123,7 +126,8 @@ class SmolLM2:
         self.expected = llama_onnx.OrtShardChain([self.art]).greedy(self.prompt, 1)[:1]
         self.sessions = 0
         self.ref: Any = None
-        self.spare_models: list[str] = []       # too big to be held twice: the spare stays blank
+        self.spare_models: list[str] = []       # too big to be held twice as a session: the spare stages it
+        self.spare_staged = [self.art.key]
 
     def load(self, handle: Any) -> dict[str, Any]:
         import ray
@@ -161,7 +165,7 @@ def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]
             raise RuntimeError("the first answer before any restart is wrong")
         for _ in range(trials):
             if spare:
-                _wait_for_spare(handle, model.spare_models)
+                _wait_for_spare(handle, model)
             ray.get(handle.inject_fault.remote("kill_browser"))
             t0 = time.perf_counter()
             try:
@@ -176,6 +180,7 @@ def restart_trials(model: Any, spare: bool, trials: int) -> list[dict[str, Any]]
                 continue
             rows.append({"total_ms": _ms(t0), "restart_ms": restart_ms, "load_ms": load_ms,
                          "answer_ms": _ms(t0) - restart_ms - load_ms, "create_ms": loaded["createMs"],
+                         "fetch_ms": loaded["fetchMs"], "staged": loaded.get("staged", False),
                          "from_spare": info["from_spare"], "runtime_warm_up_ms": info["runtime_warm_up_ms"],
                          "restart_phases_ms": info["phases_ms"], "correct": correct})
     finally:
@@ -237,7 +242,7 @@ def after_sigkill_trials(spare: bool, trials: int, temp: Path) -> list[dict[str,
         for _ in range(trials):
             handle = ray.get(pool.browser_handle.remote(browser_id))
             if spare:
-                _wait_for_spare(handle, [minilm.art.key])
+                _wait_for_spare(handle, minilm)
             ray.get(pool.inject_fault.remote(browser_id, "kill_browser"))
             t0 = time.perf_counter()
             out = ray.get(pool.infer.remote(MODEL, {"text": SENTENCE}))
@@ -253,7 +258,8 @@ def after_sigkill_trials(spare: bool, trials: int, temp: Path) -> list[dict[str,
 def _cell(name: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     cell = {"case": name, **extra, "summary": summary_ms([r["total_ms"] for r in rows]),
             "correct": sum(r["correct"] for r in rows), "trials": rows}
-    for part in ("restart_ms", "load_ms", "answer_ms", "create_ms", "runtime_warm_up_ms", *FIRST_ANSWER_MARKS):
+    for part in ("restart_ms", "load_ms", "answer_ms", "fetch_ms", "create_ms", "runtime_warm_up_ms",
+                 *FIRST_ANSWER_MARKS):
         values = [r[part] for r in rows if r.get(part) is not None]
         if values:
             cell[f"median_{part}"] = float(np.median(values))
@@ -270,7 +276,7 @@ def _row(cell: dict[str, Any]) -> str:
     label = cell["case"] + ("" if "spare" not in cell else f" (spare {'on' if cell['spare'] else 'off'})")
     parts = [f"{label:<42} p50 {s['median_ms']:7.0f} ms  p95 {s['p95_ms']:7.0f} ms  "
              f"correct {cell['correct']}/{s['n']}"]
-    for part in ("restart_ms", "load_ms", "create_ms", "answer_ms", *FIRST_ANSWER_MARKS):
+    for part in ("restart_ms", "load_ms", "fetch_ms", "create_ms", "answer_ms", *FIRST_ANSWER_MARKS):
         if f"median_{part}" in cell:
             parts.append(f"{part.removesuffix('_ms')} {cell[f'median_{part}']:.0f}")
     if "target_ms" in cell:
