@@ -604,12 +604,13 @@ class BrowserCore:
         pids = await self.process_ids()
         # In a thread: reading a process's smaps waits on its memory map's lock, up to ~1 s while the page
         # allocates a model, and this actor's loop must keep answering the pool's probes.
-        memory = await asyncio.to_thread(self._memory.read, list(pids.values()), tuple(sorted(page["models"])),
+        memory = await asyncio.to_thread(self._memory.read, list(pids.values()),
+                                         (tuple(sorted(page["models"])), tuple(sorted(page.get("staged", [])))),
                                          self.memory_limit_bytes)
         spare = self.spares.spare if self.spares is not None else None
         spare_memory = 0 if spare is None else await asyncio.to_thread(
             self._spare_memory.read, [spare.proc.pid, *chromium.descendants(spare.proc.pid)],
-            tuple(sorted(spare.models)))
+            (tuple(sorted(spare.models)), tuple(sorted(spare.staged))))
         if self.memory_limit_bytes and memory > self.memory_limit_bytes:
             self.signal.fail(FailureCategory.MEMORY, f"uses {memory >> 20} MiB, over its ceiling of "
                                                f"{self.memory_limit_bytes >> 20} MiB")
