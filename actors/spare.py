@@ -295,6 +295,7 @@ class SpareKeeper:
         finally:
             self.core.server.drop_blob(url)
         spare.models.add(key)
+        spare.staged.discard(key)      # a staged model's load used its bytes (runtime.js `load`)
 
     async def _stage(self, spare: SpareProcess, key: str, model: HeldModel) -> None:
         url = self.core.server.put_blob(key, model.data)

@@ -216,9 +216,12 @@ async function loadNow(key, url, backend) {
 // hold twice as sessions, so that once it is taken, loading the model skips the fetch (1.4 s for SmolLM2's
 // 540 MB here). Idempotent per key, like `load`.
 export async function stage(key, url) {
-  if (staged.has(key) || sessions.has(key)) return { fetchMs: 0, bytes: 0, alreadyHeld: true };
+  const held = () => staged.has(key) || sessions.has(key) || loading.has(key);
+  if (held()) return { fetchMs: 0, bytes: 0, alreadyHeld: true };
   const t0 = performance.now();
   const bytes = await fetchModel(key, url);
+  // A load of the key that began meanwhile (the spare was taken mid-fetch) fetched its own: keep no second copy.
+  if (held()) return { fetchMs: performance.now() - t0, bytes: 0, alreadyHeld: true };
   staged.set(key, bytes);
   return { fetchMs: performance.now() - t0, bytes: bytes.byteLength };
 }
