@@ -147,6 +147,9 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path, url: str = "about:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # Chromium's own temp folder (its singleton socket's, org.chromium.Chromium.*) goes beside the profile,
+        # into the folder its caller removes, never into the machine's /tmp whoever launches it.
+        env={**os.environ, "TMPDIR": str(user_data_dir.parent)},
         preexec_fn=_child_setup(background),
     )
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
