@@ -104,7 +104,6 @@ class BrowserCore:
         self._background_ends: asyncio.Future | None = None     # moves them to the normal priority at its cap
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
-        self.corrupt_outputs = False                  # fault injection: perturb results (voting tests)
         self.work_in_flight = 0                       # model loads and runs under way in the page
         self.work_ended_at = time.monotonic()         # when the last of them ended (a spare waits for quiet)
         self._cleanups: set[asyncio.Future] = set()   # old profiles being removed
@@ -354,7 +353,6 @@ class BrowserCore:
         self.proc = None
         self.closing = False                          # a step of ours is closing the process: its end is no failure
         self.signal.clear()
-        self.corrupt_outputs = False
         from_spare = await self._launch_browser()
         phases["launch"] = time.perf_counter()
         marks = [t0, *phases.values()]

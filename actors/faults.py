@@ -17,6 +17,7 @@ from events.errors import BrowserFailure, InputError, show
 
 FAULTS = ("crash_page", "kill_renderer", "kill_browser", "kill_gpu", "hang", "disconnect", "exhaust_memory",
           "corrupt_output", "exfiltrate", "slow")
+CORRUPT_VARIANTS = 3     # the ways a page can be wrong (actors/page/runtime.js, corrupt)
 
 # What hostile model code would try: send data out by fetch, open a WebSocket, navigate away. ``url`` is
 # an argument, never part of the source.
@@ -37,14 +38,16 @@ _EXFILTRATE_JS = """async (url) => {
 
 
 async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
-                       url: str = "http://127.0.0.1:9/exfiltrate", factor: float = 6.0) -> dict[str, Any]:
+                       url: str = "http://127.0.0.1:9/exfiltrate", factor: float = 6.0,
+                       variant: int = 1) -> dict[str, Any]:
     """Make a real fault happen in ``core``'s browser (for tests, benchmarks and the CLI).
 
     crash_page: CDP Page.crash; kill_renderer / kill_browser / kill_gpu: SIGKILL of that process;
     hang: ``while(true){}`` in the page, queued ahead of any later call; disconnect: cut the CDP connection
     at the relay (the browser lives on);
     exhaust_memory: the page allocates and touches ``mb`` MiB beyond the browser's memory ceiling;
-    corrupt_output: the page returns wrong numbers from then on (a dissenter for voting);
+    corrupt_output: the page returns wrong numbers from then on (a dissenter for voting); browsers given
+    different ``variant`` s (1-3) are also wrong differently (no majority), and ``variant=0`` ends the fault;
     exfiltrate: the page tries to send data to ``url`` by fetch, WebSocket and navigation (all blocked);
     slow: the page's CPU is throttled ``factor`` times (CDP Emulation.setCPUThrottlingRate): a degraded
     browser that still answers correctly.
@@ -80,7 +83,9 @@ async def inject_fault(core: BrowserCore, kind: str, mb: int = 256,
         except BrowserFailure as exc:      # the renderer ran out of memory before the ceiling was seen
             return {"fault": kind, "browser_id": core.browser_id, "effect": str(exc).splitlines()[0]}
     elif kind == "corrupt_output":
-        await core._call("setCorrupt", [True], HEALTH_TIMEOUT)
+        if isinstance(variant, bool) or not isinstance(variant, int) or not 0 <= variant <= CORRUPT_VARIANTS:
+            raise InputError("variant", f"must be an int in [0, {CORRUPT_VARIANTS}], got {show(variant)}")
+        await core._call("setCorrupt", [variant], HEALTH_TIMEOUT)
     elif kind == "slow":
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 <= factor <= 100:
             raise InputError("factor", f"must be a number in [1, 100], got {show(factor)}")

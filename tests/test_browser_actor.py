@@ -80,6 +80,7 @@ def test_minilm_matches_numpy_reference(browser):
 def test_bad_input_is_a_typed_error_and_the_browser_keeps_serving(browser):
     handle, _ = browser
     [art] = artifacts("all-minilm-l6-v2")
+    _load(handle, art)          # loaded already when the module runs in order (a reload of held bytes is cheap)
     feeds = minilm.tokenize(SENTENCES[:1])
     with pytest.raises(InputError, match="not loaded"):
         ray.get(handle.run.remote("no-such-model", feeds))
@@ -91,6 +92,10 @@ def test_bad_input_is_a_typed_error_and_the_browser_keeps_serving(browser):
         ray.get(handle.run.remote('"); window.close(); //', feeds))
     with pytest.raises(InputError, match="sha256"):
         ray.get(handle.load_model.remote("tampered", ray.put(np.zeros(10, np.uint8)), art.sha256))
+    with pytest.raises(InputError, match="variant"):           # a fault's own options are checked too
+        ray.get(handle.inject_fault.remote("corrupt_output", variant=4))
+    with pytest.raises(InputError, match="unknown fault"):
+        ray.get(handle.inject_fault.remote("corrupt_everything"))
     out = ray.get(handle.run.remote(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
     assert np.abs(out - minilm.reference_embed(SENTENCES[:1])).max() <= 1e-4
 

@@ -17,7 +17,8 @@ from events.errors import InputError, NoMajorityError
 from events.state import SessionTokens, open_operations
 from sharding.coordinator import ShardStage, after_promotions, generate_tokens
 from sharding.models import llama, llama_onnx
-from sharding.plan import even_layer_ranges
+from sharding.models.registry import artifact_key_parts
+from sharding.plan import DEFAULT_MEMORY_MODEL, even_layer_ranges, shard_memory_bytes
 from sharding.sampling import sample_next, token_rng
 from webpool import ResourcePool, cli
 
@@ -131,28 +132,47 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
 
 
 @pytest.mark.slow
-def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, capsys):
+def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, smollm2, capsys):
     """The generations above (1, 2 and 3 shards), read back from the pool's own log by ``webpool analyze``:
     each is a run of the sharding analyzer, with the memory its shards' browsers measured themselves, and
-    the analyzer recommends a shard count from them."""
+    the analyzer recommends a shard count from them. The planner's memory need for the whole model covers
+    what its browser measured holding it."""
     # A browser in a session is not probed: its health report with its shard loaded comes at the first health
     # pass after the session (every 2 s). A hang guard, not a speed limit.
     deadline = time.monotonic() + 120
     while True:
         assert cli.main(["analyze", "--dir", str(shard_events), "--json"]) == 0
         sharding = json.loads(capsys.readouterr().out)["sharding"]
-        smollm2 = sharding["by_model"].get("smollm2-135m", {})
-        if set(smollm2.get("runs_by_shards", {})) >= {"1", "2", "3"} or time.monotonic() > deadline:
+        smollm2_run = sharding["by_model"].get("smollm2-135m", {})
+        if set(smollm2_run.get("runs_by_shards", {})) >= {"1", "2", "3"} or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    assert smollm2["runs_by_shards"] == {"1": 1, "2": 1, "3": 1}, sharding
+    assert smollm2_run["runs_by_shards"] == {"1": 1, "2": 1, "3": 1}, sharding
     assert sharding["skipped"] == {}, sharding
-    assert smollm2["recommended_shards"] in (1, 2, 3), smollm2["reason"]
+    assert smollm2_run["recommended_shards"] in (1, 2, 3), smollm2_run["reason"]
     for n in ("1", "2", "3"):
-        estimate = smollm2["estimates"][n]
+        estimate = smollm2_run["estimates"][n]
         assert estimate["source"] == estimate["memory_source"] == "measured" and estimate["runs"] == 1
     # Measured, not modelled: the browser that ran all 30 layers holds SmolLM2's 517 MB of fp32 weights.
-    assert smollm2["estimates"]["1"]["max_shard_memory_bytes"] > 517 << 20
+    assert smollm2_run["estimates"]["1"]["max_shard_memory_bytes"] > 517 << 20
+    # The planner's memory need (sharding/plan.py, MemoryModel: the page, plus for each shard the larger of its
+    # creation and running peaks at this context) is never below what a browser holding those shards measured
+    # (every health report so far counts); for a browser holding one shard it is not so far above it that plans
+    # would leave half a browser unused (several shards' peaks, added up, are further above: they never coincide).
+    config, context = smollm2.config, len(smollm2.encode(PROMPT)) + NEW_TOKENS
+    page = DEFAULT_MEMORY_MODEL.page_bytes
+    checked = 0
+    for e in ray.get(pool.recent_events.remote(5000)):
+        held = [artifact_key_parts(key) for key in e["data"].get("loaded", ())]
+        if e["action"] != "BrowserHealthReported" or not held or {m for m, _ in held} != {"smollm2-135m"}:
+            continue
+        ranges = [(0, config.n_layers) if r is None else tuple(map(int, r.split("-"))) for _, r in held]
+        need = page + sum(shard_memory_bytes(config, a, b, context_tokens=context) - page for a, b in ranges)
+        measured = e["data"]["memory_mb"] * (1 << 20)
+        assert measured <= need, (e["data"], need)
+        assert len(ranges) > 1 or need <= 1.5 * measured, (e["data"], need)
+        checked += 1
+    assert checked >= 1
 
 
 def _sampled_reference(model, prompt_ids: list[int], n: int, temperature: float, top_p: float, seed: int) -> list[int]:
@@ -383,10 +403,12 @@ def test_critical_votes_every_generation_greedy_sampled_and_sharded(ray_local, t
 
 
 def test_three_sharded_voters_outvote_a_corrupted_shard_and_quarantine_its_whole_chain(ray_local, tmp_path):
-    """Level critical, three voters, two shards each (six browsers, tiny-llama): one voter's second shard returns
-    wrong numbers, so its chain dissents; the answer is the two agreeing chains' (the CPU reference's tokens), and
-    both browsers of the dissenting chain are quarantined, the corrupted one included (which of them erred
-    cannot be told from the answer; quarantining the voted-on first shard alone would keep the liar)."""
+    """Level critical, three voters, two shards each (six browsers, tiny-llama). Two voters whose second shards are
+    wrong in different ways leave no majority of three: the request fails with the typed error and nothing is
+    quarantined. Then one voter's second shard alone returns wrong numbers, so its chain dissents; the answer is
+    the two agreeing chains' (the CPU reference's tokens), and both browsers of the dissenting chain are
+    quarantined, the corrupted one included (which of them erred cannot be told from the answer; quarantining
+    the voted-on first shard alone would keep the liar)."""
     model = llama.tiny_llama(seed=0)
     whole = llama_onnx.build_shards(model, [(0, model.config.n_layers)])
     pool = ResourcePool.remote(max_connections=6, event_log=str(tmp_path / "events"), request_timeout=60.0,
@@ -397,10 +419,23 @@ def test_three_sharded_voters_outvote_a_corrupted_shard_and_quarantine_its_whole
         reference = llama_onnx.ort_greedy_generate(whole, first["prompt_token_ids"], 8)
         assert first["token_ids"] == reference and len(first["votes"]["agreeing"]) == 3
         opened = [e for e in ray.get(pool.recent_events.remote(2000)) if e["action"] == "SessionOpened"]
-        liar = opened[0]["data"]["plan"]["shards"][1]["browser_id"]
-        ray.get(pool.inject_fault.remote(liar, "corrupt_output"))
+        liar, other_liar = (opened[i]["data"]["plan"]["shards"][1]["browser_id"] for i in (0, 1))
+        # Each second-shard browser holds only that shard, so the two liars sit in two different chains.
+        ray.get(pool.inject_fault.remote(liar, "corrupt_output", variant=1))
+        ray.get(pool.inject_fault.remote(other_liar, "corrupt_output", variant=2))
         seq = ray.get(pool.get_state.remote()).last_seq
+        with pytest.raises(NoMajorityError, match="no majority of 3 voters"):
+            ray.get(pool.generate.remote("tiny-llama", "three voters", max_new_tokens=8, shards=2))
+        state = ray.get(pool.get_state.remote())
+        assert open_operations(state) == [] and not [b for b in state.browsers.values() if b.status == "quarantined"]
+        voted = [[s["browser_id"] for s in e["data"]["plan"]["shards"]]
+                 for e in ray.get(pool.recent_events.remote(2000)) if e["seq"] > seq and e["action"] == "SessionOpened"]
+        chain_of = {b: i for i, chain in enumerate(voted) for b in chain}
+        assert len(voted) == 3 and liar in chain_of and other_liar in chain_of, voted
+        assert chain_of[liar] != chain_of[other_liar], voted
 
+        ray.get(pool.inject_fault.remote(other_liar, "corrupt_output", variant=0))    # right numbers again
+        seq = ray.get(pool.get_state.remote()).last_seq
         out = ray.get(pool.generate.remote("tiny-llama", "three voters", max_new_tokens=8, shards=2))
         assert out["token_ids"] == reference
         assert len(out["votes"]["agreeing"]) == 2 and len(out["votes"]["dissenting"]) == 1, out["votes"]

@@ -30,7 +30,7 @@ let gpuDeviceLost = null;     // {reason, message} once WebGPU reports the devic
 let gpuDeviceLostReport = new Promise(() => {});   // settles when the current device's loss is recorded
 // A GPU process that dies mid-run fails the run a moment before WebGPU reports the device lost.
 const DEVICE_LOST_GRACE_MS = 1000;
-const faults = { corrupt: false, ballast: [] };   // fault injection (tests, benchmarks, CLI)
+const faults = { corrupt: 0, ballast: [] };   // fault injection (tests, benchmarks, CLI)
 let runsStarted = 0;          // model runs this page has started (health reports it)
 
 // An error the request caused, in a page that is fine: the actor turns it into an InputError. Any
@@ -361,26 +361,29 @@ async function runNow(entry, key, feeds, opts) {
   }
   const fetched = {};
   for (const name of opts.fetch || entry.outputNames) {
-    if (faults.corrupt) corrupt(outputs[name].data);
+    if (faults.corrupt) corrupt(outputs[name].data, faults.corrupt);
     fetched[name] = fromTensor(outputs[name]);
   }
   return { outputs: fetched, ms: performance.now() - t0 };
 }
 
-// Fault injection: make this browser return wrong numbers (a dissenter for voting tests): floats change
-// sign and scale, integers (a generation's top-k token ids) their lowest bit, so ids stay in an even vocabulary.
-function corrupt(data) {
+// Fault injection: make this browser return wrong numbers (a dissenter for voting tests), or right ones again
+// (variant 0). Browsers given different variants also disagree with each other (a vote with no majority): floats
+// change sign and scale, integers (a generation's top-k token ids) have their two lowest bits flipped by the
+// variant (1-3), so ids stay in a vocabulary whose size is a multiple of 4.
+function corrupt(data, variant) {
   if (data instanceof BigInt64Array) {
-    for (let i = 0; i < data.length; i++) data[i] ^= 1n;
+    const flip = BigInt(variant);
+    for (let i = 0; i < data.length; i++) data[i] ^= flip;
   } else if (data instanceof Float32Array) {
-    for (let i = 0; i < data.length; i++) data[i] = data[i] * -0.5 + 0.01 * ((i * 7919) % 13);
+    for (let i = 0; i < data.length; i++) data[i] = data[i] * -0.5 * variant + 0.01 * ((i * 7919) % 13);
   } else if (data instanceof Int32Array) {
-    for (let i = 0; i < data.length; i++) data[i] ^= 1;
+    for (let i = 0; i < data.length; i++) data[i] ^= variant;
   }
 }
 
-export function setCorrupt(on) {
-  faults.corrupt = Boolean(on);
+export function setCorrupt(variant) {
+  faults.corrupt = variant;
   return faults.corrupt;
 }
 
