@@ -64,6 +64,19 @@ def test_capabilities_reported(browser):
     assert info["pid"] > 0
 
 
+def test_no_renderer_runs_the_browsers_own_ui(browser):
+    """Chromium preloads its omnibox popups (WebUI) in a renderer of their own even when headless: ~0.9 s of CPU
+    and ~50 MiB a start (docs/facts.md). The launch flags turn them off; a Chromium that renames the features
+    brings that renderer back, and this fails."""
+    handle, _ = browser
+    renderers = {name: pid for name, pid in ray.get(handle.process_ids.remote()).items()
+                 if name.startswith("renderer")}
+    assert renderers
+    for name, pid in renderers.items():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"--top-chrome-webui" not in f.read(), (name, pid)     # one string: Chromium sets its title
+
+
 def test_minilm_matches_numpy_reference(browser):
     handle, _ = browser
     [art] = artifacts("all-minilm-l6-v2")
