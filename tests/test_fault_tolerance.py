@@ -18,7 +18,8 @@ from standby import warm_standby
 
 from actors import priority
 from actors.constants import STANDBY_BACKGROUND_S
-from events.errors import BrowserFailure
+from actors.decisions.recovery import FaultToleranceConfig, plan_steps
+from events.errors import BrowserFailure, FailureCategory
 from events.state import open_operations
 from sharding.models import llama, llama_onnx, minilm
 from webpool import ResourcePool
@@ -334,7 +335,7 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
 
 def test_webgpu_device_loss_is_detected_and_recovered(ray_local, tmp_path, reference):
     """Killing the GPU process makes WebGPU report device.lost: classified DEVICE_LOST, recovered
-    (in place when onnxruntime-web can take a new device, else by restart), answer still correct."""
+    by a restart (onnxruntime-web cannot move a session to a new device in place), answer still correct."""
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=60.0,
                                backend="webgpu", health_interval=30.0, spare_process=False,   # as _pool's
                                fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
@@ -381,6 +382,15 @@ def test_request_in_flight_survives_fault(pools, reference, strategy, fault):
     won = [s["step"] for s in steps if s["success"]]
     # A hang ended by its budget leaves the page usable: it is resumed in place, whatever the strategy.
     assert len(won) == 1 and won[0] in ({"resume"} if fault == "hang" else STEPS_OF[strategy]), steps
+    if strategy != "parallel":       # (parallel's steps run at once; they are named parallel:<step>)
+        # The steps were tried in the strategy's order (actors/decisions/recovery.py, plan_steps): progressive
+        # reconnects only after a lost connection or a hang, restarts before it fails over (no standby at
+        # medium), or only fails over once the browser has failed too often (the circuit is open).
+        tried = [s["step"] for s in steps]
+        config = FaultToleranceConfig.from_options({"level": "medium", "recovery_strategy": strategy})
+        category = FailureCategory(CATEGORY_OF[fault])
+        plans = [plan_steps(config, category, circuit_open) for circuit_open in (False, True)]
+        assert any(tried == plan[:len(tried)] for plan in plans), (tried, plans)
     if won[0] == "failover":       # the failed browser is retired, its work moved to another
         retired = ray.get(pool.get_state.remote()).browsers[browser_id]
         assert retired.status == "retired", retired
