@@ -223,11 +223,8 @@ class PoolCore:
         over_rows = self._admitted and self._admitted_rows + rows > self.max_queued_rows
         if self._admitted >= self.max_queued_requests or over_rows:
             admitted, admitted_rows = self._admitted, self._admitted_rows
-            # The faster of two lower bounds: the rate answered while busy (low after a model load or with
-            # one client at a time) and the pages' own rate (low when rows run batched).
-            rates = [r for r in (self._answer_rate.rows_per_s(), batching.page_rows_per_s(self.log.state, model))
-                     if r is not None]
-            retry = batching.retry_after_s(admitted_rows, max(rates, default=None))
+            retry = batching.retry_after_s(admitted_rows, (self._answer_rate.rows_per_s(),
+                                                           batching.page_rows_per_s(self.log.state, model)))
             rejected = (ev.RequestRejected(model=model, reason="busy_rows", admitted=admitted_rows,
                                            limit=self.max_queued_rows) if over_rows else
                         ev.RequestRejected(model=model, reason="busy", admitted=admitted,

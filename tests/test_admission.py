@@ -139,14 +139,15 @@ def test_a_bad_spare_process_option_is_a_typed_error():
         assert info.value.field == "spare_process"
 
 
-def test_the_retry_hint_is_the_rows_ahead_at_the_recent_answer_rate():
-    """README: ``retry_after_s`` is the rows ahead at the recent answer rate, within [0.05 s, 30 s]; a second
-    before any answer."""
+def test_the_retry_hint_is_the_rows_ahead_at_the_faster_known_rate():
+    """README: ``retry_after_s`` is the rows ahead at the faster of the recent answer rate and the pages' own,
+    within [0.05 s, 30 s]; a second before any rate is known. (The pool passes exactly these two rates.)"""
     from actors.decisions.batching import retry_after_s
 
-    assert retry_after_s(100, 50.0) == 2.0
-    assert retry_after_s(1, 1000.0) == 0.05 and retry_after_s(10**6, 1.0) == 30.0
-    assert retry_after_s(100, None) == 1.0 and retry_after_s(100, 0.0) == 1.0
+    assert retry_after_s(100, (50.0, None)) == 2.0 and retry_after_s(100, (None, 50.0)) == 2.0
+    assert retry_after_s(100, (20.0, 50.0)) == 2.0 and retry_after_s(100, (50.0, 20.0)) == 2.0
+    assert retry_after_s(1, (1000.0,)) == 0.05 and retry_after_s(10**6, (1.0, 0.5)) == 30.0
+    assert retry_after_s(100, (None, None)) == 1.0 and retry_after_s(100, (0.0, None)) == 1.0
 
 
 def test_the_pages_own_rate_sums_each_serving_browsers_median_per_row_time():

@@ -6,7 +6,7 @@ over row counts, rates, clocks and the pool's state.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from events.state import PoolState, browsers_alive
 
@@ -61,9 +61,13 @@ def page_rows_per_s(state: PoolState, model: str) -> float | None:
     return sum(rates) if rates else None
 
 
-def retry_after_s(queued_rows: int, rows_per_s: float | None, floor_s: float = 0.05, ceiling_s: float = 30.0) -> float:
-    """When a client refused at the door should retry: the time the pool needs to answer the rows ahead
-    of it at its recent rate (``rows_per_s``; None before any answer: a second), within [floor, ceiling]."""
-    if not rows_per_s or rows_per_s <= 0:
+def retry_after_s(queued_rows: int, rates: Iterable[float | None], floor_s: float = 0.05,
+                  ceiling_s: float = 30.0) -> float:
+    """When a client refused at the door should retry: the time the pool needs to answer the rows ahead of it,
+    within [floor, ceiling], at the fastest of ``rates`` (rows per second; None where unknown): each is a lower
+    bound of what the pool can do (the rate it answered at while busy is low after a model load or with one
+    client at a time; its pages' own rate is low when rows run batched). A second when no rate is known."""
+    known = [r for r in rates if r is not None and r > 0]
+    if not known:
         return 1.0
-    return min(ceiling_s, max(floor_s, queued_rows / rows_per_s))
+    return min(ceiling_s, max(floor_s, queued_rows / max(known)))
