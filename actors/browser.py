@@ -23,7 +23,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -54,8 +53,9 @@ from actors.constants import (
 )
 from actors.failure_signal import FailureSignal, runtime_error, watch_connection, watch_page, watch_process
 from actors.isolation import isolate
+from actors.page_models import PageModels
 from actors.page_server import PageServer
-from actors.spare import HeldModel, SpareKeeper, SpareProcess, discard, runtime_tab
+from actors.spare import SpareKeeper, SpareProcess, discard, runtime_tab
 from actors.tensors import decode_tensor, encode_tensor
 from events.errors import BrowserFailure, FailureCategory, InputError, describe
 from sharding.models.cache import cache_dir
@@ -78,11 +78,8 @@ class BrowserCore:
         self.requested_type = browser_type
         self.num_threads = num_threads
         self.spares = SpareKeeper(self) if spare_process else None
-        self.held_models: dict[str, HeldModel] = {}     # what this page holds, verified (a spare loads them too)
-        # Models whose bytes this page holds without a session: staged by the spare it was (actors/spare.py).
-        self.staged_models: dict[str, HeldModel] = {}
+        self.page_models = PageModels(keep_held=spare_process)     # what the page holds (actors/page_models.py)
         self._unstaging: asyncio.Future | None = None   # drops staged bytes that no reload claimed
-        self.received_models: dict[str, tuple[str, memoryview]] = {}    # send id -> (sha256, bytes): receive_model
         self.memory_limit_bytes = memory_limit_mb << 20 if memory_limit_mb else None
         self.exe: chromium.BrowserExecutable | None = None
         self.temp_dir: Path | None = None
@@ -153,16 +150,15 @@ class BrowserCore:
         self.generation += 1
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
-        held, self.held_models, self.staged_models = self.held_models, {}, {}
         spare = self.spares.take() if self.spares is not None else None
+        usable = spare is not None and spare.usable()
+        self.page_models.new_page(spare if usable else None)
+        if usable:
+            await self._adopt(spare)
+            if self.page_models.staged:
+                self._unstaging = asyncio.ensure_future(self._unstage_unclaimed(self.generation))
+            return True
         if spare is not None:
-            if spare.usable():
-                await self._adopt(spare)
-                self.held_models = {k: m for k, m in held.items() if k in spare.models}
-                self.staged_models = {k: m for k, m in held.items() if k in spare.staged}
-                if self.staged_models:
-                    self._unstaging = asyncio.ensure_future(self._unstage_unclaimed(self.generation))
-                return True
             await discard(spare)
         try:
             self.profile = self.temp_dir / f"profile-{self.generation}"
@@ -245,10 +241,10 @@ class BrowserCore:
         """Drop the staged bytes no reload claimed within ``STAGED_CLAIM_S`` of taking the spare over (the pool
         reloads a restarted browser's models at once; one it moved elsewhere would otherwise stay in memory)."""
         await asyncio.sleep(STAGED_CLAIM_S)
-        for key in list(self.staged_models):
+        for key in list(self.page_models.staged):
             if generation != self.generation or self.closing:
                 return
-            self.staged_models.pop(key, None)
+            self.page_models.staged.pop(key, None)
             try:
                 await self._call("unstage", [key], HEALTH_TIMEOUT)
             except Exception as exc:        # a page that is gone holds nothing; its failure is the signal's
@@ -498,35 +494,20 @@ class BrowserCore:
         bytes' way to this node is a step of its own: the pool can abandon it and send them again from
         another copy before any page work starts (``ModelCopies.send``); it discards what an abandoned
         send kept (``discard_received``)."""
-        held = self.held_models.get(key) or self.staged_models.get(key)
-        if held is not None and held.sha256 == sha256:
-            # The page holds this very content already (a session, or bytes a spare staged), verified when this
-            # browser first received it: the load uses what the page holds, so these bytes need no hash.
-            self.received_models[send_id] = (sha256, held.data)
-            return
-        view = memoryview(model_bytes).cast("B")
-        # In a thread (hashlib lets go of the GIL): hashing hundreds of MB takes ~1 s here, and this actor's
-        # loop must keep answering the pool's probes meanwhile.
-        digest = (await asyncio.to_thread(hashlib.sha256, view)).hexdigest()
-        if digest != sha256:
-            raise InputError("model_bytes", f"model {key}: sha256 {digest[:16]}… does not match expected "
-                             f"{sha256[:16]}…")
-        self.received_models[send_id] = (sha256, view)
+        await self.page_models.receive(send_id, key, model_bytes, sha256)
 
     async def discard_received(self, send_id: str) -> None:
-        self.received_models.pop(send_id, None)
+        self.page_models.discard_received(send_id)
 
     async def load_received(self, send_id: str, key: str, sha256: str, backend: str = "wasm") -> dict:
         """Create a session of ``key`` on ``backend`` from the bytes ``receive_model`` kept under ``send_id``."""
-        sha_kept, view = self.received_models.pop(send_id, (None, None))
-        if sha_kept != sha256 or view is None:       # the pool's own mistake, never a caller's
-            raise LookupError(f"model {key}: no bytes with sha256 {sha256[:16]}… were received as {send_id}")
+        view = self.page_models.take_received(send_id, key, sha256)
         backends = self.capabilities.get("backends", [])
         if backend not in backends:
             raise InputError("backend", f"{backend!r} is not available in browser {self.browser_id} "
                              f"(has {', '.join(backends)})")
         assert self.server is not None
-        staged = self.staged_models.pop(key, None)
+        staged = self.page_models.claim_staged(key)
         if staged is not None and staged.sha256 != sha256:      # other content under the key: not these bytes
             await self._call("unstage", [key], HEALTH_TIMEOUT)
         url = self.server.put_blob(key, view)
@@ -534,8 +515,8 @@ class BrowserCore:
             result = await self._call("load", [key, url, backend], LOAD_MODEL_TIMEOUT, work=True)
         finally:
             self.server.drop_blob(url)
+        self.page_models.loaded(key, view, sha256, backend)
         if self.spares is not None:
-            self.held_models[key] = HeldModel(view, sha256, backend)
             self.spares.tend(start=False)
         return result | {"backend": backend, "sha256": sha256}
 
@@ -579,8 +560,7 @@ class BrowserCore:
 
     async def unload_model(self, key: str) -> bool:
         dropped = await self._call("unload", [key], LOAD_MODEL_TIMEOUT)     # staged bytes too
-        self.held_models.pop(key, None)
-        self.staged_models.pop(key, None)
+        self.page_models.unloaded(key)
         if self.spares is not None:
             self.spares.tend(start=False)
         return dropped

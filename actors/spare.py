@@ -47,6 +47,7 @@ from actors.constants import (
     SPARE_STAGED_BYTES_MAX,
     SPARE_START_WITHIN_S,
 )
+from actors.page_models import HeldModel
 from events.errors import describe
 
 log = logging.getLogger(__name__)
@@ -154,15 +155,6 @@ def memory_available() -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class HeldModel:
-    """A model the browser's page holds, as the spare needs it: its verified bytes and its backend."""
-
-    data: memoryview
-    sha256: str
-    backend: str
-
-
 class SpareKeeper:
     """Keeps one spare process ready for a browser (``core``: its BrowserCore) and hands it over.
 
@@ -214,7 +206,7 @@ class SpareKeeper:
 
     def wanted(self) -> tuple[dict[str, HeldModel], dict[str, HeldModel]]:
         """The browser's models the spare should hold: (as sessions, staged), by ``spare_holdings``."""
-        return spare_holdings(self.core.held_models)
+        return spare_holdings(self.core.page_models.held)
 
     async def _tend(self) -> None:
         core = self.core

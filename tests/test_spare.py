@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from actors.constants import SPARE_FAILURES_MAX, SPARE_MODEL_BYTES_MAX, SPARE_STAGED_BYTES_MAX
-from actors.spare import HeldModel, SpareKeeper
+from actors.page_models import HeldModel
+from actors.spare import SpareKeeper
 
 
 def _held(**sizes: int) -> dict[str, HeldModel]:
@@ -20,19 +21,19 @@ def _held(**sizes: int) -> dict[str, HeldModel]:
 
 def test_a_spare_holds_the_browsers_models_as_sessions_while_they_fit_else_stages_their_bytes():
     small = _held(a=1000, b=2000)
-    keeper = SpareKeeper(SimpleNamespace(held_models=small))
+    keeper = SpareKeeper(SimpleNamespace(page_models=SimpleNamespace(held=small)))
     assert keeper.wanted() == (small, {})
     # One model too many for second sessions: all of them are staged (bytes only), never a part as sessions.
     big = small | _held(big=SPARE_MODEL_BYTES_MAX)
-    keeper.core.held_models = big
+    keeper.core.page_models.held = big
     assert keeper.wanted() == ({}, big)
     # Too many bytes to stage: the spare stays blank rather than hold a part.
-    keeper.core.held_models = big | _held(huge=SPARE_STAGED_BYTES_MAX)
+    keeper.core.page_models.held = big | _held(huge=SPARE_STAGED_BYTES_MAX)
     assert keeper.wanted() == ({}, {})
 
 
 def test_a_keeper_whose_spares_keep_failing_stops_starting_them():
-    keeper = SpareKeeper(SimpleNamespace(held_models={}, closing=False, proc=object()))
+    keeper = SpareKeeper(SimpleNamespace(page_models=SimpleNamespace(held={}), closing=False, proc=object()))
     keeper.failures = SPARE_FAILURES_MAX
     keeper.tend()              # would need a running event loop if it started anything
     assert keeper._task is None
@@ -160,7 +161,7 @@ def test_a_restart_reloads_a_staged_model_without_fetching_or_hashing_it_and_dro
             while (await core.health())["staged_models"]:
                 assert time.monotonic() < deadline, "unclaimed staged bytes were never dropped"
                 await asyncio.sleep(0.05)
-            assert core.staged_models == {}
+            assert core.page_models.staged == {}
         finally:
             await core.close()
 
