@@ -153,6 +153,10 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
         # Traffic moved: from the drain on, the slowed browser started nothing new.
         late = [e for e in events if e["action"] == "OperationStarted" and e["seq"] > draining[0]["seq"]]
         assert len(late) >= 4 and all(e["data"]["browser_id"] != slowed for e in late)
+        # README: max_batch_size=1 runs every request alone, concurrent ones included (a shared run's operations
+        # carry batch_requests in their metrics; tests/test_batching.py shows they do when batching is on).
+        completed = [e for e in events if e["action"] == "OperationCompleted"]
+        assert completed and not [e for e in completed if "batch_requests" in e["data"]["metrics"]]
 
     finally:
         ray.get(pool.shutdown.remote())
