@@ -339,8 +339,10 @@ def test_webgpu_device_loss_is_detected_and_recovered(ray_local, tmp_path, refer
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), request_timeout=60.0,
                                backend="webgpu", health_interval=30.0, spare_process=False,   # as _pool's
                                fault_tolerance={"level": "medium", "recovery_strategy": "progressive"})
-    first = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:2]}))
-    assert first["backend"] == "webgpu" and np.abs(first["embedding"] - reference[:2]).max() <= 1e-3
+    # Loaded, not run: a first run on SwiftShader compiles its pipelines for ~5 s (~10 CPU-s), and the device is
+    # live once the session's weights are on it. (A run's agreement with wasm: tests/test_browser_actor.py.)
+    first = ray.get(pool.place.remote("all-minilm-l6-v2"))
+    assert first["backend"] == "webgpu"
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_gpu"))
     # At once: a run that fails on the dying device is classified DEVICE_LOST (the page waits for the report).
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:2]}), timeout=300)
