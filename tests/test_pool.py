@@ -15,6 +15,7 @@ from procs import alive, is_browser_main_process
 
 from actors.chromium import descendants
 from actors.constants import BROWSER_ACTOR_NAMESPACE, BROWSER_ACTOR_PREFIX
+from actors.decisions.placement import SOFTWARE_ADAPTERS
 from events.errors import InputError
 from events.fold import replay
 from events.schema import BrowserLaunched
@@ -53,7 +54,7 @@ def test_infer_single_and_batch_match_reference(pool):
     # README (Limits): WASM unless the browser has a hardware WebGPU adapter; a software one (SwiftShader, as in a
     # headless container or CI) is far slower than WASM. The adapter is what the browser itself reported.
     adapter = ray.get(pool.health.remote())[batch["browser_id"]]["detail"].get("webgpu", {}).get("architecture", "")
-    software = not adapter or any(name in adapter.lower() for name in ("swiftshader", "llvmpipe", "lavapipe"))
+    software = not adapter or any(name in adapter.lower() for name in SOFTWARE_ADAPTERS)
     assert batch["backend"] == ("wasm" if software else "webgpu"), adapter
 
 

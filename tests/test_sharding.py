@@ -17,7 +17,7 @@ from events.errors import InputError, NoMajorityError
 from events.state import SessionTokens, open_operations
 from sharding.coordinator import ShardStage, after_promotions, generate_tokens
 from sharding.models import llama, llama_onnx
-from sharding.models.registry import artifact_key_parts
+from sharding.models.registry import artifact_key_parts, layer_range
 from sharding.plan import DEFAULT_MEMORY_MODEL, even_layer_ranges, shard_memory_bytes
 from sharding.sampling import sample_next, token_rng
 from webpool import ResourcePool, cli
@@ -168,7 +168,7 @@ def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, smollm2,
         held = [artifact_key_parts(key) for key in e["data"].get("loaded", ())]
         if e["action"] != "BrowserHealthReported" or not held or {m for m, _ in held} != {"smollm2-135m"}:
             continue
-        ranges = [(0, config.n_layers) if r is None else tuple(map(int, r.split("-"))) for _, r in held]
+        ranges = [(0, config.n_layers) if r is None else layer_range(r) for _, r in held]
         need = page + sum(shard_memory_bytes(config, a, b, context_tokens=context) - page for a, b in ranges)
         measured = e["data"]["memory_mb"] * (1 << 20)
         assert measured <= need, (e["data"], need)

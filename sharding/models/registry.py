@@ -105,6 +105,12 @@ def artifacts(name: str, layer_ranges: list[tuple[int, int]] | None = None) -> l
     ]
 
 
+def layer_range(shard: str) -> tuple[int, int]:
+    """The layers ``[a, b)`` a shard's name ("a-b", as ``ModelArtifact.shard``) covers."""
+    a, b = (int(x) for x in shard.split("-"))
+    return a, b
+
+
 def artifact(name: str, shard: str | None) -> ModelArtifact:
     """One artifact by its layer range ("a-b", as ``ModelArtifact.shard``; None for the whole model), built
     (or found in the cache) exactly as ``artifacts`` builds it as part of a plan."""
@@ -115,7 +121,7 @@ def artifact(name: str, shard: str | None) -> ModelArtifact:
 
     if get_spec(name).family != "llama":
         raise InputError("shard", f"{name} is not split into layer shards")
-    a, b = (int(x) for x in shard.split("-"))
+    a, b = layer_range(shard)
     s = llama_onnx.build_llama_onnx(llama_model(name), a, b)
     return ModelArtifact(name, shard, s.path, s.sha256, s.meta)
 
