@@ -135,8 +135,8 @@ def test_sharded_greedy_equals_unsharded_cpu_reference(pool, expected, shards):
 def test_the_sharding_analyzer_reads_this_pools_log(pool, shard_events, smollm2, capsys):
     """The generations above (1, 2 and 3 shards), read back from the pool's own log by ``webpool analyze``:
     each is a run of the sharding analyzer, with the memory its shards' browsers measured themselves, and
-    the analyzer recommends a shard count from them. The planner's memory need for the whole model covers
-    what its browser measured holding it."""
+    the analyzer recommends a shard count from them. The planner's memory need for the shards a browser holds
+    covers what that browser measured."""
     # A browser in a session is not probed: its health report with its shard loaded comes at the first health
     # pass after the session (every 2 s). A hang guard, not a speed limit.
     deadline = time.monotonic() + 120
