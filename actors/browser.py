@@ -151,13 +151,13 @@ class BrowserCore:
         self.blocked_requests = []       # counted per browser process (a BrowserLaunched starts afresh)
         self._last_page_health = None
         spare = self.spares.take() if self.spares is not None else None
-        usable = spare is not None and spare.usable()
-        self.page_models.new_page(spare if usable else None)
-        if usable:
+        if spare is not None and spare.usable():
+            self.page_models.new_page(loaded=spare.models, staged=spare.staged)
             await self._adopt(spare)
             if self.page_models.staged:
                 self._unstaging = asyncio.ensure_future(self._unstage_unclaimed(self.generation))
             return True
+        self.page_models.new_page()
         if spare is not None:
             await discard(spare)
         try:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from events.errors import InputError
-
-if TYPE_CHECKING:          # actors/spare.py imports this module
-    from actors.spare import SpareProcess
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,9 @@ class PageModels:
         self.held.pop(key, None)
         self.staged.pop(key, None)
 
-    def new_page(self, spare: SpareProcess | None = None) -> None:
-        """The browser has a new process: its page holds nothing, or, when it is ``spare``, what that spare
-        loaded or staged of this browser's models."""
+    def new_page(self, loaded: Collection[str] = (), staged: Collection[str] = ()) -> None:
+        """The browser has a new process: its page holds nothing, or, when it was a spare, the keys of this
+        browser's models that the spare ``loaded`` or ``staged``."""
         held = self.held
-        self.held = {k: m for k, m in held.items() if spare is not None and k in spare.models}
-        self.staged = {k: m for k, m in held.items() if spare is not None and k in spare.staged}
+        self.held = {k: m for k, m in held.items() if k in loaded}
+        self.staged = {k: m for k, m in held.items() if k in staged}

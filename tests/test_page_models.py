@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,7 +48,7 @@ def test_a_new_page_holds_what_the_spare_it_was_held_of_the_browsers_models():
     models = PageModels(keep_held=True)
     for key in ("a", "b", "c"):
         models.loaded(key, memoryview(BYTES), SHA, "wasm")
-    models.new_page(SimpleNamespace(models={"a"}, staged={"b", "other"}))
+    models.new_page(loaded={"a"}, staged={"b", "other"})
     assert set(models.held) == {"a"} and set(models.staged) == {"b"}
     assert models.claim_staged("b") is not None and models.staged == {}
     models.unloaded("a")
