@@ -47,23 +47,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("required parts are missing: " + "; ".join(missing), returncode=3)
 
 
-# Modules by their time in a serial run, slowest first (a clean clone, 2026-12-07: 250, 195, 128, 87, 73, 72, 64,
-# 62, 60, 55, 49, 46, 44, 39, 34, 32, 29 and 23 s). `./dev test` gives whole modules to two workers in this order,
-# so the long ones start first and the short ones fill the end (longest processing time first); modules not
-# listed follow in their usual order, and the tests of a module keep theirs.
-SLOWEST_MODULES = (
-    "test_fault_tolerance.py", "test_sharding.py", "test_cluster.py", "test_chaos.py", "test_cli.py",
-    "test_benchmark_quick.py", "test_hedging.py", "test_benchmark_throughput.py", "test_guide_api.py",
-    "test_browser_actor.py", "test_fuzz.py", "test_adaptive_pool.py", "test_readme.py", "test_pool_restart.py",
-    "test_failure_signals.py", "test_pool.py", "test_startup_faults.py", "test_cleanup.py",
-)
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: each module keeps its order
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """A real embedded Ray for the whole session, in its own temp dir (removed afterwards)."""

@@ -33,11 +33,3 @@ def test_dev_setup_leaves_our_sources_compiled():
              or pyc.stat().st_mtime_ns < p.stat().st_mtime_ns]
     assert not stale, stale
 
-
-def test_every_module_named_for_scheduling_exists():
-    """`./dev test` starts the modules in tests/conftest.py's SLOWEST_MODULES first: a name left behind by a
-    rename would quietly send that module to the end of the run."""
-    from conftest import SLOWEST_MODULES
-
-    assert len(set(SLOWEST_MODULES)) == len(SLOWEST_MODULES)
-    assert [m for m in SLOWEST_MODULES if not (REPO / "tests" / m).is_file()] == []
