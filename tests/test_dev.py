@@ -32,4 +32,3 @@ def test_dev_setup_leaves_our_sources_compiled():
              if not (pyc := Path(importlib.util.cache_from_source(str(p)))).exists()
              or pyc.stat().st_mtime_ns < p.stat().st_mtime_ns]
     assert not stale, stale
-

@@ -383,7 +383,7 @@ def test_request_in_flight_survives_fault(pools, reference, strategy, fault):
     events = _since(pool, seq)
     stats = ray.get(pool.get_recovery_statistics.remote())
     recovery_records = [(e["action"], e["subject"], e["data"]) for e in events
-                        if e["action"].startswith(("Browser", "Recovery"))]
+                        if e["action"].startswith(("Browser", "Recovery")) and e["action"] != "BrowserHealthReported"]
     assert stats["recovery_attempts"] > stats_before["recovery_attempts"], recovery_records
     assert stats["recovery_successes"] > stats_before["recovery_successes"], recovery_records
     # The first failure of the faulted browser is read as the fault's category, from its signal...
