@@ -5,11 +5,10 @@ no request lost; and the pool's numbers reach Prometheus through Ray's metrics a
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import ray
+from waiting import until
 
 from actors.decisions import adaptive
 from events.history import PerformanceHistoryTracker
@@ -43,15 +42,6 @@ def _holders(pool) -> set[str]:
 
 def _scaled(pool, direction: str) -> list[dict]:
     return [e["data"] for e in _events(pool) if e["action"] == "PoolScaled" and e["data"]["direction"] == direction]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_history_of_a_real_run_shows_a_planted_slowdown(ray_local, tmp_path, reference):
@@ -115,7 +105,7 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
         # background: the busy browser answers meanwhile).
         for out in ray.get([pool.infer.remote(MODEL, {"texts": TEXTS}) for _ in range(6)]):
             _check(out["embedding"], reference)
-        _wait(lambda: len(_holders(pool)) == 2, 120, "the pool to grow to two browsers holding the model")
+        until(lambda: len(_holders(pool)) == 2, "the pool to grow to two browsers holding the model", 120)
         browsers = [b.browser_id for b in browsers_alive(ray.get(pool.get_state.remote()))]
         assert len(browsers) == 2
         for _ in range(adaptive.MIN_SAMPLES + 1):      # a steady history on both
@@ -133,8 +123,8 @@ def test_a_slowed_browser_loses_its_traffic_and_is_drained_and_replaced(ray_loca
                 break
         # Replaced: a new browser holds the model, and serves.
         try:
-            _wait(lambda: any(e["action"] == "ModelLoaded" and e["subject"] not in browsers for e in _events(pool)),
-                  120, "a replacement browser with the model")
+            until(lambda: any(e["action"] == "ModelLoaded" and e["subject"] not in browsers for e in _events(pool)),
+                  "a replacement browser with the model", 120)
         except AssertionError as exc:      # say what the pool did instead
             trail = [(e["action"], e["subject"], str(e["data"])[:80]) for e in _events(pool)[-30:]]
             raise AssertionError(f"{exc}; slowed {slowed}; last events: {trail}") from None
@@ -171,8 +161,8 @@ def test_adaptive_scaling_grows_under_a_burst_and_shrinks_when_idle(ray_local, t
         for out in outs:
             _check(out["embedding"], reference)
         # Each growth (in the background) ends with a browser holding the model; then idleness shrinks the pool.
-        _wait(lambda: len(_holders(pool)) >= len(_scaled(pool, "up")), 120, "the browsers the burst asked for")
-        _wait(lambda: len(browsers_alive(ray.get(pool.get_state.remote()))) == 1, 60, "the pool to shrink to one")
+        until(lambda: len(_holders(pool)) >= len(_scaled(pool, "up")), "the browsers the burst asked for", 120)
+        until(lambda: len(browsers_alive(ray.get(pool.get_state.remote()))) == 1, "the pool to shrink to one", 60)
         # Counted from the log, not from a snapshot after the burst: the scale-down loop runs meanwhile,
         # and a browser idle early in a long burst may already have been retired.
         events = _events(pool)

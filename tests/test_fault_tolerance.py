@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import ray
 from standby import warm_standby
+from waiting import until
 
 from actors import priority
 from actors.constants import STANDBY_BACKGROUND_S
@@ -133,16 +134,6 @@ def _since(pool, seq: int) -> list[dict]:
 
 def _last_seq(pool) -> int:
     return ray.get(pool.get_state.remote()).last_seq
-
-
-def _recoveries_ended(pool, timeout: float = 60.0) -> None:
-    """Wait until no recovery is under way. A request can be answered before the recovery its fault started has
-    ended: a hang that a health check's budget cut short leaves the page free, and the request queued behind the
-    hang runs there while the recovery's resume step is still checking that page."""
-    deadline = time.monotonic() + timeout
-    while ray.get(pool.get_state.remote()).recoveries:
-        assert time.monotonic() < deadline, "a recovery never ended"
-        time.sleep(0.05)
 
 
 # Each fault kind at least once and each strategy at least once, where it applies (the full matrix
@@ -379,7 +370,10 @@ def test_request_in_flight_survives_fault(pools, reference, strategy, fault):
     # the fault and recovers (the log must show it).
     after = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}), timeout=120)
     assert np.abs(after["embedding"] - reference[:4]).max() <= 1e-4
-    _recoveries_ended(pool)
+    # A request can be answered before the recovery its fault started has ended: a hang that a health check's
+    # budget cut short leaves the page free, and the request queued behind the hang runs there while the
+    # recovery's resume step is still checking that page.
+    until(lambda: not ray.get(pool.get_state.remote()).recoveries, "the recoveries to end", 60.0, 0.05)
     events = _since(pool, seq)
     stats = ray.get(pool.get_recovery_statistics.remote())
     recovery_records = [(e["action"], e["subject"], e["data"]) for e in events

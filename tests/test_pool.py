@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 from procs import alive, is_browser_main_process
+from waiting import until
 
 from actors.chromium import descendants
 from actors.constants import BROWSER_ACTOR_NAMESPACE, BROWSER_ACTOR_PREFIX
@@ -188,20 +189,12 @@ def _browser_actors(pool) -> list[str]:
                   if a["namespace"] == BROWSER_ACTOR_NAMESPACE and a["name"].startswith(prefix))
 
 
-def _until(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout         # a hang guard, not a speed limit
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-    return value
-
-
 def test_a_new_pool_prepares_its_first_browser_actor_and_its_first_launch_takes_it(ray_local, tmp_path):
     """A new pool creates and starts its first browser when it is created, so that actor's Ray worker process
     and its Chromium start while the pool opens its log; the first launch takes that browser, not another."""
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), spare_process=False)
     ray.get(pool.__ray_ready__.remote())
-    prepared = _until(lambda: _browser_actors(pool), "the pool prepared no browser actor")
+    prepared = until(lambda: _browser_actors(pool), "the pool prepared no browser actor")
     assert len(prepared) == 1
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
     assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES[:1])[0]).max() <= 1e-4
@@ -225,12 +218,12 @@ def test_a_prepared_browser_ends_with_its_pool(ray_local, tmp_path):
     killed = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "killed"), spare_process=False)
     for pool in (shut, killed):
         ray.get(pool.__ray_ready__.remote())
-        _until(lambda pool=pool: _browser_actors(pool), "the pool prepared no browser actor")
-    started = _until(lambda: len(_browser_processes() - before) >= 2 and _browser_processes() - before,
+        until(lambda pool=pool: _browser_actors(pool), "the pool prepared no browser actor")
+    started = until(lambda: len(_browser_processes() - before) >= 2 and _browser_processes() - before,
                      "the prepared browsers never started Chromium")
     ray.get(shut.shutdown.remote())
-    _until(lambda: not _browser_actors(shut), "shutdown left the prepared browser actor")
+    until(lambda: not _browser_actors(shut), "shutdown left the prepared browser actor")
     ray.kill(shut)
     ray.kill(killed)
-    _until(lambda: not _browser_actors(killed), "the prepared browser actor outlived its pool")
-    _until(lambda: not any(alive(p) for p in started), f"a prepared browser's Chromium outlived its pool: {started}")
+    until(lambda: not _browser_actors(killed), "the prepared browser actor outlived its pool")
+    until(lambda: not any(alive(p) for p in started), f"a prepared browser's Chromium outlived its pool: {started}")
