@@ -194,7 +194,7 @@ def test_a_new_pool_prepares_its_first_browser_actor_and_its_first_launch_takes_
     and its Chromium start while the pool opens its log; the first launch takes that browser, not another."""
     pool = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "events"), spare_process=False)
     ray.get(pool.__ray_ready__.remote())
-    prepared = until(lambda: _browser_actors(pool), "the pool prepared no browser actor")
+    prepared = until(lambda: _browser_actors(pool), "the pool to prepare a browser actor")
     assert len(prepared) == 1
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
     assert np.abs(out["embedding"] - minilm.reference_embed(SENTENCES[:1])[0]).max() <= 1e-4
@@ -218,12 +218,12 @@ def test_a_prepared_browser_ends_with_its_pool(ray_local, tmp_path):
     killed = ResourcePool.remote(max_connections=1, event_log=str(tmp_path / "killed"), spare_process=False)
     for pool in (shut, killed):
         ray.get(pool.__ray_ready__.remote())
-        until(lambda pool=pool: _browser_actors(pool), "the pool prepared no browser actor")
+        until(lambda pool=pool: _browser_actors(pool), "the pool to prepare a browser actor")
     started = until(lambda: len(_browser_processes() - before) >= 2 and _browser_processes() - before,
-                     "the prepared browsers never started Chromium")
+                    "the prepared browsers to start Chromium")
     ray.get(shut.shutdown.remote())
-    until(lambda: not _browser_actors(shut), "shutdown left the prepared browser actor")
+    until(lambda: not _browser_actors(shut), "shutdown to end the prepared browser actor")
     ray.kill(shut)
     ray.kill(killed)
-    until(lambda: not _browser_actors(killed), "the prepared browser actor outlived its pool")
-    until(lambda: not any(alive(p) for p in started), f"a prepared browser's Chromium outlived its pool: {started}")
+    until(lambda: not _browser_actors(killed), "the prepared browser actor to end with its pool")
+    until(lambda: not any(alive(p) for p in started), f"the prepared browsers' Chromium to end with their pool: {started}")
