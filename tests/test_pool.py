@@ -226,4 +226,4 @@ def test_a_prepared_browser_ends_with_its_pool(ray_local, tmp_path):
     ray.kill(shut)
     ray.kill(killed)
     until(lambda: not _browser_actors(killed), "the prepared browser actor to end with its pool")
-    until(lambda: not any(alive(p) for p in started), f"the prepared browsers' Chromium to end with their pool: {started}")
+    until(lambda: not any(alive(p) for p in started), f"their Chromium to end with the pool: {started}")
