@@ -457,15 +457,20 @@ if {die!r}:
         time.sleep(0.01)
     os._exit(0)
 out = ray.get(pool.infer.remote({model!r}, {{"text": "from a second driver"}}))
-print(json.dumps({{"browsers": len([b for b in state.browsers.values() if b.status not in ("retired",)]),
-                  "last_seq": state.last_seq, "embedding": out["embedding"].tolist()}}))
+# To a file, not stdout: Ray's own processes may write to the driver's stdout (once, a line starting with
+# "[" came after ours and was read as the answer).
+with open({result!r}, "w") as f:
+    json.dump({{"browsers": len([b for b in state.browsers.values() if b.status not in ("retired",)]),
+               "last_seq": state.last_seq, "embedding": out["embedding"].tolist()}}, f)
 """
 
 
-def reattach(cluster: Cluster, pool, out: dict[str, Any]) -> None:
+def reattach(cluster: Cluster, pool, temp: Path, out: dict[str, Any]) -> None:
+    result = temp / "second_driver.json"
+
     def driver(die: bool) -> subprocess.CompletedProcess:
         code = DRIVER.format(root=str(ROOT), address=cluster.address, namespace=NAMESPACE, name=POOL_NAME,
-                             model=EMBED, die=die)
+                             model=EMBED, die=die, result=str(result))
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                               env=os.environ.copy())
 
@@ -474,7 +479,10 @@ def reattach(cluster: Cluster, pool, out: dict[str, Any]) -> None:
     out["reattach_rc"] = second.returncode
     out["reattach_stderr"] = second.stderr[-2000:] if second.returncode else ""
     if second.returncode == 0:
-        seen = json.loads(second.stdout.strip().splitlines()[-1])
+        if not result.exists():
+            raise RuntimeError(f"the second driver exited 0 without writing {result}; its stdout:\n"
+                               f"{second.stdout[-2000:]}\nits stderr:\n{second.stderr[-2000:]}")
+        seen = json.loads(result.read_text())
         ref = minilm.reference_embed(["from a second driver"])[0]
         out["reattach_seen_seq"] = seen["last_seq"]
         out["reattach_seq_before"] = seq_before
@@ -525,7 +533,7 @@ def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
         for name, run in (("placement", lambda: placement(pool, out)),
                           ("node_loss", lambda: node_loss_under_load(cluster, pool, out)),
                           ("sharded", lambda: sharded_generation_loses_a_node(cluster, pool, expected, out)),
-                          ("reattach", lambda: reattach(cluster, pool, out)),
+                          ("reattach", lambda: reattach(cluster, pool, temp, out)),
                           ("state_log+unpinned", lambda: vanish_together(
                               cluster, {k: v for k, v in moving.items() if not only or k in only}, out))):
             if only and not set(name.split("+")) & only:
