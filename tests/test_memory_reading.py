@@ -12,6 +12,9 @@ import pytest
 from actors.chromium import MemoryReading, memory_bytes, resident_bytes
 
 MB = 1 << 20
+# PSS splits a shared page between the processes mapping it: a process started elsewhere on the machine
+# meanwhile (libpython's pages) lowers the grower's figure by some KiB, so growth is compared with this slack.
+SHARED_SLACK = 1 * MB
 GROWER = "import sys\nheld = []\nfor line in sys.stdin:\n    held.append(bytearray(b'x') * (int(line) << 20))\n" \
          "    print('held', flush=True)\n"
 
@@ -51,10 +54,10 @@ def test_a_reading_is_kept_while_nothing_changed_and_read_again_when_it_may_have
     assert reading.read([grower.pid], ("minilm",), now=104.0) == first
     # Older than max_age_s: read again.
     second = reading.read([grower.pid], ("minilm",), now=105.0)
-    assert second >= first + 128 * MB
+    assert second >= first + 128 * MB - SHARED_SLACK
     grower(64)
     # A model loaded or unloaded (the page's models change): read again at once.
-    assert reading.read([grower.pid], ("minilm", "smollm2"), now=105.5) >= second + 64 * MB
+    assert reading.read([grower.pid], ("minilm", "smollm2"), now=105.5) >= second + 64 * MB - SHARED_SLACK
     # Another set of processes (a restart, a new renderer): read again at once.
     assert reading.read([grower.pid, os.getpid()], ("minilm", "smollm2"), now=105.6) > second + 64 * MB
 
