@@ -16,7 +16,6 @@ import argparse
 import itertools
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
@@ -42,6 +41,7 @@ from events.schema import (
 )
 from events.store import EventStore
 from webpool.helptext import plain
+from webpool.localray import configure_auth_env, start_local_ray
 
 TARGETS = {"batched_append_events_per_s": 200_000, "concurrent_actor_append_events_per_s": 20_000,
            "concurrent_actor_append_p50_ms": 2.0, "replay_events_per_s": 1_000_000, "restart_with_snapshot_s": 1.0}
@@ -165,18 +165,9 @@ def bench_replay(log_dir: Path, trials: int, reference_trials: int) -> dict[str,
     return out
 
 
-def _ray_auth_env() -> None:
-    """Token auth with a throwaway token, as the tests do, so nothing is written to ~/.ray. Ray reads
-    these when it is first imported, so this runs before any import of ray."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-
-
 def _ray_up() -> str:
-    import ray
-
     temp = tempfile.mkdtemp(prefix="wpray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    start_local_ray(Path(temp), num_cpus=2)
     return temp
 
 
@@ -312,7 +303,7 @@ def bench_restart(log_dir: Path, snapshot: bool, trials: int) -> dict[str, Any]:
 
 
 def run(quick: bool, workdir: Path | None) -> dict[str, Any]:
-    _ray_auth_env()
+    configure_auth_env()     # before ray is imported
     import ray
 
     base = Path(tempfile.mkdtemp(prefix="webpool-eventlog-", dir=workdir))

@@ -50,8 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -86,6 +84,7 @@ from benchmarks.results import ended, machine, results_dir, summary_ms, utc_now,
 from benchmarks.vanished_node import run_vanished_node, vanished_node_line
 from events.errors import InputError
 from webpool.helptext import plain
+from webpool.localray import configure_auth_env, start_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +93,12 @@ NOT_MEASURED: dict[str, str] = {}
 
 def _start_ray(temp: Path) -> bool:
     """Start an embedded Ray unless one is running (tests share theirs). Returns True if we started it."""
-    # Ray reads its auth settings when first imported: decide them before that import.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    configure_auth_env()
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(include_dashboard=False, _temp_dir=str(temp / "ray"), log_to_driver=False)
+    start_local_ray(temp / "ray")
     return True
 
 

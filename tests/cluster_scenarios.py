@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from webpool.localray import configure_auth_env  # noqa: E402
+from webpool.localray import RAY_SYSTEM_CONFIG, configure_auth_env  # noqa: E402
 
 configure_auth_env()     # before ray is imported: every node and driver shares this token
 
@@ -508,7 +508,8 @@ def main(out_path: Path, only: frozenset[str] = frozenset()) -> int:
     temp = Path(tempfile.mkdtemp(prefix="wpclu-", dir="/tmp"))     # short: Ray's socket paths have a length limit
     out: dict[str, Any] = {"scenarios": [], "errors": {}}
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "temp_dir": str(temp), "include_dashboard": False, "object_store_memory": 600 * MB})
+        "num_cpus": 1, "temp_dir": str(temp), "include_dashboard": False, "object_store_memory": 600 * MB,
+        "_system_config": RAY_SYSTEM_CONFIG})     # worker nodes read it from the head
     pool = None
     try:
         for _ in range(WORKER_NODES):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from webpool.localray import configure_auth_env
+from webpool.localray import configure_auth_env, start_local_ray
 
 # Token auth with a throwaway token (nothing written to ~/.ray); must precede any import of ray.
 configure_auth_env()
@@ -50,11 +50,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def ray_local():
     """A real embedded Ray for the whole session, in its own temp dir (removed afterwards)."""
-    import ray
-
     temp = Path(tempfile.mkdtemp(prefix="wpray-", dir="/tmp"))   # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=False,
-             namespace="webpool-tests")
+    ray = start_local_ray(temp, num_cpus=2, namespace="webpool-tests")
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import ray
-from procs import alive, is_browser_main_process
+from procs import alive, is_browser_main_process, parent_of
 from waiting import until
 
 from actors.chromium import descendants
@@ -65,6 +65,22 @@ def test_concurrent_requests_all_correct(pool):
     ref = minilm.reference_embed(texts)
     for out, r in zip(outs, ref, strict=True):
         assert np.abs(out["embedding"] - r).max() <= 1e-4
+
+
+def test_webpools_local_ray_runs_the_pool_and_the_browser_actors_at_normal_priority(pool):
+    """webpool's local Ray sets Ray's worker niceness to 0 (webpool/localray.py): at Ray's default, 15, the pool,
+    each browser actor and its Playwright driver (every request passes through them) waited behind any busy
+    normal process. Chromium sets its own threads' values (here, as root: -8 to 5), whatever it inherits."""
+    ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))      # a browser is up
+    shells = {"pool": ray.get(pool.pid.remote())}
+    for browser_id, report in ray.get(pool.health.remote()).items():
+        chromium = report["pids"]["browser"]
+        actor = parent_of(chromium)
+        shells[f"{browser_id} actor"] = actor
+        shells |= {f"{browser_id} child {pid}": pid for pid in descendants(actor)
+                   if pid != chromium and parent_of(pid) == actor}               # Playwright's Node driver
+    assert len(shells) >= 3, shells
+    assert {name: os.getpriority(os.PRIO_PROCESS, pid) for name, pid in shells.items()} == dict.fromkeys(shells, 0)
 
 
 def test_events_since_follows_the_log_by_long_poll(pool):

@@ -93,3 +93,13 @@ def test_ray_starts_under_token_auth_from_a_shared_token(name):
         assert "RAY_AUTH_MODE=token" in prefix, command
         assert f'RAY_AUTH_TOKEN="$(cat {token_file})"' in prefix, command
         assert ":?" in prefix, "ray start must refuse to run without a token (the head would mint its own)"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ray_starts_its_workers_at_normal_priority(name):
+    """Ray's default worker niceness (15) puts every browser below any normal process (webpool/localray.py)."""
+    config = load(name)
+    starts = [c for c in commands(config, "head_start_ray_commands", "worker_start_ray_commands") if "ray start" in c]
+    assert len(starts) == 2, starts
+    for command in starts:
+        assert "export RAY_worker_niceness=0;" in command.split("ray start")[0], command

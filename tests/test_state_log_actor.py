@@ -26,6 +26,7 @@ from events.schema import (
 )
 from events.state import models_on, open_operations
 from events.store import EventStore
+from webpool.localray import start_local_ray
 
 NAMESPACE = "webpool-tests-statelog"
 
@@ -36,13 +37,8 @@ def ray_up():
     if ray.is_initialized():
         yield
         return
-    # Auth: Ray 2.60 turns token auth on for local clusters and would write ~/.ray/auth_token.
-    # tests/conftest.py sets RAY_AUTH_MODE=token with a throwaway RAY_AUTH_TOKEN at import time, which
-    # is when it must happen: Ray reads them when first imported, so setting them here is too late.
-    assert os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN"), \
-        "tests/conftest.py should set RAY_AUTH_MODE/RAY_AUTH_TOKEN before ray is imported"
     temp = tempfile.mkdtemp(prefix="wpray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    start_local_ray(Path(temp), num_cpus=2)     # after tests/conftest.py's configure_auth_env (at its import)
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
