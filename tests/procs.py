@@ -36,9 +36,8 @@ class BrowserStartKiller:
     picked by PID from /proc, never by name; ``killed`` lists them.
 
     The scan is incremental: only a process not seen before has its parent read. Walking the whole of /proc
-    every 2 ms (``descendants``) cost 1.6 ms a scan with 70 processes and more with another test's pool beside
-    it: most of a core taken from the pool under test, whose start-up test took 42-125 s under two workers
-    against 15 s alone."""
+    every 2 ms (``descendants``) cost 1.6 ms a scan with 70 processes, half a core taken from the pool under
+    test (more with another test's pool beside it); the incremental scan takes ~7 % of one."""
 
     def __init__(self, root: int, limit: int | None = None, sig: signal.Signals = signal.SIGKILL) -> None:
         self.root, self.limit, self.sig = root, limit, sig
