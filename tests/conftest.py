@@ -41,36 +41,6 @@ def _missing_parts() -> list[str]:
     return missing
 
 
-# Modules that ran for half a minute or more under `./dev test` (two workers; 2026-12-07, 869 tests in 963 s),
-# longest first. Each worker takes whole modules in the order collected (`./dev test` passes
-# --no-loadscope-reorder): these go first, and the short modules (most tests first, xdist's own order) fill
-# in at the end while the other worker finishes. xdist's order, by test count alone, ran the pure-Python
-# modules first and the single-test modules of one or two minutes (the README's examples, the throughput
-# benchmark) last, so one worker sat idle at the end. A rough order is all it needs; renamed modules fail here.
-LONG_MODULES = (
-    "test_fault_tolerance.py", "test_sharding.py", "test_cluster.py", "test_benchmark_throughput.py",
-    "test_benchmark_quick.py", "test_chaos.py", "test_cli.py", "test_adaptive_pool.py", "test_hedging.py",
-    "test_readme.py", "test_guide_api.py", "test_pool_restart.py", "test_browser_actor.py", "test_fuzz.py",
-    "test_failure_signals.py", "test_startup_faults.py", "test_pool.py", "test_cleanup.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules in ``LONG_MODULES``' order first, then the rest by test count (most first); a module's own
-    tests keep their order."""
-    missing = [name for name in LONG_MODULES if not (Path(__file__).parent / name).is_file()]
-    if missing:
-        raise pytest.UsageError(f"tests/conftest.py LONG_MODULES names modules that do not exist: {missing}")
-    modules: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        modules.setdefault(item.path.name, []).append(item)
-
-    def order(name: str) -> tuple[int, int]:
-        return (LONG_MODULES.index(name), 0) if name in LONG_MODULES else (len(LONG_MODULES), -len(modules[name]))
-
-    items[:] = [item for name in sorted(modules, key=order) for item in modules[name]]
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
     missing = _missing_parts()
     if missing:
