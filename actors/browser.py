@@ -99,6 +99,7 @@ class BrowserCore:
         self.generation = 0                           # browser processes started by this actor
         self.background = False                       # its processes run in the background (actors/priority.py)
         self._background_ends: asyncio.Future | None = None     # moves them to the normal priority at its cap
+        self._spawned: subprocess.Popen | None = None  # the Chromium process being launched, before its port is open
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
         self.work_in_flight = 0                       # model loads and runs under way in the page
@@ -112,9 +113,13 @@ class BrowserCore:
     # ----- life cycle -------------------------------------------------------------------------
     async def start(self, background_s: float = 0.0) -> dict[str, Any]:
         """Start the browser; with ``background_s`` (a standby) in the background (actors/priority.py) until it
-        first serves, or for at most that many seconds after it has started."""
+        first serves, or for at most that many seconds from now. The bound counts the launch too: beside
+        normal work that keeps every core busy, a Chromium in the background gets no CPU and never opens its
+        DevTools port (a pool's standby never came while two busy loops ran)."""
         t0 = time.perf_counter()
         self.background = background_s > 0 and priority.can_restore()
+        if self.background:
+            self._background_ends = asyncio.ensure_future(self.leave_background(after_s=background_s))
         self.exe = chromium.resolve_browser(self.requested_type)
         self.temp_dir = reaper.new_folder()
         # Playwright's driver writes its artifacts under TMPDIR: keep them inside our folder too.
@@ -133,8 +138,6 @@ class BrowserCore:
             await self._launch_browser()
         finally:
             await watching
-        if self.background:
-            self._background_ends = asyncio.ensure_future(self.leave_background(after_s=background_s))
         ms = (time.perf_counter() - t0) * 1000
         log.info("browser started", extra={"browser_id": self.browser_id, "pid": self.proc.pid, "ms": round(ms)})
         return self.info() | {"start_ms": ms}
@@ -164,8 +167,12 @@ class BrowserCore:
             self.profile = self.temp_dir / f"profile-{self.generation}"
             # The runtime page opens with the process and starts setting its runtime up (~0.4 s of compiling
             # WebAssembly here) while Playwright's driver is still starting; see _open_page.
-            self.proc, self.port, self.ws_path = await chromium.launch(self.exe, self.profile, self._runtime_url(),
-                                                                       background=self.background)
+            try:
+                self.proc, self.port, self.ws_path = await chromium.launch(
+                    self.exe, self.profile, self._runtime_url(), background=self.background,
+                    spawned=lambda proc: setattr(self, "_spawned", proc))
+            finally:
+                self._spawned = None
             watch_process(self, self.proc)
             if self.relay is None:
                 self.relay = CdpRelay()
@@ -363,9 +370,11 @@ class BrowserCore:
             await asyncio.sleep(after_s)
         elif self._background_ends is not None:
             self._background_ends.cancel()
-        if self.background and self.proc is not None:
-            self.background = False
-            await asyncio.to_thread(priority.to_foreground, self.proc.pid, self.browser_id)
+        if self.background:
+            self.background = False          # a launch not yet begun starts at the normal priority
+            proc = self._spawned or self.proc       # one being launched, else the one that runs
+            if proc is not None:
+                await asyncio.to_thread(priority.to_foreground, proc.pid, self.browser_id)
 
     def _spawn_cleanup(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

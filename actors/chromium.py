@@ -136,10 +136,12 @@ def _child_setup(background: bool) -> Callable[[], None]:
 
 
 async def launch(exe: BrowserExecutable, user_data_dir: Path, url: str = "about:blank",
-                 background: bool = False) -> tuple[subprocess.Popen, int, str]:
+                 background: bool = False,
+                 spawned: Callable[[subprocess.Popen], None] | None = None) -> tuple[subprocess.Popen, int, str]:
     """Start the browser with ``url`` open in its one tab (in the ``background``: see actors/priority.py);
     returns the process, its DevTools port and the browser's WebSocket path (``/devtools/browser/<id>``), both
-    read from DevToolsActivePort.
+    read from DevToolsActivePort. ``spawned`` is given the process as soon as it exists, before its port is
+    open (a background start's bound may end meanwhile).
 
     Must be called from a thread that lives as long as the browser should (the actor's event loop
     thread): PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
@@ -155,6 +157,8 @@ async def launch(exe: BrowserExecutable, user_data_dir: Path, url: str = "about:
         env={**os.environ, "TMPDIR": str(user_data_dir.parent)},
         preexec_fn=_child_setup(background),
     )
+    if spawned is not None:
+        spawned(proc)
     deadline = time.monotonic() + DEVTOOLS_PORT_WAIT
     while time.monotonic() < deadline:
         if proc.poll() is not None:

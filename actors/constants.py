@@ -97,7 +97,8 @@ DEFAULT_MAX_RECOVERY_ATTEMPTS = 3    # per request, and consecutive failures bef
 DEFAULT_STANDBY_BROWSERS = 1         # warm spares at level high and up: failover without a cold start
 STANDBY_DEFER_S = 2.0                # a missing spare is started once no request is in flight, or after this
 # A standby is built in the background (actors/priority.py: on CPU time serving leaves) until it serves, or for
-# at most this long: under a load that leaves no time, the pool has a standby again within ~this + its build.
+# at most this long from its launch's start: under a load that leaves no time, the pool has a standby again
+# within ~this + its build.
 STANDBY_BACKGROUND_S = 10.0
 # A standby's warm-up runs (actors/decisions/warmup.py): V8 optimises a page's WebAssembly only after it has
 # done some work: on the lean wasm build, MiniLM's 8-sentence rounds settle after the second (~0.5 s of page
