@@ -303,16 +303,15 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
                  if e["action"] == "ModelWarmedUp" and e["subject"] == standby]
     assert warm_up["data"]["rounds"] >= 1, warm_up
     # The standby was built in the background (actors/priority.py) for at most its bound, and serves at the
-    # normal priority. On a loaded machine its start, load and warm-up can outlast the bound (seen once in the
-    # suite): then it is back at the normal priority already. Close to the bound either may be read.
+    # normal priority. The bound runs from the start's beginning, some time before BrowserLaunched (the launch:
+    # a second here, more on a loaded machine), so only its end can be read from the log; the background itself
+    # is tests/test_browser_actor.py's (the actor's start with background_s).
     standby_pid = ray.get(pool.get_state.remote()).browsers[standby].pid
     [launched] = [e for e in ray.get(pool.recent_events.remote(500))
                   if e["action"] == "BrowserLaunched" and e["subject"] == standby]
-    since_launch = time.time() - launched["timestamp"]       # the bound runs from the end of its start, just before
+    since_launch = time.time() - launched["timestamp"]
     if not priority.can_restore() or since_launch > STANDBY_BACKGROUND_S + 2.0:
         assert priority.policies_of(standby_pid) == {os.SCHED_OTHER}, since_launch
-    elif since_launch < STANDBY_BACKGROUND_S - 2.0:
-        assert priority.policies_of(standby_pid) == {os.SCHED_IDLE}, since_launch
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
