@@ -121,7 +121,6 @@ def test_a_restart_reloads_a_staged_model_without_fetching_or_hashing_it_and_dro
     from sharding.models.registry import artifacts
 
     monkeypatch.setattr(spare, "SPARE_MODEL_BYTES_MAX", 0)
-    monkeypatch.setattr(browser, "STAGED_CLAIM_S", 0.2)
     [art] = artifacts("all-minilm-l6-v2")
     data = np.fromfile(art.path, np.uint8)
     sentences = ["A staged model skips its fetch.", "Its bytes were verified before."]
@@ -152,11 +151,13 @@ def test_a_restart_reloads_a_staged_model_without_fetching_or_hashing_it_and_dro
             out = (await core.run(art.key, feeds, fetch=["embedding"]))["outputs"]["embedding"]
             assert np.abs(out - reference).max() <= 1e-4
             assert (await core.health())["staged_models"] == []
-            # A restart whose reload never comes: the staged bytes leave the page once the claim window ends.
+            # A restart whose reload never comes: the staged bytes leave the page once the claim window ends,
+            # cut short here (only here: under load the first reload came more than 0.2 s after its restart).
+            monkeypatch.setattr(browser, "STAGED_CLAIM_S", 0.2)
             await until(core.spares.ready, "no next spare was ready")
             await inject_fault(core, "kill_browser")
             await core.restart()
-            assert (await core.health())["staged_models"] == [art.key]
+            assert set(core.page_models.staged) == {art.key}        # read at once: the window is short now
             deadline = time.monotonic() + 30
             while (await core.health())["staged_models"]:
                 assert time.monotonic() < deadline, "unclaimed staged bytes were never dropped"
