@@ -6,10 +6,10 @@ for the ~6 s it took (docs/facts.md, "A standby rebuilt under load"). So it star
 ``SCHED_IDLE`` policy, which runs a thread only on CPU time no other thread wants, and which every process and
 thread Chromium starts inherits (a nice value does not do: Chromium sets its threads' nice values itself).
 When a failover picks it (``Fleet.serving_soon``, while the log records the promotion; else its first request
-that is not a hedge's copy), or at the latest ``STANDBY_BACKGROUND_S`` after its launch began (a launch in
-the background beside normal work that keeps every core busy would never end), every thread of every
-one of its processes gets the normal policy back: on cores that
-serving keeps fully busy the pool has a standby again within that bound and the standby's own build time.
+that is not a hedge's copy), or at the latest ``STANDBY_BACKGROUND_S`` after its launch began (a launch in the
+background beside normal work that keeps every core busy would never end), every thread of every one of its
+processes gets the normal policy back: on cores that serving keeps fully busy the pool has a standby again
+within that bound and the standby's own build time.
 
 Restart spares (actors/spare.py) are not started in the background: they wait for their browser's quiet
 instead, and a restart needs them soon (a chaos run with faults every few seconds found them not ready).

@@ -457,8 +457,8 @@ if {die!r}:
         time.sleep(0.01)
     os._exit(0)
 out = ray.get(pool.infer.remote({model!r}, {{"text": "from a second driver"}}))
-# To a file, not stdout: Ray's own processes may write to the driver's stdout (once, a line starting with
-# "[" came after ours and was read as the answer).
+# To a file, not stdout: Ray's own processes may write to the driver's stdout (in CI, once, the last line
+# there started with "[" and was not ours).
 with open({result!r}, "w") as f:
     json.dump({{"browsers": len([b for b in state.browsers.values() if b.status not in ("retired",)]),
                "last_seq": state.last_seq, "embedding": out["embedding"].tolist()}}, f)
