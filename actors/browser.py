@@ -99,6 +99,7 @@ class BrowserCore:
         self.generation = 0                           # browser processes started by this actor
         self.background = False                       # its processes run in the background (actors/priority.py)
         self._background_ends: asyncio.Future | None = None     # moves them to the normal priority at its cap
+        self._background_until = 0.0                  # when that cap comes (wall clock, for the health report)
         self._spawned: subprocess.Popen | None = None  # the Chromium process being launched, before its port is open
         self.profile: Path | None = None              # the current process's profile folder
         self.port = 0
@@ -119,6 +120,7 @@ class BrowserCore:
         t0 = time.perf_counter()
         self.background = background_s > 0 and priority.can_restore()
         if self.background:
+            self._background_until = time.time() + background_s
             self._background_ends = asyncio.ensure_future(self.leave_background(after_s=background_s))
         self.exe = chromium.resolve_browser(self.requested_type)
         self.temp_dir = reaper.new_folder()
@@ -388,6 +390,7 @@ class BrowserCore:
             "executable": self.exe.path if self.exe else None,
             "pid": self.proc.pid if self.proc else None,
             "background": self.background,
+            "background_until": self._background_until if self.background else None,   # wall clock, at the latest
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "backends": list(self.capabilities.get("backends", [])),
             "detail": self.capabilities.get("detail", {}),

@@ -18,7 +18,6 @@ from standby import warm_standby
 from waiting import until
 
 from actors import priority
-from actors.constants import STANDBY_BACKGROUND_S
 from actors.decisions.recovery import FaultToleranceConfig, plan_steps
 from events.errors import BrowserFailure, FailureCategory
 from events.state import open_operations
@@ -303,15 +302,15 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
                  if e["action"] == "ModelWarmedUp" and e["subject"] == standby]
     assert warm_up["data"]["rounds"] >= 1, warm_up
     # The standby was built in the background (actors/priority.py) for at most its bound, and serves at the
-    # normal priority. The bound runs from the start's beginning, some time before BrowserLaunched (the launch:
-    # a second here, more on a loaded machine), so only its end can be read from the log; the background itself
-    # is tests/test_browser_actor.py's (the actor's start with background_s).
+    # normal priority. The bound runs from the start's beginning (some time before BrowserLaunched), so the
+    # standby's report says when it ends. On a loaded machine its start, load and warm-up can outlast it: then
+    # it is back at the normal priority already. Close to the bound either may be read.
     standby_pid = ray.get(pool.get_state.remote()).browsers[standby].pid
-    [launched] = [e for e in ray.get(pool.recent_events.remote(500))
-                  if e["action"] == "BrowserLaunched" and e["subject"] == standby]
-    since_launch = time.time() - launched["timestamp"]
-    if not priority.can_restore() or since_launch > STANDBY_BACKGROUND_S + 2.0:
-        assert priority.policies_of(standby_pid) == {os.SCHED_OTHER}, since_launch
+    until = ray.get(pool.health.remote())[standby]["background_until"]
+    if not priority.can_restore():
+        assert until is None and priority.policies_of(standby_pid) == {os.SCHED_OTHER}
+    elif until is not None and time.time() < until - 1.0:
+        assert priority.policies_of(standby_pid) == {os.SCHED_IDLE}, until - time.time()
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
