@@ -306,18 +306,16 @@ def test_high_level_fails_over_to_a_warm_standby(ray_local, tmp_path, reference)
     # standby's report says when it ends. On a loaded machine its start, load and warm-up can outlast it: then
     # it is back at the normal priority already. Close to the bound either may be read.
     standby_pid = ray.get(pool.get_state.remote()).browsers[standby].pid
-    until = ray.get(pool.health.remote())[standby]["background_until"]
+    bound_ends = ray.get(pool.health.remote())[standby]["background_until"]
     if not priority.can_restore():
-        assert until is None and priority.policies_of(standby_pid) == {os.SCHED_OTHER}
-    elif until is not None and time.time() < until - 1.0:
-        assert priority.policies_of(standby_pid) == {os.SCHED_IDLE}, until - time.time()
+        assert bound_ends is None and priority.policies_of(standby_pid) == {os.SCHED_OTHER}
+    elif bound_ends is not None and time.time() < bound_ends - 1.0:
+        assert priority.policies_of(standby_pid) == {os.SCHED_IDLE}, bound_ends - time.time()
     ray.get(pool.inject_fault.remote(first["browser_id"], "kill_browser"))
     out = ray.get(pool.infer.remote("all-minilm-l6-v2", {"texts": TEXTS[:4]}))
     assert out["browser_id"] == standby and np.abs(out["embedding"] - reference[:4]).max() <= 1e-4
-    deadline = time.monotonic() + 30
-    while priority.policies_of(standby_pid) != {os.SCHED_OTHER}:
-        assert time.monotonic() < deadline, priority.policies_of(standby_pid)
-        time.sleep(0.02)
+    until(lambda: priority.policies_of(standby_pid) == {os.SCHED_OTHER}, "the promoted standby's normal priority",
+          30, 0.02)
     events = ray.get(pool.recent_events.remote(500))
     loads_on_standby = [e for e in events if e["action"] == "ModelLoaded" and e["subject"] == standby]
     assert len(loads_on_standby) == 1          # loaded while standby; the failover itself loaded nothing
