@@ -83,6 +83,23 @@ def test_webpools_local_ray_runs_the_pool_and_the_browser_actors_at_normal_prior
     assert {name: os.getpriority(os.PRIO_PROCESS, pid) for name, pid in shells.items()} == dict.fromkeys(shells, 0)
 
 
+def test_webpools_local_ray_runs_no_log_monitor():
+    """webpool's local Ray stops Ray's log monitor (webpool/localray.py: it only forwards workers' output, which
+    is off, and polls every worker's log file ten times a second); Ray's other processes run on."""
+    session = ray._private.worker._global_node.get_session_dir_path()
+    ours = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(session in a for a in args):
+            ours.append(" ".join(args))
+    assert any("raylet" in a for a in ours), ours          # the scan finds this session's processes
+    assert not [a for a in ours if "log_monitor" in a]
+
+
 def test_events_since_follows_the_log_by_long_poll(pool):
     """events_since(seq) waits for the first event after seq and returns what came, in order; followed from
     its last seq it yields every event once (an infer's start and end among them); nothing new: [] once its

@@ -13,6 +13,10 @@ that starts about ten browsers took 250 s, against 35 s with Ray's workers at ni
 worker niceness"). webpool's own entry points start Ray with its workers at normal priority; a driver that
 starts Ray itself can do the same (``RAY_worker_niceness=0`` in the environment of ``ray start`` or of the
 driver whose ``ray.init()`` starts Ray, or ``ray.init(_system_config=RAY_SYSTEM_CONFIG)``).
+
+Ray's log monitor is stopped once Ray is up. Its one job is to forward workers' output to drivers, which
+these entry points turn off (``log_to_driver=False``), and it polls every worker's log file ten times a
+second, dead workers' included: ~27 CPU-s over a test session's Ray (docs/facts.md, "Ray's log monitor").
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ def configure_auth_env() -> None:
 
 def start_local_ray(temp_dir: Path, **options: Any):
     """ray.init() of a local instance whose files all live under ``temp_dir`` (short path: socket limits), its
-    workers at normal priority (``RAY_SYSTEM_CONFIG``)."""
+    workers at normal priority (``RAY_SYSTEM_CONFIG``), without the log monitor (workers' output stays in
+    their log files under ``temp_dir``)."""
     configure_auth_env()
     import ray
 
     options["_system_config"] = {**RAY_SYSTEM_CONFIG, **options.get("_system_config", {})}
     ray.init(include_dashboard=False, _temp_dir=str(temp_dir), log_to_driver=False, **options)
+    # No public switch: ray.init() always starts it (ray start has --include-log-monitor); Ray's own tests stop
+    # it this way.
+    ray._private.worker._global_node.kill_log_monitor()
     return ray
