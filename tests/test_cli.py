@@ -25,7 +25,7 @@ from rich.console import Console
 
 from actors import constants
 from sharding.models import minilm
-from webpool import ResourcePool, cli, render
+from webpool import ResourcePool, cli, render, status
 
 POOL = "webpool-cli-test"
 NAMESPACE = "webpool-tests"   # the ray_local fixture's namespace
@@ -86,6 +86,8 @@ def test_status_tables(pool, wide, capsys):
     assert any("BrowserFailed" in line and pool["browser_id"] in line and "connection" in line
                for line in failures.splitlines()), failures
     assert "OperationFailed" in failures
+    health = out.split("health (live browsers")[1].split("recent failures")[0]
+    assert "normal" in _row(health, pool["browser_id"])       # a serving browser runs at the normal priority
     stats = out.split("recovery statistics")[1]
     assert _row(stats, "recovery_attempts").split("│")[2].strip() == "1"
     assert _row(stats, "recovery_successes").split("│")[2].strip() == "1"
@@ -101,11 +103,31 @@ def test_status_json_matches_the_pool(pool, capsys):
     assert "wasm" in browser["backend_caps"] and [m["model"] for m in browser["models"]] == [MODEL]
     health = doc["health"][pool["browser_id"]]
     assert health["memory_mib"] > 100 and health["pids"] >= 2 and health["blocked_requests"] == 0
+    assert health["background_until"] is None
     assert [m.split("/")[0] for m in health["models"]] == [MODEL]
     kinds = {(f["kind"], f["category"]) for f in doc["recent_failures"]}
     assert ("BrowserFailed", "connection") in kinds and ("OperationFailed", "connection") in kinds
     assert doc["recovery_statistics"]["recovery_successes"] == 1
     assert doc["recovery_statistics"]["total_browsers"] == len(state.browsers) == 1
+
+
+def test_status_says_until_when_a_browser_runs_in_the_background():
+    """A standby built in the background (SCHED_IDLE until it first serves, for a bounded time) shows that
+    bound in the health table; a browser at the normal priority says so."""
+    until = time.time() + 7.0
+    doc = {"name": POOL, "namespace": NAMESPACE, "address": "-", "last_seq": 3, "open_operations": 0,
+           "open_recoveries": 0, "browsers": [], "recent_failures": [], "recent_recoveries": [],
+           "events_scanned": 3, "recovery_statistics": {},
+           "health": {"b-serving": {"memory_mib": 300.0, "pids": 5, "blocked_requests": 0, "models": [MODEL],
+                                    "background_until": None},
+                      "b-standby": {"memory_mib": 280.0, "pids": 5, "blocked_requests": 0, "models": [MODEL],
+                                    "background_until": until}}}
+    console = Console(width=200, record=True)
+    for part in status.tables(doc):
+        console.print(part)
+    out = console.export_text()
+    assert "normal" in _row(out, "b-serving") and "background" not in _row(out, "b-serving")
+    assert "background to " + time.strftime("%H:%M:%S", time.localtime(until)) in _row(out, "b-standby")
 
 
 def test_status_without_that_pool_says_how_to_start_one(pool, wide, capsys):

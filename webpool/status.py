@@ -8,6 +8,7 @@ answer within the timeout is shown as such, never as an empty pool.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections import Counter
@@ -127,7 +128,8 @@ def document(state: PoolState, health: dict[str, dict], events: list[dict], stat
         else:
             reports[browser_id] = {"memory_mib": report["memory_bytes"] / 2**20, "pids": len(report["pids"]),
                                    "blocked_requests": report["blocked_requests"],
-                                   "models": list(report["models"])}
+                                   "models": list(report["models"]),
+                                   "background_until": report.get("background_until")}
     failures = [{"seq": e["seq"], "timestamp": e["timestamp"], "kind": e["action"], "subject": e["subject"],
                  "category": e["data"].get("category"), "error": e["data"].get("error")}
                 for e in events if e["action"] in FAILURE_KINDS]
@@ -144,6 +146,14 @@ def document(state: PoolState, health: dict[str, dict], events: list[dict], stat
 def _models(models: list[dict]) -> str:
     return ", ".join(f"{m['model']}{'[' + m['shard'] + ']' if m['shard'] else ''} ({m['backend']})"
                      for m in models) or "-"
+
+
+def _priority(background_until: float | None) -> str:
+    """A browser whose processes run in the background (a standby until it first serves: actors/priority.py)
+    says until when at the latest; the rest run at the normal priority."""
+    if background_until is None:
+        return "normal"
+    return "background to " + datetime.datetime.fromtimestamp(background_until).strftime("%H:%M:%S")
 
 
 def tables(doc: dict) -> list[RenderableType]:
@@ -166,9 +176,10 @@ def tables(doc: dict) -> list[RenderableType]:
                 b["in_flight"], memory(b["browser_id"]), b["failures"], _models(b["models"])]
                for b in doc["browsers"]], empty="no browsers yet"),
         table("health (live browsers, as they report now)",
-              ["browser", "memory MiB", "processes", "blocked requests", "models / error"],
-              [[bid, None, None, None, f"{h['category']}: {h['error']}"] if "error" in h else
-               [bid, h["memory_mib"], h["pids"], h["blocked_requests"], ", ".join(h["models"]) or "-"]
+              ["browser", "memory MiB", "processes", "blocked requests", "priority", "models / error"],
+              [[bid, None, None, None, None, f"{h['category']}: {h['error']}"] if "error" in h else
+               [bid, h["memory_mib"], h["pids"], h["blocked_requests"], _priority(h.get("background_until")),
+                ", ".join(h["models"]) or "-"]
                for bid, h in health.items()], empty="no live browsers"),
         table(f"recent failures (in the last {doc['events_scanned']} events)",
               ["seq", "time", "kind", "subject", "category", "error"],
