@@ -115,6 +115,20 @@ def test_placement_prefers_the_browser_expected_to_answer_first():
     assert place("k", [view("known", 1, 40), view("new", 2, None)], 2, "chromium", busy_at=1).browser_id == "known"
 
 
+def test_a_free_holder_is_used_before_a_busy_one_whatever_its_old_estimate():
+    """A cost is known only from work: a browser an old estimate makes look slow is still given work while
+    the others are busy (a batch uses busy_at=1), so its estimate is brought up to date. It was not: with a
+    cost over twice its peer's, a 2-browser pool queued every batch behind the busy page while the other idled."""
+    stale = [view("fast", 1, 10), view("stale", 0, 30)]
+    assert place("k", stale, 2, "chromium", busy_at=1) == Placement("use", "stale")
+    assert place("k", stale, 2, "chromium").browser_id == "fast"        # both free (busy_at 2): 2 x 10 < 30
+    assert place("k", [view("fast", 2, 10), view("stale", 0, 50)], 2, "chromium").browser_id == "stale"
+    # Below max_connections too: a free holder serves before the pool grows.
+    assert place("k", stale, 4, "chromium", busy_at=1) == Placement("use", "stale")
+    assert place("k", [view("fast", 1, 10), view("stale", 1, 30)], 4, "chromium", busy_at=1) == \
+        Placement("launch", None)
+
+
 def test_the_verdict_follows_the_latest_operations():
     """Eight slow operations after twelve fast ones: the browser is slow now, whatever its past."""
     s = fold(launched("a"), launched("b"), *ops("a", [50] * 20), *ops("b", [50] * 12 + [600] * N))

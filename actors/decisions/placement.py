@@ -54,16 +54,21 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
     """Where to run artifact ``key``; ``launching`` browsers are starting and count towards ``max_connections``.
 
     1. a browser of the wanted type that already holds it and is not busy (fewer than ``busy_at`` runs on
-       it; a batch of requests, which should not queue behind another, uses 1): the one expected to answer
-       first ((in flight + 1) x its expected cost), least busy first when nothing is known. A browser whose
-       cost is still unknown (new, or a standby just promoted) is expected to cost what its peers holding
-       the model do, and wins a tie, so that its cost gets known; it is not sent everything meanwhile (it
-       was, when an unknown cost counted as none: after a failover under load the promoted standby took
-       every request while the surviving browser idled, and the answers per second halved for ~1 s);
+       it; a batch of requests, which should not queue behind another, uses 1): of those, the one expected
+       to answer first ((in flight + 1) x its expected cost), least busy first when nothing is known. A
+       free holder is always used before a busy one: a cost is known only from work, so a browser that an
+       old estimate makes look over twice as slow as a busy peer would otherwise get no batch, and no newer
+       estimate, for as long as that peer stays busy (a throughput run on 2026-12-07 ran three cells of
+       8-row batches, 33 s, on one page while the other idled: what this rule allowed); one that really is
+       far slower is drained (``adaptive.degraded_browsers``). A browser whose cost is still
+       unknown (new, or a standby just promoted) is expected to cost what its peers holding the model do,
+       and wins a tie, so that its cost gets known; it is not sent everything meanwhile (it was, when an
+       unknown cost counted as none: after a failover under load the promoted standby took every request
+       while the surviving browser idled, and the answers per second halved for ~1 s);
     2. else a new browser, while the pool is below ``max_connections``. With ``grow_meanwhile`` the busy
        holder takes this request (a page queues its runs: ~0.1-1 s) while the new browser starts (~3-8 s);
        else, or with no holder, the request waits for the new browser;
-    3. else the least busy browser that holds it;
+    3. else the holder expected to answer first;
     4. else load it onto the least busy browser holding the fewest models.
     With no browser at all but one starting, the request waits for it ("wait"): more are launched only
     once browsers serve and are busy.
@@ -78,9 +83,10 @@ def place(key: str, browsers: list[BrowserView], max_connections: int, browser_t
         cost = peers_cost if b.cost is None else b.cost
         return (b.in_flight + 1) * cost, b.in_flight, b.cost is not None, b.browser_id
 
+    free = [b for b in holding if b.in_flight < busy_at]
+    if free:
+        return Placement("use", min(free, key=expected_wait).browser_id)
     best = min(holding, key=expected_wait) if holding else None
-    if best is not None and best.in_flight < busy_at:
-        return Placement("use", best.browser_id)
     if not browsers and launching:
         return Placement("wait", None)      # growth is judged on busy browsers: none serves yet
     if len(browsers) + launching < max_connections:
