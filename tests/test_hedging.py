@@ -154,7 +154,10 @@ def test_a_request_to_a_hung_browser_is_answered_by_the_hedge(ray_local, tmp_pat
                for e in ray.get(pool.recent_events.remote(10_000)) if e["seq"] > before_hang])
         hedge = out["hedge"]
         assert hedge["won"] and hedge["browser_id"] == spare == out["browser_id"], out
-        assert HEDGE_MIN_MS <= hedge["after_ms"] < HEDGE_MAX_MS, (hedge, ray.get(pool.get_state.remote()).perf)
+        # Never before the floor. No upper bound on the clock: the delay's cap is a pure rule (tested above), and
+        # from submission the hedge also waits for its run to start and for the loop's timer (a suite run read
+        # 2,004.7 ms with the delay at the 2,000 ms cap). That the budget did not answer it is checked below.
+        assert hedge["after_ms"] >= HEDGE_MIN_MS, (hedge, ray.get(pool.get_state.remote()).perf)
 
         events = ray.get(pool.recent_events.remote(10_000))
         [sent] = [e for e in events if e["action"] == "HedgeSent" and e["subject"] == hedge["hedge_id"]]

@@ -83,7 +83,7 @@ def test_webpools_local_ray_runs_the_pool_and_the_browser_actors_at_normal_prior
     assert {name: os.getpriority(os.PRIO_PROCESS, pid) for name, pid in shells.items()} == dict.fromkeys(shells, 0)
 
 
-def test_webpools_local_ray_runs_no_log_monitor():
+def test_webpools_local_ray_runs_no_log_monitor(ray_local):
     """webpool's local Ray stops Ray's log monitor (webpool/localray.py: it only forwards workers' output, which
     is off, and polls every worker's log file ten times a second); Ray's other processes run on."""
     session = ray._private.worker._global_node.get_session_dir_path()
