@@ -129,7 +129,7 @@ def document(state: PoolState, health: dict[str, dict], events: list[dict], stat
             reports[browser_id] = {"memory_mib": report["memory_bytes"] / 2**20, "pids": len(report["pids"]),
                                    "blocked_requests": report["blocked_requests"],
                                    "models": list(report["models"]),
-                                   "background_until": report.get("background_until")}
+                                   "background_until": report["background_until"]}
     failures = [{"seq": e["seq"], "timestamp": e["timestamp"], "kind": e["action"], "subject": e["subject"],
                  "category": e["data"].get("category"), "error": e["data"].get("error")}
                 for e in events if e["action"] in FAILURE_KINDS]
@@ -178,7 +178,7 @@ def tables(doc: dict) -> list[RenderableType]:
         table("health (live browsers, as they report now)",
               ["browser", "memory MiB", "processes", "blocked requests", "priority", "models / error"],
               [[bid, None, None, None, None, f"{h['category']}: {h['error']}"] if "error" in h else
-               [bid, h["memory_mib"], h["pids"], h["blocked_requests"], _priority(h.get("background_until")),
+               [bid, h["memory_mib"], h["pids"], h["blocked_requests"], _priority(h["background_until"]),
                 ", ".join(h["models"]) or "-"]
                for bid, h in health.items()], empty="no live browsers"),
         table(f"recent failures (in the last {doc['events_scanned']} events)",
