@@ -75,12 +75,14 @@ async def _pages_alone(model: str, reference: dict[str, np.ndarray], tolerance: 
 
 
 def browsers_alone(model: str, reference: dict[str, np.ndarray], tolerance: float, browsers_list: list[int],
-                   batches: list[int], trials: int, trial_s: float, warm_s: float) -> dict[str, Any]:
+                   batches: list[int], trials: int, trial_s: float, warm_s: float,
+                   thread_per_core: bool = True) -> dict[str, Any]:
     """The browsers' own ceiling (``_pages_alone``) for each browser count the cells use, one wasm thread per
-    page as the pool runs them, and one page with a thread per core (do more threads raise it here?)."""
+    page as the pool runs them, and (``thread_per_core``) one page with a thread per core (do more threads
+    raise it here?)."""
     shapes = [(n, DEFAULT_NUM_THREADS) for n in browsers_list]
     cpus = os.cpu_count() or 1
-    if cpus > DEFAULT_NUM_THREADS:
+    if thread_per_core and cpus > DEFAULT_NUM_THREADS:
         shapes.append((1, cpus))
     out = {}
     for pages, threads in shapes:
