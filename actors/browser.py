@@ -43,7 +43,6 @@ from actors import chromium, logs, priority, reaper
 from actors.cdp_relay import CdpRelay
 from actors.constants import (
     BLOCKED_URLS_REPORTED,
-    DEFAULT_NUM_THREADS,
     HEALTH_TIMEOUT,
     LOAD_MODEL_TIMEOUT,
     PAGE_READY_WAIT,
@@ -51,6 +50,7 @@ from actors.constants import (
     RUN_TIMEOUT,
     STAGED_CLAIM_S,
 )
+from actors.decisions import threads
 from actors.failure_signal import FailureSignal, runtime_error, watch_connection, watch_page, watch_process
 from actors.isolation import isolate
 from actors.page_models import PageModels
@@ -71,12 +71,14 @@ class BrowserCore:
     the background (actors/spare.py), and ``restart`` takes it instead of launching one.
     """
 
-    def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int = DEFAULT_NUM_THREADS,
-                 memory_limit_mb: int | None = None, reporter: Any = None, spare_process: bool = False):
+    def __init__(self, browser_id: str, browser_type: str = "chromium", num_threads: int | None = None,
+                 memory_limit_mb: int | None = None, reporter: Any = None, spare_process: bool = False,
+                 pages_per_node: int = 1):
         logs.configure()
         self.browser_id = browser_id
         self.requested_type = browser_type
-        self.num_threads = num_threads
+        # None: chosen for this node's cores and the pages that may share them (actors/decisions/threads.py).
+        self.num_threads = num_threads or threads.wasm_threads(len(os.sched_getaffinity(0)), pages_per_node)
         self.spares = SpareKeeper(self) if spare_process else None
         self.page_models = PageModels(keep_held=spare_process)     # what the page holds (actors/page_models.py)
         self._unstaging: asyncio.Future | None = None   # drops staged bytes that no reload claimed
@@ -396,7 +398,13 @@ class BrowserCore:
             "detail": self.capabilities.get("detail", {}),
             # Set for a process taken from a spare: its runtime's set-up time, paid before it was needed.
             "runtime_warm_up_ms": self.capabilities.get("runtimeWarmUpMs"),
+            "wasm_threads": self.wasm_threads(),
         }
+
+    def wasm_threads(self) -> int:
+        """The threads the page's runtime computes with: ``num_threads`` where the page can run threads (it is
+        cross-origin isolated), else one (onnxruntime-web then runs one whatever it is asked)."""
+        return self.num_threads if self.capabilities.get("detail", {}).get("threads") else 1
 
     async def close(self) -> None:
         """Stop the browser and remove every file it wrote. Safe to call twice."""

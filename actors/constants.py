@@ -88,7 +88,7 @@ SPARE_MEMORY_RESERVE_BYTES = 2 << 30   # no spare is started if it would leave l
 SPARE_IDLE_S = 0.5                 # a spare is started once its browser's page has had no work this long...
 SPARE_START_WITHIN_S = 10.0        # ...or this long after it was wanted, whichever comes first
 SPARE_FAILURES_MAX = 3             # spares that failed to start or load before a browser stops keeping one
-DEFAULT_NUM_THREADS = 1            # wasm threads per page; 2-core machines gain nothing from more
+WASM_THREADS_MAX = 4               # wasm threads per page, at most (actors/decisions/threads.py)
 BROWSER_TYPE_FALLBACK = ("chromium", "chrome", "edge")   # when a preferred type is not installed
 
 # Fault tolerance defaults (the guide's ``fault_tolerance`` options; see actors/decisions/recovery.py).

@@ -87,8 +87,8 @@ class KeyedLocks:
 
 class Fleet:
     def __init__(self, log_: PoolLog, locks: KeyedLocks, spawn: Callable[[Awaitable[Any]], asyncio.Future], *,
-                 num_threads: int, memory_limit_mb: int | None, backend: str, reporter: Any = None,
-                 owner_id: str | None = None, spare_process: bool = False) -> None:
+                 num_threads: int | None, memory_limit_mb: int | None, backend: str, reporter: Any = None,
+                 owner_id: str | None = None, spare_process: bool = False, pages_per_node: int = 1) -> None:
         self.log = log_
         self.reporter = reporter                        # the pool actor: browsers report their failures to it
         # The pool actor's id (the same in every incarnation): its browser actors are detached and named after
@@ -97,7 +97,8 @@ class Fleet:
         self.owner_id = owner_id
         self.locks = locks
         self._spawn = spawn
-        self.num_threads = num_threads
+        self.num_threads = num_threads                  # None: each browser chooses for its node's cores...
+        self.pages_per_node = pages_per_node            # ...and this many pages sharing them (decisions/threads.py)
         self.spare_process = spare_process              # each browser keeps a spare process for its restarts
         self.memory_limit_mb = memory_limit_mb
         self.backend = backend                          # the caller's preference: auto | wasm | webgpu | webnn
@@ -319,7 +320,8 @@ class Fleet:
                                                                             _spill_on_unavailable=True)
         return BrowserActor.options(**options).remote(browser_id, browser_type, self.num_threads,
                                                       self.memory_limit_mb, self.reporter,
-                                                      spare_process=self.spare_process)
+                                                      spare_process=self.spare_process,
+                                                      pages_per_node=self.pages_per_node)
 
     def prepare(self, browser_type: str) -> None:
         """Create and start the next browser now, where the first launch will place it: its Ray worker process
@@ -353,7 +355,8 @@ class Fleet:
         backend = placement.choose_backend(info["backends"], info["detail"], self.backend)
         await self.log.record(ev.BrowserLaunched(
             browser_id=browser_id, browser_type=info["browser_type"], backend_caps=tuple(info["backends"]),
-            pid=info["pid"], node_id=info["node_id"] or "", standby=standby, backend=backend))
+            pid=info["pid"], node_id=info["node_id"] or "", standby=standby, backend=backend,
+            wasm_threads=info["wasm_threads"]))
         log.info("browser launched", extra={"browser_id": browser_id, "backend": backend,
                                             "standby": standby, "start_ms": round(info["start_ms"]),
                                             "from_spare": info.get("from_spare", False)})

@@ -3,14 +3,14 @@
 Every metric is derived from an event the pool has just applied (``observe``), so the numbers a
 Prometheus server scrapes from each node's metrics export port tell the same story as the log:
 requests by model and outcome, request latency, browser failures by category, recoveries by strategy
-and outcome, requests refused as busy, hedged requests (sent, won), outside requests blocked, and the
-live browsers.
+and outcome, requests refused as busy, hedged requests (sent, won), outside requests blocked, the
+live browsers, and the WebAssembly threads each live browser's page computes with.
 Ray exports them with its ``ray_`` prefix (e.g. ``ray_webpool_requests_total``).
 
-A gauge is different from the counters: Ray's metrics agent drops a gauge value that has not been set for
-two report intervals (20 s at Ray's default ``metrics_report_interval_ms``; docs/facts.md), so the live
-browsers would vanish from the export of an idle pool. The pool's loop sets it again every report interval
-(``refresh``, ``refresh_interval_s``).
+The gauges are different from the counters: Ray's metrics agent drops a gauge value that has not been set
+for two report intervals (20 s at Ray's default ``metrics_report_interval_ms``; docs/facts.md), so the live
+browsers would vanish from the export of an idle pool. The pool's loop sets them again every report interval
+(``refresh``, ``refresh_interval_s``); a browser that is gone is not set again, and leaves the export.
 """
 
 from __future__ import annotations
@@ -50,10 +50,17 @@ class PoolMetrics:
             "webpool_page_requests_blocked", "Outside requests a page attempted and was refused.", tag_keys=("pool",))
         self.browsers = metrics.Gauge(
             "webpool_active_browsers", "Live browsers (serving and standby).", tag_keys=("pool",))
+        self.wasm_threads = metrics.Gauge(
+            "webpool_wasm_threads", "WebAssembly threads a live browser's page computes with.",
+            tag_keys=("pool", "browser"))
 
     def refresh(self, state: PoolState) -> None:
-        """Set the gauge again with what ``state`` says, so that an idle pool's value stays exported."""
-        self.browsers.set(len(browsers_alive(state)), self.tags)
+        """Set the gauges again with what ``state`` says, so that an idle pool's values stay exported."""
+        alive = browsers_alive(state)
+        self.browsers.set(len(alive), self.tags)
+        for b in alive:
+            if b.wasm_threads:                   # 0: launched before the log recorded it
+                self.wasm_threads.set(b.wasm_threads, {**self.tags, "browser": b.browser_id})
 
     def observe(self, before: PoolState, rec: ev.Recorded, after: PoolState) -> None:
         e = rec.event
@@ -82,7 +89,7 @@ class PoolMetrics:
             self.blocked.inc(e.count, tags)
         if isinstance(e, ev.BrowserLaunched | ev.BrowserRetired | ev.BrowserFailed | ev.BrowserQuarantined
                       | ev.BrowserConnected):
-            self.browsers.set(len(browsers_alive(after)), tags)
+            self.refresh(after)
 
 
 def refresh_interval_s() -> float:

@@ -42,7 +42,6 @@ from actors.constants import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_MAX_QUEUED_ROWS,
-    DEFAULT_NUM_THREADS,
     HEALTH_INTERVAL,
     RUN_TIMEOUT,
     SCALE_DOWN_IDLE_S,
@@ -94,7 +93,7 @@ class PoolCore:
     def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  browser_preferences: dict[str, str] | None = None,
                  fault_tolerance: dict[str, Any] | None = None,
-                 backend: str = "auto", num_threads: int = DEFAULT_NUM_THREADS,
+                 backend: str = "auto", num_threads: int | None = None,
                  event_log: str | None = None, name: str | None = None,
                  request_timeout: float = RUN_TIMEOUT, memory_limit_mb: int | None = None,
                  health_interval: float = HEALTH_INTERVAL,
@@ -108,6 +107,10 @@ class PoolCore:
                              ("max_queued_rows", max_queued_rows), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(field, f"must be a positive int, got {show(value)}")
+        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
+                                        or num_threads < 1):
+            raise InputError("num_threads", f"must be a positive int or None (chosen per machine), "
+                                            f"got {show(num_threads)}")
         if not isinstance(adaptive_scaling, bool):
             raise InputError("adaptive_scaling", f"must be a bool, got {show(adaptive_scaling)}")
         if isinstance(scale_down_idle_s, bool) or not isinstance(scale_down_idle_s, int | float) \
@@ -144,9 +147,10 @@ class PoolCore:
         self._started = False
         self.locks = KeyedLocks()
         self.log = PoolLog(self.name, event_log or str(cache_dir() / "events" / self.name))
+        # The pool's browsers may all share one node: each sizes its page's threads for that (decisions/threads.py).
         self.fleet = Fleet(self.log, self.locks, self._spawn, num_threads=num_threads,
                            memory_limit_mb=memory_limit_mb, backend=backend, reporter=_own_handle(),
-                           owner_id=_own_actor_id(), spare_process=spare_process)
+                           owner_id=_own_actor_id(), spare_process=spare_process, pages_per_node=max_connections)
         self.reconciler = Reconciler(self.fleet, self.ft, self.locks, self._spawn, health_interval=health_interval,
                                      adaptive_scaling=adaptive_scaling, scale_down_idle_s=float(scale_down_idle_s),
                                      standby_type=lambda: self.router.browser_type("text_embedding"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.constants import DEFAULT_NUM_THREADS
+from actors.decisions.threads import wasm_threads
 from benchmarks.results import summary
 
 RUNS_IN_FLIGHT_ALONE = 2             # runs queued per page: the page never waits for its next input
@@ -74,15 +74,20 @@ async def _pages_alone(model: str, reference: dict[str, np.ndarray], tolerance: 
         await asyncio.gather(*(core.close() for core in cores), return_exceptions=True)
 
 
+def pool_threads(browsers: int) -> int:
+    """The wasm threads per page of a pool of ``browsers`` browsers on this machine (its default)."""
+    return wasm_threads(len(os.sched_getaffinity(0)), browsers)
+
+
 def browsers_alone(model: str, reference: dict[str, np.ndarray], tolerance: float, browsers_list: list[int],
                    batches: list[int], trials: int, trial_s: float, warm_s: float,
                    thread_per_core: bool = True) -> dict[str, Any]:
-    """The browsers' own ceiling (``_pages_alone``) for each browser count the cells use, one wasm thread per
-    page as the pool runs them, and (``thread_per_core``) one page with a thread per core (do more threads
-    raise it here?)."""
-    shapes = [(n, DEFAULT_NUM_THREADS) for n in browsers_list]
-    cpus = os.cpu_count() or 1
-    if thread_per_core and cpus > DEFAULT_NUM_THREADS:
+    """The browsers' own ceiling (``_pages_alone``) for each browser count the cells use, each page with the
+    wasm threads a pool of that many browsers gives it here (``pool_threads``), and (``thread_per_core``) one
+    page with a thread per core (do more threads raise it here?)."""
+    shapes = [(n, pool_threads(n)) for n in browsers_list]
+    cpus = len(os.sched_getaffinity(0))
+    if thread_per_core and cpus > pool_threads(1):
         shapes.append((1, cpus))
     out = {}
     for pages, threads in shapes:

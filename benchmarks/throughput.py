@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.constants import DEFAULT_NUM_THREADS
-from benchmarks.browsers_alone import browsers_alone
+from benchmarks.browsers_alone import browsers_alone, pool_threads
 from benchmarks.client_load import MODEL, TEXTS, TOLERANCE, Load, warm
 from benchmarks.results import ended, load_text, machine, results_dir, summary, summary_ms, utc_now, write_results
 from benchmarks.throughput_kill import AFTER_KILL_EARLY_S, kill_runs, plot_kill
@@ -230,7 +229,7 @@ def targets(r: dict[str, Any]) -> dict[str, Any]:
 
     # What each target needs the pool to answer (req/s; a request is one row here), against what the same
     # browsers compute with nothing in front of them: a target above that ceiling no pool of them can meet.
-    ceiling = r["browsers_alone"][f"{browsers}_pages_{DEFAULT_NUM_THREADS}_threads"]["best_rows_per_s"]
+    ceiling = r["browsers_alone"][f"{browsers}_pages_{pool_threads(browsers)}_threads"]["best_rows_per_s"]
 
     def needs(req_s: float | None) -> dict[str, Any]:
         return {"needs_req_s": req_s, "browsers_alone_rows_s": ceiling,

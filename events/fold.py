@@ -172,6 +172,7 @@ def _browser_launched(d: Draft, rec: Recorded, e: BrowserLaunched) -> None:
         node_id=e.node_id,
         standby=e.standby,
         backend=e.backend,
+        wasm_threads=e.wasm_threads,
         status="launched",
         launched_seq=rec.seq,
         last_active_ts=rec.ts,

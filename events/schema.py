@@ -22,10 +22,11 @@ from events.errors import FailureCategory, InvalidEventError
 from events.fields import checker_for, coercer_for
 
 # 2: PageRequestsBlocked, RequestRejected, BrowserDraining, PoolScaled; 3: SessionResumed, ShardPromoted;
-# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured; 6: ModelWarmedUp; 7: HedgeSent, HedgeWon.
+# 4: BrowserLaunched.backend, BrowserRecoveryDeferred; 5: PoolConfigured; 6: ModelWarmedUp; 7: HedgeSent, HedgeWon;
+# 8: BrowserLaunched.wasm_threads.
 # A payload of an older version lacks the newer fields: it is decoded through the constructor, which fills them
 # with their defaults.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 class Event:
     """Base of all event kinds. Subclasses are made with ``@event_kind`` and are frozen dataclasses."""
@@ -107,6 +108,7 @@ class BrowserLaunched(Event):
     node_id: str
     standby: bool
     backend: str = ""           # the backend the pool runs models on there ("" in logs before schema 4)
+    wasm_threads: int = 0       # WebAssembly threads its page computes with (0 in logs before schema 8)
 
 
 @event_kind("browser_id")

@@ -43,6 +43,7 @@ class BrowserState:
     last_failure: FailureCategory | None = None
     last_error: str | None = None
     backend: str = ""           # the backend models run on there ("" when the log predates it)
+    wasm_threads: int = 0       # WebAssembly threads its page computes with (0 when the log predates it)
     recover_after: str | None = None   # failed, and recovered once this session closes (BrowserRecoveryDeferred)
     replaced_by: str | None = None     # failed, and its work taken over by this browser (a recovery completed)
 

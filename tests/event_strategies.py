@@ -60,7 +60,7 @@ SMALL_JSON = st.dictionaries(st.text(max_size=4), st.integers(-5, 5) | st.floats
 EVENTS_BY_KIND: dict[type, st.SearchStrategy] = {
     BrowserLaunched: st.builds(BrowserLaunched, BROWSERS, st.sampled_from(["chromium", "edge"]),
                                st.lists(TEXT, max_size=2).map(tuple), st.none() | st.integers(1, 99999), TEXT,
-                               st.booleans()),
+                               st.booleans(), st.sampled_from(["", "wasm", "webgpu"]), st.integers(0, 8)),
     BrowserConnected: st.builds(BrowserConnected, BROWSERS),
     BrowserDisconnected: st.builds(BrowserDisconnected, BROWSERS, TEXT),
     BrowserFailed: st.builds(BrowserFailed, BROWSERS, CATS, TEXT),

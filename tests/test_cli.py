@@ -24,6 +24,7 @@ import ray
 from rich.console import Console
 
 from actors import constants
+from actors.decisions.threads import wasm_threads
 from sharding.models import minilm
 from webpool import ResourcePool, cli, render, status
 
@@ -240,6 +241,19 @@ def test_doctor_names_a_missing_browser_and_the_fix(tmp_path):
     browser = _row(done.stdout, "browser")
     assert "NO" in browser and "apt-get install chromium" in browser and "./dev setup" in browser
     assert "yes" in _row(done.stdout, "onnxruntime-web"), "only the browser is missing"
+
+
+def test_doctor_opens_the_runtime_page_and_says_what_it_can_do(wide, capsys):
+    """With every part there, doctor starts the browser a pool would use and reads its page: WebAssembly SIMD
+    (onnxruntime-web needs it) and threads (the page is cross-origin isolated), the backend models would run
+    on, and the thread count a pool's pages get on this machine (actors/decisions/threads.py)."""
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    page = _row(out, "page runtime")
+    assert "yes" in page and "WebAssembly SIMD yes" in page and "threads yes" in page and "models run on" in page
+    cores = len(os.sched_getaffinity(0))
+    threads = _row(out, "wasm threads per page")
+    assert f"{wasm_threads(cores, 1)} with 1 browser," in threads and f"{cores} cores" in threads
 
 
 def test_doctor_names_missing_onnxruntime_web_and_npm_ci(monkeypatch, tmp_path, wide, capsys):

@@ -30,6 +30,7 @@ def test_pool_options_default_to_what_the_readme_says():
     assert pool["scale_down_idle_s"] == 30 and pool["adaptive_scaling"] is False
     assert pool["health_interval"] == 2.0
     assert pool["spare_process"] is None          # "default on at medium and up where the strategy restarts"
+    assert pool["num_threads"] is None            # "by default (`None`) each browser chooses for its node"
     generate = _defaults(PoolCore.generate)        # the ResourcePool actor's class is PoolCore's subclass
     assert generate["max_new_tokens"] == 16 and generate["shards"] == 1
     assert generate["temperature"] == 0.0 and generate["top_p"] == 1.0 and generate["seed"] is None

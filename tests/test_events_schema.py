@@ -36,7 +36,8 @@ from events.schema import (
 
 # The field names are a contract the pool, recovery and coordinator code rely on.
 CONTRACT = {
-    "BrowserLaunched": ("browser_id", "browser_type", "backend_caps", "pid", "node_id", "standby", "backend"),
+    "BrowserLaunched": ("browser_id", "browser_type", "backend_caps", "pid", "node_id", "standby", "backend",
+                        "wasm_threads"),
     "BrowserConnected": ("browser_id",),
     "BrowserDisconnected": ("browser_id", "reason"),
     "BrowserFailed": ("browser_id", "category", "error"),
@@ -230,7 +231,7 @@ def test_a_payload_of_an_older_schema_gets_the_fields_added_since_with_their_def
           b'"node_id": "n", "standby": false}'                    # BrowserLaunched as schema 3 wrote it
     for trusted in (False, True):
         e = decode("BrowserLaunched", old, 3, trusted=trusted)
-        assert e.backend == "" and e.backend_caps == ("wasm",) and e.pid == 7
+        assert e.backend == "" and e.wasm_threads == 0 and e.backend_caps == ("wasm",) and e.pid == 7
     with pytest.raises(MalformedPayloadError, match="do not match"):
         decode("BrowserLaunched", old, SCHEMA_VERSION, trusted=True)   # the current schema has the field
 

@@ -264,6 +264,12 @@ def test_browser_launched_keeps_the_chosen_backend():
     assert run(launched()).browsers["b1"].backend == ""       # a log from before schema 4
 
 
+def test_browser_launched_keeps_its_pages_thread_count():
+    s = run(BrowserLaunched("b1", "chromium", ("wasm",), 1, "n", False, "wasm", 2))
+    assert s.browsers["b1"].wasm_threads == 2
+    assert run(launched()).browsers["b1"].wasm_threads == 0   # a log from before schema 8
+
+
 def test_browser_recovery_deferred_until_its_session_closes_and_cleared_when_the_recovery_starts():
     s = run(launched(), SessionOpened("s1", "m", {}), BrowserFailed("b1", FailureCategory.CRASH, "gone"),
             BrowserRecoveryDeferred("b1", "s1"))

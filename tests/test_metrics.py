@@ -1,11 +1,12 @@
 """Every Prometheus metric of the pool (actors/metrics.py), read back from the node's export after a real
 run that moves it: answers and their latency, an operation failed under a killed browser, a busy refusal,
 outside requests a page attempted, a killed browser and its recovery, the live browsers (also while the
-pool sits idle). (Hedges are read back where a real hedge is sent: tests/test_hedging.py.) Each value is
-checked against what the run did or what the log says."""
+pool sits idle) and their pages' WebAssembly threads. (Hedges are read back where a real hedge is sent:
+tests/test_hedging.py.) Each value is checked against what the run did or what the log says."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import ray
 from prometheus import export_port, report_interval_s, scrape, total, wait_until
 
+from actors.decisions.threads import wasm_threads
 from events.errors import PoolBusyError
 from sharding.models import minilm
 from webpool import ResourcePool
@@ -74,6 +76,8 @@ def test_every_pool_metric_reaches_prometheus(ray_local, tmp_path):
             ("ray_webpool_recoveries_total", {"strategy": "restart", "outcome": "success"}, recovered),
             ("ray_webpool_page_requests_blocked_total", {}, blocked),
             ("ray_webpool_active_browsers", {}, 1),
+            # Chosen for this machine's cores, the pool's one browser on them (actors/decisions/threads.py).
+            ("ray_webpool_wasm_threads", {"browser": browser}, wasm_threads(len(os.sched_getaffinity(0)), 1)),
         ]
 
         def missing(samples) -> list[str]:

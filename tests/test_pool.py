@@ -17,6 +17,7 @@ from waiting import until
 from actors.chromium import descendants
 from actors.constants import BROWSER_ACTOR_NAMESPACE, BROWSER_ACTOR_PREFIX
 from actors.decisions.placement import SOFTWARE_ADAPTERS
+from actors.decisions.threads import wasm_threads
 from events.errors import InputError
 from events.fold import replay
 from events.schema import BrowserLaunched
@@ -57,6 +58,19 @@ def test_infer_single_and_batch_match_reference(pool):
     adapter = ray.get(pool.health.remote())[batch["browser_id"]]["detail"].get("webgpu", {}).get("architecture", "")
     software = not adapter or any(name in adapter.lower() for name in SOFTWARE_ADAPTERS)
     assert batch["backend"] == ("wasm" if software else "webgpu"), adapter
+
+
+def test_each_browser_computes_with_the_threads_chosen_for_this_machine_and_has_simd(pool):
+    """With the default ``num_threads`` (None) each browser sizes its page's WebAssembly threads for its node's
+    cores and the pool's browsers that may share them (actors/decisions/threads.py); the log records the
+    count, and the page says it has SIMD and can run threads (it is cross-origin isolated)."""
+    ray.get(pool.infer.remote("all-minilm-l6-v2", {"text": SENTENCES[0]}))
+    health = ray.get(pool.health.remote())
+    want = wasm_threads(len(os.sched_getaffinity(0)), 2)        # the fixture's two browsers, all on this node
+    for b in browsers_alive(ray.get(pool.get_state.remote())):
+        report = health[b.browser_id]
+        assert report["detail"]["simd"] is True and report["detail"]["threads"] is True, report["detail"]
+        assert b.wasm_threads == report["wasm_threads"] == want
 
 
 def test_concurrent_requests_all_correct(pool):

@@ -42,6 +42,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         rows.append(("ray", True, ray.__version__))
     except ImportError:
         rows.append(("ray", False, "pip install -e ."))
+    if exe is not None and ort_ok:
+        rows.append(_probe_page())
+    rows.append(_threads_row())
     table = Table(title="webpool doctor")
     for col in ("part", "ok", "detail / fix"):
         table.add_column(col)
@@ -49,6 +52,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         table.add_row(name, "[green]yes[/green]" if ok else "[red]NO[/red]", detail)
     render.console.print(table)
     return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+def _probe_page() -> tuple[str, bool, str]:
+    """Start the browser webpool would use, open its runtime page and read what the page can do: the backends,
+    WebAssembly SIMD (onnxruntime-web needs it) and threads (the page must be cross-origin isolated)."""
+    import asyncio
+
+    from actors.browser import BrowserCore
+    from actors.decisions.placement import choose_backend
+
+    async def probe() -> dict:
+        core = BrowserCore("doctor")
+        try:
+            await core.start()
+            return core.info()
+        finally:
+            await core.close()
+
+    try:
+        info = asyncio.run(probe())
+    except Exception as exc:
+        return "page runtime", False, f"the browser could not open the runtime page: {type(exc).__name__}: {exc}"
+    detail = info["detail"]
+    adapter = (detail.get("webgpu") or {}).get("architecture") or (detail.get("webgpu") or {}).get("description")
+    backends = ", ".join(f"webgpu ({adapter})" if b == "webgpu" and adapter else b for b in info["backends"])
+    ok = bool(detail.get("simd"))
+    return ("page runtime", ok,
+            f"backends {backends}; models run on {choose_backend(info['backends'], detail)}; WebAssembly SIMD "
+            f"{'yes' if ok else 'NO (onnxruntime-web needs it: use a newer browser)'}; threads "
+            f"{'yes' if detail.get('threads') else 'no (the page is not cross-origin isolated)'}")
+
+
+def _threads_row() -> tuple[str, bool, str]:
+    """The WebAssembly threads a pool's pages compute with here by default (actors/decisions/threads.py)."""
+    import os
+
+    from actors.decisions.threads import wasm_threads
+
+    cores = len(os.sched_getaffinity(0))
+    counts = ", ".join(f"{wasm_threads(cores, n)} with {n} browser{'s' if n > 1 else ''}" for n in (1, 2, 4))
+    return ("wasm threads per page", True,
+            f"{counts} on this machine's {cores} cores (one core is left to the pool's own processes); "
+            "ResourcePool(num_threads=N) sets it")
 
 
 # --- status: a running pool, asked through Ray -------------------------------------------------------

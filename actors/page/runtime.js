@@ -85,9 +85,20 @@ function fromTensor(tensor) {
   return { dtype: tensor.type, dims: Array.from(tensor.dims), b64: bytesToB64(bytes) };
 }
 
+// A module of one function, (func (result v128) v128.const 0): it validates only where WebAssembly has SIMD.
+const SIMD_PROBE_MODULE = "AGFzbQEAAAABBQFgAAF7AwIBAAoWARQA/QwAAAAAAAAAAAAAAAAAAAAACw==";
+
 async function probeCapabilities() {
   const caps = ["wasm"];
-  const detail = { crossOriginIsolated: self.crossOriginIsolated, userAgent: navigator.userAgent };
+  const detail = {
+    crossOriginIsolated: self.crossOriginIsolated,
+    userAgent: navigator.userAgent,
+    cores: navigator.hardwareConcurrency,
+    // Threads need shared memory, which a page has only when cross-origin isolated (our page server's
+    // headers make it so); onnxruntime-web runs one thread otherwise, whatever it is asked.
+    threads: self.crossOriginIsolated === true && typeof SharedArrayBuffer === "function",
+    simd: WebAssembly.validate(b64ToBytes(SIMD_PROBE_MODULE)),
+  };
   if (navigator.gpu) {
     try {
       const adapter = await navigator.gpu.requestAdapter();
