@@ -78,7 +78,9 @@ class BrowserCore:
         self.browser_id = browser_id
         self.requested_type = browser_type
         # None: chosen for this node's cores and the pages that may share them (actors/decisions/threads.py).
-        self.num_threads = num_threads or threads.wasm_threads(len(os.sched_getaffinity(0)), pages_per_node)
+        if num_threads is None:
+            num_threads = threads.wasm_threads(len(os.sched_getaffinity(0)), pages_per_node)
+        self.num_threads = num_threads
         self.spares = SpareKeeper(self) if spare_process else None
         self.page_models = PageModels(keep_held=spare_process)     # what the page holds (actors/page_models.py)
         self._unstaging: asyncio.Future | None = None   # drops staged bytes that no reload claimed
