@@ -83,6 +83,7 @@ def test_status_tables(pool, wide, capsys):
     out = capsys.readouterr().out
     browser = _row(out, pool["browser_id"])   # first match: the browsers table
     assert "chromium" in browser and "wasm" in browser and f"{MODEL} ({pool['backend']})" in browser
+    assert "wasm threads" in out.split("health (live browsers")[0]       # the browsers table's column
     failures = out.split("recent failures")[1].split("recovery statistics")[0]
     assert any("BrowserFailed" in line and pool["browser_id"] in line and "connection" in line
                for line in failures.splitlines()), failures
@@ -102,6 +103,7 @@ def test_status_json_matches_the_pool(pool, capsys):
     [browser] = doc["browsers"]
     assert browser["browser_id"] == pool["browser_id"] and browser["status"] in ("launched", "connected")
     assert "wasm" in browser["backend_caps"] and [m["model"] for m in browser["models"]] == [MODEL]
+    assert browser["wasm_threads"] == state.browsers[pool["browser_id"]].wasm_threads >= 1
     health = doc["health"][pool["browser_id"]]
     assert health["memory_mib"] > 100 and health["pids"] >= 2 and health["blocked_requests"] == 0
     assert health["background_until"] is None

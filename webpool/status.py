@@ -117,6 +117,7 @@ def document(state: PoolState, health: dict[str, dict], events: list[dict], stat
         browsers.append({
             "browser_id": b.browser_id, "browser_type": b.browser_type, "status": b.status, "standby": b.standby,
             "backend": b.backend or None, "backend_caps": list(b.backend_caps), "failures": b.failures,
+            "wasm_threads": b.wasm_threads or None,
             "last_failure": b.last_failure.value if b.last_failure else None, "in_flight": in_flight[b.browser_id],
             "models": [{"model": m.model, "shard": m.shard, "backend": m.backend}
                        for m in models_on(state, b.browser_id)],
@@ -170,10 +171,11 @@ def tables(doc: dict) -> list[RenderableType]:
 
     return [
         heading,
-        table("browsers", ["browser", "type", "status", "standby", "backend", "in flight", "memory MiB",
-                           "failures", "models"],
+        table("browsers", ["browser", "type", "status", "standby", "backend", "wasm threads", "in flight",
+                           "memory MiB", "failures", "models"],
               [[b["browser_id"], b["browser_type"], b["status"], b["standby"], b["backend"] or "-",
-                b["in_flight"], memory(b["browser_id"]), b["failures"], _models(b["models"])]
+                b.get("wasm_threads") or "-", b["in_flight"], memory(b["browser_id"]), b["failures"],
+                _models(b["models"])]
                for b in doc["browsers"]], empty="no browsers yet"),
         table("health (live browsers, as they report now)",
               ["browser", "memory MiB", "processes", "blocked requests", "priority", "models / error"],
