@@ -174,7 +174,7 @@ def tables(doc: dict) -> list[RenderableType]:
         table("browsers", ["browser", "type", "status", "standby", "backend", "wasm threads", "in flight",
                            "memory MiB", "failures", "models"],
               [[b["browser_id"], b["browser_type"], b["status"], b["standby"], b["backend"] or "-",
-                b.get("wasm_threads") or "-", b["in_flight"], memory(b["browser_id"]), b["failures"],
+                b["wasm_threads"] or "-", b["in_flight"], memory(b["browser_id"]), b["failures"],
                 _models(b["models"])]
                for b in doc["browsers"]], empty="no browsers yet"),
         table("health (live browsers, as they report now)",
