@@ -75,9 +75,9 @@ class BrowserStartKiller:
                     (below if under else outside).add(unseen)
                     if under:
                         new.add(unseen)
-            # Oldest first, and the limit checked at each kill: the launcher (/usr/bin/chromium is a shell
-            # script that execs the browser) may show a forked subshell with the same arguments for a moment,
-            # and one scan saw both (2 kills where 1 was asked).
+            # Oldest first, and the limit checked at each kill: a launcher script that execs the browser (Debian's
+            # /usr/bin/chromium, launched as such only where WEBPOOL_CHROMIUM names it) may show a forked subshell
+            # with the same arguments for a moment, and one scan saw both (2 kills where 1 was asked).
             for pid in sorted(new - set(self.killed)):
                 if self.limit is not None and len(self.killed) >= self.limit:
                     return

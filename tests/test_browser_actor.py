@@ -321,3 +321,33 @@ def test_a_browser_type_that_cannot_be_driven_falls_back_and_says_so(monkeypatch
     monkeypatch.setattr(chromium, "find_executable", lambda _type: None)
     with pytest.raises(chromium.BrowserNotFoundError, match="apt-get install chromium"):
         chromium.resolve_browser("chromium")
+
+
+def test_a_distribution_launcher_script_is_replaced_by_the_binary_behind_it(tmp_path, monkeypatch):
+    """Debian's /usr/bin/chromium is a shell script that execs /usr/lib/chromium/chromium: webpool launches the
+    binary itself (no script, no /etc/chromium.d flags). Anything that is not such a script is kept as found."""
+    import shutil as sh
+
+    from actors import chromium
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "lib" / "chromium").mkdir(parents=True)
+    monkeypatch.setattr(chromium, "LAUNCHER_LIB_ROOT", str(tmp_path / "lib"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("WEBPOOL_CHROMIUM", raising=False)
+    script = tmp_path / "bin" / "chromium"
+    script.write_text('#!/bin/sh\nexec /usr/lib/chromium/chromium "$@"\n')
+    script.chmod(0o755)
+    assert chromium.find_executable("chromium").path == str(script)     # no binary behind it: kept
+    binary = tmp_path / "lib" / "chromium" / "chromium"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert chromium.find_executable("chromium").path == str(script)     # not an ELF binary: kept
+    sh.copyfile("/bin/true", binary)
+    binary.chmod(0o755)
+    assert chromium.find_executable("chromium").path == str(binary)     # the binary behind the script
+    script.unlink()
+    sh.copyfile("/bin/true", script)
+    script.chmod(0o755)
+    assert chromium.find_executable("chromium").path == str(script)     # a binary on PATH is launched as found
+    assert chromium.unwrapped(str(tmp_path / "missing")) == str(tmp_path / "missing")
