@@ -344,17 +344,13 @@ def run(trials: int, quick: bool, smollm2: bool = True) -> dict[str, Any]:
     print(f"floor: bare Chromium launch p50 {result['floors']['chromium_launch']['median_ms']:.0f} ms", flush=True)
     temp = Path(tempfile.mkdtemp(prefix="wpstart-", dir="/tmp"))
     started_ray = not ray.is_initialized()       # a test shares its session's Ray
-    if started_ray:
-        try:
-            cells.append(_cell("pool_first_answer_new_ray", pool_first_answer_new_ray_trials(trials, temp)))
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-        start_local_ray(temp / "ray")
-    else:
-        result["not_measured"] = {"pool_first_answer_new_ray": "needs a Ray of its own per trial; this run "
-                                                               "shares the caller's"}
     try:
+        if started_ray:
+            cells.append(_cell("pool_first_answer_new_ray", pool_first_answer_new_ray_trials(trials, temp)))
+            start_local_ray(temp / "ray")
+        else:
+            result["not_measured"] = {"pool_first_answer_new_ray": "needs a Ray of its own per trial; this run "
+                                                                   "shares the caller's"}
         minilm = MiniLM()
         restarts = [_cell("restart_minilm", restart_trials(minilm, spare, trials), spare=spare)
                     for spare in (False, True)]
