@@ -19,9 +19,16 @@ from webpool.localray import configure_auth_env, start_local_ray
 # Token auth with a throwaway token (nothing written to ~/.ray); must precede any import of ray.
 configure_auth_env()
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray's metrics reach the export every second instead of every 10 s (tests/test_metrics.py waits for them),
-# and its agent drops a gauge not set for two of these intervals; every process Ray starts inherits this.
-os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Ray's metrics reach the export every 3 s instead of every 10 s (tests/test_metrics.py waits for them, and for
+# two retention spans of an idle pool), and its agent drops a gauge not set for two of these intervals; every
+# process Ray starts inherits this. Not 1 s: each report costs every Ray process CPU, an idle Ray with six actors
+# 11.2 % of a core at 1 s, 9.4 % at 3 s, 7.4 % at 10 s (docs/facts.md, "What an idle local Ray costs").
+os.environ.setdefault("RAY_metrics_report_interval_ms", "3000")
+# The CPU references (numpy's float64 MiniLM, SmolLM2's layers) run on one BLAS thread, as Ray's workers do (Ray
+# sets OMP_NUM_THREADS=1 there): OpenBLAS's second thread spins after each product, 2.66 CPU-s against 1.19 for
+# ten reference embeddings at the same speed (docs/facts.md, "OpenBLAS threads in the test processes"), CPU
+# the browsers beside them need. Set before numpy is first imported, which reads it once.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _missing_parts() -> list[str]:

@@ -9,6 +9,7 @@ and this session has its own Ray); each test below checks one part of what it ob
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cluster") / "observed.json"
-    run = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=1500)
+    # At Ray's own metrics interval: the session's 1 s one (tests/conftest.py, for tests/test_metrics.py) would
+    # have every node's agent and worker report ten times as often, for nothing these scenarios read.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_metrics_report_interval_ms"}
+    run = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=1500,
+                         env=env)
     assert out.exists(), f"the cluster scenarios wrote nothing (rc {run.returncode}):\n{run.stderr[-4000:]}"
     return json.loads(out.read_text())
 
