@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ class PageServer:
                 f"webpool runtime files missing: {', '.join(missing)} (run `npm ci` in the repository root)"
             )
         self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
         self.port = 0
 
     @property
@@ -58,24 +60,34 @@ class PageServer:
     def base_url(self) -> str:
         return f"{self.origin}{self.prefix}/"
 
+    def bind(self) -> None:
+        """Take the port now (``base_url`` is known from here on); requests wait in the socket's backlog until
+        ``start`` serves them, so a browser can be launched at the page's URL while the server sets up."""
+        if self._socket is None:
+            self._socket = socket.create_server(("127.0.0.1", 0), backlog=128)
+            self._socket.setblocking(False)
+            self.port = self._socket.getsockname()[1]
+
     async def start(self) -> None:
+        self.bind()
         # aiohttp is imported here, not with the module: the pool's process imports this module (through the
-        # browser actor's class) but never serves a page, and the import is ~0.1 CPU-s of every pool's start.
+        # browser actor's class) but never serves a page, and the import is ~0.13 CPU-s of every pool's start.
         from aiohttp import web
 
         app = web.Application()
         app.router.add_get(self.prefix + "/{path:.+}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        await web.SockSite(self._runner, self._socket).start()
 
     async def stop(self) -> None:
         self._blobs.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._socket is not None:     # bound and never served, or already closed by the cleanup: either way
+            self._socket.close()
+            self._socket = None
 
     def put_blob(self, name: str, data: memoryview) -> str:
         """Make ``data`` fetchable by the page; returns its URL. The view is kept until ``drop_blob``."""

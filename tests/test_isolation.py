@@ -214,3 +214,37 @@ def test_the_page_server_serves_only_its_own_files_under_its_secret_prefix():
             await a.stop()
 
     asyncio.run(main())
+
+
+def test_a_request_sent_between_bind_and_start_is_served_once_the_server_starts():
+    """The browser is launched at the page's URL when the server has only bound its port (BrowserCore.start sets
+    the server up meanwhile): a request that arrives before ``start`` waits in the socket's backlog and is then
+    answered, with the isolation headers. A server bound and stopped without serving frees its port."""
+    import urllib.request
+
+    from actors.page_server import ISOLATION_HEADERS, PageServer
+
+    async def main() -> None:
+        server = PageServer()
+        server.bind()
+        assert server.port > 0
+        early = asyncio.ensure_future(asyncio.to_thread(urllib.request.urlopen, server.base_url + "runtime.js",
+                                                        timeout=10))
+        await asyncio.sleep(0.2)
+        assert not early.done(), "answered before the server was started"
+        await server.start()
+        try:
+            with await early as answer:
+                assert answer.status == 200 and answer.read(1)
+                assert all(answer.headers[k] == v for k, v in ISOLATION_HEADERS.items())
+        finally:
+            await server.stop()
+
+        unused = PageServer()
+        unused.bind()
+        port = unused.port
+        await unused.stop()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))       # free again
+
+    asyncio.run(main())
