@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("cluster") / "observed.json"
-    # At Ray's own metrics interval: the session's 1 s one (tests/conftest.py, for tests/test_metrics.py) would
-    # have every node's agent and worker report ten times as often, for nothing these scenarios read.
+    # At Ray's own metrics interval (10 s): the session's 3 s one (tests/conftest.py, for tests/test_metrics.py)
+    # would have every node's agent and worker report three times as often, for nothing these scenarios read.
     env = {k: v for k, v in os.environ.items() if k != "RAY_metrics_report_interval_ms"}
     run = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=1500,
                          env=env)
