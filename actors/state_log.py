@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -35,9 +35,7 @@ from events.codec import log_entry
 from events.errors import SnapshotError, StoreConfigError
 from events.schema import Event, Recorded
 from events.state import PoolState
-
-if TYPE_CHECKING:
-    from events.store import EventStore
+from events.store import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +59,9 @@ class StateLog:
     ) -> None:
         logs.configure()
         self._started_at = time.time()     # wall clock, so a benchmark can split a restart into its parts
-        # Imported here: the pool's process imports this module for the actor's class and handle, and the store
-        # (with pyarrow) is ~0.1 s of a pool's start, before its first browser is asked for.
-        from events.store import EventStore
-
         t0 = time.perf_counter()
-        self._store: EventStore = EventStore.open(location, fsync=fsync, segment_bytes=segment_bytes,
-                                                  snapshot_every=snapshot_every, compression=compression)
+        self._store = EventStore.open(location, fsync=fsync, segment_bytes=segment_bytes,
+                                      snapshot_every=snapshot_every, compression=compression)
         self._open_s = time.perf_counter() - t0
         self._changed: asyncio.Event | None = None
         # Group commit: appends waiting for the committer, and the committer task while it runs.
