@@ -3,6 +3,7 @@ checks, and the build cache. Pure: no Ray, no browser."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,11 @@ def test_truncates_long_text_at_max_tokens(session: ort.InferenceSession) -> Non
     assert batch["attention_mask"].sum(axis=1).tolist() == [MAX_TOKENS, 3]
     got = _onnx_embed(session, [long_text])
     assert np.abs(got - reference_embed([long_text])).max() <= TOL
+
+
+def test_the_references_erf_is_math_erf_at_every_element() -> None:
+    x = np.linspace(-7.0, 7.0, 6 * 35).reshape(6, 35)
+    assert np.array_equal(minilm._erf(x), np.array([[math.erf(v) for v in row] for row in x]))
 
 
 def test_tokenize_shapes_and_types() -> None:
